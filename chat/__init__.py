@@ -1,0 +1,97 @@
+"""grpc-chat: multi-turn chat with language models over a bidirectional gRPC stream.
+
+Run a server from Python::
+
+    import asyncio
+    from chat import ServerConfig, serve
+
+    asyncio.run(serve(ServerConfig(port=50051)))
+
+The generated message types and stubs are in the ``chatpb`` package
+(``from chatpb import ChatRequest, ChatServiceStub``).
+"""
+
+from chat._version import __version__
+from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends.echo import EchoBackend
+from chat.config import ServerConfig
+from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
+from chat.errors import (
+    BackendAuthError,
+    BackendBadRequest,
+    BackendError,
+    BackendRateLimited,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatError,
+    ConfigurationError,
+    ContextTooLong,
+    FailedPrecondition,
+    InvalidArgument,
+    MissingExtra,
+    SessionNotFound,
+    StatusCode,
+    StoreUnavailable,
+    Unavailable,
+)
+from chat.events import Event, EventKind
+from chat.server import ChatServer, serve
+from chat.store import SessionPage, SessionStore, open_store
+from chat.store.memory import MemoryStore
+from chat.types import (
+    ContextPolicy,
+    FinishReason,
+    Message,
+    MessageStatus,
+    Role,
+    Session,
+    SessionPatch,
+    Usage,
+)
+
+__all__ = [
+    "BackendAuthError",
+    "BackendBadRequest",
+    "BackendError",
+    "BackendRateLimited",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ChatCore",
+    "ChatError",
+    "ChatServer",
+    "ConfigurationError",
+    "ContextPolicy",
+    "ContextTooLong",
+    "Conversation",
+    "Delta",
+    "EchoBackend",
+    "Event",
+    "EventKind",
+    "FailedPrecondition",
+    "FinishReason",
+    "GenerationRequest",
+    "InvalidArgument",
+    "Limits",
+    "MemoryStore",
+    "Message",
+    "MessageStatus",
+    "MissingExtra",
+    "ModelBackend",
+    "PromptMessage",
+    "Request",
+    "RequestKind",
+    "Role",
+    "ServerConfig",
+    "Session",
+    "SessionNotFound",
+    "SessionPage",
+    "SessionPatch",
+    "SessionStore",
+    "StatusCode",
+    "StoreUnavailable",
+    "Unavailable",
+    "Usage",
+    "__version__",
+    "open_store",
+    "serve",
+]

@@ -1,0 +1,79 @@
+"""Model backends: what turns a conversation into a streamed reply.
+
+Every backend implements :class:`ModelBackend` and passes the conformance suite in
+``tests/test_backend_conformance.py``. The offline default is
+:class:`~chat.backends.echo.EchoBackend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from chat.types import FinishReason, Role, Usage
+
+__all__ = ["Delta", "GenerationRequest", "ModelBackend", "PromptMessage"]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptMessage:
+    """One message sent to the model: the system prompt, a user or an assistant message."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What the model is asked: the conversation so far, ending with the user's new message."""
+
+    model: str
+    messages: Sequence[PromptMessage]
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of the reply as the model produced it.
+
+    ``text`` may be empty (a delta that only reports ``finish_reason`` or ``usage``, usually
+    the last one).
+    """
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """A source of streamed replies.
+
+    :meth:`generate` returns an async generator of :class:`Delta` (write it as an
+    ``async def`` with ``yield``); the caller closes it (``aclose``) to cancel generation, and
+    a backend must stop its upstream work when that happens. Failures are raised as
+    :class:`~chat.errors.BackendError` subclasses.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name (``echo``, ``openai``, ``gemini``), shown in stats."""
+        ...
+
+    @property
+    def default_model(self) -> str:
+        """The model used when a session names none."""
+        ...
+
+    async def list_models(self) -> Sequence[str] | None:
+        """The models this backend serves, or ``None`` when it cannot tell."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Stream the reply to ``request``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,77 @@
+"""The offline default backend: a deterministic echo that shows what context it received."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, Sequence
+
+from chat.backends import Delta, GenerationRequest
+from chat.types import FinishReason, Role, Usage
+
+__all__ = ["EchoBackend", "echo_reply", "split_words"]
+
+_WORD = re.compile(r"\S+\s*|\s+")
+
+
+def split_words(text: str) -> list[str]:
+    """Split ``text`` into word-sized pieces that concatenate back to it exactly.
+
+    >>> split_words("Hello,  world!")
+    ['Hello,  ', 'world!']
+    """
+    return _WORD.findall(text)
+
+
+def echo_reply(request: GenerationRequest) -> str:
+    """The echo backend's answer: the turn number, the context size and the user's words.
+
+    >>> from chat.backends import PromptMessage
+    >>> echo_reply(GenerationRequest("echo", [PromptMessage(Role.USER, "hi there")]))
+    'Echo #1 (1 message in context): hi there'
+    """
+    conversation = [m for m in request.messages if m.role is not Role.SYSTEM]
+    turn = sum(1 for m in conversation if m.role is Role.USER)
+    last = next((m.content for m in reversed(conversation) if m.role is Role.USER), "")
+    plural = "" if len(conversation) == 1 else "s"
+    return f"Echo #{turn} ({len(conversation)} message{plural} in context): {last}"
+
+
+class EchoBackend:
+    """Answers every message with :func:`echo_reply`, one word per delta.
+
+    ``pace`` is the pause in seconds between deltas (0 for tests and benchmarks; a small
+    value makes streaming visible in a terminal). Usage is reported in words, as an
+    estimate of tokens.
+    """
+
+    name = "echo"
+
+    def __init__(self, *, pace: float = 0.0, default_model: str = "echo") -> None:
+        if pace < 0:
+            raise ValueError("pace must be >= 0")
+        self._pace = pace
+        self._default_model = default_model
+
+    @property
+    def default_model(self) -> str:
+        return self._default_model
+
+    async def list_models(self) -> Sequence[str] | None:
+        # The echo backend answers under any model name.
+        return None
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        words = split_words(echo_reply(request))
+        for index, word in enumerate(words):
+            if self._pace and index:
+                await asyncio.sleep(self._pace)
+            yield Delta(word)
+        prompt_words = sum(len(m.content.split()) for m in request.messages)
+        yield Delta(
+            finish_reason=FinishReason.STOP,
+            usage=Usage(prompt_tokens=prompt_words, completion_tokens=len(words)),
+        )
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Command-line entry points (thin: they build a config and call the library)."""

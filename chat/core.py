@@ -1,0 +1,712 @@
+"""Turn orchestration: sessions, the per-stream conversation state, cancellation, chunking.
+
+No gRPC here. :class:`ChatCore` owns the store, the backend and the counters of one server.
+Each ``Chat`` stream is a :class:`Conversation`: the service feeds it :class:`Request`\\ s and
+writes out what its :class:`~chat.events.Outbox` yields.
+
+Within a conversation, each session has a *lane*: a FIFO of turns served by one task, so
+turns on one session are answered in order and a message sent while a reply streams waits
+its turn. Lanes of different sessions run concurrently. Across conversations (and, with a
+shared store, across servers) :meth:`SessionStore.lock` keeps turns of one session apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from chat.backends import Delta, GenerationRequest, ModelBackend
+from chat.context import build_context
+from chat.errors import (
+    BackendError,
+    BackendRateLimited,
+    ChatError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
+from chat.events import Event, EventKind, Outbox, ReplyCounter
+from chat.stats import ServerStats, StatsSnapshot
+from chat.store import SessionStore
+from chat.types import (
+    ContextPolicy,
+    FinishReason,
+    Message,
+    MessageStatus,
+    Role,
+    Session,
+    SessionPatch,
+    Usage,
+    utcnow,
+)
+
+__all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestKind(enum.IntEnum):
+    """The kinds of ``ChatRequest``, with their wire numbers."""
+
+    MESSAGE = 0
+    PING = 1
+    TYPING_START = 2
+    TYPING_STOP = 3
+    CANCEL = 4
+    RETRY = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client event on a ``Chat`` stream; the fields are those of ``ChatRequest``."""
+
+    kind: int = RequestKind.MESSAGE
+    session_id: str = ""
+    message: str = ""
+    request_id: str = ""
+    timestamp: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes the server accepts and the knobs of its output path."""
+
+    max_message_chars: int = 32_000
+    max_system_prompt_chars: int = 32_000
+    max_title_chars: int = 200
+    max_model_chars: int = 200
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    #: A delta longer than this is sent as several chunks.
+    max_chunk_chars: int = 8192
+    #: Events a stream may have queued before its turns wait for the client to read.
+    outbox_high_water: int = 64
+    #: Merge chunks of one reply that are already waiting when the client reads.
+    coalesce_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ValueError(f"{f.name} must be >= 1, not {value}")
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size must not exceed max_page_size")
+
+
+class ChatCore:
+    """Sessions and turns for one server: the whole service without the wire.
+
+    >>> from chat.store.memory import MemoryStore
+    >>> from chat.backends.echo import EchoBackend
+    >>> core = ChatCore(MemoryStore(), EchoBackend())
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        backend: ModelBackend,
+        *,
+        limits: Limits | None = None,
+        stats: ServerStats | None = None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.limits = limits or Limits()
+        self.stats = stats or ServerStats()
+        self._subscribers: dict[str, set[Conversation]] = {}
+        self._conversations: set[Conversation] = set()
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        model: str = "",
+        system_prompt: str = "",
+        title: str = "",
+        context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED,
+    ) -> Session:
+        """Create and store a new session."""
+        self._check_text("title", title, self.limits.max_title_chars)
+        self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
+        await self._check_model(model)
+        now = utcnow()
+        session = Session(
+            session_id=str(uuid.uuid4()),
+            created_at=now,
+            last_activity=now,
+            title=title,
+            model=model or self.backend.default_model,
+            system_prompt=system_prompt,
+            context_policy=context_policy,
+        )
+        await self.store.create(session)
+        self.stats.total_sessions_created += 1
+        log.info("created session %s (model %s)", session.session_id, session.model)
+        return session
+
+    async def get_session(self, session_id: str) -> Session:
+        return await self.store.get(self._check_id(session_id))
+
+    async def get_history(self, session_id: str) -> list[Message]:
+        return await self.store.messages(self._check_id(session_id))
+
+    async def update_session(self, session_id: str, patch: SessionPatch) -> Session:
+        """Apply ``patch`` and tell the other streams on the session."""
+        self._check_id(session_id)
+        if patch.title is not None:
+            self._check_text("title", patch.title, self.limits.max_title_chars)
+        if patch.system_prompt is not None:
+            self._check_text(
+                "system_prompt", patch.system_prompt, self.limits.max_system_prompt_chars
+            )
+        if patch.model is not None:
+            if not patch.model:
+                raise InvalidArgument("model", "must not be empty")
+            await self._check_model(patch.model)
+        session = await self.store.update(session_id, patch, utcnow())
+        changed = ", ".join(patch.changed()) or "nothing"
+        self._publish(session, f"session updated: {changed}")
+        return session
+
+    async def delete_session(self, session_id: str) -> int:
+        """Delete the session; return how many messages went with it."""
+        session = await self.store.get(self._check_id(session_id))
+        deleted = await self.store.delete(session_id)
+        self._publish(dataclasses.replace(session, message_count=0), "session deleted")
+        self._subscribers.pop(session_id, None)
+        log.info("deleted session %s (%d messages)", session_id, deleted)
+        return deleted
+
+    async def list_sessions(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[Session], str, int]:
+        """One page of sessions, newest first: ``(sessions, next_page_token, total)``."""
+        limits = self.limits
+        if not 0 <= page_size <= limits.max_page_size:
+            raise InvalidArgument(
+                "page_size", f"must be between 0 and {limits.max_page_size}, not {page_size}"
+            )
+        page = await self.store.list_sessions(
+            page_size or limits.default_page_size, page_token or None
+        )
+        return page.sessions, page.next_cursor or "", await self.store.count()
+
+    async def stats_snapshot(self) -> tuple[StatsSnapshot, int]:
+        """The counters, and the number of sessions stored."""
+        return self.stats.snapshot(), await self.store.count()
+
+    def _check_id(self, session_id: str) -> str:
+        if not session_id:
+            raise InvalidArgument("session_id", "is required")
+        return session_id
+
+    @staticmethod
+    def _check_text(name: str, value: str, limit: int) -> None:
+        if len(value) > limit:
+            raise InvalidArgument(name, f"is {len(value)} characters; the limit is {limit}")
+
+    async def _check_model(self, model: str) -> None:
+        if not model:
+            return
+        self._check_text("model", model, self.limits.max_model_chars)
+        served = await self.backend.list_models()
+        if served is not None and model not in served:
+            names = ", ".join(sorted(served)[:20])
+            raise InvalidArgument(
+                "model",
+                f"{model!r} is not served by the {self.backend.name} backend; available: {names}",
+            )
+
+    # -- streams and lifecycle ------------------------------------------------------------
+
+    def open_conversation(self) -> Conversation:
+        """The state of a new ``Chat`` stream; use it with ``async with``."""
+        return Conversation(self)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        """Refuse new turns (``UNAVAILABLE``); turns in flight go on."""
+        self._draining = True
+
+    async def wait_idle(self, within: float) -> bool:
+        """Wait until no reply is in flight; ``False`` if ``within`` seconds passed first."""
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _reply_started(self) -> None:
+        self.stats.active_replies += 1
+        self._idle.clear()
+
+    def _reply_ended(self) -> None:
+        self.stats.active_replies -= 1
+        if self.stats.active_replies == 0:
+            self._idle.set()
+
+    # -- session updates pushed to other streams ------------------------------------------
+
+    def _subscribe(self, session_id: str, conversation: Conversation) -> None:
+        self._subscribers.setdefault(session_id, set()).add(conversation)
+
+    def _unsubscribe(self, session_id: str, conversation: Conversation) -> None:
+        subscribers = self._subscribers.get(session_id)
+        if subscribers is not None:
+            subscribers.discard(conversation)
+            if not subscribers:
+                del self._subscribers[session_id]
+
+    def _publish(
+        self,
+        session: Session,
+        message: str,
+        *,
+        exclude: Conversation | None = None,
+    ) -> None:
+        for conversation in self._subscribers.get(session.session_id, ()):
+            if conversation is not exclude:
+                conversation.outbox.put_nowait(
+                    Event(
+                        EventKind.SESSION_UPDATE,
+                        session_id=session.session_id,
+                        status_message=message,
+                        message_count=session.message_count,
+                        session=session,
+                    )
+                )
+
+
+@dataclass(slots=True, eq=False)
+class _Turn:
+    """One MESSAGE or RETRY on its way to a reply."""
+
+    request: Request
+    received: float = field(default_factory=time.monotonic)
+    reply: ReplyCounter = field(default_factory=ReplyCounter)
+    parts: list[str] = field(default_factory=list)
+    finish: FinishReason = FinishReason.STOP
+    usage: Usage | None = None
+    generation: asyncio.Task[None] | None = None
+    cancelled: bool = False
+    started: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Lane:
+    """The turns of one session on one stream, answered one after the other."""
+
+    pending: deque[_Turn] = field(default_factory=deque)
+    current: _Turn | None = None
+    worker: asyncio.Task[None] | None = None
+
+
+class Conversation:
+    """The server side of one ``Chat`` stream.
+
+    Feed it requests with :meth:`handle` (from the task that reads the stream) and send what
+    :attr:`outbox` yields (from the task that writes it). :meth:`finish_input` says the client
+    has stopped sending; the outbox closes once every queued turn is answered. Leaving the
+    ``async with`` block cancels the turns still running and keeps their partial replies.
+    """
+
+    def __init__(self, core: ChatCore) -> None:
+        self._core = core
+        limits = core.limits
+        self.outbox = Outbox(
+            high_water=limits.outbox_high_water,
+            coalesce=limits.coalesce_chunks,
+            max_chunk_chars=limits.max_chunk_chars,
+            stats=core.stats,
+        )
+        self._lanes: dict[str, _Lane] = {}
+        self._sessions: set[str] = set()
+        self._input_done = False
+        self._closing = False
+
+    async def __aenter__(self) -> Self:
+        self._core._conversations.add(self)
+        self._core.stats.active_streams += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- input ------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> None:
+        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input."""
+        kind = request.kind
+        if kind == RequestKind.PING:
+            self.outbox.put_urgent(
+                Event(EventKind.PONG, session_id=request.session_id, request_id=request.request_id)
+            )
+        elif kind == RequestKind.MESSAGE or kind == RequestKind.RETRY:
+            self._submit_turn(request)
+        elif kind == RequestKind.CANCEL:
+            self._cancel(request)
+        elif kind == RequestKind.TYPING_START or kind == RequestKind.TYPING_STOP:
+            await self._typing(request)
+        else:
+            self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
+
+    def finish_input(self) -> None:
+        """The client half-closed the stream: answer what is queued, then close."""
+        self._input_done = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._input_done and not self._lanes:
+            self.outbox.close()
+
+    def _error(self, request: Request, error: ChatError, reply: ReplyCounter | None = None) -> None:
+        """Send an ERROR; with ``reply``, it ends a reply that had started streaming."""
+        event = Event(
+            EventKind.ERROR,
+            session_id=request.session_id,
+            request_id=request.request_id,
+            error_message=error.message,
+            error_code=int(error.status),
+            reply=reply,
+            finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
+        )
+        if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+            event.retry_after = error.retry_after
+        self.outbox.put_nowait(event)
+
+    def _submit_turn(self, request: Request) -> None:
+        core = self._core
+        core.stats.total_requests += 1
+        error = self._validate_turn(request)
+        if error is not None:
+            core.stats.failed_requests += 1
+            self._error(request, error)
+            return
+        lane = self._lanes.get(request.session_id)
+        if lane is None:
+            lane = self._lanes[request.session_id] = _Lane()
+        lane.pending.append(_Turn(request))
+        if lane.worker is None:
+            lane.worker = asyncio.create_task(self._serve_lane(request.session_id, lane))
+
+    def _validate_turn(self, request: Request) -> ChatError | None:
+        if self._core.draining or self._closing:
+            return Unavailable(
+                "the server is shutting down and takes no new messages; "
+                "reconnect (to another replica, if there is one) and send it again"
+            )
+        if not request.session_id:
+            return InvalidArgument("session_id", "is required; create a session first")
+        if request.kind == RequestKind.MESSAGE:
+            if not request.message.strip():
+                return InvalidArgument("message", "must not be empty")
+            limit = self._core.limits.max_message_chars
+            if len(request.message) > limit:
+                return InvalidArgument(
+                    "message", f"is {len(request.message)} characters; the limit is {limit}"
+                )
+        return None
+
+    def _cancel(self, request: Request) -> None:
+        if request.request_id:
+            targets = [
+                (sid, turn)
+                for sid, lane in self._lanes.items()
+                for turn in (lane.current, *lane.pending)
+                if turn is not None and turn.request.request_id == request.request_id
+            ]
+        elif request.session_id:
+            lane = self._lanes.get(request.session_id)
+            targets = (
+                []
+                if lane is None
+                else [
+                    (request.session_id, turn)
+                    for turn in (lane.current, *lane.pending)
+                    if turn is not None
+                ]
+            )
+        else:
+            self._error(
+                request,
+                InvalidArgument("request_id", "CANCEL needs the request_id or session_id to stop"),
+            )
+            return
+        if not targets:
+            what = request.request_id or f"session {request.session_id}"
+            self.outbox.put_nowait(
+                Event(
+                    EventKind.STATUS,
+                    session_id=request.session_id,
+                    request_id=request.request_id,
+                    status_message=f"nothing to cancel: no reply in flight or queued for {what}",
+                )
+            )
+            return
+        for session_id, turn in targets:
+            turn.cancelled = True
+            lane = self._lanes[session_id]
+            if turn is lane.current:
+                if turn.generation is not None:
+                    turn.generation.cancel()
+            else:
+                # Never started: answer at once; nothing is stored.
+                lane.pending.remove(turn)
+                self._complete_cancelled(turn)
+
+    async def _typing(self, request: Request) -> None:
+        try:
+            session = await self._core.get_session(request.session_id)
+        except ChatError as error:
+            self._error(request, error)
+            return
+        self._follow(session.session_id)
+        started = request.kind == RequestKind.TYPING_START
+        self._core._publish(
+            session, "typing started" if started else "typing stopped", exclude=self
+        )
+
+    def _follow(self, session_id: str) -> None:
+        if session_id not in self._sessions:
+            self._sessions.add(session_id)
+            self._core._subscribe(session_id, self)
+
+    # -- turns ------------------------------------------------------------------------------
+
+    async def _serve_lane(self, session_id: str, lane: _Lane) -> None:
+        try:
+            while lane.pending:
+                turn = lane.current = lane.pending.popleft()
+                await self._run_turn(turn)
+                lane.current = None
+        finally:
+            lane.current = None
+            if self._lanes.get(session_id) is lane:
+                del self._lanes[session_id]
+            self._maybe_finish()
+
+    async def _run_turn(self, turn: _Turn) -> None:
+        core = self._core
+        request = turn.request
+        session_id = request.session_id
+        try:
+            async with core.store.lock(session_id):
+                session = await core.store.get(session_id)
+                self._follow(session_id)
+                history = await core.store.messages(session_id)
+                text = request.message
+                if request.kind == RequestKind.RETRY:
+                    text = _failed_user_message(history)
+                if turn.cancelled:
+                    self._complete_cancelled(turn)
+                    return
+                context = build_context(session, history, text)
+                model = session.model or core.backend.default_model
+                await self.outbox.put(
+                    Event(
+                        EventKind.RESPONSE_START,
+                        session_id=session_id,
+                        request_id=request.request_id,
+                        context_messages=context.conversation_messages,
+                        omitted_messages=context.omitted,
+                        model=model,
+                    )
+                )
+                turn.started = True
+                generation = GenerationRequest(model, context.messages, request.request_id)
+                await self._generate(turn, session, text, generation)
+        except ChatError as error:
+            core.stats.failed_requests += 1
+            self._error(request, error, turn.reply if turn.started else None)
+        except Exception:
+            log.exception("turn %r on session %s failed", request.request_id, session_id)
+            core.stats.failed_requests += 1
+            internal = ChatError("internal server error; the turn was not stored")
+            self._error(request, internal, turn.reply if turn.started else None)
+
+    def _complete_cancelled(self, turn: _Turn) -> None:
+        """Answer a turn cancelled before it reached the model: nothing is stored."""
+        self._core.stats.cancelled_requests += 1
+        self.outbox.put_nowait(
+            Event(
+                EventKind.RESPONSE_COMPLETE,
+                session_id=turn.request.session_id,
+                request_id=turn.request.request_id,
+                finish_reason=FinishReason.CANCELLED,
+                processing_time=time.monotonic() - turn.received,
+                reply=turn.reply,
+            )
+        )
+
+    async def _generate(
+        self, turn: _Turn, session: Session, text: str, generation: GenerationRequest
+    ) -> None:
+        """Stream the model's reply, store the turn, and end it with COMPLETE or ERROR."""
+        core = self._core
+        core._reply_started()
+        task = turn.generation = asyncio.create_task(self._pump(turn, generation))
+        if turn.cancelled:
+            task.cancel()
+        try:
+            try:
+                await asyncio.wait((task,))
+            except asyncio.CancelledError:
+                # The stream is closing (client gone, or shutdown past its grace period):
+                # stop the model, keep what it said, and let the cancellation go on.
+                task.cancel()
+                await asyncio.wait((task,))
+                status = MessageStatus.INTERRUPTED if core.draining else MessageStatus.CANCELLED
+                core.stats.cancelled_requests += 1
+                # A store error is logged by _store_turn; the stream is gone, so there is
+                # nobody to tell.
+                with contextlib.suppress(ChatError):
+                    await asyncio.shield(
+                        self._store_turn(turn, session, text, generation.model, status)
+                    )
+                raise
+        finally:
+            turn.generation = None
+            core._reply_ended()
+
+        if task.cancelled():
+            turn.finish = FinishReason.CANCELLED
+            core.stats.cancelled_requests += 1
+            status = MessageStatus.CANCELLED
+        elif (error := task.exception()) is not None:
+            if not isinstance(error, BackendError):
+                log.error("backend %s failed", core.backend.name, exc_info=error)
+                error = BackendError(f"the model backend failed: {error}")
+            assert isinstance(error, ChatError)
+            await self._store_turn(turn, session, text, generation.model, MessageStatus.FAILED)
+            core.stats.failed_requests += 1
+            self._error(turn.request, error, turn.reply)
+            return
+        else:
+            status = MessageStatus.COMPLETE
+        stored = await self._store_turn(turn, session, text, generation.model, status)
+        processing_time = time.monotonic() - turn.received
+        if status is MessageStatus.COMPLETE:
+            core.stats.record_success(processing_time)
+        self.outbox.put_nowait(
+            Event(
+                EventKind.RESPONSE_COMPLETE,
+                session_id=session.session_id,
+                request_id=turn.request.request_id,
+                processing_time=processing_time,
+                message_count=stored.message_count,
+                finish_reason=turn.finish,
+                usage=turn.usage,
+                model=generation.model,
+                reply=turn.reply,
+            )
+        )
+        core._publish(stored, "reply completed", exclude=self)
+
+    async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
+        outbox = self.outbox
+        limit = self._core.limits.max_chunk_chars
+        session_id = turn.request.session_id
+        request_id = turn.request.request_id
+        parts = turn.parts
+        delta: Delta
+        async with aclosing(self._core.backend.generate(generation)) as deltas:
+            async for delta in deltas:
+                text = delta.text
+                while text:
+                    piece, text = text[:limit], text[limit:]
+                    await outbox.put(
+                        Event(
+                            EventKind.CHUNK,
+                            session_id=session_id,
+                            request_id=request_id,
+                            chunk_text=piece,
+                            reply=turn.reply,
+                        )
+                    )
+                    # Only after the chunk is queued: the stored reply is exactly what the
+                    # client is sent, even when a cancel lands while waiting for the client.
+                    parts.append(piece)
+                if delta.finish_reason is not None:
+                    turn.finish = delta.finish_reason
+                if delta.usage is not None:
+                    turn.usage = delta.usage
+
+    async def _store_turn(
+        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+    ) -> Session:
+        """Write the user message and the (possibly partial) reply in one append."""
+        request_id = turn.request.request_id
+        now = utcnow()
+        user_status = (
+            MessageStatus.FAILED if status is MessageStatus.FAILED else (MessageStatus.COMPLETE)
+        )
+        messages = [Message(Role.USER, text, now, user_status, request_id)]
+        reply = "".join(turn.parts)
+        # A failed turn keeps its reply only if the model said something; any other turn
+        # that reached the model keeps its (possibly empty, possibly partial) reply.
+        if reply or status is not MessageStatus.FAILED:
+            messages.append(
+                Message(Role.ASSISTANT, reply, now, status, request_id, model, turn.usage)
+            )
+        try:
+            return await self._core.store.append(session.session_id, messages)
+        except ChatError:
+            log.warning("could not store turn %r of session %s", request_id, session.session_id)
+            raise
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Cancel every turn, keep partial replies, unsubscribe, close the outbox."""
+        if self._closing:
+            return
+        self._closing = True
+        core = self._core
+        workers = [lane.worker for lane in self._lanes.values() if lane.worker is not None]
+        for worker in workers:
+            worker.cancel()
+        try:
+            if workers:
+                await asyncio.wait(workers)
+        finally:
+            for session_id in self._sessions:
+                core._unsubscribe(session_id, self)
+            self._sessions.clear()
+            self._lanes.clear()
+            self.outbox.close()
+            core._conversations.discard(self)
+            core.stats.active_streams -= 1
+
+
+def _failed_user_message(history: Sequence[Message]) -> str:
+    """The text of the last user message if its turn failed; the thing RETRY resends."""
+    for message in reversed(history):
+        if message.role is Role.USER:
+            if message.status is MessageStatus.FAILED:
+                return message.content
+            break
+    raise FailedPrecondition("nothing to retry: the last message of this session did not fail")

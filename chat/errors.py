@@ -1,0 +1,192 @@
+"""The exceptions of grpc-chat, and the gRPC status each one maps to.
+
+Every error a client can see is a :class:`ChatError`. Each class names its gRPC status once,
+in :attr:`ChatError.status`; the service layer turns it into a ``grpclib`` status (unary
+RPCs) or an ``ERROR`` event with ``error_code`` (the ``Chat`` stream). Nothing else decides
+status codes.
+
+::
+
+    ChatError                     INTERNAL
+    ├── InvalidArgument           INVALID_ARGUMENT     a request field is wrong; names it
+    │   └── ContextTooLong        INVALID_ARGUMENT     history too long, policy rejects
+    ├── SessionNotFound           NOT_FOUND            no session with that id
+    ├── FailedPrecondition        FAILED_PRECONDITION  e.g. RETRY when nothing failed
+    ├── Unavailable               UNAVAILABLE          the server is draining
+    │   └── StoreUnavailable      UNAVAILABLE          the session store is unreachable
+    ├── ConfigurationError        FAILED_PRECONDITION  bad server configuration
+    │   └── MissingExtra          FAILED_PRECONDITION  an optional dependency is missing
+    └── BackendError              INTERNAL             the model backend failed
+        ├── BackendAuthError      UNAUTHENTICATED
+        ├── BackendRateLimited    RESOURCE_EXHAUSTED   carries ``retry_after``
+        ├── BackendTimeout        DEADLINE_EXCEEDED
+        ├── BackendUnavailable    UNAVAILABLE
+        └── BackendBadRequest     INVALID_ARGUMENT
+
+The status numbers are those of the gRPC specification; :class:`StatusCode` keeps this
+module free of any gRPC library.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+__all__ = [
+    "BackendAuthError",
+    "BackendBadRequest",
+    "BackendError",
+    "BackendRateLimited",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ChatError",
+    "ConfigurationError",
+    "ContextTooLong",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "MissingExtra",
+    "SessionNotFound",
+    "StatusCode",
+    "StoreUnavailable",
+    "Unavailable",
+]
+
+
+class StatusCode(enum.IntEnum):
+    """gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class ChatError(Exception):
+    """Base of every error grpc-chat reports to a client.
+
+    ``str(error)`` is the message shown to the person: say what is wrong and what to do.
+    """
+
+    status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidArgument(ChatError):
+    """A request field has a value the server cannot accept.
+
+    >>> str(InvalidArgument("message", "must not be empty"))
+    'message: must not be empty'
+    """
+
+    status = StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ContextTooLong(InvalidArgument):
+    """The history does not fit the model's context window and the session rejects the turn."""
+
+
+class SessionNotFound(ChatError):
+    """No session has this id (it never existed, was deleted, or expired)."""
+
+    status = StatusCode.NOT_FOUND
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} not found: it may have been deleted or expired; "
+            "create a new one with CreateSession"
+        )
+        self.session_id = session_id
+
+
+class FailedPrecondition(ChatError):
+    """The request is well formed but the session is not in a state that allows it."""
+
+    status = StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ChatError):
+    """The server cannot serve the request now; retrying later (or elsewhere) may work."""
+
+    status = StatusCode.UNAVAILABLE
+
+
+class StoreUnavailable(Unavailable):
+    """The session store cannot be reached."""
+
+
+class ConfigurationError(ChatError):
+    """The server was configured with values it cannot use."""
+
+    status = StatusCode.FAILED_PRECONDITION
+
+
+class MissingExtra(ConfigurationError):
+    """An optional dependency is needed for the chosen feature but is not installed."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        super().__init__(
+            f"{feature} needs the optional dependencies of grpc-chat[{extra}]: "
+            f"pip install 'grpc-chat[{extra}]'"
+        )
+        self.extra = extra
+
+
+class BackendError(ChatError):
+    """The model backend failed to produce a reply."""
+
+    status = StatusCode.INTERNAL
+
+
+class BackendAuthError(BackendError):
+    """The backend rejected the server's credentials (check the API key)."""
+
+    status = StatusCode.UNAUTHENTICATED
+
+
+class BackendRateLimited(BackendError):
+    """The backend is rate limiting this server; ``retry_after`` is in seconds, when known."""
+
+    status = StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer in time."""
+
+    status = StatusCode.DEADLINE_EXCEEDED
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached."""
+
+    status = StatusCode.UNAVAILABLE
+
+
+class BackendBadRequest(BackendError):
+    """The backend refused the request as invalid (for example, the context is too long)."""
+
+    status = StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,188 @@
+"""Running the service: :class:`ChatServer` (lifecycle) and :func:`serve` (until a signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self, cast
+
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import OVERALL, Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2
+from grpclib.server import Server
+
+import chatpb
+from chat.backends import ModelBackend
+from chat.backends.echo import EchoBackend
+from chat.config import ServerConfig
+from chat.core import ChatCore
+from chat.service import ChatService
+from chat.store import SessionStore, open_store
+
+__all__ = ["ChatServer", "create_backend", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def create_backend(config: ServerConfig) -> ModelBackend:
+    """The model backend that ``config`` names."""
+    return EchoBackend(pace=config.pace, default_model=config.model or "echo")
+
+
+def _descriptor_pool() -> DescriptorPool:
+    """A pool with every file the server exposes, for server reflection.
+
+    Built per server, so that starting several servers in one process never touches a
+    shared pool.
+    """
+    pool = DescriptorPool()
+    for descriptor in (
+        chatpb.CHAT_PROTO_DESCRIPTOR,
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+    ):
+        pool.AddSerializedFile(descriptor.serialized_pb)
+    return pool
+
+
+class ChatServer:
+    """A grpc-chat server: the chat service, health checking and server reflection.
+
+    >>> async def main() -> None:                          # doctest: +SKIP
+    ...     async with ChatServer(ServerConfig(port=0)) as server:
+    ...         print("listening on port", server.port)
+    ...         await server.wait_closed()
+
+    ``store`` and ``backend`` replace the ones the config names (for tests and embedding);
+    the server closes them when it stops.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        store: SessionStore | None = None,
+        backend: ModelBackend | None = None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._backend = backend
+        self._core: ChatCore | None = None
+        self._server: Server | None = None
+        self._serving = ServiceStatus()
+        self._closed = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def core(self) -> ChatCore:
+        if self._core is None:
+            raise RuntimeError("the server is not started")
+        return self._core
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (useful with ``port=0``)."""
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        # grpclib keeps the asyncio server private; it is the only way to learn the port
+        # the kernel chose for port 0 when grpclib binds the host name itself.
+        listener = cast(asyncio.Server | None, self._server._server)
+        sockets = listener.sockets if listener is not None else ()
+        if not sockets:
+            raise RuntimeError("the server has no listening socket")
+        return int(sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Open the store and the backend, bind, and start serving."""
+        config = self.config
+        store = self._store if self._store is not None else open_store(config.store)
+        backend = self._backend if self._backend is not None else create_backend(config)
+        self._store, self._backend = store, backend
+        core = self._core = ChatCore(store, backend, limits=config.limits)
+        service = ChatService(core)
+        health = Health({service: [self._serving], OVERALL: [self._serving]})
+        handlers = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        self._server = Server(handlers)
+        await self._server.start(config.host, config.port)
+        self._serving.set(True)
+        log.info(
+            "serving on %s:%d (backend %s, model %s, store %s)",
+            config.host,
+            self.port,
+            backend.name,
+            backend.default_model,
+            store.kind,
+        )
+
+    async def stop(self, grace_period: float | None = None) -> None:
+        """Shut down gracefully.
+
+        Health turns NOT_SERVING and new messages are refused with UNAVAILABLE; replies in
+        flight get ``grace_period`` seconds (default: the config's) to finish; then every
+        stream is cancelled, keeping partial replies, and the store and backend are closed.
+        """
+        if self._stopping or self._server is None or self._core is None:
+            return
+        self._stopping = True
+        grace = self.config.grace_period if grace_period is None else grace_period
+        self._serving.set(False)
+        self._core.start_draining()
+        try:
+            if not await self._core.wait_idle(grace):
+                log.warning(
+                    "%d replies still running after %.1fs; cancelling them",
+                    self._core.stats.active_replies,
+                    grace,
+                )
+            self._server.close()
+            await self._server.wait_closed()
+        finally:
+            if self._backend is not None:
+                await self._backend.aclose()
+            if self._store is not None:
+                await self._store.aclose()
+            self._closed.set()
+            log.info("server stopped")
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`stop` has finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | None = None) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully.
+
+    ``ready`` is called once the server listens (the CLI prints its banner there).
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with ChatServer(config) as server:
+            if ready is not None:
+                ready(server)
+            await stop.wait()
+            log.info("shutting down (grace period %.1fs)", config.grace_period)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a core without sockets, an in-process server, and Hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
+
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=20, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("CHAT_TEST_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def core() -> ChatCore:
+    """A core over a memory store and the echo backend (no pacing)."""
+    return ChatCore(MemoryStore(), EchoBackend())
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ChatServer]:
+    """A real server on 127.0.0.1 with an ephemeral port, in this process."""
+    async with ChatServer(ServerConfig(host="127.0.0.1", port=0, grace_period=1.0)) as running:
+        yield running

@@ -1,0 +1,202 @@
+"""Test helpers: drive a Chat stream, start a real ``chat-server`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import chatpb
+
+#: Upper bound for any single wait in a test; generous, only hit when something is broken.
+TIMEOUT = 10.0
+
+_BANNER = re.compile(r"listening on (?P<host>\[[^\]]+\]|[^\s:]+):(?P<port>\d+)")
+
+
+class ChatStream:
+    """The client side of a ``Chat`` stream, for tests.
+
+    ``send`` queues a request; ``recv`` waits (bounded) for the next event;
+    ``until_complete`` collects the events of one request up to its terminal event.
+    """
+
+    def __init__(self, stub: chatpb.ChatServiceStub) -> None:
+        self._stub = stub
+        self._requests: asyncio.Queue[chatpb.ChatRequest | None] = asyncio.Queue()
+        self._events: asyncio.Queue[chatpb.ChatResponse | BaseException | None] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.received: list[chatpb.ChatResponse] = []
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _requests_iter(self) -> AsyncIterator[chatpb.ChatRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _run(self) -> None:
+        try:
+            async with contextlib.aclosing(self._stub.chat(self._requests_iter())) as events:
+                async for event in events:
+                    self.received.append(event)
+                    await self._events.put(event)
+        except BaseException as error:  # the test reads it from recv()
+            await self._events.put(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+        else:
+            await self._events.put(None)
+
+    def send(self, request: chatpb.ChatRequest) -> None:
+        self._requests.put_nowait(request)
+
+    def message(self, session_id: str, text: str, request_id: str = "") -> None:
+        self.send(
+            chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.MESSAGE,
+                session_id=session_id,
+                message=text,
+                request_id=request_id,
+            )
+        )
+
+    def end_input(self) -> None:
+        self._requests.put_nowait(None)
+
+    async def recv(self, timeout: float = TIMEOUT) -> chatpb.ChatResponse:
+        item = await asyncio.wait_for(self._events.get(), timeout)
+        if item is None:
+            raise EOFError("the server ended the stream")
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def until(
+        self, request_id: str, kinds: Sequence[chatpb.ChatResponseType], timeout: float = TIMEOUT
+    ) -> list[chatpb.ChatResponse]:
+        """Events (of any request) up to the first of ``kinds`` for ``request_id``."""
+        events: list[chatpb.ChatResponse] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.recv(max(0.0, deadline - time.monotonic()))
+            events.append(event)
+            if event.request_id == request_id and event.type in kinds:
+                return events
+
+    async def until_complete(
+        self, request_id: str, timeout: float = TIMEOUT
+    ) -> list[chatpb.ChatResponse]:
+        """The events of ``request_id`` up to its RESPONSE_COMPLETE or ERROR."""
+        terminal = (chatpb.ChatResponseType.RESPONSE_COMPLETE, chatpb.ChatResponseType.ERROR)
+        events = await self.until(request_id, terminal, timeout)
+        return [e for e in events if e.request_id == request_id]
+
+    async def close(self) -> None:
+        self.end_input()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+def reply_text(events: Sequence[chatpb.ChatResponse]) -> str:
+    return "".join(e.chunk_text for e in events if e.type == chatpb.ChatResponseType.CHUNK)
+
+
+@dataclass
+class ServerProcess:
+    """A ``chat-server`` running in its own process."""
+
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(TIMEOUT)
+
+
+def server_command(*args: str) -> list[str]:
+    """The ``chat-server`` command of this environment."""
+    script = Path(sys.executable).with_name("chat-server")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-c", "from chat.cli.server import main; main()", *args]
+
+
+@contextlib.contextmanager
+def running_server_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT
+) -> Iterator[ServerProcess]:
+    """Start ``chat-server --host 127.0.0.1 --port 0 ARGS``; wait for its banner; stop it."""
+    command = server_command("--host", "127.0.0.1", "--port", "0", *args)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + timeout
+    match = None
+    while match is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"chat-server did not start: {''.join(output)}")
+        line = process.stdout.readline()
+        if not line:
+            process.wait(TIMEOUT)
+            raise RuntimeError(f"chat-server exited with {process.returncode}: {''.join(output)}")
+        output.append(line)
+        match = _BANNER.search(line)
+    server = ServerProcess(process, match["host"].strip("[]"), int(match["port"]), output)
+    # Keep reading what the server logs, so that a full pipe never blocks it.
+    drain = threading.Thread(target=_drain, args=(process.stdout, output), daemon=True)
+    drain.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        drain.join(TIMEOUT)
+        process.stdout.close()
+
+
+def _drain(stream: IO[str], into: list[str]) -> None:
+    for line in stream:
+        into.append(line)
