@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Self, cast
 
 import chatpb
 
@@ -35,9 +35,7 @@ class ChatStream:
     def __init__(self, stub: chatpb.ChatServiceStub) -> None:
         self._stub = stub
         self._requests: asyncio.Queue[chatpb.ChatRequest | None] = asyncio.Queue()
-        self._events: asyncio.Queue[chatpb.ChatResponse | BaseException | None] = (
-            asyncio.Queue()
-        )
+        self._events: asyncio.Queue[chatpb.ChatResponse | BaseException | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.received: list[chatpb.ChatResponse] = []
 
@@ -59,7 +57,13 @@ class ChatStream:
 
     async def _run(self) -> None:
         try:
-            async with contextlib.aclosing(self._stub.chat(self._requests_iter())) as events:
+            # The generated stub is typed as returning an AsyncIterator; it is an async
+            # generator, and must be closed explicitly.
+            stream = cast(
+                "AsyncGenerator[chatpb.ChatResponse, None]",
+                self._stub.chat(self._requests_iter()),
+            )
+            async with contextlib.aclosing(stream) as events:
                 async for event in events:
                     self.received.append(event)
                     await self._events.put(event)
