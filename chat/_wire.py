@@ -1,0 +1,187 @@
+"""A fast protobuf encoder for ``ChatResponse``, the one message the server sends by the million.
+
+Building a betterproto2 ``ChatResponse`` and serializing it costs tens of microseconds per
+event (``bytes(message)`` walks every field through dataclass machinery); this module writes
+the same bytes straight from an :class:`~chat.events.Event` in a few. The output is exactly
+what protobuf's own encoder writes for the message :func:`chat.service.event_to_response`
+builds (fields in number order, defaults left out), which a property test checks against
+``google.protobuf``. The service hands these bytes to grpclib through
+:class:`PassthroughCodec`; the betterproto2 classes stay the public types.
+
+Wire format reminders: a field is ``tag = number << 3 | wire_type`` as a varint, then the
+value: varint (type 0) for int32 and enums, 8 little-endian bytes (type 1) for doubles, a
+varint length and the bytes (type 2) for strings and nested messages. Negative int32 values
+are sign-extended to 64 bits (10 bytes), as protobuf does.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from grpclib.encoding.proto import ProtoCodec
+
+from chat.events import Event
+from chat.types import Session, Usage, format_timestamp
+
+__all__ = ["PassthroughCodec", "encode_response"]
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_pack_double = struct.Struct("<d").pack
+#: One-byte varints, the common case for lengths and small numbers.
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _SMALL[value]
+    value &= 0xFFFF_FFFF_FFFF_FFFF  # negative numbers: 64-bit two's complement, like protobuf
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _int32(tag: bytes, value: int) -> bytes:
+    if not _INT32_MIN <= value <= _INT32_MAX:
+        # betterproto2 would silently truncate; protobuf refuses. So do we.
+        raise ValueError(f"{value} does not fit in an int32 field")
+    return tag + _varint(value)
+
+
+def _string(tag: bytes, value: str) -> bytes:
+    data = value.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+# ChatResponse tags, by field number.
+_TYPE, _SESSION_ID, _STATUS_MESSAGE, _CONTEXT_MESSAGES = (
+    _tag(1, 0),
+    _tag(2, 2),
+    _tag(3, 2),
+    _tag(4, 0),
+)
+_CHUNK_TEXT, _CHUNK_NUMBER, _TOTAL_CHUNKS, _PROCESSING_TIME = (
+    _tag(5, 2),
+    _tag(6, 0),
+    _tag(7, 0),
+    _tag(8, 1),
+)
+_MESSAGE_COUNT, _ERROR_MESSAGE, _TIMESTAMP, _REQUEST_ID = (
+    _tag(9, 0),
+    _tag(10, 2),
+    _tag(11, 2),
+    _tag(12, 2),
+)
+_FINISH_REASON, _USAGE, _MODEL, _ERROR_CODE = _tag(13, 0), _tag(14, 2), _tag(15, 2), _tag(16, 0)
+_OMITTED_MESSAGES, _RETRY_AFTER, _SESSION = _tag(17, 0), _tag(18, 1), _tag(19, 2)
+# TokenUsage and SessionInfo tags.
+_U_PROMPT, _U_COMPLETION, _U_TOTAL = _tag(1, 0), _tag(2, 0), _tag(3, 0)
+_S_ID, _S_TITLE, _S_MODEL, _S_COUNT = _tag(1, 2), _tag(2, 2), _tag(3, 2), _tag(4, 0)
+_S_CREATED, _S_ACTIVITY, _S_PROMPT, _S_POLICY = _tag(5, 2), _tag(6, 2), _tag(7, 2), _tag(8, 0)
+
+
+def _usage(usage: Usage) -> bytes:
+    parts = []
+    if usage.prompt_tokens:
+        parts.append(_int32(_U_PROMPT, usage.prompt_tokens))
+    if usage.completion_tokens:
+        parts.append(_int32(_U_COMPLETION, usage.completion_tokens))
+    if usage.total_tokens:
+        parts.append(_int32(_U_TOTAL, usage.total_tokens))
+    return b"".join(parts)
+
+
+def _session(session: Session) -> bytes:
+    """``SessionInfo`` as :func:`chat.service.session_to_message` builds it (no history)."""
+    parts = []
+    if session.session_id:
+        parts.append(_string(_S_ID, session.session_id))
+    if session.title:
+        parts.append(_string(_S_TITLE, session.title))
+    if session.model:
+        parts.append(_string(_S_MODEL, session.model))
+    if session.message_count:
+        parts.append(_int32(_S_COUNT, session.message_count))
+    parts.append(_string(_S_CREATED, format_timestamp(session.created_at)))
+    parts.append(_string(_S_ACTIVITY, format_timestamp(session.last_activity)))
+    if session.system_prompt:
+        parts.append(_string(_S_PROMPT, session.system_prompt))
+    if session.context_policy:
+        parts.append(_int32(_S_POLICY, int(session.context_policy)))
+    return b"".join(parts)
+
+
+def _nested(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
+
+
+def encode_response(event: Event, timestamp: str) -> bytes:
+    """The serialized ``ChatResponse`` for ``event``, identical to protobuf's encoding of
+    ``event_to_response(event, timestamp)``.
+
+    >>> from chat.events import EventKind
+    >>> encode_response(Event(EventKind.CHUNK, chunk_text="hi", chunk_number=1), "")
+    b'\\x08\\x02*\\x02hi0\\x01'
+    """
+    # The fields in number order, each only when event_to_response sets it to a value
+    # other than its default (proto3 leaves defaults off the wire).
+    parts = []
+    if event.kind:
+        parts.append(_TYPE + _SMALL[event.kind])
+    if event.session_id:
+        parts.append(_string(_SESSION_ID, event.session_id))
+    if event.status_message:
+        parts.append(_string(_STATUS_MESSAGE, event.status_message))
+    if event.context_messages:
+        parts.append(_int32(_CONTEXT_MESSAGES, event.context_messages))
+    if event.chunk_text:
+        parts.append(_string(_CHUNK_TEXT, event.chunk_text))
+    if event.chunk_number:
+        parts.append(_int32(_CHUNK_NUMBER, event.chunk_number))
+    if event.total_chunks:
+        parts.append(_int32(_TOTAL_CHUNKS, event.total_chunks))
+    if event.processing_time:
+        parts.append(_PROCESSING_TIME + _pack_double(event.processing_time))
+    if event.message_count:
+        parts.append(_int32(_MESSAGE_COUNT, event.message_count))
+    if event.error_message:
+        parts.append(_string(_ERROR_MESSAGE, event.error_message))
+    if timestamp:
+        parts.append(_string(_TIMESTAMP, timestamp))
+    if event.request_id:
+        parts.append(_string(_REQUEST_ID, event.request_id))
+    if event.finish_reason:
+        parts.append(_int32(_FINISH_REASON, int(event.finish_reason)))
+    if event.usage is not None:
+        parts.append(_nested(_USAGE, _usage(event.usage)))
+    if event.model:
+        parts.append(_string(_MODEL, event.model))
+    if event.error_message and event.error_code:
+        parts.append(_int32(_ERROR_CODE, event.error_code))
+    if event.omitted_messages:
+        parts.append(_int32(_OMITTED_MESSAGES, event.omitted_messages))
+    if event.retry_after:
+        parts.append(_RETRY_AFTER + _pack_double(event.retry_after))
+    if event.session is not None:
+        parts.append(_nested(_SESSION, _session(event.session)))
+    return b"".join(parts)
+
+
+class PassthroughCodec(ProtoCodec):
+    """grpclib's protobuf codec, except that ``bytes`` are sent as they are.
+
+    The Chat stream sends responses already serialized by :func:`encode_response`; every
+    other RPC sends betterproto2 messages, encoded as usual.
+    """
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if type(message) is bytes:
+            return message
+        return super().encode(message, message_type)
