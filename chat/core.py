@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -54,6 +55,8 @@ from chat.types import (
 __all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
 
 log = logging.getLogger(__name__)
+
+_TICK = timedelta(microseconds=1)
 
 
 class RequestKind(enum.IntEnum):
@@ -127,6 +130,7 @@ class ChatCore:
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
+        self._last_created = datetime.min.replace(tzinfo=UTC)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -144,7 +148,10 @@ class ChatCore:
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         await self._check_model(model)
-        now = utcnow()
+        # Strictly increasing creation times keep "newest first" equal to creation order,
+        # even for sessions created within one clock tick.
+        now = max(utcnow(), self._last_created + _TICK)
+        self._last_created = now
         session = Session(
             session_id=str(uuid.uuid4()),
             created_at=now,
