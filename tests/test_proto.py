@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import filecmp
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
@@ -102,7 +104,7 @@ def test_service_has_no_package_and_every_rpc() -> None:
 
 
 def test_domain_enums_have_the_wire_numbers() -> None:
-    pairs = [
+    pairs: list[tuple[type[enum.IntEnum], Any, str]] = [
         (Role, chatpb.Role, "ROLE_"),
         (MessageStatus, chatpb.MessageStatus, "MESSAGE_STATUS_"),
         (FinishReason, chatpb.FinishReason, "FINISH_REASON_"),

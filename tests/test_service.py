@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from grpclib import GRPCError
@@ -31,6 +31,7 @@ async def test_create_get_update_delete_a_session(stub: chatpb.ChatServiceStub) 
             context_policy=chatpb.ContextPolicy.REJECT,
         )
     )
+    assert created.session is not None
     assert created.session_id == created.session.session_id
     assert created.session.model == "echo"
     assert created.session.created_at.endswith("Z")
@@ -72,7 +73,7 @@ async def test_create_get_update_delete_a_session(stub: chatpb.ChatServiceStub) 
 async def test_bad_fields_are_invalid_argument_naming_the_field(
     stub: chatpb.ChatServiceStub, call: str, field: str
 ) -> None:
-    requests = {
+    requests: dict[str, Callable[[], Awaitable[object]]] = {
         "get": lambda: stub.get_session_info(chatpb.SessionInfoRequest()),
         "update": lambda: stub.update_session(chatpb.UpdateSessionRequest(title="x")),
         "delete": lambda: stub.delete_session(chatpb.DeleteSessionRequest()),
