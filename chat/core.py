@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -54,6 +55,8 @@ from chat.types import (
 __all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
 
 log = logging.getLogger(__name__)
+
+_TICK = timedelta(microseconds=1)
 
 
 class RequestKind(enum.IntEnum):
@@ -127,6 +130,7 @@ class ChatCore:
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
+        self._last_created = datetime.min.replace(tzinfo=UTC)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -144,7 +148,10 @@ class ChatCore:
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         await self._check_model(model)
-        now = utcnow()
+        # Strictly increasing creation times keep "newest first" equal to creation order,
+        # even for sessions created within one clock tick.
+        now = max(utcnow(), self._last_created + _TICK)
+        self._last_created = now
         session = Session(
             session_id=str(uuid.uuid4()),
             created_at=now,
@@ -243,11 +250,13 @@ class ChatCore:
         return self._draining
 
     def start_draining(self) -> None:
-        """Refuse new turns (``UNAVAILABLE``); turns in flight go on."""
+        """Refuse new turns (``UNAVAILABLE``); streams close once their queued turns end."""
         self._draining = True
+        for conversation in list(self._conversations):
+            conversation.finish_input()
 
     async def wait_idle(self, within: float) -> bool:
-        """Wait until no reply is in flight; ``False`` if ``within`` seconds passed first."""
+        """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
         try:
             async with asyncio.timeout(within):
                 await self._idle.wait()
@@ -255,13 +264,15 @@ class ChatCore:
             return False
         return True
 
-    def _reply_started(self) -> None:
-        self.stats.active_replies += 1
+    def _stream_opened(self, conversation: Conversation) -> None:
+        self._conversations.add(conversation)
+        self.stats.active_streams += 1
         self._idle.clear()
 
-    def _reply_ended(self) -> None:
-        self.stats.active_replies -= 1
-        if self.stats.active_replies == 0:
+    def _stream_closed(self, conversation: Conversation) -> None:
+        self._conversations.discard(conversation)
+        self.stats.active_streams -= 1
+        if not self._conversations:
             self._idle.set()
 
     # -- session updates pushed to other streams ------------------------------------------
@@ -344,8 +355,7 @@ class Conversation:
         self._closing = False
 
     async def __aenter__(self) -> Self:
-        self._core._conversations.add(self)
-        self._core.stats.active_streams += 1
+        self._core._stream_opened(self)
         return self
 
     async def __aexit__(
@@ -375,7 +385,8 @@ class Conversation:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
 
     def finish_input(self) -> None:
-        """The client half-closed the stream: answer what is queued, then close."""
+        """No more turns will come (the client half-closed, or the server is draining):
+        answer what is queued, then close the outbox."""
         self._input_done = True
         self._maybe_finish()
 
@@ -567,7 +578,7 @@ class Conversation:
     ) -> None:
         """Stream the model's reply, store the turn, and end it with COMPLETE or ERROR."""
         core = self._core
-        core._reply_started()
+        core.stats.active_replies += 1
         task = turn.generation = asyncio.create_task(self._pump(turn, generation))
         if turn.cancelled:
             task.cancel()
@@ -590,7 +601,7 @@ class Conversation:
                 raise
         finally:
             turn.generation = None
-            core._reply_ended()
+            core.stats.active_replies -= 1
 
         if task.cancelled():
             turn.finish = FinishReason.CANCELLED
@@ -698,8 +709,7 @@ class Conversation:
             self._sessions.clear()
             self._lanes.clear()
             self.outbox.close()
-            core._conversations.discard(self)
-            core.stats.active_streams -= 1
+            core._stream_closed(self)
 
 
 def _failed_user_message(history: Sequence[Message]) -> str:

@@ -265,11 +265,17 @@ class ChatService(chatpb.ChatServiceBase):
             try:
                 await self._write(stream, conversation)
             finally:
+                client_done = reader.done() and not reader.cancelled()
                 reader.cancel()
                 await asyncio.wait((reader,))
-            failure = reader.exception() if not reader.cancelled() else None
+            failure = None if reader.cancelled() else reader.exception()
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
+        if self._core.draining and not client_done:
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                "the server is shutting down; reconnect (to another replica, if there is one)",
+            )
 
     async def _read(
         self,

@@ -67,7 +67,7 @@ class ChatRequestType(betterproto2.Enum):
 
     PING = 1
     """
-    Liveness probe: answered with a PONG at once, echoing `request_id` and `timestamp`.
+    Liveness probe: answered with a PONG at once, echoing `request_id`.
     """
 
     TYPING_START = 2
@@ -429,7 +429,7 @@ class ChatRequest(betterproto2.Message):
 
     timestamp: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    Client-side time of the request (RFC 3339); informational, echoed on PONG.
+    Client-side time of the request (RFC 3339); informational.
     """
 
     request_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
