@@ -262,9 +262,7 @@ async def paced(p: dict[str, Any]) -> dict[str, Any]:
     answers: list[float] = []
     streams = p["streams"]
     tasks = [
-        asyncio.create_task(
-            _paced_stream(call, s, p, go + p["interval"] * i / streams, answers)
-        )
+        asyncio.create_task(_paced_stream(call, s, p, go + p["interval"] * i / streams, answers))
         for i, (call, s) in enumerate(zip(calls, sessions, strict=True))
     ]
     budget = p["interval"] * p["messages"] + p["grace"] + 10.0

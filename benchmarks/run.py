@@ -95,7 +95,7 @@ class Settings:
             throughput_seconds=4.0,
             probe_seconds=4.0,
             load_streams=100,
-            paced_steps=(100, 200, 300, 400, 600, 800, 1000, 1200, 1500, 2000),
+            paced_steps=(25, 50, 100, 200, 300, 400, 600, 800, 1000, 1200, 1500, 2000),
             paced_messages=5,
             paced_interval=1.0,
             paced_pace=0.05,
@@ -406,14 +406,19 @@ async def paced_capacity(name: str, s: Settings, log_dir: Path) -> dict[str, Any
     """The largest step of the ladder served within the limit (each step a fresh server)."""
     held, steps = 0, []
     for streams in s.paced_steps:
-        async with running(name, s.paced_pace, log_dir) as server:
-            step = await paced_step(server, streams, s)
-        steps.append(step)
-        log(
-            f"    paced {name} {streams:5d} streams: p99 {step['answer_p99_s']:.3f}s, "
-            f"unanswered {step['unanswered']}, starved {step['starved_streams']} "
-            f"-> {'ok' if step['ok'] else 'over'}"
-        )
+        # A step that fails is tried once more: on a shared machine one noisy second can
+        # push a p99 over the line.
+        for _attempt in range(2):
+            async with running(name, s.paced_pace, log_dir) as server:
+                step = await paced_step(server, streams, s)
+            steps.append(step)
+            log(
+                f"    paced {name} {streams:5d} streams: p99 {step['answer_p99_s']:.3f}s, "
+                f"unanswered {step['unanswered']}, starved {step['starved_streams']} "
+                f"-> {'ok' if step['ok'] else 'over'}"
+            )
+            if step["ok"]:
+                break
         if not step["ok"]:
             break
         held = streams
@@ -519,14 +524,29 @@ def metrics(s: Settings) -> list[Metric]:
     if "throughput" in s.scenarios:
         load = 100 if 100 in s.throughput_streams else s.throughput_streams[-1]
         found += [
-            (f"cpu_us_per_chunk_{load}", f"server CPU per chunk, {load} streams", "µs", "lower",
-             1.0),
-            (f"cpu_us_per_reply_{load}", f"server CPU per 56-chunk reply, {load} streams", "µs",
-             "lower", None),
+            (
+                f"cpu_us_per_chunk_{load}",
+                f"server CPU per chunk, {load} streams",
+                "µs",
+                "lower",
+                1.0,
+            ),
+            (
+                f"cpu_us_per_reply_{load}",
+                f"server CPU per 56-chunk reply, {load} streams",
+                "µs",
+                "lower",
+                None,
+            ),
         ]
         found += [
-            (f"chunks_per_s_{n}", f"chunks/s, {n} stream{'s' if n > 1 else ''}", "/s", "higher",
-             None)
+            (
+                f"chunks_per_s_{n}",
+                f"chunks/s, {n} stream{'s' if n > 1 else ''}",
+                "/s",
+                "higher",
+                None,
+            )
             for n in s.throughput_streams
         ]
     for prefix, when in (("idle_", "idle"), ("loaded_", f"under {s.load_streams}-stream load")):
@@ -538,23 +558,37 @@ def metrics(s: Settings) -> list[Metric]:
                 (f"{prefix}ping_p50_ms", f"PING p50, {when}", "ms", "lower", None),
                 (f"{prefix}ping_p99_ms", f"PING p99, {when}", "ms", "lower", target),
                 (f"{prefix}first_chunk_p50_ms", f"first chunk p50, {when}", "ms", "lower", None),
-                (f"{prefix}first_chunk_p99_ms", f"first chunk p99, {when}", "ms", "lower",
-                 target),
+                (f"{prefix}first_chunk_p99_ms", f"first chunk p99, {when}", "ms", "lower", target),
             ]
     if "paced" in s.scenarios:
         found.append(
-            ("paced_capacity_streams", "paced streams held (p99 answer ≤ 1.2 s)", "streams",
-             "higher", 1.0)
+            (
+                "paced_capacity_streams",
+                "paced streams held (p99 answer ≤ 1.2 s)",
+                "streams",
+                "higher",
+                1.0,
+            )
         )
     if "rss" in s.scenarios:
         found.append(
-            ("idle_rss_kib_per_stream", f"RSS per idle stream ({s.rss_streams} streams)", "KiB",
-             "lower", 1.0)
+            (
+                "idle_rss_kib_per_stream",
+                f"RSS per idle stream ({s.rss_streams} streams)",
+                "KiB",
+                "lower",
+                1.0,
+            )
         )
     if "hold" in s.scenarios:
         found.append(
-            ("hold_streams_held", f"idle streams held (of {s.hold_streams})", "streams", "higher",
-             None)
+            (
+                "hold_streams_held",
+                f"idle streams held (of {s.hold_streams})",
+                "streams",
+                "higher",
+                None,
+            )
         )
     return found
 
@@ -566,9 +600,7 @@ def summarize(rounds: dict[str, list[dict[str, Any]]], s: Settings) -> dict[str,
             name: [r[key] for r in rounds[name] if isinstance(r.get(key), int | float)]
             for name in SERVERS
         }
-        medians = {
-            name: statistics.median(v) if v else None for name, v in values.items()
-        }
+        medians = {name: statistics.median(v) if v else None for name, v in values.items()}
         ours, ref = medians["ours"], medians["reference"]
         ratio = ours / ref if ours is not None and ref else None
         met = None
@@ -709,12 +741,11 @@ def chart(report: dict[str, Any], path: Path) -> None:
         if e[f"{k}_ratio"] is not None
     ]
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(entries) + 1.6))
-    labels = [f"{label} ({'lower' if b == 'lower' else 'higher'} is better)" for label, _, b, _
-              in entries]
-    ratios = [r for _, r, _, _ in entries]
-    good = [
-        (r <= 1.0) if b == "lower" else (r >= 1.0) for _, r, b, _ in entries
+    labels = [
+        f"{label} ({'lower' if b == 'lower' else 'higher'} is better)" for label, _, b, _ in entries
     ]
+    ratios = [r for _, r, _, _ in entries]
+    good = [(r <= 1.0) if b == "lower" else (r >= 1.0) for _, r, b, _ in entries]
     colors = ["#2a9d8f" if g else "#e76f51" for g in good]
     ax.barh(range(len(entries)), ratios, color=colors)
     ax.set_yticks(range(len(entries)), labels, fontsize=8)
@@ -790,7 +821,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rounds = asyncio.run(run(settings, ROOT / "benchmarks" / "results" / "logs"))
     report = {
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks" + (" --quick" if args.quick else "")
+        "command": "python -m benchmarks"
+        + (" --quick" if args.quick else "")
         + (f" --rounds {args.rounds}" if args.rounds else "")
         + (f" --only {args.only}" if set(scenarios) != set(SCENARIOS) else ""),
         "seconds": round(time.monotonic() - started, 1),
@@ -808,9 +840,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ratios": {},
         "raw": rounds,
     }
-    report["ratios"] = {
-        f"{k}_ratio": e[f"{k}_ratio"] for k, e in report["metrics"].items()
-    }
+    report["ratios"] = {f"{k}_ratio": e[f"{k}_ratio"] for k, e in report["metrics"].items()}
     write_report(report, output)
     print_table(report)
     print(f"\nwrote {output}/latest.md, latest.json, latest.png in {report['seconds']} s")

@@ -5,8 +5,8 @@ event (``bytes(message)`` walks every field through dataclass machinery); this m
 the same bytes straight from an :class:`~chat.events.Event` in a few. The output is exactly
 what protobuf's own encoder writes for the message :func:`chat.service.event_to_response`
 builds (fields in number order, defaults left out), which a property test checks against
-``google.protobuf``. The service hands these bytes to grpclib through
-:class:`PassthroughCodec`; the betterproto2 classes stay the public types.
+``google.protobuf``. The service hands them to grpclib as :class:`EncodedResponse`; the
+betterproto2 classes stay the public types.
 
 Wire format reminders: a field is ``tag = number << 3 | wire_type`` as a varint, then the
 value: varint (type 0) for int32 and enums, 8 little-endian bytes (type 1) for doubles, a
@@ -17,14 +17,10 @@ are sign-extended to 64 bits (10 bytes), as protobuf does.
 from __future__ import annotations
 
 import struct
-from typing import Any
-
-from grpclib.encoding.proto import ProtoCodec
-
 from chat.events import Event
 from chat.types import Session, Usage, format_timestamp
 
-__all__ = ["PassthroughCodec", "encode_response"]
+__all__ = ["EncodedResponse", "encode_response"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _pack_double = struct.Struct("<d").pack
@@ -174,14 +170,19 @@ def encode_response(event: Event, timestamp: str) -> bytes:
     return b"".join(parts)
 
 
-class PassthroughCodec(ProtoCodec):
-    """grpclib's protobuf codec, except that ``bytes`` are sent as they are.
+class EncodedResponse(bytes):
+    """A serialized ``ChatResponse``, sendable wherever grpclib expects a message object.
 
-    The Chat stream sends responses already serialized by :func:`encode_response`; every
-    other RPC sends betterproto2 messages, encoded as usual.
+    grpclib's protobuf codec checks the message type declared by the handler and calls
+    ``SerializeToString()``; the Chat handler declares this type, so the bytes go out as
+    they are, with every codec and in ``grpclib.testing.ChannelFor`` alike.
     """
 
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if type(message) is bytes:
-            return message
-        return super().encode(message, message_type)
+    __slots__ = ()
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self
+
+    @classmethod
+    def FromString(cls, data: bytes) -> EncodedResponse:  # noqa: N802 (protobuf's name)
+        return cls(data)

@@ -9,11 +9,12 @@ from typing import Any
 import betterproto2
 import pytest
 from google.protobuf import descriptor_pool, message_factory
+from grpclib.encoding.proto import ProtoCodec
 from hypothesis import given
 from hypothesis import strategies as st
 
 import chatpb
-from chat._wire import PassthroughCodec, encode_response
+from chat._wire import EncodedResponse, encode_response
 from chat.events import Event, EventKind
 from chat.service import event_to_response
 from chat.types import ContextPolicy, FinishReason, Session, Usage
@@ -127,11 +128,9 @@ def test_numbers_outside_int32_are_refused_not_truncated(value: int) -> None:
         encode_response(Event(EventKind.CHUNK, chunk_number=value), "")
 
 
-def test_the_codec_passes_bytes_through_and_encodes_messages() -> None:
-    codec = PassthroughCodec()
-    assert codec.encode(b"\x08\x05", chatpb.ChatResponse) == b"\x08\x05"
-    message = chatpb.ChatResponse(type=chatpb.ChatResponseType.PONG)
-    assert codec.encode(message, chatpb.ChatResponse) == bytes(message)
-    assert codec.decode(b"\x08\x01", chatpb.ChatRequest) == chatpb.ChatRequest(
-        type=chatpb.ChatRequestType.PING
+def test_grpclibs_codec_sends_an_encoded_response_as_it_is() -> None:
+    encoded = EncodedResponse(encode_response(Event(EventKind.PONG, request_id="p"), "t"))
+    assert ProtoCodec().encode(encoded, EncodedResponse) == bytes(encoded)
+    assert chatpb.ChatResponse.parse(encoded) == chatpb.ChatResponse(
+        type=chatpb.ChatResponseType.PONG, request_id="p", timestamp="t"
     )
