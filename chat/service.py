@@ -309,5 +309,8 @@ class ChatService(chatpb.ChatServiceBase):
         # handler declares EncodedResponse as its response type; see __mapping__).
         send = stream.send_message
         while (batch := await outbox.get()) is not None:
+            # One timestamp per batch: its events leave together, and formatting a time
+            # costs more than encoding a chunk.
+            timestamp = format_timestamp(utcnow())
             for event in batch:
-                await send(EncodedResponse(encode_response(event, format_timestamp(utcnow()))))
+                await send(EncodedResponse(encode_response(event, timestamp)))
