@@ -314,3 +314,7 @@ class ChatService(chatpb.ChatServiceBase):
             timestamp = format_timestamp(utcnow())
             for event in batch:
                 await send(EncodedResponse(encode_response(event, timestamp)))
+                # grpclib writes to the socket without ever suspending, so without this a
+                # stream with a long backlog holds the event loop until it is drained, and
+                # every other stream (and new connections) waits: yield after each message.
+                await asyncio.sleep(0)
