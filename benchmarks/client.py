@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -322,6 +323,8 @@ SCENARIOS = {"throughput": throughput, "probe": probe, "paced": paced, "idle": i
 def main() -> None:
     raise_fd_limit()
     params = json.loads(sys.argv[1])
+    if params.get("nice"):
+        os.nice(params["nice"])
     scenario = SCENARIOS[params["scenario"]]
     result = asyncio.run(scenario(params))
     if result:

@@ -46,6 +46,10 @@ LOAD_TEXT = " ".join(f"word{i}" for i in range(50))
 PACED_TEXT = " ".join(f"w{i}" for i in range(14))
 PACED_CHUNKS = 20
 PROBE_TEXT = "hello there, how are you"
+#: The load clients of the latency-under-load scenario run at this nice level, so that the
+#: probe client is not starved of CPU by them on a two-core machine: the probe then measures
+#: how the server answers under load, not the client's share of the machine.
+LOAD_NICE = 10
 SCENARIOS = ("latency", "throughput", "loaded", "paced", "rss", "hold")
 
 
@@ -354,6 +358,7 @@ async def loaded_latency(server: Server, s: Settings) -> dict[str, float]:
             "streams": n,
             "text": LOAD_TEXT,
             "duration": s.probe_seconds + 1.5,
+            "nice": LOAD_NICE,
         }
         for n in split(s.load_streams, s.client_processes)
     ]
