@@ -21,7 +21,7 @@ from grpclib.exceptions import StreamTerminatedError
 
 import chatpb
 from chat._version import __version__
-from chat._wire import EncodedResponse, encode_response
+from chat._wire import EncodedResponse, encode_response, send_encoded
 from chat.core import ChatCore, Conversation, Request
 from chat.errors import ChatError, InvalidArgument
 from chat.events import Event
@@ -43,6 +43,9 @@ __all__ = ["ChatService", "event_to_response", "request_from_message"]
 log = logging.getLogger(__name__)
 
 _CHAT_ROUTE = "/ChatService/Chat"
+#: Most Chat events written in one go before the writer lets other streams run: large
+#: enough to make one socket write worth it, small enough to keep every stream's turn short.
+_WRITE_SLICE = 16
 
 
 @contextmanager
@@ -307,14 +310,17 @@ class ChatService(chatpb.ChatServiceBase):
         # Events go out pre-serialized by chat._wire.encode_response: the bytes protobuf
         # writes for event_to_response's message, at a fraction of betterproto2's cost (the
         # handler declares EncodedResponse as its response type; see __mapping__).
-        send = stream.send_message
         while (batch := await outbox.get()) is not None:
-            # One timestamp per batch: its events leave together, and formatting a time
-            # costs more than encoding a chunk.
-            timestamp = format_timestamp(utcnow())
-            for event in batch:
-                await send(EncodedResponse(encode_response(event, timestamp)))
+            for start in range(0, len(batch), _WRITE_SLICE):
+                # One timestamp per slice: its events leave together, and formatting a time
+                # costs more than encoding a chunk.
+                timestamp = format_timestamp(utcnow())
+                # A slice in one HTTP/2 write (one frame, one socket send).
+                await send_encoded(
+                    stream,
+                    [encode_response(e, timestamp) for e in batch[start : start + _WRITE_SLICE]],
+                )
                 # grpclib writes to the socket without ever suspending, so without this a
-                # stream with a long backlog holds the event loop until it is drained, and
-                # every other stream (and new connections) waits: yield after each message.
+                # stream with a backlog would hold the event loop until it is drained while
+                # every other stream (and new connections) waits: yield after each slice.
                 await asyncio.sleep(0)
