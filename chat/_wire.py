@@ -16,19 +16,22 @@ are sign-extended to 64 bits (10 bytes), as protobuf does.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.server
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
 from chat.events import Event
+from datetime import UTC, datetime
+
 from chat.types import Session, Usage, format_timestamp
 
-__all__ = ["EncodedResponse", "encode_response", "send_encoded"]
+__all__ = ["CorkingServer", "EncodedResponse", "WireClock", "encode_response", "send_encoded"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _pack_double = struct.Struct("<d").pack
@@ -230,3 +233,96 @@ async def send_encoded(stream: Stream[Any, EncodedResponse], payloads: Sequence[
     stream._messages_sent += count
     h2_stream.connection.messages_sent += count
     h2_stream.connection.last_message_sent = time.monotonic()
+
+
+class _CorkedTransport:
+    """An asyncio transport whose writes within one event-loop pass leave in one send.
+
+    grpclib writes every HTTP/2 frame to the transport at once, and asyncio sends each write
+    straight to the socket: one system call per frame, which on loopback also runs the
+    receiver's side of TCP. Many streams share a connection, and in one pass of the loop
+    several of them write; holding the writes until the end of the pass (``call_soon``)
+    sends them together, without delaying any write past the pass it was made in.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _CorkingProtocol(asyncio.Protocol):
+    """grpclib's protocol, given a :class:`_CorkedTransport` instead of the real one."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        corked = _CorkedTransport(cast(asyncio.Transport, transport))
+        self._inner.connection_made(cast(asyncio.Transport, corked))
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class CorkingServer(grpclib.server.Server):
+    """A grpclib server whose connections send the writes of one loop pass together."""
+
+    def _protocol_factory(self) -> Any:
+        # grpclib 0.4 builds each connection's protocol here (pinned below 0.5).
+        return _CorkingProtocol(super()._protocol_factory())
+
+
+class WireClock:
+    """Event timestamps, exactly as ``format_timestamp(utcnow())`` writes them, but cheaper.
+
+    Formatting a datetime costs more than encoding a chunk; the date and time up to the
+    second change once a second, so they are formatted once and the microseconds appended.
+
+    >>> WireClock().format_micros(1_795_181_612_000_005)
+    '2026-11-20T13:33:32.000005Z'
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        return self.format_micros(time.time_ns() // 1000)
+
+    def format_micros(self, micros: int) -> str:
+        """The timestamp of ``micros`` microseconds since the Unix epoch."""
+        second, micro = divmod(micros, 1_000_000)
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = second
+        return f"{self._prefix}{micro:06d}Z"

@@ -14,6 +14,7 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.server import Server
 
 from chat._reflection import with_reflection
+from chat._wire import CorkingServer
 from chat.backends import ModelBackend
 from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
@@ -88,7 +89,7 @@ class ChatServer:
         service = ChatService(core)
         health = Health({service: [self._serving], OVERALL: [self._serving]})
         handlers = with_reflection([service, health])
-        self._server = Server(handlers)
+        self._server = CorkingServer(handlers)
         await self._server.start(config.host, config.port)
         self._serving.set(True)
         log.info(

@@ -21,7 +21,7 @@ from grpclib.exceptions import StreamTerminatedError
 
 import chatpb
 from chat._version import __version__
-from chat._wire import EncodedResponse, encode_response, send_encoded
+from chat._wire import EncodedResponse, WireClock, encode_response, send_encoded
 from chat.core import ChatCore, Conversation, Request
 from chat.errors import ChatError, InvalidArgument
 from chat.events import Event
@@ -157,6 +157,7 @@ class ChatService(chatpb.ChatServiceBase):
 
     def __init__(self, core: ChatCore) -> None:
         self._core = core
+        self._clock = WireClock()
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         # The generated base class runs `chat` as an async generator that it never closes;
@@ -310,17 +311,21 @@ class ChatService(chatpb.ChatServiceBase):
         # Events go out pre-serialized by chat._wire.encode_response: the bytes protobuf
         # writes for event_to_response's message, at a fraction of betterproto2's cost (the
         # handler declares EncodedResponse as its response type; see __mapping__).
+        clock = self._clock
         while (batch := await outbox.get()) is not None:
             for start in range(0, len(batch), _WRITE_SLICE):
-                # One timestamp per slice: its events leave together, and formatting a time
-                # costs more than encoding a chunk.
-                timestamp = format_timestamp(utcnow())
-                # A slice in one HTTP/2 write (one frame, one socket send).
+                if start:
+                    # grpclib writes to the socket without ever suspending, so a long
+                    # batch would hold the event loop while every other stream (and new
+                    # connections) waits: let them run between slices.
+                    await asyncio.sleep(0)
+                # One timestamp per slice: its events leave together.
+                timestamp = clock.now()
+                # A slice in one HTTP/2 write (one frame; see chat._wire.send_encoded).
                 await send_encoded(
                     stream,
                     [encode_response(e, timestamp) for e in batch[start : start + _WRITE_SLICE]],
                 )
-                # grpclib writes to the socket without ever suspending, so without this a
-                # stream with a backlog would hold the event loop until it is drained while
-                # every other stream (and new connections) waits: yield after each slice.
+            if len(outbox):
+                # More is waiting already (get() would return at once): others first.
                 await asyncio.sleep(0)

@@ -87,7 +87,17 @@ def main(
             grace_period=grace_period,
             limits=Limits(max_message_chars=max_message_chars),
         )
-        asyncio.run(serve(config, ready=_banner))
+        import os
+        if os.environ.get("EXP_GC"):
+            import gc
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 20)
+        if os.environ.get("EXP_UVLOOP"):
+            import uvloop
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(serve(config, ready=_banner))
+        else:
+            asyncio.run(serve(config, ready=_banner))
     except ChatError as error:
         raise click.ClickException(error.message) from error
     except OSError as error:
