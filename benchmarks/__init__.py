@@ -1,1 +1,1 @@
-"""Benchmarks: our ``chat-server`` side by side with a grpc.aio reference (``python -m benchmarks``)."""
+"""Benchmarks: our ``chat-server`` against a grpc.aio reference (``python -m benchmarks``)."""

@@ -251,7 +251,7 @@ async def _paced_stream(
         reading.cancel()
         with contextlib.suppress(BaseException):
             await reading
-    return count - answered
+    return int(count) - answered
 
 
 async def paced(p: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +291,7 @@ async def idle(p: dict[str, Any]) -> dict[str, Any]:
     try:
         async with asyncio.timeout(p["setup_timeout"]):
             opened = await client.open_many(p["streams"])
-    except Exception as error:  # reported, not raised: "not held" is a result
+    except (grpc.aio.AioRpcError, Failure, TimeoutError, OSError) as error:  # a result
         failures.append(f"{type(error).__name__}: {error}")
     await _wait_go()
     # Every stream answers a PING again while all are held.
@@ -308,7 +308,7 @@ async def idle(p: dict[str, Any]) -> dict[str, Any]:
         try:
             async with asyncio.timeout(p["setup_timeout"]):
                 await asyncio.gather(*(ping(call) for call in opened))
-        except Exception as error:
+        except (grpc.aio.AioRpcError, Failure, TimeoutError, OSError) as error:
             failures.append(f"{type(error).__name__}: {error}")
     print(json.dumps({"opened": len(opened), "answered": answered, "failures": failures}))
     print("holding", flush=True)

@@ -35,13 +35,13 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class ReferenceChat(pb_grpc.ChatServiceServicer):  # type: ignore[misc]
+class ReferenceChat(pb_grpc.ChatServiceServicer):  # type: ignore[misc,name-defined]
     def __init__(self, pace: float) -> None:
         self.pace = pace
         # session id -> its history, as (role, text) pairs
         self.sessions: dict[str, list[tuple[str, str]]] = {}
 
-    async def CreateSession(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def CreateSession(self, request: Any, context: Any) -> Any:
         session_id = str(uuid.uuid4())
         self.sessions[session_id] = []
         now = _now()
@@ -54,7 +54,7 @@ class ReferenceChat(pb_grpc.ChatServiceServicer):  # type: ignore[misc]
         )
         return pb.CreateSessionResponse(session_id=session_id, session=info)
 
-    async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+    async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         out: asyncio.Queue[Any] = asyncio.Queue()
         turns: asyncio.Queue[Any] = asyncio.Queue()
 

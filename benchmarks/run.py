@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("ours", "reference")
@@ -160,10 +160,15 @@ class Server:
             return int(f.read().split()[1]) * _PAGE
 
 
+def _log_file(log_dir: Path, name: str) -> IO[bytes]:
+    """Where a server's stderr goes (appended), for looking into a failed run."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return open(log_dir / f"{name}.log", "ab")
+
+
 @contextlib.asynccontextmanager
 async def running(name: str, pace: float, log_dir: Path) -> AsyncIterator[Server]:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / f"{name}.log", "ab") as errors:
+    with _log_file(log_dir, name) as errors:
         process = await asyncio.create_subprocess_exec(
             *server_command(name, pace),
             cwd=ROOT,
@@ -206,7 +211,7 @@ class Clients:
 
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
 
-    async def start(self, params: Sequence[dict[str, Any]], timeout: float) -> None:
+    async def start(self, params: Sequence[dict[str, Any]], within: float) -> None:
         for p in params:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -218,7 +223,7 @@ class Clients:
                 stdout=asyncio.subprocess.PIPE,
             )
             self.processes.append(process)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             for process in self.processes:
                 await self._expect(process, "ready")
 
@@ -234,9 +239,9 @@ class Clients:
             assert process.stdin is not None
             process.stdin.write(b"go\n")
 
-    async def results(self, timeout: float) -> list[dict[str, Any]]:
+    async def results(self, within: float) -> list[dict[str, Any]]:
         out = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             for process in self.processes:
                 assert process.stdout is not None
                 line = await process.stdout.readline()
@@ -262,10 +267,10 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def clients(params: Sequence[dict[str, Any]], timeout: float) -> AsyncIterator[Clients]:
+async def clients(params: Sequence[dict[str, Any]], within: float) -> AsyncIterator[Clients]:
     group = Clients()
     try:
-        await group.start(params, timeout)
+        await group.start(params, within)
         yield group
     finally:
         await group.stop()
@@ -824,7 +829,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     mach = machine()
     rounds = asyncio.run(run(settings, ROOT / "benchmarks" / "results" / "logs"))
-    report = {
+    summary = summarize(rounds, settings)
+    report: dict[str, Any] = {
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks"
         + (" --quick" if args.quick else "")
@@ -841,11 +847,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "client": "grpcio C core (grpc.aio) + protobuf upb messages",
         },
         "machine": mach,
-        "metrics": summarize(rounds, settings),
-        "ratios": {},
+        "metrics": summary,
+        "ratios": {f"{k}_ratio": e[f"{k}_ratio"] for k, e in summary.items()},
         "raw": rounds,
     }
-    report["ratios"] = {f"{k}_ratio": e[f"{k}_ratio"] for k, e in report["metrics"].items()}
     write_report(report, output)
     print_table(report)
     print(f"\nwrote {output}/latest.md, latest.json, latest.png in {report['seconds']} s")

@@ -26,9 +26,9 @@ import grpclib.server
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
-from chat.events import Event
 from datetime import UTC, datetime
 
+from chat.events import Event
 from chat.types import Session, Usage, format_timestamp
 
 __all__ = ["CorkingServer", "EncodedResponse", "WireClock", "encode_response", "send_encoded"]
@@ -191,11 +191,11 @@ class EncodedResponse(bytes):
 
     __slots__ = ()
 
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+    def SerializeToString(self) -> bytes:
         return self
 
     @classmethod
-    def FromString(cls, data: bytes) -> EncodedResponse:  # noqa: N802 (protobuf's name)
+    def FromString(cls, data: bytes) -> EncodedResponse:
         return cls(data)
 
 

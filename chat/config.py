@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from chat.core import Limits
 from chat.errors import ConfigurationError
 
-__all__ = ["BACKENDS", "ServerConfig"]
+__all__ = ["BACKENDS", "EVENT_LOOPS", "ServerConfig"]
+
+#: Event loops ``--event-loop`` accepts: ``auto`` is uvloop when it is installed.
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 #: Backend names ``--backend`` accepts.
 BACKENDS = ("echo",)
@@ -31,6 +34,8 @@ class ServerConfig:
     pace: float = 0.0
     #: Seconds that replies in flight get to finish on shutdown before they are cancelled.
     grace_period: float = 10.0
+    #: The asyncio event loop that ``chat-server`` runs on (see :data:`EVENT_LOOPS`).
+    event_loop: str = "auto"
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -42,6 +47,10 @@ class ServerConfig:
             )
         if self.pace < 0:
             raise ConfigurationError(f"pace must be >= 0, not {self.pace}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigurationError(
+                f"unknown event loop {self.event_loop!r}; choose one of {', '.join(EVENT_LOOPS)}"
+            )
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")
 

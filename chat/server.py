@@ -19,10 +19,11 @@ from chat.backends import ModelBackend
 from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
 from chat.core import ChatCore
+from chat.errors import ConfigurationError
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 
-__all__ = ["ChatServer", "create_backend", "serve"]
+__all__ = ["ChatServer", "create_backend", "event_loop_factory", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,27 @@ log = logging.getLogger(__name__)
 def create_backend(config: ServerConfig) -> ModelBackend:
     """The model backend that ``config`` names."""
     return EchoBackend(pace=config.pace, default_model=config.model or "echo")
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """How to make the event loop ``name`` (``auto``, ``asyncio`` or ``uvloop``).
+
+    uvloop cuts the loop's own overhead per socket event and task switch, which is most of
+    what remains per streamed chunk; ``auto`` uses it when it is installed (it is a
+    dependency on the platforms it supports) and asyncio's default loop otherwise.
+
+    >>> asyncio.Runner(loop_factory=event_loop_factory("asyncio"))  # doctest: +ELLIPSIS
+    <asyncio.runners.Runner object at ...>
+    """
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigurationError("--event-loop uvloop: uvloop is not installed") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
 class ChatServer:

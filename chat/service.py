@@ -32,7 +32,6 @@ from chat.types import (
     SessionPatch,
     Usage,
     format_timestamp,
-    utcnow,
 )
 
 if TYPE_CHECKING:
