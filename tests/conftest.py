@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -32,3 +33,12 @@ async def server() -> AsyncIterator[ChatServer]:
     """A real server on 127.0.0.1 with an ephemeral port, in this process."""
     async with ChatServer(ServerConfig(host="127.0.0.1", port=0, grace_period=1.0)) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _restore_gc() -> Iterator[None]:
+    """chat-server's CLI tunes the garbage collector of its process: undo it after a test."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
