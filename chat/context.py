@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -66,6 +67,30 @@ KNOWN_CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
     ("llama3.2", 131_072),
     ("llama3.3", 131_072),
 )
+
+
+#: OpenAI model name prefixes and their tokenizer encodings (longest prefix wins).
+_OPENAI_ENCODINGS: tuple[tuple[str, str], ...] = (
+    ("gpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"),
+    ("gpt-4.5", "o200k_base"),
+    ("gpt-5", "o200k_base"),
+    ("o1", "o200k_base"),
+    ("o3", "o200k_base"),
+    ("o4", "o200k_base"),
+    ("chatgpt-4o", "o200k_base"),
+    ("gpt-4", "cl100k_base"),
+    ("gpt-3.5", "cl100k_base"),
+)
+
+
+def _openai_encoding(model: str) -> str | None:
+    name = model.lower().rsplit("/", 1)[-1]
+    best, found = "", None
+    for prefix, encoding in _OPENAI_ENCODINGS:
+        if name.startswith(prefix) and len(prefix) > len(best):
+            best, found = prefix, encoding
+    return found
 
 
 class TokenCounter(Protocol):
@@ -245,6 +270,7 @@ class ContextBudget:
     def __init__(self, settings: ContextSettings | None = None) -> None:
         self.settings = settings or ContextSettings()
         self._counters: dict[str, TokenCounter] = {}
+        self._encodings: dict[str, TokenCounter | None] = {}
 
     def policy_for(self, session: Session) -> ContextPolicy:
         if session.context_policy is ContextPolicy.UNSPECIFIED:
@@ -255,28 +281,39 @@ class ContextBudget:
         """The model's tokenizer when available offline, else :func:`estimate_tokens`."""
         counter = self._counters.get(model)
         if counter is None:
-            counter = self._load_counter(model) if self.settings.use_tokenizers else None
+            encoding = _openai_encoding(model) if self.settings.use_tokenizers else None
+            counter = self._encoding_counter(encoding) if encoding else None
             counter = counter or estimate_tokens
             self._counters[model] = counter
         return counter
 
-    @staticmethod
-    def _load_counter(model: str) -> TokenCounter | None:
+    def _encoding_counter(self, name: str) -> TokenCounter | None:
+        if name in self._encodings:
+            return self._encodings[name]
+        counter: TokenCounter | None = None
         try:
-            bpe: Any = importlib.import_module("bpe_openai")
+            with warnings.catch_warnings():
+                # bpe-openai reads its data (at import and at first use) with a deprecated
+                # importlib.resources call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                bpe: Any = importlib.import_module("bpe_openai")
+                encoding = bpe.get_encoding(name)
+                # The tables load on first use: load them here, where the warning is off.
+                encoding.encode_ordinary("warm up")
         except ImportError:
-            return None
-        try:
-            encoding = bpe.encoding_for_model(model.rsplit("/", 1)[-1])
-        # Any failure (an unknown model, a broken install) means: estimate instead.
+            pass
+        # Any other failure (a broken install) means: estimate instead.
         except Exception:  # noqa: BLE001
-            return None
-        log.info("counting tokens of model %s with the %s encoding", model, encoding.name)
+            log.warning("could not load the %s tokenizer; estimating token counts", name)
+        else:
+            log.info("counting tokens with the %s encoding", name)
 
-        def count(text: str) -> int:
-            return len(encoding.encode_ordinary(text))
+            def count(text: str) -> int:
+                return len(encoding.encode_ordinary(text))
 
-        return count
+            counter = count
+        self._encodings[name] = counter
+        return counter
 
     def build(
         self,
