@@ -7,14 +7,20 @@ Run a server from Python::
 
     asyncio.run(serve(ServerConfig(port=50051)))
 
+The OpenAI-compatible and Gemini backends are in ``chat.backends.openai`` and
+``chat.backends.gemini`` (extras ``grpc-chat[openai]`` and ``grpc-chat[gemini]``).
+
 The generated message types and stubs are in the ``chatpb`` package
 (``from chatpb import ChatRequest, ChatServiceStub``).
 """
 
 from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
+from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.config import ServerConfig
+from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
 from chat.errors import (
     BackendAuthError,
@@ -35,7 +41,8 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind
-from chat.server import ChatServer, serve
+from chat.secret import Secret
+from chat.server import ChatServer, create_backend, serve
 from chat.store import SessionPage, SessionStore, open_store
 from chat.store.memory import MemoryStore
 from chat.types import (
@@ -59,8 +66,11 @@ __all__ = [
     "ChatCore",
     "ChatError",
     "ChatServer",
+    "CoalescingBackend",
     "ConfigurationError",
+    "ContextBudget",
     "ContextPolicy",
+    "ContextSettings",
     "ContextTooLong",
     "Conversation",
     "Delta",
@@ -78,9 +88,12 @@ __all__ = [
     "MissingExtra",
     "ModelBackend",
     "PromptMessage",
+    "RemoteSettings",
     "Request",
     "RequestKind",
+    "RetryPolicy",
     "Role",
+    "Secret",
     "ServerConfig",
     "Session",
     "SessionNotFound",
@@ -92,6 +105,7 @@ __all__ = [
     "Unavailable",
     "Usage",
     "__version__",
+    "create_backend",
     "open_store",
     "serve",
 ]

@@ -86,7 +86,8 @@ async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
 
         backend: ModelBackend = EchoBackend()
         if kind == "echo-coalesced":
-            backend = CoalescingBackend(backend, window=0.01)
+            # Words 20 ms apart, window 5 ms: paced deltas still leave one by one.
+            backend = CoalescingBackend(EchoBackend(pace=0.02), window=0.005)
         yield Subject(backend, echo_reply(REQUEST), None, slow)
         await backend.aclose()
         return

@@ -50,16 +50,19 @@ def test_coalescing_keeps_every_character_in_order_and_the_ending(
         assert len(deltas) == len(texts) + 1
 
 
-async def test_a_burst_leaves_as_one_chunk_after_the_first() -> None:
+async def test_a_burst_leaves_as_one_chunk() -> None:
     deltas = await drain(coalesce(scripted(["a", "b", "c", "d"]), 60.0))
-    assert [d.text for d in deltas] == ["a", "bcd"]
+    assert [d.text for d in deltas] == ["abcd"]
+    assert deltas[0].finish_reason is FinishReason.LENGTH
 
 
 async def test_a_lone_delta_is_forwarded_at_once_and_a_held_one_within_the_window() -> None:
+    more = asyncio.Event()
     go_on = asyncio.Event()
 
     async def source() -> AsyncGenerator[Delta, None]:
         yield Delta("first")
+        await more.wait()
         yield Delta("second")
         # Nothing more for as long as the test likes: "second" must not wait for more.
         await go_on.wait()
@@ -67,9 +70,10 @@ async def test_a_lone_delta_is_forwarded_at_once_and_a_held_one_within_the_windo
 
     deltas = coalesce(source(), 0.05)
     try:
-        # "first" comes although the source has not produced anything after it yet.
+        # "first" comes while the source is blocked until the test has received it.
         assert (await asyncio.wait_for(anext(deltas), TIMEOUT)).text == "first"
-        # "second" arrived within the window: held, then sent when the window passed,
+        more.set()
+        # "second" arrives within the window: held, then sent when the window has passed,
         # while the source is still waiting.
         assert (await asyncio.wait_for(anext(deltas), TIMEOUT)).text == "second"
         assert not go_on.is_set()
@@ -79,30 +83,38 @@ async def test_a_lone_delta_is_forwarded_at_once_and_a_held_one_within_the_windo
         await deltas.aclose()
 
 
-async def test_closing_while_the_source_waits_closes_the_source() -> None:
-    closed = asyncio.Event()
-    blocked = asyncio.Event()
-
+def blocking_source(closed: asyncio.Event, blocked: asyncio.Event) -> AsyncGenerator[Delta, None]:
     async def source() -> AsyncGenerator[Delta, None]:
         try:
             yield Delta("a")
-            yield Delta("b")
             blocked.set()
             await asyncio.Event().wait()
             yield Delta("never")
         finally:
             closed.set()
 
-    deltas = coalesce(source(), 60.0)
+    return source()
+
+
+async def test_closing_while_the_source_waits_closes_the_source() -> None:
+    closed, blocked = asyncio.Event(), asyncio.Event()
+    deltas = coalesce(blocking_source(closed, blocked), 60.0)
     assert (await anext(deltas)).text == "a"
-    # "b" is held and the next step of the source runs in the background.
-    step = asyncio.ensure_future(anext(deltas))
     await asyncio.wait_for(blocked.wait(), TIMEOUT)
-    step.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await step
     await asyncio.wait_for(deltas.aclose(), TIMEOUT)
     assert closed.is_set()
+
+
+async def test_cancelling_the_consumer_while_it_waits_closes_the_source() -> None:
+    closed, blocked = asyncio.Event(), asyncio.Event()
+    deltas = coalesce(blocking_source(closed, blocked), 60.0)
+    assert (await anext(deltas)).text == "a"
+    with pytest.raises(TimeoutError):
+        # Waits for a delta that never comes, and is cancelled by the timeout.
+        await asyncio.wait_for(anext(deltas), 0.05)
+    assert closed.is_set()
+    with pytest.raises(StopAsyncIteration):
+        await anext(deltas)
 
 
 async def test_text_held_when_the_source_fails_is_sent_before_the_error() -> None:

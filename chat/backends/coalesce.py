@@ -13,6 +13,7 @@ than ``window``, a lone delta waits not at all, and at most one chunk per window
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -23,6 +24,68 @@ from chat.types import FinishReason, Usage
 __all__ = ["CoalescingBackend", "coalesce"]
 
 
+#: Characters a reader may hold before it waits for the consumer (flow control).
+_MAX_HELD_CHARS = 16_384
+
+
+class _Held:
+    """What the reader task has received and the consumer not yet taken."""
+
+    __slots__ = ("chars", "done", "drained", "error", "finish", "ready", "texts", "usage")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.chars = 0
+        self.finish: FinishReason | None = None
+        self.usage: Usage | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+        self.drained = asyncio.Event()
+
+    def add(self, delta: Delta) -> None:
+        if delta.text:
+            self.texts.append(delta.text)
+            self.chars += len(delta.text)
+        if delta.finish_reason is not None:
+            self.finish = delta.finish_reason
+        if delta.usage is not None:
+            self.usage = delta.usage
+        self.ready.set()
+
+    @property
+    def empty(self) -> bool:
+        return not self.texts and self.finish is None and self.usage is None
+
+    def take(self) -> Delta:
+        delta = Delta("".join(self.texts), self.finish, self.usage)
+        self.texts, self.chars, self.finish, self.usage = [], 0, None, None
+        self.ready.clear()
+        self.drained.set()
+        return delta
+
+
+async def _read(deltas: AsyncGenerator[Delta, None], held: _Held) -> None:
+    """Pull ``deltas`` into ``held`` as fast as they come (up to the flow-control limit)."""
+    try:
+        async for delta in deltas:
+            held.add(delta)
+            while held.chars > _MAX_HELD_CHARS:
+                held.drained.clear()
+                await held.drained.wait()
+    # Handed to the consumer, which raises it after forwarding what came before it.
+    except Exception as error:  # noqa: BLE001
+        held.error = error
+    except BaseException as error:
+        # Our own cancellation (the consumer is leaving), or the source cancelled itself:
+        # then the consumer must not take the reply for complete.
+        held.error = error
+        raise
+    finally:
+        held.done = True
+        held.ready.set()
+
+
 async def coalesce(
     deltas: AsyncGenerator[Delta, None],
     window: float,
@@ -31,8 +94,12 @@ async def coalesce(
 ) -> AsyncGenerator[Delta, None]:
     """``deltas``, with those arriving within ``window`` seconds of the last forward merged.
 
-    Texts are concatenated; the last ``finish_reason`` and ``usage`` seen are kept. Closing
-    the result closes ``deltas`` (and with it the upstream) before returning.
+    Texts are concatenated; the last ``finish_reason`` and ``usage`` seen are kept. A failure
+    of ``deltas`` is raised after the text that came before it. Closing the result stops
+    reading and closes ``deltas`` (and with it the upstream) before returning.
+
+    One task reads ``deltas`` while the caller consumes, so that deltas arriving together
+    cost one hop each, not a task each.
 
     >>> async def three():
     ...     for word in ("a", "b", "c"):
@@ -40,7 +107,7 @@ async def coalesce(
     >>> async def main():
     ...     return [d.text async for d in coalesce(three(), 60.0)]
     >>> asyncio.run(main())
-    ['a', 'bc']
+    ['abc']
     """
     if window <= 0:
         try:
@@ -49,69 +116,35 @@ async def coalesce(
         finally:
             await deltas.aclose()
         return
-    texts: list[str] = []
-    finish: FinishReason | None = None
-    usage: Usage | None = None
-    held = False
+    held = _Held()
+    reader = asyncio.ensure_future(_read(deltas, held))
     last_sent = -math.inf
-    # The step of ``deltas`` in flight while a held delta waits for the window to pass;
-    # it is kept across windows (cancelling it would cancel the upstream read).
-    step: asyncio.Future[Delta] | None = None
     try:
         while True:
-            if held:
-                if step is None:
-                    step = asyncio.ensure_future(deltas.__anext__())
-                remaining = last_sent + window - clock()
-                if remaining > 0:
-                    await asyncio.wait((step,), timeout=remaining)
-                if not step.done():
-                    yield Delta("".join(texts), finish, usage)
-                    texts, finish, usage, held = [], None, None, False
-                    last_sent = clock()
-                    continue
-                done, step = step, None
-                try:
-                    delta = done.result()
-                except StopAsyncIteration:
-                    break
-                except Exception:
-                    # What the model said before failing still reaches the client.
-                    yield Delta("".join(texts), finish, usage)
-                    raise
-            else:
-                try:
-                    if step is not None:
-                        # ``step`` stays set while awaited: if this is cancelled, the
-                        # ``finally`` below waits for it before closing ``deltas``.
-                        delta = await step
-                        step = None
-                    else:
-                        delta = await deltas.__anext__()
-                except StopAsyncIteration:
-                    step = None
-                    break
-            texts.append(delta.text)
-            if delta.finish_reason is not None:
-                finish = delta.finish_reason
-            if delta.usage is not None:
-                usage = delta.usage
-            held = True
-            now = clock()
-            if now - last_sent >= window:
-                yield Delta("".join(texts), finish, usage)
-                texts, finish, usage, held = [], None, None, False
-                last_sent = now
-        if held:
-            yield Delta("".join(texts), finish, usage)
+            await held.ready.wait()
+            remaining = last_sent + window - clock()
+            if remaining > 0 and not held.done:
+                # Sent too recently: let the window pass (or the reply end) first.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        while not held.done:
+                            held.ready.clear()
+                            await held.ready.wait()
+            if not held.empty:
+                last_sent = clock()
+                yield held.take()
+            if held.done and held.empty:
+                if held.error is not None:
+                    raise held.error
+                return
+            held.ready.clear()
+            if held.done or not held.empty:
+                held.ready.set()
     finally:
-        if step is not None:
-            step.cancel()
-            # Wait for the cancelled step to unwind, so that the generator is not running
-            # when it is closed below.
-            await asyncio.wait((step,))
-            if not step.cancelled():
-                step.exception()  # retrieved, so that asyncio does not log it
+        reader.cancel()
+        # Wait for the reader to unwind (it closes ``deltas`` as its cancellation runs
+        # through the ``async for``); only then is ``deltas`` not running and can be closed.
+        await asyncio.wait((reader,))
         await deltas.aclose()
 
 
