@@ -250,10 +250,10 @@ class ChatCore:
         return self._draining
 
     def start_draining(self) -> None:
-        """Refuse new turns (``UNAVAILABLE``); streams close once their queued turns end."""
+        """Refuse new turns (``UNAVAILABLE``); see :meth:`Conversation.drain`."""
         self._draining = True
         for conversation in list(self._conversations):
-            conversation.finish_input()
+            conversation.drain()
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
@@ -352,6 +352,7 @@ class Conversation:
         self._lanes: dict[str, _Lane] = {}
         self._sessions: set[str] = set()
         self._input_done = False
+        self._draining = False
         self._closing = False
 
     async def __aenter__(self) -> Self:
@@ -385,13 +386,38 @@ class Conversation:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
 
     def finish_input(self) -> None:
-        """No more turns will come (the client half-closed, or the server is draining):
-        answer what is queued, then close the outbox."""
+        """The client half-closed the stream: answer what is queued, then close the outbox."""
         self._input_done = True
         self._maybe_finish()
 
+    def drain(self) -> None:
+        """The server is shutting down: once the queued turns are answered, tell the client.
+
+        The client is sent a STATUS event with ``error_code`` UNAVAILABLE, asking it to end
+        its side of the stream and reconnect; the stream then ends with status OK. (Ending it
+        from the server side while the client still sends makes grpclib reset the stream,
+        and a grpclib client then drops the events it has not read yet.) A client that does
+        not end its side is cancelled when the grace period is over.
+        """
+        self._draining = True
+        self._maybe_finish()
+
     def _maybe_finish(self) -> None:
-        if self._input_done and not self._lanes:
+        if self._lanes:
+            return
+        if self._draining and not self._input_done:
+            self._draining = False  # say it once
+            self.outbox.put_nowait(
+                Event(
+                    EventKind.STATUS,
+                    status_message=(
+                        "the server is shutting down: end this stream and reconnect "
+                        "(to another replica, if there is one) to go on"
+                    ),
+                    error_code=int(Unavailable.status),
+                )
+            )
+        if self._input_done:
             self.outbox.close()
 
     def _error(self, request: Request, error: ChatError, reply: ReplyCounter | None = None) -> None:
