@@ -349,6 +349,7 @@ class Conversation:
             max_chunk_chars=limits.max_chunk_chars,
             stats=core.stats,
         )
+        self._request_backlog = 4 * limits.outbox_high_water
         self._lanes: dict[str, _Lane] = {}
         self._sessions: set[str] = set()
         self._input_done = False
@@ -370,7 +371,12 @@ class Conversation:
     # -- input ------------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> None:
-        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input."""
+        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input.
+
+        Waits while the client leaves many events unread, so that a client that sends
+        without reading (PINGs, say) cannot make the server queue without bound.
+        """
+        await self.outbox.wait_below(self._request_backlog)
         kind = request.kind
         if kind == RequestKind.PING:
             self.outbox.put_urgent(
