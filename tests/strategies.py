@@ -7,16 +7,27 @@ from hypothesis import strategies as st
 from chat.backends import PromptMessage
 from chat.types import Role
 
-#: Text of the kinds models see: words, punctuation, accents and CJK.
-texts = st.text(
-    alphabet=st.sampled_from([*list("abcdefghij klmnop,.!?'\n"), "é", "ß", "日", "本", "🙂"]),
-    min_size=1,
-    max_size=200,
+#: Text as people type it, plus what breaks naive code: combining marks, emoji with
+#: zero-width joiners, astral-plane characters, CJK, RTL, control-free whitespace.
+_ALPHABET = st.characters(
+    codec="utf-8",
+    exclude_categories=["Cs"],  # lone surrogates cannot be encoded, so never sent
 )
+_SPECIAL = st.sampled_from(["👩‍👩‍👧", "🇫🇷", "é", "é", "日本語", "שלום", " ", "\n", "\t", ""])
 
-conversation_roles = st.sampled_from([Role.USER, Role.ASSISTANT])
+text = st.one_of(st.text(_ALPHABET, max_size=60), _SPECIAL)
 
-prompt_messages = st.builds(PromptMessage, conversation_roles, texts)
+#: A reply as a model might stream it: any number of deltas, some empty.
+deltas = st.lists(text, max_size=40)
 
-#: A history of user and assistant messages, oldest first.
-histories = st.lists(prompt_messages, max_size=30)
+#: A non-empty message a user could send.
+user_message = st.text(_ALPHABET, min_size=1, max_size=80).filter(lambda s: s.strip() != "")
+
+#: The text of a message in a prompt (a system prompt, history, the new message).
+prompt_text = st.text(_ALPHABET, min_size=1, max_size=200)
+
+#: A history of user and assistant messages, oldest first, as sent to a model.
+histories = st.lists(
+    st.builds(PromptMessage, st.sampled_from([Role.USER, Role.ASSISTANT]), prompt_text),
+    max_size=30,
+)

@@ -18,7 +18,7 @@ from chat.context import (
 )
 from chat.errors import ConfigurationError, ContextTooLong
 from chat.types import ContextPolicy, Message, MessageStatus, Role, Session, utcnow
-from tests.strategies import histories, texts
+from tests.strategies import histories, prompt_text
 
 counters: st.SearchStrategy[Callable[[str], int]] = st.sampled_from([estimate_tokens, len])
 
@@ -28,9 +28,9 @@ def cost(message: PromptMessage, count: Callable[[str], int]) -> int:
 
 
 @given(
-    system=st.none() | texts,
+    system=st.none() | prompt_text,
     history=histories,
-    newest=texts,
+    newest=prompt_text,
     budget=st.integers(0, 3000),
     count=counters,
 )
