@@ -42,13 +42,15 @@ def _banner(server: ChatServer) -> None:
 @click.option(
     "--model",
     default="",
-    help="Default model for new sessions (default: echo, gpt-4o-mini, gemini-2.0-flash).",
+    help="Default model for new sessions [default: echo, gpt-4o-mini or gemini-2.0-flash]",
+    show_default=False,
 )
 @click.option(
     "--base-url",
     default="",
     help="OpenAI-compatible or Gemini endpoint, e.g. http://localhost:11434/v1 for Ollama "
-    "(default: the provider's public endpoint).",
+    "[default: the provider's public endpoint]",
+    show_default=False,
 )
 @click.option(
     "--api-key-file",
