@@ -35,9 +35,11 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind
+from chat.retention import Retention
 from chat.server import ChatServer, serve
-from chat.store import SessionPage, SessionStore, open_store
+from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
+from chat.store.sqlite import SqliteStore
 from chat.types import (
     ContextPolicy,
     FinishReason,
@@ -80,6 +82,7 @@ __all__ = [
     "PromptMessage",
     "Request",
     "RequestKind",
+    "Retention",
     "Role",
     "ServerConfig",
     "Session",
@@ -87,11 +90,13 @@ __all__ = [
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SqliteStore",
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
     "Usage",
     "__version__",
+    "default_store_url",
     "open_store",
     "serve",
 ]
