@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import strategies as st
 
@@ -17,6 +17,13 @@ timestamps = st.datetimes(
     min_value=datetime(2020, 1, 1), max_value=datetime(2035, 12, 31), timezones=st.just(UTC)
 )
 
+#: Few distinct moments, so that orderings by time have ties (broken by session id), with
+#: the occasional arbitrary one.
+close_moments = st.integers(0, 12).map(
+    lambda s: datetime(2026, 5, 1, tzinfo=UTC) + timedelta(seconds=s)
+)
+moments = close_moments | timestamps
+
 #: Few distinct ids (so that rules hit existing sessions), with the separators stores use.
 session_ids = st.text(alphabet="ab:|-", min_size=1, max_size=3)
 
@@ -26,7 +33,7 @@ messages = st.builds(
     Message,
     role=st.sampled_from(Role),
     content=texts,
-    created_at=timestamps,
+    created_at=moments,
     status=st.sampled_from(MessageStatus),
     request_id=st.text(max_size=8, alphabet="xyz0123456789"),
     model=st.sampled_from(["", "echo", "gpt-4o-mini"]),
