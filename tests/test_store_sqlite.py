@@ -141,7 +141,7 @@ async def test_a_file_that_is_not_a_database_is_a_configuration_error(tmp_path: 
     path.write_text("these are not the sessions you are looking for\n" * 100)
     store = SqliteStore(path)
     with pytest.raises(
-        ConfigurationError, match="cannot open the SQLite store .*file is not a database"
+        ConfigurationError, match=r"cannot open the SQLite store .*file is not a database"
     ):
         await store.open()
     await store.aclose()
