@@ -69,10 +69,12 @@ async def test_sigkill_mid_reply_keeps_completed_turns_and_drops_the_cut_one(
         ]
         assert {m.status for m in kept} == {chatpb.MessageStatus.COMPLETE}
         # The session goes on where it was.
-        async with Channel(second.host, second.port) as channel:
-            async with ChatStream(chatpb.ChatServiceStub(channel)) as stream:
-                stream.message(session_id, "after the crash", "r3")
-                events = await stream.until_complete("r3")
+        async with (
+            Channel(second.host, second.port) as channel,
+            ChatStream(chatpb.ChatServiceStub(channel)) as stream,
+        ):
+            stream.message(session_id, "after the crash", "r3")
+            events = await stream.until_complete("r3")
         assert reply_text(events) == "Echo #3 (5 messages in context): after the crash"
     assert integrity(path) == "ok"
 
