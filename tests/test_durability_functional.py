@@ -8,6 +8,8 @@ completed turn must be there, whole, once; a turn cut off mid-reply must be abse
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -142,3 +144,27 @@ async def test_sigkill_during_a_stream_of_turns_leaves_only_whole_acknowledged_t
     assert acknowledged <= set(stored), "an acknowledged turn was lost"
     # At most one turn per session was stored but not yet acknowledged when the kill came.
     assert len(set(stored) - acknowledged) <= len(sessions)
+
+
+async def test_the_default_server_keeps_sessions_across_restarts_with_no_flags() -> None:
+    # XDG_DATA_HOME points into this test's temporary directory (tests/conftest.py).
+    expected = Path(os.environ["XDG_DATA_HOME"]) / "grpc-chat" / "chat.db"
+    assert not expected.exists()
+    with running_server_process() as first:
+        async with (
+            Channel(first.host, first.port) as channel,
+            ChatStream(chatpb.ChatServiceStub(channel)) as stream,
+        ):
+            stub = chatpb.ChatServiceStub(channel)
+            session_id = (await stub.create_session(chatpb.CreateSessionRequest())).session_id
+            stream.message(session_id, "remember me", "r1")
+            await stream.until_complete("r1")
+        assert first.terminate(signal.SIGTERM) == 0
+    assert any(f"sessions in: {expected}" in line for line in first.output)
+    assert expected.exists()
+    with running_server_process() as second:
+        kept = await history(second, session_id)
+    assert [m.content for m in kept] == [
+        "remember me",
+        "Echo #1 (1 message in context): remember me",
+    ]

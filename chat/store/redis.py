@@ -375,8 +375,9 @@ class RedisStore:
                     log.warning("Redis %s failed (%s); retrying", what, error)
                     await asyncio.sleep(_RETRY_DELAYS[attempt])
                     continue
+                reason = str(error).rstrip(".") or type(error).__name__
                 raise StoreUnavailable(
-                    f"the session store (Redis at {self._location}) is unreachable: {error}; "
+                    f"the session store (Redis at {self._location}) is unreachable ({reason}); "
                     "check that Redis is running, then try again"
                 ) from error
         raise AssertionError("unreachable")  # pragma: no cover
