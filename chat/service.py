@@ -132,6 +132,7 @@ def event_to_response(event: Event, timestamp: str) -> chatpb.ChatResponse:
         response.message_count = event.message_count
     if event.error_message:
         response.error_message = event.error_message
+    if event.error_code:
         response.error_code = event.error_code
     if event.finish_reason:
         response.finish_reason = chatpb.FinishReason(event.finish_reason)
@@ -267,7 +268,7 @@ class ChatService(chatpb.ChatServiceBase):
             finally:
                 reader.cancel()
                 await asyncio.wait((reader,))
-            failure = reader.exception() if not reader.cancelled() else None
+            failure = None if reader.cancelled() else reader.exception()
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the domain types."""
+"""Hypothesis strategies shared by the property tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,23 @@ from hypothesis import strategies as st
 
 from chat.types import ContextPolicy, Message, MessageStatus, Role, SessionPatch, Usage
 
-#: Text as a client can send it: any Unicode scalar value (protobuf strings cannot carry
-#: lone surrogates).
-texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
+#: Text as people type it, plus what breaks naive code: combining marks, emoji with
+#: zero-width joiners, astral-plane characters, CJK, RTL, control-free whitespace.
+_ALPHABET = st.characters(
+    codec="utf-8",
+    exclude_categories=["Cs"],  # lone surrogates cannot be encoded, so never sent
+)
+_SPECIAL = st.sampled_from(["👩‍👩‍👧", "🇫🇷", "é", "é", "日本語", "שלום", " ", "\n", "\t", ""])
+
+text = st.one_of(st.text(_ALPHABET, max_size=60), _SPECIAL)
+
+#: A reply as a model might stream it: any number of deltas, some empty.
+deltas = st.lists(text, max_size=40)
+
+#: A non-empty message a user could send.
+user_message = st.text(_ALPHABET, min_size=1, max_size=80).filter(lambda s: s.strip() != "")
+
+# -- stored sessions and messages -------------------------------------------------------------
 
 #: Aware UTC datetimes with microseconds, in a range where RFC 3339 has a 4-digit year.
 timestamps = st.datetimes(
@@ -32,7 +46,7 @@ usages = st.none() | st.builds(Usage, st.integers(0, 2**31 - 1), st.integers(0, 
 messages = st.builds(
     Message,
     role=st.sampled_from(Role),
-    content=texts,
+    content=text,
     created_at=moments,
     status=st.sampled_from(MessageStatus),
     request_id=st.text(max_size=8, alphabet="xyz0123456789"),
@@ -42,8 +56,8 @@ messages = st.builds(
 
 patches = st.builds(
     SessionPatch,
-    title=st.none() | texts,
-    system_prompt=st.none() | texts,
+    title=st.none() | text,
+    system_prompt=st.none() | text,
     model=st.none() | st.sampled_from(["echo", "other"]),
     context_policy=st.none() | st.sampled_from(ContextPolicy),
 )

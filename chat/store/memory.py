@@ -126,4 +126,5 @@ class MemoryStore:
         return self._locks.hold(session_id)
 
     async def aclose(self) -> None:
-        self._entries.clear()
+        # Nothing to release; the sessions stay readable (handy for embedding and tests).
+        return None
