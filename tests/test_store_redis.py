@@ -12,8 +12,14 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from grpclib import GRPCError
+from grpclib.const import Status
+from grpclib.testing import ChannelFor
 
+import chatpb
+from chat import ChatCore, EchoBackend
 from chat.errors import ConfigurationError, StatusCode, StoreUnavailable
+from chat.service import ChatService
 from chat.store import open_store
 from chat.store.redis import RedisStore
 from chat.types import Message, Role, Session
@@ -147,6 +153,23 @@ async def test_an_unreachable_redis_is_unavailable_with_a_clear_message() -> Non
     assert raised.value.status is StatusCode.UNAVAILABLE
     assert f"Redis at redis://127.0.0.1:{port}/0 prefix x" in raised.value.message
     assert "is unreachable" in raised.value.message
+
+
+async def test_an_unreachable_store_is_unavailable_over_grpc() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0?prefix=x")
+    core = ChatCore(store, EchoBackend())
+    try:
+        async with ChannelFor([ChatService(core)]) as channel:
+            with pytest.raises(GRPCError) as raised:
+                await chatpb.ChatServiceStub(channel).create_session(chatpb.CreateSessionRequest())
+    finally:
+        await store.aclose()
+    assert raised.value.status is Status.UNAVAILABLE
+    assert raised.value.message is not None
+    assert "check that Redis is running" in raised.value.message
 
 
 async def test_a_lost_connection_is_unavailable_then_recovers_without_duplicates(
