@@ -112,7 +112,7 @@ async def test_replicas_share_sessions_and_keep_concurrent_turns_in_order(prefix
 
 
 async def test_a_replica_killed_mid_reply_leaves_the_session_to_the_others(prefix: str) -> None:
-    store = redis_store_url(prefix, lock_lease="1")
+    store = redis_store_url(prefix, lock_lease="2")
     with replicas(store, "--pace", "0.005") as (one, two):
         async with stub_for(one) as first, stub_for(two) as second:
             session_id = (await first.create_session(chatpb.CreateSessionRequest())).session_id

@@ -251,7 +251,7 @@ async def test_a_lock_left_by_a_dead_server_expires_with_its_lease(prefix: str) 
 
 
 async def test_a_held_lock_is_renewed_past_its_lease(prefix: str) -> None:
-    url = redis_store_url(prefix, lock_lease="0.2")
+    url = redis_store_url(prefix, lock_lease="0.8")
     async with redis_store(url) as holder_store, redis_store(url) as waiter_store:
         inside = asyncio.Event()
         order: list[str] = []
@@ -259,8 +259,10 @@ async def test_a_held_lock_is_renewed_past_its_lease(prefix: str) -> None:
         async def holder() -> None:
             async with holder_store.lock("s"):
                 inside.set()
-                # Five leases long: without renewal the waiter would get in meanwhile.
-                await asyncio.sleep(1.0)
+                # Three leases long: without renewal the waiter would get in meanwhile. (The
+                # lease is renewed every third of it, so only a stall of the whole process
+                # for most of a lease could lose it.)
+                await asyncio.sleep(2.4)
                 order.append("holder out")
 
         async def waiter() -> None:
