@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from grpclib.testing import ChannelFor
 
 import chatpb
 from chat import ChatCore, EchoBackend
-from chat.errors import ConfigurationError, StatusCode, StoreUnavailable
+from chat.errors import ConfigurationError, MissingExtra, StatusCode, StoreUnavailable
 from chat.service import ChatService
 from chat.store import open_store
 from chat.store.redis import RedisStore
@@ -273,3 +274,16 @@ async def test_a_held_lock_is_renewed_past_its_lease(prefix: str) -> None:
         async with asyncio.timeout(TIMEOUT):
             await asyncio.gather(holder(), waiter())
         assert order == ["holder out", "waiter in"]
+
+
+def test_without_the_redis_extra_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if redis-py were not installed: importing it fails.
+    for name in [m for m in sys.modules if m == "redis" or m.startswith("redis.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "chat.store.redis")
+    with pytest.raises(MissingExtra, match=r"pip install 'grpc-chat\[redis\]'") as raised:
+        open_store("redis://localhost:6379/0")
+    assert raised.value.extra == "redis"

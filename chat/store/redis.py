@@ -65,7 +65,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
-except ImportError as error:  # pragma: no cover - exercised only without the extra
+except ImportError as error:
     raise MissingExtra("the Redis session store", "redis") from error
 
 __all__ = ["DEFAULT_LOCK_LEASE", "DEFAULT_PREFIX", "RedisStore"]
