@@ -145,4 +145,7 @@ class RetentionKeeper:
             except ChatError as error:
                 # The store may be briefly unreachable; the next sweep catches up.
                 log.warning("retention sweep failed: %s", error)
+            except Exception:
+                # A bug must not stop retention for the rest of the server's life.
+                log.exception("retention sweep failed")
             await asyncio.sleep(interval)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
 from grpclib.testing import ChannelFor
 
 import chatpb
-from chat import ChatCore, EchoBackend, MemoryStore, Request, Retention
+from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, Request, Retention, ServerConfig
 from chat.cli.server import main
 from chat.errors import ConfigurationError, SessionNotFound
 from chat.events import Event, EventKind
 from chat.service import ChatService
-from chat.types import MessageStatus, SessionPatch, utcnow
+from chat.types import MessageStatus, Session, SessionPatch, utcnow
 from tests.helpers import TIMEOUT
 
 
@@ -171,3 +171,34 @@ def test_the_cli_takes_the_retention_options() -> None:
     for option in ("--session-ttl", "--max-sessions", "--max-messages-per-session", "--store"):
         assert option in result.output
     assert "a SQLite file in the user data directory" in " ".join(result.output.split())
+
+
+class SweptStore(MemoryStore):
+    """A memory store that says when it was swept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swept = asyncio.Event()
+
+    async def expire(self, idle_before: datetime) -> list[str]:
+        try:
+            return await super().expire(idle_before)
+        finally:
+            self.swept.set()
+
+
+async def test_a_server_sweeps_from_its_start_and_stops_sweeping_when_it_stops() -> None:
+    store = SweptStore()
+    idle_since = utcnow() - timedelta(hours=2)
+    await store.create(Session("idle", idle_since, idle_since))
+    await store.create(Session("fresh", utcnow(), utcnow()))
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", retention=Retention(session_ttl=3600)
+    )
+    before = asyncio.all_tasks()
+    async with ChatServer(config, store=store) as server:
+        # The first sweep runs as the server starts.
+        await asyncio.wait_for(store.swept.wait(), TIMEOUT)
+        assert server.core.stats.expired_sessions == 1
+        assert [s.session_id for s in (await store.list_sessions(10)).sessions] == ["fresh"]
+    assert asyncio.all_tasks() == before
