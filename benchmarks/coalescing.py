@@ -143,7 +143,7 @@ class Row:
 async def _measure(pattern: Pattern, window: float, streams: int, turns: int, tokens: int) -> Row:
     backend = SyntheticBackend(pattern, tokens)
     served = CoalescingBackend(backend, window=window) if window > 0 else backend
-    config = ServerConfig(host="127.0.0.1", port=0)
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://")
     async with ChatServer(config, backend=served) as server:
         cpu_before = time.process_time()
         client = await asyncio.create_subprocess_exec(

@@ -41,10 +41,12 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind
+from chat.retention import Retention
 from chat.secret import Secret
 from chat.server import ChatServer, create_backend, serve
-from chat.store import SessionPage, SessionStore, open_store
+from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
+from chat.store.sqlite import SqliteStore
 from chat.types import (
     ContextPolicy,
     FinishReason,
@@ -91,6 +93,7 @@ __all__ = [
     "RemoteSettings",
     "Request",
     "RequestKind",
+    "Retention",
     "RetryPolicy",
     "Role",
     "Secret",
@@ -100,12 +103,14 @@ __all__ = [
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SqliteStore",
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
     "Usage",
     "__version__",
     "create_backend",
+    "default_store_url",
     "open_store",
     "serve",
 ]

@@ -10,7 +10,9 @@ from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ConfigurationError
+from chat.retention import Retention
 from chat.secret import Secret
+from chat.store import default_store_url
 
 __all__ = ["API_KEY_ENV_VARS", "BACKENDS", "DEFAULT_COALESCE_WINDOW", "ServerConfig"]
 
@@ -57,12 +59,14 @@ class ServerConfig:
     #: Deltas arriving within this many seconds are merged; ``None``: the backend's default.
     coalesce_window: float | None = None
     context: ContextSettings = field(default_factory=ContextSettings)
-    store: str = "memory://"
+    #: Session store URL; the default is a SQLite file in the user's data directory.
+    store: str = field(default_factory=default_store_url)
     #: Seconds between the echo backend's words (0: as fast as possible).
     pace: float = 0.0
     #: Seconds that replies in flight get to finish on shutdown before they are cancelled.
     grace_period: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    retention: Retention = field(default_factory=Retention)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -44,7 +44,7 @@ async def server(fake: FakeLLM) -> AsyncIterator[ChatServer]:
             retry=RetryPolicy(attempts=1),
         )
     )
-    config = ServerConfig(host="127.0.0.1", port=0, grace_period=1.0)
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
     async with ChatServer(config, backend=backend) as running:
         yield running
 
@@ -217,7 +217,7 @@ async def test_a_session_model_is_checked_against_the_served_models(
 async def test_a_session_is_created_when_the_model_listing_fails() -> None:
     async with FakeLLM("openai", models_status=503) as fake:
         backend = OpenAIBackend(RemoteSettings(base_url=fake.base_url, api_key=Secret("k")))
-        config = ServerConfig(host="127.0.0.1", port=0)
+        config = ServerConfig(host="127.0.0.1", port=0, store="memory://")
         async with (
             ChatServer(config, backend=backend) as running,
             Channel("127.0.0.1", running.port) as channel,
@@ -234,6 +234,7 @@ async def small_window() -> AsyncIterator[chatpb.ChatServiceStub]:
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
+        store="memory://",
         context=ContextSettings(context_window=120, reply_reserve=20, use_tokenizers=False),
     )
     async with (

@@ -95,7 +95,7 @@ async def test_the_key_is_in_no_log_error_or_stats(
             base_url=fake.base_url, api_key=Secret(KEY), retry=RetryPolicy(attempts=1)
         )
         backend = OpenAIBackend(settings) if provider == "openai" else GeminiBackend(settings)
-        config = ServerConfig(host="127.0.0.1", port=0)
+        config = ServerConfig(host="127.0.0.1", port=0, store="memory://")
         seen: list[str] = []
         async with (
             ChatServer(config, backend=backend) as server,
