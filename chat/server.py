@@ -102,7 +102,11 @@ class ChatServer:
         config = self.config
         # The backend first: a configuration error there should not leave a store open.
         backend = self._backend if self._backend is not None else create_backend(config)
-        store = self._store if self._store is not None else open_store(config.store)
+        try:
+            store = self._store if self._store is not None else open_store(config.store)
+        except BaseException:
+            await backend.aclose()
+            raise
         self._store, self._backend = store, backend
         try:
             await store.open()
