@@ -7,14 +7,20 @@ Run a server from Python::
 
     asyncio.run(serve(ServerConfig(port=50051)))
 
+The OpenAI-compatible and Gemini backends are in ``chat.backends.openai`` and
+``chat.backends.gemini`` (extras ``grpc-chat[openai]`` and ``grpc-chat[gemini]``).
+
 The generated message types and stubs are in the ``chatpb`` package
 (``from chatpb import ChatRequest, ChatServiceStub``).
 """
 
 from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
+from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.config import ServerConfig
+from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
 from chat.errors import (
     BackendAuthError,
@@ -35,9 +41,12 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind
-from chat.server import ChatServer, serve
-from chat.store import SessionPage, SessionStore, open_store
+from chat.retention import Retention
+from chat.secret import Secret
+from chat.server import ChatServer, create_backend, serve
+from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
+from chat.store.sqlite import SqliteStore
 from chat.types import (
     ContextPolicy,
     FinishReason,
@@ -59,8 +68,11 @@ __all__ = [
     "ChatCore",
     "ChatError",
     "ChatServer",
+    "CoalescingBackend",
     "ConfigurationError",
+    "ContextBudget",
     "ContextPolicy",
+    "ContextSettings",
     "ContextTooLong",
     "Conversation",
     "Delta",
@@ -78,20 +90,27 @@ __all__ = [
     "MissingExtra",
     "ModelBackend",
     "PromptMessage",
+    "RemoteSettings",
     "Request",
     "RequestKind",
+    "Retention",
+    "RetryPolicy",
     "Role",
+    "Secret",
     "ServerConfig",
     "Session",
     "SessionNotFound",
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SqliteStore",
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
     "Usage",
     "__version__",
+    "create_backend",
+    "default_store_url",
     "open_store",
     "serve",
 ]

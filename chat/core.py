@@ -28,16 +28,18 @@ from types import TracebackType
 from typing import Self
 
 from chat.backends import Delta, GenerationRequest, ModelBackend
-from chat.context import build_context
+from chat.context import ContextBudget
 from chat.errors import (
     BackendError,
     BackendRateLimited,
     ChatError,
+    ContextTooLong,
     FailedPrecondition,
     InvalidArgument,
     Unavailable,
 )
 from chat.events import Event, EventKind, Outbox, ReplyCounter
+from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, StatsSnapshot
 from chat.store import SessionStore
 from chat.types import (
@@ -122,11 +124,15 @@ class ChatCore:
         *,
         limits: Limits | None = None,
         stats: ServerStats | None = None,
+        context: ContextBudget | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
         self.limits = limits or Limits()
+        self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
+        self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
@@ -164,6 +170,7 @@ class ChatCore:
         await self.store.create(session)
         self.stats.total_sessions_created += 1
         log.info("created session %s (model %s)", session.session_id, session.model)
+        await self.retention.session_created()
         return session
 
     async def get_session(self, session_id: str) -> Session:
@@ -250,10 +257,10 @@ class ChatCore:
         return self._draining
 
     def start_draining(self) -> None:
-        """Refuse new turns (``UNAVAILABLE``); streams close once their queued turns end."""
+        """Refuse new turns (``UNAVAILABLE``); see :meth:`Conversation.drain`."""
         self._draining = True
         for conversation in list(self._conversations):
-            conversation.finish_input()
+            conversation.drain()
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
@@ -349,9 +356,11 @@ class Conversation:
             max_chunk_chars=limits.max_chunk_chars,
             stats=core.stats,
         )
+        self._request_backlog = 4 * limits.outbox_high_water
         self._lanes: dict[str, _Lane] = {}
         self._sessions: set[str] = set()
         self._input_done = False
+        self._draining = False
         self._closing = False
 
     async def __aenter__(self) -> Self:
@@ -369,7 +378,12 @@ class Conversation:
     # -- input ------------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> None:
-        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input."""
+        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input.
+
+        Waits while the client leaves many events unread, so that a client that sends
+        without reading (PINGs, say) cannot make the server queue without bound.
+        """
+        await self.outbox.wait_below(self._request_backlog)
         kind = request.kind
         if kind == RequestKind.PING:
             self.outbox.put_urgent(
@@ -385,13 +399,38 @@ class Conversation:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
 
     def finish_input(self) -> None:
-        """No more turns will come (the client half-closed, or the server is draining):
-        answer what is queued, then close the outbox."""
+        """The client half-closed the stream: answer what is queued, then close the outbox."""
         self._input_done = True
         self._maybe_finish()
 
+    def drain(self) -> None:
+        """The server is shutting down: once the queued turns are answered, tell the client.
+
+        The client is sent a STATUS event with ``error_code`` UNAVAILABLE, asking it to end
+        its side of the stream and reconnect; the stream then ends with status OK. (Ending it
+        from the server side while the client still sends makes grpclib reset the stream,
+        and a grpclib client then drops the events it has not read yet.) A client that does
+        not end its side is cancelled when the grace period is over.
+        """
+        self._draining = True
+        self._maybe_finish()
+
     def _maybe_finish(self) -> None:
-        if self._input_done and not self._lanes:
+        if self._lanes:
+            return
+        if self._draining and not self._input_done:
+            self._draining = False  # say it once
+            self.outbox.put_nowait(
+                Event(
+                    EventKind.STATUS,
+                    status_message=(
+                        "the server is shutting down: end this stream and reconnect "
+                        "(to another replica, if there is one) to go on"
+                    ),
+                    error_code=int(Unavailable.status),
+                )
+            )
+        if self._input_done:
             self.outbox.close()
 
     def _error(self, request: Request, error: ChatError, reply: ReplyCounter | None = None) -> None:
@@ -526,7 +565,7 @@ class Conversation:
         session_id = request.session_id
         try:
             async with core.store.lock(session_id):
-                session = await core.store.get(session_id)
+                session = await core.retention.turn_starting(session_id)
                 self._follow(session_id)
                 history = await core.store.messages(session_id)
                 text = request.message
@@ -535,8 +574,29 @@ class Conversation:
                 if turn.cancelled:
                     self._complete_cancelled(turn)
                     return
-                context = build_context(session, history, text)
                 model = session.model or core.backend.default_model
+                try:
+                    context = core.context.build(session, history, text, model=model)
+                except ContextTooLong:
+                    # Kept, marked FAILED, so that RETRY can send it once the policy, the
+                    # model or the history allows.
+                    await self._store_turn(turn, session, text, model, MessageStatus.FAILED)
+                    raise
+                if context.omitted:
+                    plural = "" if context.omitted == 1 else "s"
+                    await self.outbox.put(
+                        Event(
+                            EventKind.STATUS,
+                            session_id=session_id,
+                            request_id=request.request_id,
+                            status_message=(
+                                f"{context.omitted} older message{plural} left out to fit "
+                                f"the context window of {model} ({context.budget} tokens "
+                                "for the prompt)"
+                            ),
+                            omitted_messages=context.omitted,
+                        )
+                    )
                 await self.outbox.put(
                     Event(
                         EventKind.RESPONSE_START,
@@ -684,10 +744,11 @@ class Conversation:
                 Message(Role.ASSISTANT, reply, now, status, request_id, model, turn.usage)
             )
         try:
-            return await self._core.store.append(session.session_id, messages)
+            stored = await self._core.store.append(session.session_id, messages)
         except ChatError:
             log.warning("could not store turn %r of session %s", request_id, session.session_id)
             raise
+        return await self._core.retention.turn_stored(stored)
 
     # -- shutdown ---------------------------------------------------------------------------
 

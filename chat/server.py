@@ -16,8 +16,10 @@ from grpclib.server import Server
 from chat._reflection import with_reflection
 from chat._wire import CorkingServer
 from chat.backends import ModelBackend
+from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
+from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.errors import ConfigurationError
 from chat.service import ChatService
@@ -29,8 +31,24 @@ log = logging.getLogger(__name__)
 
 
 def create_backend(config: ServerConfig) -> ModelBackend:
-    """The model backend that ``config`` names."""
-    return EchoBackend(pace=config.pace, default_model=config.model or "echo")
+    """The model backend that ``config`` names, with its coalescing window.
+
+    The SDK-based backends are imported here, so that the server runs without their extras
+    until one is chosen; then a missing extra is a :class:`~chat.errors.MissingExtra`.
+    """
+    backend: ModelBackend
+    if config.backend == "openai":
+        from chat.backends.openai import OpenAIBackend
+
+        backend = OpenAIBackend(config.remote_settings())
+    elif config.backend == "gemini":
+        from chat.backends.gemini import GeminiBackend
+
+        backend = GeminiBackend(config.remote_settings())
+    else:
+        backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
+    window = config.effective_coalesce_window
+    return CoalescingBackend(backend, window=window) if window > 0 else backend
 
 
 def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -81,6 +99,7 @@ class ChatServer:
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def core(self) -> ChatCore:
@@ -104,23 +123,46 @@ class ChatServer:
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
         config = self.config
-        store = self._store if self._store is not None else open_store(config.store)
+        # The backend first: a configuration error there should not leave a store open.
         backend = self._backend if self._backend is not None else create_backend(config)
+        try:
+            store = self._store if self._store is not None else open_store(config.store)
+        except BaseException:
+            await backend.aclose()
+            raise
         self._store, self._backend = store, backend
-        core = self._core = ChatCore(store, backend, limits=config.limits)
-        service = ChatService(core)
-        health = Health({service: [self._serving], OVERALL: [self._serving]})
-        handlers = with_reflection([service, health])
-        self._server = CorkingServer(handlers)
-        await self._server.start(config.host, config.port)
+        try:
+            await store.open()
+            core = self._core = ChatCore(
+                store,
+                backend,
+                limits=config.limits,
+                retention=config.retention,
+                context=ContextBudget(config.context),
+            )
+            service = ChatService(core)
+            health = Health({service: [self._serving], OVERALL: [self._serving]})
+            handlers = with_reflection([service, health])
+            self._server = CorkingServer(handlers)
+            await self._server.start(config.host, config.port)
+        except BaseException:
+            # Not serving, so stop() will not run: close what was opened here.
+            self._server = None
+            await store.aclose()
+            await backend.aclose()
+            raise
+        retention = config.retention
+        if retention.session_ttl is not None or retention.max_sessions is not None:
+            self._sweeper = asyncio.create_task(core.retention.run())
         self._serving.set(True)
         log.info(
-            "serving on %s:%d (backend %s, model %s, store %s)",
+            "serving on %s:%d (backend %s, model %s, store %s at %s)",
             config.host,
             self.port,
             backend.name,
             backend.default_model,
             store.kind,
+            store.location,
         )
 
     async def stop(self, grace_period: float | None = None) -> None:
@@ -149,6 +191,9 @@ class ChatServer:
             self._server.close()
             await self._server.wait_closed()
         finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.wait((self._sweeper,))
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:

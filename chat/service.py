@@ -135,6 +135,7 @@ def event_to_response(event: Event, timestamp: str) -> chatpb.ChatResponse:
         response.message_count = event.message_count
     if event.error_message:
         response.error_message = event.error_message
+    if event.error_code:
         response.error_code = event.error_code
     if event.finish_reason:
         response.finish_reason = chatpb.FinishReason(event.finish_reason)
@@ -271,17 +272,11 @@ class ChatService(chatpb.ChatServiceBase):
             try:
                 await self._write(stream, conversation)
             finally:
-                client_done = reader.done() and not reader.cancelled()
                 reader.cancel()
                 await asyncio.wait((reader,))
             failure = None if reader.cancelled() else reader.exception()
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
-        if self._core.draining and not client_done:
-            raise GRPCError(
-                Status.UNAVAILABLE,
-                "the server is shutting down; reconnect (to another replica, if there is one)",
-            )
 
     async def _read(
         self,

@@ -604,3 +604,28 @@ def test_echo_reply_counts_turns_and_context() -> None:
         ],
     )
     assert echo_reply(request) == "Echo #2 (3 messages in context): c d"
+
+
+async def test_a_client_that_never_reads_cannot_make_the_server_queue_without_bound() -> None:
+    core = ChatCore(MemoryStore(), EchoBackend(), limits=Limits(outbox_high_water=4))
+    async with core.open_conversation() as conversation:
+        pings = asyncio.create_task(_ping_forever(conversation))
+        # The reader of requests is held back once 16 answers wait unread.
+        await eventually(lambda: _is_blocked(conversation, 16), "the request reader to wait")
+        assert len(conversation.outbox) == 16
+        assert not pings.done()
+        batch = await conversation.outbox.get()
+        assert batch is not None
+        assert len(batch) == 16
+        await eventually(lambda: _is_blocked(conversation, 16), "the reader to go on and wait")
+        pings.cancel()
+        await asyncio.wait([pings])
+
+
+async def _ping_forever(conversation: Conversation) -> None:
+    for n in range(10_000):
+        await conversation.handle(Request(RequestKind.PING, request_id=str(n)))
+
+
+async def _is_blocked(conversation: Conversation, size: int) -> bool:
+    return len(conversation.outbox) >= size

@@ -11,14 +11,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 import chatpb
-from chat import ChatServer, MemoryStore, MessageStatus, Role, ServerConfig
+from chat import (
+    ChatServer,
+    ConfigurationError,
+    EchoBackend,
+    MemoryStore,
+    MessageStatus,
+    Role,
+    ServerConfig,
+)
 from scripts.generate import PROTO, ROOT
 from tests.backends import GatedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text, running_server_process
@@ -120,10 +127,14 @@ async def test_health_reports_serving_then_not_serving_while_draining() -> None:
                 events = await stream.until_complete("r1")
                 assert events[-1].finish_reason == chatpb.FinishReason.STOP
                 assert reply_text(events) == "finished"
-                # Then the stream ends with UNAVAILABLE, telling the client to reconnect.
-                with pytest.raises(GRPCError) as ended:
+                # Then the client is asked to end the stream and reconnect; it does.
+                goaway = await stream.recv()
+                assert goaway.type == T.STATUS
+                assert goaway.error_code == Status.UNAVAILABLE.value
+                assert "shutting down" in goaway.status_message
+                stream.end_input()
+                with pytest.raises(EOFError):
                     await stream.recv()
-                assert ended.value.status is Status.UNAVAILABLE
                 await asyncio.wait_for(stopping, TIMEOUT)
     finally:
         await server.stop()
@@ -201,7 +212,31 @@ async def test_a_client_that_goes_away_mid_reply_leaves_nothing_behind() -> None
     ]
 
 
-async def test_chat_server_process_finishes_a_reply_in_flight_on_sigterm() -> None:
+async def test_each_delta_reaches_the_client_before_the_backend_makes_the_next() -> None:
+    backend = GatedBackend()
+    config = ServerConfig(host="127.0.0.1", port=0)
+    async with (
+        ChatServer(config, backend=backend) as server,
+        Channel("127.0.0.1", server.port) as channel,
+    ):
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        async with ChatStream(stub) as stream:
+            stream.message(session.session_id, "hi", "r1")
+            await stream.until("r1", [T.RESPONSE_START])
+            for number, word in enumerate(["no ", "buffering ", "here"], start=1):
+                backend.release(word)
+                chunk = await stream.recv()
+                assert (chunk.chunk_number, chunk.chunk_text) == (number, word)
+                assert backend.produced == ["no ", "buffering ", "here"][:number]
+            backend.finish()
+            assert (await stream.recv()).total_chunks == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_chat_server_process_finishes_a_reply_in_flight_on_a_signal(
+    signum: signal.Signals,
+) -> None:
     with running_server_process("--pace", "0.02", "--grace-period", "20") as server:
         async with Channel(server.host, server.port) as channel:
             stub = chatpb.ChatServiceStub(channel)
@@ -209,8 +244,10 @@ async def test_chat_server_process_finishes_a_reply_in_flight_on_sigterm() -> No
             async with ChatStream(stub) as stream:
                 stream.message(session.session_id, " ".join(["word"] * 40), "r1")
                 await stream.until("r1", [T.CHUNK])
-                server.process.send_signal(signal.SIGTERM)
+                server.process.send_signal(signum)
                 events = await stream.until_complete("r1")
+                assert (await stream.recv()).error_code == Status.UNAVAILABLE.value
+                stream.end_input()
         assert events[-1].type == T.RESPONSE_COMPLETE
         assert events[-1].finish_reason == chatpb.FinishReason.STOP
         assert reply_text(events).endswith("word word")
@@ -253,3 +290,23 @@ async def test_a_turn_on_one_stream_is_pushed_to_another_stream_on_the_session(
     assert update.type == T.SESSION_UPDATE
     assert update.message_count == 2
     assert update.status_message == "reply completed"
+
+
+class _ClosingEcho(EchoBackend):
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_server_that_cannot_start_closes_what_it_opened(server: ChatServer) -> None:
+    backend = _ClosingEcho()
+    with pytest.raises(ConfigurationError, match="unknown store"):
+        await ChatServer(ServerConfig(store="bogus://x"), backend=backend).start()
+    assert backend.closed
+
+    backend = _ClosingEcho()
+    taken = ServerConfig(host="127.0.0.1", port=server.port, store="memory://")
+    with pytest.raises(OSError, match="address already in use"):
+        await ChatServer(taken, backend=backend).start()
+    assert backend.closed

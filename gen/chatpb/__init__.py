@@ -537,6 +537,8 @@ class ChatResponse(betterproto2.Message):
     error_code: "int" = betterproto2.field(16, betterproto2.TYPE_INT32)
     """
     ERROR: the gRPC status code number (e.g. 5 NOT_FOUND, 3 INVALID_ARGUMENT).
+    STATUS: 14 (UNAVAILABLE) when the server is shutting down: the client should end its
+    side of the stream (the server then ends it with OK) and reconnect.
     """
 
     omitted_messages: "int" = betterproto2.field(17, betterproto2.TYPE_INT32)
