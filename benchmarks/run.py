@@ -134,7 +134,18 @@ def server_command(name: str, pace: float) -> list[str]:
             if script.exists()
             else [sys.executable, "-c", "from chat.cli.server import main; main()"]
         )
-        return [*prefix, "--backend", "echo", "--log-level", "warning", *common]
+        # The memory store, as the reference keeps its sessions in memory too (the default
+        # store is SQLite on disk).
+        return [
+            *prefix,
+            "--backend",
+            "echo",
+            "--store",
+            "memory://",
+            "--log-level",
+            "warning",
+            *common,
+        ]
     return [sys.executable, "-m", "benchmarks.reference_server", *common]
 
 
@@ -714,7 +725,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## What is measured",
         "",
-        "- Servers: ours is `chat-server --backend echo --pace 0` (grpclib); the reference is "
+        "- Servers: ours is `chat-server --backend echo --store memory:// --pace 0` (grpclib, "
+        "uvloop where installed); the reference is "
         "`benchmarks/reference_server.py` (grpc.aio + protobuf, the same Chat behaviour). "
         "Each runs in its own process, started afresh per scenario.",
         "- Clients: separate processes using grpcio's C core (`grpc.aio`) with protobuf "

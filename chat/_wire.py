@@ -170,7 +170,7 @@ def encode_response(event: Event, timestamp: str) -> bytes:
         parts.append(_nested(_USAGE, _usage(event.usage)))
     if event.model:
         parts.append(_string(_MODEL, event.model))
-    if event.error_message and event.error_code:
+    if event.error_code:
         parts.append(_int32(_ERROR_CODE, event.error_code))
     if event.omitted_messages:
         parts.append(_int32(_OMITTED_MESSAGES, event.omitted_messages))
