@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,7 @@ import chat.cli.server as cli
 import chatpb
 from chat import ChatServer, ServerConfig
 from chat._wire import EncodedResponse, WireClock
+from chat.context import estimate_tokens
 from chat.errors import ConfigurationError
 from chat.server import event_loop_factory
 from chat.types import format_timestamp, parse_timestamp, utcnow
@@ -112,3 +114,9 @@ def test_the_cli_runs_the_server_on_the_chosen_loop(monkeypatch: pytest.MonkeyPa
         assert result.exit_code == 0, result.output
     assert loops[0].startswith("asyncio")
     assert loops[1] == ("uvloop" if "uvloop" in sys.modules else loops[0])
+
+
+@given(st.text())
+def test_the_token_estimate_counts_ascii_characters_as_before(text: str) -> None:
+    ascii_chars = sum(1 for c in text if c < "\x80")
+    assert estimate_tokens(text) == math.ceil(ascii_chars / 3) + (len(text) - ascii_chars)
