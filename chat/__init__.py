@@ -7,6 +7,16 @@ Run a server from Python::
 
     asyncio.run(serve(ServerConfig(port=50051)))
 
+Talk to one with the typed client::
+
+    from chat import ChatClient, ReplyChunk
+
+    async with ChatClient("localhost:50051") as client:
+        session = await client.create_session(title="demo")
+        async for event in client.send(session.session_id, "Hello!"):
+            if isinstance(event, ReplyChunk):
+                print(event.text, end="", flush=True)
+
 The generated message types and stubs are in the ``chatpb`` package
 (``from chatpb import ChatRequest, ChatServiceStub``).
 """
@@ -14,6 +24,29 @@ The generated message types and stubs are in the ``chatpb`` package
 from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
 from chat.backends.echo import EchoBackend
+from chat.client import (
+    ChatClient,
+    ClientConfig,
+    ClientStats,
+    ConnectionState,
+    ConnectionStateChanged,
+    Notice,
+    Notices,
+    ReconnectPolicy,
+    Reply,
+    ReplyChunk,
+    ReplyCompleted,
+    ReplyEvent,
+    ReplyFailed,
+    ReplyStarted,
+    ReplyStatus,
+    ReplyStream,
+    ServerNotice,
+    ServerStatsInfo,
+    ServingStatus,
+    SessionList,
+    SessionUpdated,
+)
 from chat.config import ServerConfig
 from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
 from chat.errors import (
@@ -25,10 +58,13 @@ from chat.errors import (
     BackendUnavailable,
     ChatError,
     ConfigurationError,
+    ConnectionLost,
     ContextTooLong,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     MissingExtra,
+    ServerUnreachable,
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
@@ -56,13 +92,20 @@ __all__ = [
     "BackendRateLimited",
     "BackendTimeout",
     "BackendUnavailable",
+    "ChatClient",
     "ChatCore",
     "ChatError",
     "ChatServer",
+    "ClientConfig",
+    "ClientStats",
     "ConfigurationError",
+    "ConnectionLost",
+    "ConnectionState",
+    "ConnectionStateChanged",
     "ContextPolicy",
     "ContextTooLong",
     "Conversation",
+    "DeadlineExceeded",
     "Delta",
     "EchoBackend",
     "Event",
@@ -77,16 +120,33 @@ __all__ = [
     "MessageStatus",
     "MissingExtra",
     "ModelBackend",
+    "Notice",
+    "Notices",
     "PromptMessage",
+    "ReconnectPolicy",
+    "Reply",
+    "ReplyChunk",
+    "ReplyCompleted",
+    "ReplyEvent",
+    "ReplyFailed",
+    "ReplyStarted",
+    "ReplyStatus",
+    "ReplyStream",
     "Request",
     "RequestKind",
     "Role",
     "ServerConfig",
+    "ServerNotice",
+    "ServerStatsInfo",
+    "ServerUnreachable",
+    "ServingStatus",
     "Session",
+    "SessionList",
     "SessionNotFound",
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SessionUpdated",
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
