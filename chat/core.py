@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -54,6 +55,8 @@ from chat.types import (
 __all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
 
 log = logging.getLogger(__name__)
+
+_TICK = timedelta(microseconds=1)
 
 
 class RequestKind(enum.IntEnum):
@@ -127,6 +130,7 @@ class ChatCore:
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
+        self._last_created = datetime.min.replace(tzinfo=UTC)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -144,7 +148,10 @@ class ChatCore:
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         await self._check_model(model)
-        now = utcnow()
+        # Strictly increasing creation times keep "newest first" equal to creation order,
+        # even for sessions created within one clock tick.
+        now = max(utcnow(), self._last_created + _TICK)
+        self._last_created = now
         session = Session(
             session_id=str(uuid.uuid4()),
             created_at=now,
@@ -243,11 +250,13 @@ class ChatCore:
         return self._draining
 
     def start_draining(self) -> None:
-        """Refuse new turns (``UNAVAILABLE``); turns in flight go on."""
+        """Refuse new turns (``UNAVAILABLE``); see :meth:`Conversation.drain`."""
         self._draining = True
+        for conversation in list(self._conversations):
+            conversation.drain()
 
     async def wait_idle(self, within: float) -> bool:
-        """Wait until no reply is in flight; ``False`` if ``within`` seconds passed first."""
+        """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
         try:
             async with asyncio.timeout(within):
                 await self._idle.wait()
@@ -255,13 +264,15 @@ class ChatCore:
             return False
         return True
 
-    def _reply_started(self) -> None:
-        self.stats.active_replies += 1
+    def _stream_opened(self, conversation: Conversation) -> None:
+        self._conversations.add(conversation)
+        self.stats.active_streams += 1
         self._idle.clear()
 
-    def _reply_ended(self) -> None:
-        self.stats.active_replies -= 1
-        if self.stats.active_replies == 0:
+    def _stream_closed(self, conversation: Conversation) -> None:
+        self._conversations.discard(conversation)
+        self.stats.active_streams -= 1
+        if not self._conversations:
             self._idle.set()
 
     # -- session updates pushed to other streams ------------------------------------------
@@ -338,14 +349,15 @@ class Conversation:
             max_chunk_chars=limits.max_chunk_chars,
             stats=core.stats,
         )
+        self._request_backlog = 4 * limits.outbox_high_water
         self._lanes: dict[str, _Lane] = {}
         self._sessions: set[str] = set()
         self._input_done = False
+        self._draining = False
         self._closing = False
 
     async def __aenter__(self) -> Self:
-        self._core._conversations.add(self)
-        self._core.stats.active_streams += 1
+        self._core._stream_opened(self)
         return self
 
     async def __aexit__(
@@ -359,7 +371,12 @@ class Conversation:
     # -- input ------------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> None:
-        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input."""
+        """Act on one request; answers go to :attr:`outbox`. Never raises for bad input.
+
+        Waits while the client leaves many events unread, so that a client that sends
+        without reading (PINGs, say) cannot make the server queue without bound.
+        """
+        await self.outbox.wait_below(self._request_backlog)
         kind = request.kind
         if kind == RequestKind.PING:
             self.outbox.put_urgent(
@@ -375,12 +392,38 @@ class Conversation:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
 
     def finish_input(self) -> None:
-        """The client half-closed the stream: answer what is queued, then close."""
+        """The client half-closed the stream: answer what is queued, then close the outbox."""
         self._input_done = True
         self._maybe_finish()
 
+    def drain(self) -> None:
+        """The server is shutting down: once the queued turns are answered, tell the client.
+
+        The client is sent a STATUS event with ``error_code`` UNAVAILABLE, asking it to end
+        its side of the stream and reconnect; the stream then ends with status OK. (Ending it
+        from the server side while the client still sends makes grpclib reset the stream,
+        and a grpclib client then drops the events it has not read yet.) A client that does
+        not end its side is cancelled when the grace period is over.
+        """
+        self._draining = True
+        self._maybe_finish()
+
     def _maybe_finish(self) -> None:
-        if self._input_done and not self._lanes:
+        if self._lanes:
+            return
+        if self._draining and not self._input_done:
+            self._draining = False  # say it once
+            self.outbox.put_nowait(
+                Event(
+                    EventKind.STATUS,
+                    status_message=(
+                        "the server is shutting down: end this stream and reconnect "
+                        "(to another replica, if there is one) to go on"
+                    ),
+                    error_code=int(Unavailable.status),
+                )
+            )
+        if self._input_done:
             self.outbox.close()
 
     def _error(self, request: Request, error: ChatError, reply: ReplyCounter | None = None) -> None:
@@ -567,7 +610,7 @@ class Conversation:
     ) -> None:
         """Stream the model's reply, store the turn, and end it with COMPLETE or ERROR."""
         core = self._core
-        core._reply_started()
+        core.stats.active_replies += 1
         task = turn.generation = asyncio.create_task(self._pump(turn, generation))
         if turn.cancelled:
             task.cancel()
@@ -590,7 +633,7 @@ class Conversation:
                 raise
         finally:
             turn.generation = None
-            core._reply_ended()
+            core.stats.active_replies -= 1
 
         if task.cancelled():
             turn.finish = FinishReason.CANCELLED
@@ -698,8 +741,7 @@ class Conversation:
             self._sessions.clear()
             self._lanes.clear()
             self.outbox.close()
-            core._conversations.discard(self)
-            core.stats.active_streams -= 1
+            core._stream_closed(self)
 
 
 def _failed_user_message(history: Sequence[Message]) -> str:

@@ -124,6 +124,12 @@ class Outbox:
             await self._writable.wait()
         self.put_nowait(event)
 
+    async def wait_below(self, limit: int) -> None:
+        """Wait while ``limit`` or more events are queued (urgent ones included)."""
+        while len(self) >= limit and not self._closed:
+            self._writable.clear()
+            await self._writable.wait()
+
     def close(self) -> None:
         self._closed = True
         self._readable.set()

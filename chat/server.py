@@ -9,15 +9,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, cast
 
-from google.protobuf.descriptor_pool import DescriptorPool
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
-from grpclib.health.v1 import health_pb2
-from grpclib.reflection.service import ServerReflection
-from grpclib.reflection.v1 import reflection_pb2
 from grpclib.server import Server
 
-import chatpb
+from chat._reflection import with_reflection
 from chat.backends import ModelBackend
 from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
@@ -33,22 +29,6 @@ log = logging.getLogger(__name__)
 def create_backend(config: ServerConfig) -> ModelBackend:
     """The model backend that ``config`` names."""
     return EchoBackend(pace=config.pace, default_model=config.model or "echo")
-
-
-def _descriptor_pool() -> DescriptorPool:
-    """A pool with every file the server exposes, for server reflection.
-
-    Built per server, so that starting several servers in one process never touches a
-    shared pool.
-    """
-    pool = DescriptorPool()
-    for descriptor in (
-        chatpb.CHAT_PROTO_DESCRIPTOR,
-        health_pb2.DESCRIPTOR,
-        reflection_pb2.DESCRIPTOR,
-    ):
-        pool.AddSerializedFile(descriptor.serialized_pb)
-    return pool
 
 
 class ChatServer:
@@ -107,7 +87,7 @@ class ChatServer:
         core = self._core = ChatCore(store, backend, limits=config.limits)
         service = ChatService(core)
         health = Health({service: [self._serving], OVERALL: [self._serving]})
-        handlers = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        handlers = with_reflection([service, health])
         self._server = Server(handlers)
         await self._server.start(config.host, config.port)
         self._serving.set(True)
@@ -123,9 +103,11 @@ class ChatServer:
     async def stop(self, grace_period: float | None = None) -> None:
         """Shut down gracefully.
 
-        Health turns NOT_SERVING and new messages are refused with UNAVAILABLE; replies in
-        flight get ``grace_period`` seconds (default: the config's) to finish; then every
-        stream is cancelled, keeping partial replies, and the store and backend are closed.
+        Health turns NOT_SERVING and new messages are refused with UNAVAILABLE. Each Chat
+        stream finishes the turns it has queued, then ends with status UNAVAILABLE (so that
+        clients reconnect elsewhere). After ``grace_period`` seconds (default: the config's)
+        the streams still open are cancelled, keeping partial replies as INTERRUPTED, and the
+        store and backend are closed.
         """
         if self._stopping or self._server is None or self._core is None:
             return
@@ -136,7 +118,8 @@ class ChatServer:
         try:
             if not await self._core.wait_idle(grace):
                 log.warning(
-                    "%d replies still running after %.1fs; cancelling them",
+                    "%d streams (%d replies) still open after %.1fs; cancelling them",
+                    self._core.stats.active_streams,
                     self._core.stats.active_replies,
                     grace,
                 )

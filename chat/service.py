@@ -9,17 +9,15 @@ are answered while a reply streams (full duplex).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import grpclib.const
-import h2.exceptions
 from grpclib import GRPCError
 from grpclib.const import Status
-from grpclib.exceptions import ProtocolError, StreamTerminatedError
+from grpclib.exceptions import StreamTerminatedError
 
 import chatpb
 from chat._version import __version__
@@ -134,6 +132,7 @@ def event_to_response(event: Event, timestamp: str) -> chatpb.ChatResponse:
         response.message_count = event.message_count
     if event.error_message:
         response.error_message = event.error_message
+    if event.error_code:
         response.error_code = event.error_code
     if event.finish_reason:
         response.finish_reason = chatpb.FinishReason(event.finish_reason)
@@ -262,19 +261,14 @@ class ChatService(chatpb.ChatServiceBase):
     # -- the Chat stream ------------------------------------------------------------------
 
     async def _chat_stream(self, stream: Stream[chatpb.ChatRequest, chatpb.ChatResponse]) -> None:
-        try:
-            async with self._core.open_conversation() as conversation:
-                reader = asyncio.create_task(self._read(stream, conversation))
-                try:
-                    await self._write(stream, conversation)
-                finally:
-                    reader.cancel()
-                    await asyncio.wait((reader,))
-                failure = reader.exception() if not reader.cancelled() else None
-        except asyncio.CancelledError:
-            if self._core.draining:
-                await _end_for_shutdown(stream)
-            raise
+        async with self._core.open_conversation() as conversation:
+            reader = asyncio.create_task(self._read(stream, conversation))
+            try:
+                await self._write(stream, conversation)
+            finally:
+                reader.cancel()
+                await asyncio.wait((reader,))
+            failure = None if reader.cancelled() else reader.exception()
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
 
@@ -305,20 +299,3 @@ class ChatService(chatpb.ChatServiceBase):
         while (batch := await outbox.get()) is not None:
             for event in batch:
                 await stream.send_message(event_to_response(event, format_timestamp(utcnow())))
-
-
-async def _end_for_shutdown(stream: Stream[chatpb.ChatRequest, chatpb.ChatResponse]) -> None:
-    """End a stream cut short by shutdown with ``UNAVAILABLE``.
-
-    grpclib cancels handlers when the server closes but neither ends their streams nor closes
-    the connections, so without this a client of a server stopped in-process would wait
-    forever; with it the client sees the status and can reconnect.
-    """
-    with contextlib.suppress(
-        StreamTerminatedError, ProtocolError, h2.exceptions.ProtocolError, OSError, TimeoutError
-    ):
-        async with asyncio.timeout(1.0):
-            await stream.send_trailing_metadata(
-                status=Status.UNAVAILABLE,
-                status_message="the server is shutting down; reconnect and send again",
-            )

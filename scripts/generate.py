@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "chat.proto"
 OUTPUT = ROOT / "gen" / "chatpb"
+DESCRIPTOR_SET = "chat.binpb"
 OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
@@ -45,6 +46,21 @@ def generate(output: Path) -> None:
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
+        )
+        # The same file with its comments (source info), served by server reflection so that
+        # `grpcurl describe` shows the API reference; the embedded descriptors have none.
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"--proto_path={ROOT}",
+                "--include_source_info",
+                f"--descriptor_set_out={Path(tmp) / DESCRIPTOR_SET}",
+                str(PROTO),
+            ],
+            check=True,
+            cwd=ROOT,
         )
         if output.exists():
             shutil.rmtree(output)

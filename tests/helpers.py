@@ -11,7 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -124,6 +131,21 @@ class ChatStream:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout: float = TIMEOUT
+) -> None:
+    """Wait until ``check()`` is true (polled), or fail after ``timeout`` seconds.
+
+    For state another task or process changes with no event to wait on (a counter, a
+    process's view of a closed stream); never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def reply_text(events: Sequence[chatpb.ChatResponse]) -> str:

@@ -112,4 +112,5 @@ class MemoryStore:
                 del self._locks[session_id]
 
     async def aclose(self) -> None:
-        self._entries.clear()
+        # Nothing to release; the sessions stay readable (handy for embedding and tests).
+        return None

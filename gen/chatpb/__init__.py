@@ -67,7 +67,7 @@ class ChatRequestType(betterproto2.Enum):
 
     PING = 1
     """
-    Liveness probe: answered with a PONG at once, echoing `request_id` and `timestamp`.
+    Liveness probe: answered with a PONG at once, echoing `request_id`.
     """
 
     TYPING_START = 2
@@ -429,7 +429,7 @@ class ChatRequest(betterproto2.Message):
 
     timestamp: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    Client-side time of the request (RFC 3339); informational, echoed on PONG.
+    Client-side time of the request (RFC 3339); informational.
     """
 
     request_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
@@ -537,6 +537,8 @@ class ChatResponse(betterproto2.Message):
     error_code: "int" = betterproto2.field(16, betterproto2.TYPE_INT32)
     """
     ERROR: the gRPC status code number (e.g. 5 NOT_FOUND, 3 INVALID_ARGUMENT).
+    STATUS: 14 (UNAVAILABLE) when the server is shutting down: the client should end its
+    side of the stream (the server then ends it with OK) and reconnect.
     """
 
     omitted_messages: "int" = betterproto2.field(17, betterproto2.TYPE_INT32)

@@ -1,0 +1,106 @@
+"""Model backends for tests: scripted, gated step by step, recording, failing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+from chat.backends import Delta, GenerationRequest
+from chat.backends.echo import EchoBackend
+from chat.types import FinishReason
+
+
+class ScriptedBackend:
+    """Answers every request with the same deltas."""
+
+    name = "scripted"
+    default_model = "scripted-model"
+
+    def __init__(self, deltas: Sequence[str], finish: FinishReason = FinishReason.STOP) -> None:
+        self.deltas = list(deltas)
+        self.finish = finish
+        self.requests: list[GenerationRequest] = []
+
+    async def list_models(self) -> Sequence[str] | None:
+        return None
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        self.requests.append(request)
+        for text in self.deltas:
+            yield Delta(text)
+        yield Delta(finish_reason=self.finish)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class GatedBackend:
+    """Yields a delta each time the test calls :meth:`release`; records when it is closed.
+
+    ``started`` is set when a generation begins; ``closed`` when its generator is closed
+    (finished, cancelled or abandoned), which is how tests see that generation stopped.
+    """
+
+    name = "gated"
+    default_model = "gated-model"
+
+    def __init__(self) -> None:
+        self._gate: asyncio.Queue[Delta | None] = asyncio.Queue()
+        self.started = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.produced: list[str] = []
+        self.requests: list[GenerationRequest] = []
+
+    def release(self, text: str) -> None:
+        self._gate.put_nowait(Delta(text))
+
+    def finish(self, reason: FinishReason = FinishReason.STOP) -> None:
+        self._gate.put_nowait(Delta(finish_reason=reason))
+        self._gate.put_nowait(None)
+
+    async def list_models(self) -> Sequence[str] | None:
+        return ["gated-model", "other-model"]
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        self.requests.append(request)
+        self.closed.clear()
+        self.started.set()
+        try:
+            while (delta := await self._gate.get()) is not None:
+                self.produced.append(delta.text)
+                yield delta
+        finally:
+            self.started.clear()
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FailingBackend:
+    """Yields ``deltas``, then raises ``error`` (until ``failures`` runs out; then echoes)."""
+
+    name = "failing"
+    default_model = "failing-model"
+
+    def __init__(self, error: Exception, deltas: Sequence[str] = (), failures: int = 1) -> None:
+        self.error = error
+        self.deltas = list(deltas)
+        self.failures = failures
+        self._echo = EchoBackend()
+
+    async def list_models(self) -> Sequence[str] | None:
+        return None
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        if self.failures <= 0:
+            async for delta in self._echo.generate(request):
+                yield delta
+            return
+        self.failures -= 1
+        for text in self.deltas:
+            yield Delta(text)
+        raise self.error
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,75 @@
+"""chat-server's command line, with click's CliRunner (the server itself is not started)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import chat.cli.server as cli
+from chat import ServerConfig
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    configs: list[ServerConfig] = []
+
+    async def fake_serve(config: ServerConfig, **_: object) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    return configs
+
+
+def test_options_build_one_config(captured: list[ServerConfig]) -> None:
+    result = CliRunner().invoke(
+        cli.main,
+        ["--port", "6000", "--model", "m", "--pace", "0.5", "--max-message-chars", "10"],
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = captured
+    assert (config.port, config.model, config.pace) == (6000, "m", 0.5)
+    assert config.limits.max_message_chars == 10
+    assert config.host == "localhost"
+
+
+def test_environment_variables_map_onto_options(captured: list[ServerConfig]) -> None:
+    env = {"CHAT_PORT": "7000", "CHAT_BACKEND": "echo", "CHAT_GRACE_PERIOD": "2.5"}
+    result = CliRunner().invoke(cli.main, [], env=env)
+    assert result.exit_code == 0, result.output
+    assert (captured[0].port, captured[0].grace_period) == (7000, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "70000 is not in the range 0<=x<=65535"),
+        (["--backend", "nope"], "Invalid value for '--backend'"),
+        (["--pace", "-1"], "-1.0 is not in the range x>=0"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    captured: list[ServerConfig], args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert captured == []
+
+
+def test_help_lists_the_options() -> None:
+    result = CliRunner().invoke(cli.main, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--host", "--port", "--backend", "--model", "--store", "--grace-period"):
+        assert option in result.output
+    assert "CHAT_PORT" in result.output
+
+
+def test_an_address_in_use_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def busy(config: ServerConfig, **_: object) -> None:
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(cli, "serve", busy)
+    result = CliRunner().invoke(cli.main, ["--port", "50051"])
+    assert result.exit_code == 1
+    assert "cannot listen on localhost:50051" in result.output
+    assert "Address already in use" in result.output

@@ -1,0 +1,284 @@
+"""Functional tests against a real server on 127.0.0.1 (in this process or as chat-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+import chatpb
+from chat import ChatServer, MemoryStore, MessageStatus, Role, ServerConfig
+from scripts.generate import PROTO, ROOT
+from tests.backends import GatedBackend
+from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text, running_server_process
+
+T = chatpb.ChatResponseType
+INTEROP_CLIENT = Path(__file__).parent / "interop" / "grpcio_client.py"
+
+
+@pytest.fixture(scope="session")
+def grpcio_stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """chat_pb2 and chat_pb2_grpc, generated from chat.proto by grpcio-tools, now."""
+    out = tmp_path_factory.mktemp("grpcio")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"--proto_path={ROOT}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(PROTO),
+        ],
+        check=True,
+    )
+    return out
+
+
+def test_a_grpcio_client_generated_from_chat_proto_interoperates(grpcio_stubs: Path) -> None:
+    with running_server_process("--pace", "0.01") as server:
+        completed = subprocess.run(
+            [sys.executable, str(INTEROP_CLIENT), server.address, str(grpcio_stubs)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+
+    assert result["health"] == {"": "SERVING", "ChatService": "SERVING"}
+    reflection = result["reflection"]
+    assert "ChatService" in reflection["services"]
+    assert "grpc.health.v1.Health" in reflection["services"]
+    assert (reflection["file"], reflection["package"]) == ("chat.proto", "")
+    assert set(reflection["methods"]) >= {"CreateSession", "Chat", "UpdateSession"}
+    assert reflection["chat_request_comment"] == "One client event on the `Chat` stream."
+
+    first, second = result["turns"]
+    for turn, request_id in ((first, "t1"), (second, "t2")):
+        mine = [e for e in turn if e["request_id"] == request_id]
+        chunks = [e for e in mine if e["type"] == "CHUNK"]
+        assert mine[0]["type"] == "RESPONSE_START"
+        assert mine[-1]["type"] == "RESPONSE_COMPLETE"
+        assert mine[-1]["finish_reason"] == "FINISH_REASON_STOP"
+        assert [c["chunk_number"] for c in chunks] == list(range(1, len(chunks) + 1))
+        assert mine[-1]["total_chunks"] == len(chunks)
+    # The PING sent right behind the 30-word message came back before that reply ended.
+    kinds = [(e["type"], e["request_id"]) for e in first]
+    assert kinds.index(("PONG", "ping-t1")) < kinds.index(("RESPONSE_COMPLETE", "t1"))
+    assert second[-1]["message_count"] == 4
+    assert result["bad"] == {"type": "ERROR", "code": 5}
+    assert result["stream_rest"] == 0
+    assert result["session_id"] in result["listed"]
+    history = result["history"]
+    assert [(m["role"], m["status"]) for m in history] == [
+        ("ROLE_USER", "MESSAGE_STATUS_COMPLETE"),
+        ("ROLE_ASSISTANT", "MESSAGE_STATUS_COMPLETE"),
+    ] * 2
+    assert history[3]["content"] == "Echo #2 (3 messages in context): second message"
+    assert result["deleted_messages"] == 4
+    assert result["after_delete"] == "NOT_FOUND"
+
+
+async def test_health_reports_serving_then_not_serving_while_draining() -> None:
+    backend = GatedBackend()
+    server = ChatServer(ServerConfig(host="127.0.0.1", port=0), backend=backend)
+    await server.start()
+    try:
+        async with Channel("127.0.0.1", server.port) as channel:
+            health = HealthStub(channel)
+            request = HealthCheckRequest(service="ChatService")
+            assert (await health.Check(request)).status == HealthCheckResponse.SERVING
+            stub = chatpb.ChatServiceStub(channel)
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            async with ChatStream(stub) as stream:
+                stream.message(session.session_id, "hi", "r1")
+                await stream.until("r1", [T.RESPONSE_START])
+                stopping = asyncio.create_task(server.stop(grace_period=TIMEOUT))
+                await eventually(
+                    lambda: _status_is(health, HealthCheckResponse.NOT_SERVING),
+                    "health to turn NOT_SERVING",
+                )
+                # A new message during the drain is refused; the reply in flight goes on.
+                stream.message(session.session_id, "more", "r2")
+                (refused,) = await stream.until_complete("r2")
+                assert refused.error_code == 14
+                backend.release("finished")
+                backend.finish()
+                events = await stream.until_complete("r1")
+                assert events[-1].finish_reason == chatpb.FinishReason.STOP
+                assert reply_text(events) == "finished"
+                # Then the client is asked to end the stream and reconnect; it does.
+                goaway = await stream.recv()
+                assert goaway.type == T.STATUS
+                assert goaway.error_code == Status.UNAVAILABLE.value
+                assert "shutting down" in goaway.status_message
+                stream.end_input()
+                with pytest.raises(EOFError):
+                    await stream.recv()
+                await asyncio.wait_for(stopping, TIMEOUT)
+    finally:
+        await server.stop()
+
+
+async def _status_is(health: HealthStub, status: int) -> bool:
+    response = await health.Check(HealthCheckRequest(service="ChatService"))
+    return bool(response.status == status)
+
+
+class _KeepingStore(MemoryStore):
+    """A memory store that survives the server's stop, to inspect what it kept."""
+
+
+async def test_shutdown_past_the_grace_period_keeps_the_partial_reply_as_interrupted() -> None:
+    backend = GatedBackend()
+    store = _KeepingStore()
+    server = ChatServer(ServerConfig(host="127.0.0.1", port=0), backend=backend, store=store)
+    await server.start()
+    async with Channel("127.0.0.1", server.port) as channel:
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        async with ChatStream(stub) as stream:
+            stream.message(session.session_id, "hi", "r1")
+            backend.release("half a rep")
+            await stream.until("r1", [T.CHUNK])
+            await server.stop(grace_period=0.05)
+            await asyncio.wait_for(backend.closed.wait(), TIMEOUT)
+    history = await store.messages(session.session_id)
+    assert [(m.role, m.status, m.content) for m in history] == [
+        (Role.USER, MessageStatus.COMPLETE, "hi"),
+        (Role.ASSISTANT, MessageStatus.INTERRUPTED, "half a rep"),
+    ]
+
+
+async def test_a_client_that_goes_away_mid_reply_leaves_nothing_behind() -> None:
+    backend = GatedBackend()
+    store = _KeepingStore()
+    async with ChatServer(
+        ServerConfig(host="127.0.0.1", port=0), backend=backend, store=store
+    ) as server:
+        baseline = len(asyncio.all_tasks())
+        channel = Channel("127.0.0.1", server.port)
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        stream = ChatStream(stub)
+        await stream.__aenter__()
+        stream.message(session.session_id, "hello", "r1")
+        backend.release("some ")
+        backend.release("words")
+        await stream.until("r1", [T.CHUNK])
+        await stream.recv()
+        assert server.core.stats.active_replies == 1
+        # The client vanishes: its stream is cancelled and its connection closed.
+        await stream.close()
+        channel.close()
+
+        await asyncio.wait_for(backend.closed.wait(), TIMEOUT)
+
+        async def released() -> bool:
+            stats = server.core.stats
+            return stats.active_streams == 0 and stats.active_replies == 0
+
+        await eventually(released, "the server to release the stream")
+
+        async def no_tasks_left() -> bool:
+            return len(asyncio.all_tasks()) <= baseline
+
+        await eventually(no_tasks_left, "server tasks to end")
+        assert server.core._subscribers == {}
+    history = await store.messages(session.session_id)
+    assert [(m.status, m.content) for m in history] == [
+        (MessageStatus.COMPLETE, "hello"),
+        (MessageStatus.CANCELLED, "some words"),
+    ]
+
+
+async def test_each_delta_reaches_the_client_before_the_backend_makes_the_next() -> None:
+    backend = GatedBackend()
+    config = ServerConfig(host="127.0.0.1", port=0)
+    async with (
+        ChatServer(config, backend=backend) as server,
+        Channel("127.0.0.1", server.port) as channel,
+    ):
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        async with ChatStream(stub) as stream:
+            stream.message(session.session_id, "hi", "r1")
+            await stream.until("r1", [T.RESPONSE_START])
+            for number, word in enumerate(["no ", "buffering ", "here"], start=1):
+                backend.release(word)
+                chunk = await stream.recv()
+                assert (chunk.chunk_number, chunk.chunk_text) == (number, word)
+                assert backend.produced == ["no ", "buffering ", "here"][:number]
+            backend.finish()
+            assert (await stream.recv()).total_chunks == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_chat_server_process_finishes_a_reply_in_flight_on_a_signal(
+    signum: signal.Signals,
+) -> None:
+    with running_server_process("--pace", "0.02", "--grace-period", "20") as server:
+        async with Channel(server.host, server.port) as channel:
+            stub = chatpb.ChatServiceStub(channel)
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            async with ChatStream(stub) as stream:
+                stream.message(session.session_id, " ".join(["word"] * 40), "r1")
+                await stream.until("r1", [T.CHUNK])
+                server.process.send_signal(signum)
+                events = await stream.until_complete("r1")
+                assert (await stream.recv()).error_code == Status.UNAVAILABLE.value
+                stream.end_input()
+        assert events[-1].type == T.RESPONSE_COMPLETE
+        assert events[-1].finish_reason == chatpb.FinishReason.STOP
+        assert reply_text(events).endswith("word word")
+        assert server.process.wait(TIMEOUT) == 0
+    assert any("shutting down" in line for line in server.output)
+
+
+async def test_environment_variables_configure_the_server() -> None:
+    env = {"CHAT_MODEL": "house-model", "CHAT_MAX_MESSAGE_CHARS": "8"}
+    with running_server_process(env=env) as server:
+        async with Channel(server.host, server.port) as channel:
+            stub = chatpb.ChatServiceStub(channel)
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            assert session.session is not None
+            assert session.session.model == "house-model"
+            async with ChatStream(stub) as stream:
+                stream.message(session.session_id, "123456789", "long")
+                (error,) = await stream.until_complete("long")
+        assert error.error_message == "message: is 9 characters; the limit is 8"
+    assert any("model house-model" in line for line in server.output)
+
+
+@pytest.fixture
+async def two_streams(server: ChatServer) -> AsyncIterator[tuple[ChatStream, ChatStream, str]]:
+    async with Channel("127.0.0.1", server.port) as channel:
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        async with ChatStream(stub) as first, ChatStream(stub) as second:
+            yield first, second, session.session_id
+
+
+async def test_a_turn_on_one_stream_is_pushed_to_another_stream_on_the_session(
+    two_streams: tuple[ChatStream, ChatStream, str],
+) -> None:
+    first, second, session_id = two_streams
+    second.send(chatpb.ChatRequest(type=chatpb.ChatRequestType.TYPING_STOP, session_id=session_id))
+    first.message(session_id, "hello", "r1")
+    await first.until_complete("r1")
+    update = await second.recv()
+    assert update.type == T.SESSION_UPDATE
+    assert update.message_count == 2
+    assert update.status_message == "reply completed"
