@@ -614,6 +614,15 @@ def _reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
     )
 
 
+def _is_goaway(response: chatpb.ChatResponse) -> bool:
+    """A server that is shutting down asks each stream to end with this STATUS."""
+    return (
+        response.type == chatpb.ChatResponseType.STATUS
+        and not response.request_id
+        and response.error_code == StatusCode.UNAVAILABLE
+    )
+
+
 _TERMINAL = frozenset(
     {
         chatpb.ChatResponseType.RESPONSE_COMPLETE,
@@ -1017,7 +1026,10 @@ class ChatClient:
         error: ChatError
         try:
             while (response := await conn.stream.recv_message()) is not None:
-                self._dispatch(conn, response)
+                if _is_goaway(response):
+                    await self._goaway(conn, response.status_message)
+                else:
+                    self._dispatch(conn, response)
             error = ConnectionLost(target, "the server ended the conversation stream")
         except GRPCError as failure:
             error = ConnectionLost(target, _describe_status(failure))
@@ -1035,6 +1047,18 @@ class ChatClient:
         # Reported to callers and notice subscribers; no louder than info here.
         log.info("%s", error.message)
         self._connection_lost(conn, error)
+
+    async def _goaway(self, conn: _Connection, message: str) -> None:
+        """The server is shutting down: stop using this stream, and end our side of it.
+
+        The server answered everything it had (it says goodbye once its queued turns are
+        done) and ends the stream with OK once we end ours; reading goes on until then.
+        """
+        reason = message or "the server is shutting down"
+        self._connection_lost(conn, ConnectionLost(self.config.target, reason))
+        async with conn.send_lock:
+            with contextlib.suppress(*_TRANSPORT_ERRORS):
+                await conn.stream.end()
 
     def _connection_lost(self, conn: _Connection, error: ChatError) -> None:
         if conn.lost is not None:
@@ -1116,26 +1140,33 @@ class ChatClient:
         return Notices(self)
 
     async def _submit(self, request: chatpb.ChatRequest, *, expect_answer: bool = True) -> _Pending:
-        conn = await self._ready()
         pending = _Pending(
             request.request_id,
             is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
         )
-        if expect_answer:
-            conn.pending[request.request_id] = pending
         request.timestamp = format_timestamp(utcnow())
-        try:
-            # grpclib writes a message in several frames; two writers must not interleave.
-            async with conn.send_lock:
-                await conn.stream.send_message(request)
-        except _TRANSPORT_ERRORS as error:
+        while True:
+            conn = await self._ready()
+            if expect_answer:
+                conn.pending[request.request_id] = pending
+            try:
+                # grpclib writes a message in several frames; two writers must not interleave.
+                async with conn.send_lock:
+                    if conn.lost is None:
+                        await conn.stream.send_message(request)
+            except _TRANSPORT_ERRORS as error:
+                conn.pending.pop(request.request_id, None)
+                lost = ConnectionLost(self.config.target, _describe(error))
+                self._connection_lost(conn, lost)
+                raise lost from error
+            except BaseException:
+                conn.pending.pop(request.request_id, None)
+                raise
+            if conn.lost is None:
+                break
+            # The connection went away while this request waited to be written (the server
+            # said goodbye): nothing was sent, so it can go out on the next connection.
             conn.pending.pop(request.request_id, None)
-            lost = ConnectionLost(self.config.target, _describe(error))
-            self._connection_lost(conn, lost)
-            raise lost from error
-        except BaseException:
-            conn.pending.pop(request.request_id, None)
-            raise
         if pending.is_turn:
             self._counters.messages_sent += 1
         return pending
