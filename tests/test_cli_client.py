@@ -155,6 +155,7 @@ def test_interactive_mode_reads_a_script_from_stdin(server: ServerProcess) -> No
             "/history",
             "/new another",
             "/sessions",
+            "/retry",
             "/bogus",
             "//starts with a slash",
             "/stats",
@@ -169,6 +170,7 @@ def test_interactive_mode_reads_a_script_from_stdin(server: ServerProcess) -> No
     assert "Assistant › Echo #1 (1 message in context): first message" in out
     assert "Title set: renamed by a script" in out
     assert "You › first message" in out
+    assert "nothing to retry" in out
     assert "unknown command /bogus" in out
     assert "Echo #1 (1 message in context): /starts with a slash" in out
     assert "messages sent" in out

@@ -138,7 +138,14 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     child.expect(r"Assistant › Echo[^\r\n]*\[cancelled\]")
     prompt_session(child)
 
-    # The stream is still usable after the cancel.
+    # /cancel typed (with Enter) while a reply streams does the same.
+    child.sendline(words)
+    child.expect("Assistant › Echo")
+    child.sendline("/cancel")
+    child.expect(re.escape("[cancelled: the partial reply is kept]"))
+    prompt_session(child)
+
+    # The stream is still usable after the cancels.
     child.sendline("/ping")
     child.expect("pong from")
     prompt_session(child)
