@@ -175,6 +175,8 @@ def test_interactive_mode_reads_a_script_from_stdin(server: ServerProcess) -> No
     assert "Echo #1 (1 message in context): /starts with a slash" in out
     assert "messages sent" in out
     assert "never read" not in out
+    # Not a terminal: no colour, no control sequences.
+    assert "\x1b[" not in out
 
 
 def test_interactive_mode_says_how_to_start_a_missing_server() -> None:
