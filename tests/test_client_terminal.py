@@ -5,6 +5,7 @@ Every step waits for what the person would see, with a timeout; nothing sleeps.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -154,15 +155,31 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     assert finish(child) == 0
 
 
+def colours(output: str) -> list[str]:
+    """The colour parameters of the SGR sequences in ``output`` (bold and the like allowed)."""
+    found = []
+    for params in re.findall(r"\x1b\[([0-9;]*)m", output):
+        for param in params.split(";"):
+            if param.isdigit() and (30 <= int(param) <= 49 or 90 <= int(param) <= 107):
+                found.append(param)
+    return found
+
+
 def test_ctrl_d_leaves_and_help_lists_the_commands(paced_server: ServerProcess) -> None:
     child = spawn("--target", paced_server.address)
+    child.logfile_read = transcript = io.StringIO()
     prompt_session(child)
     child.sendline("/help")
     for command in ("/join", "/history", "/retry", "/cancel", "/disconnect"):
         child.expect(re.escape(command))
     prompt_session(child)
+    child.sendline("/sessions")
+    prompt_session(child)
     child.sendeof()
     assert finish(child) == 0
+    # NO_COLOR is set: a terminal, but no colour.
+    assert "\x1b[" in transcript.getvalue()
+    assert colours(transcript.getvalue()) == []
 
 
 def test_a_missing_server_is_explained_and_the_client_stays_usable() -> None:
