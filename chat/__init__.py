@@ -71,9 +71,11 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind
+from chat.retention import Retention
 from chat.server import ChatServer, serve
-from chat.store import SessionPage, SessionStore, open_store
+from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
+from chat.store.sqlite import SqliteStore
 from chat.types import (
     ContextPolicy,
     FinishReason,
@@ -134,6 +136,7 @@ __all__ = [
     "ReplyStream",
     "Request",
     "RequestKind",
+    "Retention",
     "Role",
     "ServerConfig",
     "ServerNotice",
@@ -147,11 +150,13 @@ __all__ = [
     "SessionPatch",
     "SessionStore",
     "SessionUpdated",
+    "SqliteStore",
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
     "Usage",
     "__version__",
+    "default_store_url",
     "open_store",
     "serve",
 ]

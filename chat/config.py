@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from chat.core import Limits
 from chat.errors import ConfigurationError
+from chat.retention import Retention
+from chat.store import default_store_url
 
 __all__ = ["BACKENDS", "ServerConfig"]
 
@@ -26,12 +28,14 @@ class ServerConfig:
     backend: str = "echo"
     #: The default model for new sessions; empty for the backend's own default.
     model: str = ""
-    store: str = "memory://"
+    #: Session store URL; the default is a SQLite file in the user's data directory.
+    store: str = field(default_factory=default_store_url)
     #: Seconds between the echo backend's words (0: as fast as possible).
     pace: float = 0.0
     #: Seconds that replies in flight get to finish on shutdown before they are cancelled.
     grace_period: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    retention: Retention = field(default_factory=Retention)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

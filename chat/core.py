@@ -38,6 +38,7 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind, Outbox, ReplyCounter
+from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, StatsSnapshot
 from chat.store import SessionStore
 from chat.types import (
@@ -122,11 +123,13 @@ class ChatCore:
         *,
         limits: Limits | None = None,
         stats: ServerStats | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
         self.limits = limits or Limits()
         self.stats = stats or ServerStats()
+        self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
@@ -164,6 +167,7 @@ class ChatCore:
         await self.store.create(session)
         self.stats.total_sessions_created += 1
         log.info("created session %s (model %s)", session.session_id, session.model)
+        await self.retention.session_created()
         return session
 
     async def get_session(self, session_id: str) -> Session:
@@ -558,7 +562,7 @@ class Conversation:
         session_id = request.session_id
         try:
             async with core.store.lock(session_id):
-                session = await core.store.get(session_id)
+                session = await core.retention.turn_starting(session_id)
                 self._follow(session_id)
                 history = await core.store.messages(session_id)
                 text = request.message
@@ -716,10 +720,11 @@ class Conversation:
                 Message(Role.ASSISTANT, reply, now, status, request_id, model, turn.usage)
             )
         try:
-            return await self._core.store.append(session.session_id, messages)
+            stored = await self._core.store.append(session.session_id, messages)
         except ChatError:
             log.warning("could not store turn %r of session %s", request_id, session.session_id)
             raise
+        return await self._core.retention.turn_stored(stored)
 
     # -- shutdown ---------------------------------------------------------------------------
 

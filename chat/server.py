@@ -58,6 +58,7 @@ class ChatServer:
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def core(self) -> ChatCore:
@@ -84,20 +85,34 @@ class ChatServer:
         store = self._store if self._store is not None else open_store(config.store)
         backend = self._backend if self._backend is not None else create_backend(config)
         self._store, self._backend = store, backend
-        core = self._core = ChatCore(store, backend, limits=config.limits)
-        service = ChatService(core)
-        health = Health({service: [self._serving], OVERALL: [self._serving]})
-        handlers = with_reflection([service, health])
-        self._server = Server(handlers)
-        await self._server.start(config.host, config.port)
+        try:
+            await store.open()
+            core = self._core = ChatCore(
+                store, backend, limits=config.limits, retention=config.retention
+            )
+            service = ChatService(core)
+            health = Health({service: [self._serving], OVERALL: [self._serving]})
+            handlers = with_reflection([service, health])
+            self._server = Server(handlers)
+            await self._server.start(config.host, config.port)
+        except BaseException:
+            # Not serving, so stop() will not run: close what was opened here.
+            self._server = None
+            await store.aclose()
+            await backend.aclose()
+            raise
+        retention = config.retention
+        if retention.session_ttl is not None or retention.max_sessions is not None:
+            self._sweeper = asyncio.create_task(core.retention.run())
         self._serving.set(True)
         log.info(
-            "serving on %s:%d (backend %s, model %s, store %s)",
+            "serving on %s:%d (backend %s, model %s, store %s at %s)",
             config.host,
             self.port,
             backend.name,
             backend.default_model,
             store.kind,
+            store.location,
         )
 
     async def stop(self, grace_period: float | None = None) -> None:
@@ -126,6 +141,9 @@ class ChatServer:
             self._server.close()
             await self._server.wait_closed()
         finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.wait((self._sweeper,))
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:

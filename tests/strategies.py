@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from hypothesis import strategies as st
 
 from chat.client import ReconnectPolicy
+from chat.types import ContextPolicy, Message, MessageStatus, Role, SessionPatch, Usage
 
 #: Text as people type it, plus what breaks naive code: combining marks, emoji with
 #: zero-width joiners, astral-plane characters, CJK, RTL, control-free whitespace.
@@ -21,6 +24,44 @@ deltas = st.lists(text, max_size=40)
 
 #: A non-empty message a user could send.
 user_message = st.text(_ALPHABET, min_size=1, max_size=80).filter(lambda s: s.strip() != "")
+
+# -- stored sessions and messages -------------------------------------------------------------
+
+#: Aware UTC datetimes with microseconds, in a range where RFC 3339 has a 4-digit year.
+timestamps = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2035, 12, 31), timezones=st.just(UTC)
+)
+
+#: Few distinct moments, so that orderings by time have ties (broken by session id), with
+#: the occasional arbitrary one.
+close_moments = st.integers(0, 12).map(
+    lambda s: datetime(2026, 5, 1, tzinfo=UTC) + timedelta(seconds=s)
+)
+moments = close_moments | timestamps
+
+#: Few distinct ids (so that rules hit existing sessions), with the separators stores use.
+session_ids = st.text(alphabet="ab:|-", min_size=1, max_size=3)
+
+usages = st.none() | st.builds(Usage, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1))
+
+messages = st.builds(
+    Message,
+    role=st.sampled_from(Role),
+    content=text,
+    created_at=moments,
+    status=st.sampled_from(MessageStatus),
+    request_id=st.text(max_size=8, alphabet="xyz0123456789"),
+    model=st.sampled_from(["", "echo", "gpt-4o-mini"]),
+    usage=usages,
+)
+
+patches = st.builds(
+    SessionPatch,
+    title=st.none() | text,
+    system_prompt=st.none() | text,
+    model=st.none() | st.sampled_from(["echo", "other"]),
+    context_policy=st.none() | st.sampled_from(ContextPolicy),
+)
 
 #: Any valid reconnection policy of ChatClient.
 reconnect_policies = st.builds(

@@ -3,21 +3,33 @@
 Every store implements :class:`SessionStore` and passes the conformance suite in
 ``tests/test_store_conformance.py``. Choose one with a URL (:func:`open_store`):
 
+- ``sqlite:///absolute/path.db`` or ``sqlite://relative/path.db``: a SQLite file (WAL mode),
+  the default (:func:`default_store_url`); survives restarts and crashes.
+- ``redis://host:port/db?prefix=NAME``: Redis, shared by several servers (a fleet); needs
+  ``pip install 'grpc-chat[redis]'``.
 - ``memory://``: in this process only; gone when the server stops.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from chat.errors import ConfigurationError
 from chat.types import Message, Session, SessionPatch
 
-__all__ = ["SessionPage", "SessionStore", "open_store"]
+__all__ = [
+    "SessionPage",
+    "SessionStore",
+    "default_store_path",
+    "default_store_url",
+    "open_store",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +48,15 @@ class SessionStore(Protocol):
     ``session_id`` raise :class:`~chat.errors.SessionNotFound` when it does not exist;
     a store that cannot reach its backing service raises
     :class:`~chat.errors.StoreUnavailable`.
+
+    A store connects on :meth:`open` (or on first use) and is closed with :meth:`aclose`::
+
+        store = open_store("sqlite:///tmp/chat.db")
+        await store.open()
+        try:
+            print(await store.count())
+        finally:
+            await store.aclose()
     """
 
     @property
@@ -43,8 +64,17 @@ class SessionStore(Protocol):
         """Short name of the store (``memory``, ``sqlite``, ``redis``), shown in stats."""
         ...
 
+    @property
+    def location(self) -> str:
+        """Where the data lives, for logs and banners (no secrets)."""
+        ...
+
+    async def open(self) -> None:
+        """Connect, create files and upgrade the schema as needed. Calling it again is a no-op."""
+        ...
+
     async def create(self, session: Session) -> None:
-        """Store a new session (with no messages)."""
+        """Store a new session (with no messages); ``ValueError`` if its id exists."""
         ...
 
     async def get(self, session_id: str) -> Session:
@@ -84,6 +114,25 @@ class SessionStore(Protocol):
         """
         ...
 
+    async def trim(self, session_id: str, keep: int) -> int:
+        """Delete the oldest messages of the session beyond the newest ``keep``; return how many.
+
+        ``message_count`` follows; ``last_activity`` does not change.
+        """
+        ...
+
+    async def evict(self, keep: int) -> list[str]:
+        """Delete the least recently active sessions until at most ``keep`` remain.
+
+        Least recently active means smallest ``(last_activity, session_id)``. Return the ids
+        deleted, in that order.
+        """
+        ...
+
+    async def expire(self, idle_before: datetime) -> list[str]:
+        """Delete every session whose ``last_activity`` is before ``idle_before``; return ids."""
+        ...
+
     def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
         """Hold this while running a turn, so turns on one session never interleave."""
         ...
@@ -93,17 +142,56 @@ class SessionStore(Protocol):
         ...
 
 
+def default_store_path() -> Path:
+    """The SQLite file a server uses when no store is given.
+
+    ``$XDG_DATA_HOME/grpc-chat/chat.db`` on Linux (``~/.local/share/grpc-chat/chat.db`` when
+    the variable is unset), the platform's user data directory elsewhere.
+    """
+    # platformdirs honours XDG_DATA_HOME on Linux; read at call time, so that a changed
+    # environment (tests, containers) is seen.
+    from platformdirs import user_data_path
+
+    return user_data_path("grpc-chat", appauthor=False) / "chat.db"
+
+
+def default_store_url() -> str:
+    """``sqlite:///`` + :func:`default_store_path`: the store of a server run with no flags."""
+    return f"sqlite://{default_store_path().as_posix()}"
+
+
 def open_store(url: str) -> SessionStore:
-    """Create the store that ``url`` names.
+    """Create the store that ``url`` names (not yet connected: see :meth:`SessionStore.open`).
 
     >>> open_store("memory://").kind
     'memory'
+    >>> open_store("sqlite:///var/lib/chat/chat.db").location
+    '/var/lib/chat/chat.db'
     """
-    scheme, sep, _rest = url.partition("://")
+    scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigurationError(f"store URL {url!r} has no scheme; expected e.g. memory://")
+        raise ConfigurationError(
+            f"store URL {url!r} has no scheme; expected sqlite:///PATH, redis://HOST:PORT/DB "
+            "or memory://"
+        )
     if scheme == "memory":
         from chat.store.memory import MemoryStore
 
         return MemoryStore()
-    raise ConfigurationError(f"unknown store {scheme!r} in {url!r}; expected memory://")
+    if scheme == "sqlite":
+        from chat.store.sqlite import SqliteStore
+
+        path, _, query = rest.partition("?")
+        if not path:
+            raise ConfigurationError(
+                f"store URL {url!r} names no file; expected sqlite:///absolute/path.db "
+                "or sqlite://relative/path.db"
+            )
+        return SqliteStore(Path(os.path.expanduser(path)), options=query)
+    if scheme in ("redis", "rediss", "unix"):
+        from chat.store.redis import RedisStore
+
+        return RedisStore(url)
+    raise ConfigurationError(
+        f"unknown store {scheme!r} in {url!r}; expected sqlite://, redis:// or memory://"
+    )

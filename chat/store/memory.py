@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from chat.errors import SessionNotFound
 from chat.store import SessionPage
 from chat.store._cursor import decode_cursor, encode_cursor
+from chat.store._locks import LocalLocks
 from chat.types import Message, Session, SessionPatch
 
 __all__ = ["MemoryStore"]
@@ -23,20 +23,18 @@ class _Entry:
     messages: list[Message] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Lock:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 class MemoryStore:
     """Sessions in a dict owned by this store instance (never shared between servers)."""
 
     kind = "memory"
+    location = "memory of this process"
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
-        self._locks: dict[str, _Lock] = {}
+        self._locks = LocalLocks()
+
+    async def open(self) -> None:
+        return None
 
     def _entry(self, session_id: str) -> _Entry:
         entry = self._entries.get(session_id)
@@ -95,21 +93,37 @@ class MemoryStore:
         )
         return entry.session
 
-    @asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[None]:
-        # One lock per session while anybody holds or waits for it; dropped afterwards so
-        # that the dict does not grow with every session ever used.
-        holder = self._locks.get(session_id)
-        if holder is None:
-            holder = self._locks[session_id] = _Lock()
-        holder.users += 1
-        try:
-            async with holder.lock:
-                yield
-        finally:
-            holder.users -= 1
-            if holder.users == 0:
-                del self._locks[session_id]
+    async def trim(self, session_id: str, keep: int) -> int:
+        entry = self._entry(session_id)
+        dropped = max(0, len(entry.messages) - keep)
+        if dropped:
+            del entry.messages[:dropped]
+            entry.session = dataclasses.replace(entry.session, message_count=len(entry.messages))
+        return dropped
+
+    async def evict(self, keep: int) -> list[str]:
+        excess = len(self._entries) - keep
+        if excess <= 0:
+            return []
+        oldest = sorted(
+            self._entries.values(), key=lambda e: (e.session.last_activity, e.session.session_id)
+        )
+        evicted = [entry.session.session_id for entry in oldest[:excess]]
+        for session_id in evicted:
+            del self._entries[session_id]
+        return evicted
+
+    async def expire(self, idle_before: datetime) -> list[str]:
+        idle = sorted(
+            (e.session for e in self._entries.values() if e.session.last_activity < idle_before),
+            key=lambda s: (s.last_activity, s.session_id),
+        )
+        for session in idle:
+            del self._entries[session.session_id]
+        return [session.session_id for session in idle]
+
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(session_id)
 
     async def aclose(self) -> None:
         # Nothing to release; the sessions stay readable (handy for embedding and tests).

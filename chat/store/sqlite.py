@@ -1,0 +1,553 @@
+"""A :class:`~chat.store.SessionStore` in a SQLite file: the default, for one server.
+
+Durability: the database is in WAL mode with ``synchronous=FULL``, and every write is one
+transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), so a process killed at any point keeps every
+write that returned and none that did not. Several processes may open one file (SQLite's
+locking keeps it consistent) but the per-session :meth:`SqliteStore.lock` only orders turns
+within one process: run a fleet on Redis.
+
+All database work runs on one worker thread that owns the connection; each operation is
+one call on that thread, so operations never interleave and a cancelled caller never leaves
+a transaction half done (the operation finishes, its result is dropped).
+
+The schema is versioned in the table ``schema_migrations``; :data:`MIGRATIONS` brings a file
+of any earlier version up to :data:`SCHEMA_VERSION` when the store opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from chat.errors import ConfigurationError, SessionNotFound, StoreUnavailable
+from chat.store import SessionPage
+from chat.store._cursor import decode_cursor, encode_cursor
+from chat.store._locks import LocalLocks
+from chat.types import (
+    ContextPolicy,
+    Message,
+    MessageStatus,
+    Role,
+    Session,
+    SessionPatch,
+    Usage,
+    format_timestamp,
+    parse_timestamp,
+    utcnow,
+)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SqliteStore"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Migration:
+    """The statements that bring a database from ``version - 1`` to ``version``."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+#: Every schema change, oldest first. Never edit a released migration: add one.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "sessions and their messages",
+        (
+            """CREATE TABLE sessions (
+                session_id TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL,
+                last_activity TEXT NOT NULL,
+                title TEXT NOT NULL DEFAULT '',
+                model TEXT NOT NULL DEFAULT '',
+                system_prompt TEXT NOT NULL DEFAULT '',
+                context_policy INTEGER NOT NULL DEFAULT 0
+            )""",
+            # Keyset pagination, newest first: (created_at, session_id) descending.
+            "CREATE INDEX sessions_by_created ON sessions (created_at, session_id)",
+            """CREATE TABLE messages (
+                session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+                seq INTEGER NOT NULL,
+                role INTEGER NOT NULL,
+                content TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                request_id TEXT NOT NULL DEFAULT '',
+                model TEXT NOT NULL DEFAULT '',
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                PRIMARY KEY (session_id, seq)
+            ) WITHOUT ROWID""",
+        ),
+    ),
+    Migration(
+        2,
+        "retention: message counters and an index on last activity",
+        (
+            # Counting a long history on every read and page of sessions is O(messages);
+            # a counter kept by the writes is O(1).
+            "ALTER TABLE sessions ADD COLUMN message_count INTEGER NOT NULL DEFAULT 0",
+            """UPDATE sessions SET message_count =
+                (SELECT COUNT(*) FROM messages AS m WHERE m.session_id = sessions.session_id)""",
+            # Eviction (least recently active first) and expiry (idle since) scan by activity.
+            "CREATE INDEX sessions_by_activity ON sessions (last_activity, session_id)",
+        ),
+    ),
+)
+
+#: The schema version this code reads and writes.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+_SESSION_COLUMNS = (
+    "session_id, created_at, last_activity, title, model, system_prompt, context_policy, "
+    "message_count"
+)
+_MESSAGE_COLUMNS = (
+    "role, content, created_at, status, request_id, model, prompt_tokens, completion_tokens"
+)
+_SYNCHRONOUS = ("full", "normal")
+
+
+def _session(row: Sequence[Any]) -> Session:
+    return Session(
+        session_id=row[0],
+        created_at=parse_timestamp(row[1]),
+        last_activity=parse_timestamp(row[2]),
+        title=row[3],
+        model=row[4],
+        system_prompt=row[5],
+        context_policy=ContextPolicy(row[6]),
+        message_count=row[7],
+    )
+
+
+def _message(row: Sequence[Any]) -> Message:
+    usage = None if row[6] is None else Usage(row[6], row[7])
+    return Message(
+        role=Role(row[0]),
+        content=row[1],
+        created_at=parse_timestamp(row[2]),
+        status=MessageStatus(row[3]),
+        request_id=row[4],
+        model=row[5],
+        usage=usage,
+    )
+
+
+def _message_row(session_id: str, seq: int, message: Message) -> tuple[object, ...]:
+    usage = message.usage
+    return (
+        session_id,
+        seq,
+        int(message.role),
+        message.content,
+        format_timestamp(message.created_at),
+        int(message.status),
+        message.request_id,
+        message.model,
+        None if usage is None else usage.prompt_tokens,
+        None if usage is None else usage.completion_tokens,
+    )
+
+
+def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> tuple[int, int]:
+    """Bring ``db`` to schema ``target`` in one transaction; return ``(before, after)``.
+
+    Safe against another process migrating the same file at the same time: the version is
+    read after the write lock is taken.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                description TEXT NOT NULL,
+                applied_at TEXT NOT NULL
+            )"""
+        )
+        (current,) = db.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+        ).fetchone()
+        if current > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the database was written by a newer grpc-chat (schema v{current}; this one "
+                f"knows up to v{SCHEMA_VERSION}): upgrade grpc-chat or use another file"
+            )
+        for migration in MIGRATIONS:
+            if current < migration.version <= target:
+                for statement in migration.statements:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) "
+                    "VALUES (?, ?, ?)",
+                    (migration.version, migration.description, format_timestamp(utcnow())),
+                )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return current, max(current, target)
+
+
+def connect(
+    path: Path, *, synchronous: str = "full", busy_timeout: float = 10.0
+) -> sqlite3.Connection:
+    """A connection to ``path`` set up as the store uses it (WAL, foreign keys, no migration)."""
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        (mode,) = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise ConfigurationError(f"SQLite file {path} cannot use WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        db.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class SqliteStore:
+    """Sessions in a SQLite file.
+
+    >>> store = SqliteStore(Path("/tmp/chat.db"))            # doctest: +SKIP
+    >>> await store.open()                                     # doctest: +SKIP
+
+    ``options`` is the query string of the store URL: ``synchronous=normal`` trades the
+    last commits before a power loss (never a process crash) for fewer disk flushes.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path, *, options: str = "") -> None:
+        self.path = path
+        settings = dict(parse_qsl(options, keep_blank_values=True))
+        self._synchronous = settings.pop("synchronous", "full").lower()
+        if self._synchronous not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"synchronous={self._synchronous!r} in the SQLite store URL; "
+                f"choose one of {', '.join(_SYNCHRONOUS)}"
+            )
+        if settings:
+            raise ConfigurationError(
+                f"unknown SQLite store option(s) {', '.join(sorted(settings))}; "
+                "the only one is synchronous=full|normal"
+            )
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._opening: asyncio.Lock | None = None
+        self._locks = LocalLocks()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._db is not None:
+                return
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-sqlite")
+            loop = asyncio.get_running_loop()
+            try:
+                self._db = await loop.run_in_executor(executor, self._open_sync)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+            self._executor = executor
+
+    def _open_sync(self) -> sqlite3.Connection:
+        path = self.path
+        existed = path.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = connect(path, synchronous=self._synchronous)
+        except (OSError, sqlite3.Error) as error:
+            raise ConfigurationError(f"cannot open the SQLite store {path}: {error}") from error
+        try:
+            before, after = migrate(db)
+        except sqlite3.Error as error:
+            db.close()
+            raise ConfigurationError(
+                f"{path} is not a usable grpc-chat database: {error}"
+            ) from error
+        except BaseException:
+            db.close()
+            raise
+        if not existed:
+            log.info("created SQLite store %s (schema v%d)", path, after)
+        elif before != after:
+            log.info("upgraded SQLite store %s from schema v%d to v%d", path, before, after)
+        else:
+            log.info("opened SQLite store %s (schema v%d)", path, after)
+        return db
+
+    async def aclose(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        db, self._db = self._db, None
+        try:
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, db.close)
+        finally:
+            # The worker is idle now (the close was its last job): joining is immediate.
+            executor.shutdown(wait=True)
+
+    async def _run(self, operation: Callable[..., T], *args: Any) -> T:
+        """Run ``operation(db, *args)`` on the worker thread; map database failures."""
+        if self._db is None:
+            await self.open()
+        db, executor = self._db, self._executor
+        if db is None or executor is None:
+            raise StoreUnavailable(f"the SQLite store {self.path} is closed")
+        call = functools.partial(operation, db, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, call)
+        except sqlite3.OperationalError as error:
+            # "database is locked" past the busy timeout, a full disk, an I/O error: the
+            # store is there but cannot serve now.
+            raise StoreUnavailable(
+                f"the SQLite store {self.path} cannot serve the request: {error}"
+            ) from error
+
+    # -- operations (each runs on the worker thread, each write in one transaction) ---------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _transaction(db: sqlite3.Connection) -> Any:
+        # IMMEDIATE takes the write lock up front, so that a read-then-write (the next
+        # message number, the count) is never stale when another process shares the file.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, session_id: str) -> Session:
+        row = db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise SessionNotFound(session_id)
+        return _session(row)
+
+    async def create(self, session: Session) -> None:
+        await self._run(self._create_sync, session)
+
+    @classmethod
+    def _create_sync(cls, db: sqlite3.Connection, session: Session) -> None:
+        with cls._transaction(db):
+            try:
+                db.execute(
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    (
+                        session.session_id,
+                        format_timestamp(session.created_at),
+                        format_timestamp(session.last_activity),
+                        session.title,
+                        session.model,
+                        session.system_prompt,
+                        int(session.context_policy),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"session {session.session_id!r} already exists") from None
+
+    async def get(self, session_id: str) -> Session:
+        return await self._run(self._get, session_id)
+
+    async def update(self, session_id: str, patch: SessionPatch, now: datetime) -> Session:
+        return await self._run(self._update_sync, session_id, patch, now)
+
+    @classmethod
+    def _update_sync(
+        cls, db: sqlite3.Connection, session_id: str, patch: SessionPatch, now: datetime
+    ) -> Session:
+        changes: dict[str, object] = {name: getattr(patch, name) for name in patch.changed()}
+        if "context_policy" in changes:
+            changes["context_policy"] = int(patch.context_policy or 0)
+        changes["last_activity"] = format_timestamp(now)
+        # Column names come from SessionPatch's fixed field list, never from the caller.
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        with cls._transaction(db):
+            cursor = db.execute(
+                f"UPDATE sessions SET {assignments} WHERE session_id = ?",
+                (*changes.values(), session_id),
+            )
+            if cursor.rowcount == 0:
+                raise SessionNotFound(session_id)
+            return cls._get(db, session_id)
+
+    async def delete(self, session_id: str) -> int:
+        return await self._run(self._delete_sync, session_id)
+
+    @classmethod
+    def _delete_sync(cls, db: sqlite3.Connection, session_id: str) -> int:
+        with cls._transaction(db):
+            count = cls._get(db, session_id).message_count
+            # The messages go with it (ON DELETE CASCADE).
+            db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+            return count
+
+    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+        after = None if cursor is None else decode_cursor(cursor)
+        return await self._run(self._list_sync, limit, after)
+
+    @staticmethod
+    def _list_sync(
+        db: sqlite3.Connection, limit: int, after: tuple[datetime, str] | None
+    ) -> SessionPage:
+        if after is None:
+            rows = db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions "
+                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+                (limit + 1,),
+            ).fetchall()
+        else:
+            rows = db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions "
+                "WHERE (created_at, session_id) < (?, ?) "
+                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+                (format_timestamp(after[0]), after[1], limit + 1),
+            ).fetchall()
+        sessions = [_session(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        last = sessions[-1] if sessions else None
+        next_cursor = (
+            encode_cursor(last.created_at, last.session_id) if more and last is not None else None
+        )
+        return SessionPage(sessions, next_cursor)
+
+    async def count(self) -> int:
+        return await self._run(self._count_sync)
+
+    @staticmethod
+    def _count_sync(db: sqlite3.Connection) -> int:
+        (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        return int(count)
+
+    async def messages(self, session_id: str) -> list[Message]:
+        return await self._run(self._messages_sync, session_id)
+
+    @classmethod
+    def _messages_sync(cls, db: sqlite3.Connection, session_id: str) -> list[Message]:
+        # One read transaction: the session check and the rows see the same snapshot.
+        db.execute("BEGIN")
+        try:
+            cls._get(db, session_id)
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return [_message(row) for row in rows]
+
+    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+        return await self._run(self._append_sync, session_id, list(messages))
+
+    @classmethod
+    def _append_sync(
+        cls, db: sqlite3.Connection, session_id: str, messages: list[Message]
+    ) -> Session:
+        with cls._transaction(db):
+            session = cls._get(db, session_id)
+            if not messages:
+                return session
+            (next_seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            db.executemany(
+                "INSERT INTO messages (session_id, seq, "
+                f"{_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    _message_row(session_id, next_seq + offset, message)
+                    for offset, message in enumerate(messages)
+                ],
+            )
+            db.execute(
+                "UPDATE sessions SET message_count = message_count + ?, last_activity = ? "
+                "WHERE session_id = ?",
+                (len(messages), format_timestamp(messages[-1].created_at), session_id),
+            )
+            return cls._get(db, session_id)
+
+    async def trim(self, session_id: str, keep: int) -> int:
+        return await self._run(self._trim_sync, session_id, keep)
+
+    @classmethod
+    def _trim_sync(cls, db: sqlite3.Connection, session_id: str, keep: int) -> int:
+        with cls._transaction(db):
+            excess = cls._get(db, session_id).message_count - keep
+            if excess <= 0:
+                return 0
+            db.execute(
+                "DELETE FROM messages WHERE session_id = ? AND seq IN "
+                "(SELECT seq FROM messages WHERE session_id = ? ORDER BY seq LIMIT ?)",
+                (session_id, session_id, excess),
+            )
+            db.execute(
+                "UPDATE sessions SET message_count = message_count - ? WHERE session_id = ?",
+                (excess, session_id),
+            )
+            return excess
+
+    async def evict(self, keep: int) -> list[str]:
+        return await self._run(self._evict_sync, keep)
+
+    @classmethod
+    def _evict_sync(cls, db: sqlite3.Connection, keep: int) -> list[str]:
+        with cls._transaction(db):
+            excess = cls._count_sync(db) - keep
+            if excess <= 0:
+                return []
+            rows = db.execute(
+                "SELECT session_id FROM sessions ORDER BY last_activity, session_id LIMIT ?",
+                (excess,),
+            ).fetchall()
+            return cls._delete_all(db, [row[0] for row in rows])
+
+    async def expire(self, idle_before: datetime) -> list[str]:
+        return await self._run(self._expire_sync, idle_before)
+
+    @classmethod
+    def _expire_sync(cls, db: sqlite3.Connection, idle_before: datetime) -> list[str]:
+        with cls._transaction(db):
+            rows = db.execute(
+                "SELECT session_id FROM sessions WHERE last_activity < ? "
+                "ORDER BY last_activity, session_id",
+                (format_timestamp(idle_before),),
+            ).fetchall()
+            return cls._delete_all(db, [row[0] for row in rows])
+
+    @staticmethod
+    def _delete_all(db: sqlite3.Connection, session_ids: list[str]) -> list[str]:
+        db.executemany("DELETE FROM sessions WHERE session_id = ?", [(i,) for i in session_ids])
+        return session_ids
+
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        # Within this process only: several processes on one file stay consistent (each
+        # write is a transaction) but their turns on one session are not ordered.
+        return self._locks.hold(session_id)

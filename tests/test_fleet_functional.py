@@ -1,0 +1,270 @@
+"""Several ``chat-server`` processes sharing one Redis serve the same sessions.
+
+Also behind nginx as a gRPC load balancer (``grpc_pass``), as the README shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from grpclib.client import Channel
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+import chatpb
+from tests.helpers import TIMEOUT, ChatStream, ServerProcess, reply_text, running_server_process
+from tests.stores import REDIS_URL, delete_prefix, redis_store_url, unique_prefix
+
+pytestmark = pytest.mark.slow
+
+#: A reply that takes many seconds at the pace used below: killed long before its end.
+LONG_MESSAGE = " ".join(f"word{n}" for n in range(2000))
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    name = unique_prefix()
+    try:
+        yield name
+    finally:
+        await delete_prefix(name)
+
+
+@contextlib.contextmanager
+def replicas(store: str, *args: str, count: int = 2) -> Iterator[list[ServerProcess]]:
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(running_server_process("--store", store, *args))
+            for _ in range(count)
+        ]
+
+
+@contextlib.asynccontextmanager
+async def stub_for(server: ServerProcess) -> AsyncIterator[chatpb.ChatServiceStub]:
+    async with Channel(server.host, server.port) as channel:
+        yield chatpb.ChatServiceStub(channel)
+
+
+async def history(stub: chatpb.ChatServiceStub, session_id: str) -> list[chatpb.ChatMessage]:
+    info = await stub.get_session_info(
+        chatpb.SessionInfoRequest(session_id=session_id, include_messages=True)
+    )
+    return list(info.messages)
+
+
+async def turn(stream: ChatStream, session_id: str, text: str, request_id: str) -> str:
+    stream.message(session_id, text, request_id)
+    events = await stream.until_complete(request_id)
+    assert events[-1].type == chatpb.ChatResponseType.RESPONSE_COMPLETE, events[-1]
+    return reply_text(events)
+
+
+def assert_turns_whole_and_in_order(messages: list[chatpb.ChatMessage]) -> None:
+    """Each user message is followed by its own reply, which saw every earlier turn."""
+    assert len(messages) % 2 == 0
+    for n, (user, reply) in enumerate(zip(messages[::2], messages[1::2], strict=True), 1):
+        assert (user.role, reply.role) == (chatpb.Role.USER, chatpb.Role.ASSISTANT)
+        assert user.request_id == reply.request_id
+        plural = "" if n == 1 else "s"
+        context = f"Echo #{n} ({2 * n - 1} message{plural} in context): {user.content}"
+        assert reply.content == context
+    request_ids = [m.request_id for m in messages[::2]]
+    assert len(set(request_ids)) == len(request_ids), "a duplicated turn"
+
+
+async def test_replicas_share_sessions_and_keep_concurrent_turns_in_order(prefix: str) -> None:
+    with replicas(redis_store_url(prefix), "--pace", "0.01") as (one, two):
+        async with stub_for(one) as first, stub_for(two) as second:
+            session_id = (await first.create_session(chatpb.CreateSessionRequest())).session_id
+            async with ChatStream(first) as stream:
+                await turn(stream, session_id, "hello", "a0")
+                await turn(stream, session_id, "again", "a1")
+            # The other replica continues with the whole history.
+            async with ChatStream(second) as stream:
+                reply = await turn(stream, session_id, "elsewhere", "b0")
+            assert reply == "Echo #3 (5 messages in context): elsewhere"
+            assert await history(first, session_id) == await history(second, session_id)
+
+            # Two clients, one on each replica, send on the session at the same time.
+            async def burst(stub: chatpb.ChatServiceStub, name: str) -> None:
+                async with ChatStream(stub) as stream:
+                    for n in range(3):
+                        stream.message(session_id, f"{name} {n}", f"{name}{n}")
+                    for n in range(3):
+                        await stream.until_complete(f"{name}{n}")
+
+            async with asyncio.timeout(TIMEOUT * 2):
+                await asyncio.gather(burst(first, "x"), burst(second, "y"))
+            messages = await history(second, session_id)
+    assert len(messages) == 2 * 9
+    assert_turns_whole_and_in_order(messages)
+    assert {m.request_id for m in messages} == {"a0", "a1", "b0"} | {
+        f"{name}{n}" for name in "xy" for n in range(3)
+    }
+
+
+async def test_a_replica_killed_mid_reply_leaves_the_session_to_the_others(prefix: str) -> None:
+    store = redis_store_url(prefix, lock_lease="2")
+    with replicas(store, "--pace", "0.005") as (one, two):
+        async with stub_for(one) as first, stub_for(two) as second:
+            session_id = (await first.create_session(chatpb.CreateSessionRequest())).session_id
+            async with ChatStream(first) as stream:
+                await turn(stream, session_id, "kept", "r1")
+                stream.message(session_id, LONG_MESSAGE, "cut")
+                await stream.until("cut", [chatpb.ChatResponseType.CHUNK])
+                # Mid-reply, replica 1 holds the session's lock (and renews it)...
+                client = aioredis.Redis.from_url(REDIS_URL)
+                try:
+                    assert await client.exists(f"{prefix}:lock:{session_id}") == 1
+                finally:
+                    await client.aclose()
+                # ...and dies without releasing it.
+                one.process.kill()
+                one.process.wait(TIMEOUT)
+            # Replica 2 waits out the dead replica's lease, then answers.
+            async with ChatStream(second) as stream:
+                reply = await turn(stream, session_id, "after", "r2")
+            assert reply == "Echo #2 (3 messages in context): after"
+            messages = await history(second, session_id)
+    assert [(m.request_id, m.status) for m in messages] == [
+        ("r1", chatpb.MessageStatus.COMPLETE),
+        ("r1", chatpb.MessageStatus.COMPLETE),
+        ("r2", chatpb.MessageStatus.COMPLETE),
+        ("r2", chatpb.MessageStatus.COMPLETE),
+    ]
+    assert_turns_whole_and_in_order(messages)
+
+
+# -- behind nginx ---------------------------------------------------------------------------
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+    )
+    if found is None:
+        pytest.fail(
+            "nginx is not installed: this test runs the fleet behind it. "
+            "Install it (Debian: apt-get install -y nginx; .ci/run does so when it is missing)."
+        )
+    return found
+
+
+def nginx_config(directory: Path, listen_port: int, upstreams: list[str]) -> str:
+    """A gRPC load balancer in front of ``upstreams``, in the foreground, all files in
+    ``directory`` (the README shows the same ``upstream``/``grpc_pass`` for production)."""
+    servers = "\n".join(f"        server {address};" for address in upstreams)
+    return f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    upstream chat_replicas {{
+{servers}
+    }}
+    server {{
+        listen 127.0.0.1:{listen_port} http2;
+        location / {{
+            grpc_pass grpc://chat_replicas;
+            grpc_read_timeout 1h;
+            grpc_send_timeout 1h;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_nginx(directory: Path, upstreams: list[str]) -> Iterator[int]:
+    binary = nginx_binary()
+    port = free_port()
+    config = directory / "nginx.conf"
+    config.write_text(nginx_config(directory, port, upstreams))
+    process = subprocess.Popen(
+        [binary, "-p", str(directory), "-c", str(config), "-e", "stderr"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield port
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=TIMEOUT)
+        if process.returncode not in (0, -15):
+            pytest.fail(f"nginx exited with {process.returncode}: {errors}")
+
+
+async def wait_serving(port: int) -> None:
+    """Until the replicas answer health checks through nginx (bounded)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                async with Channel("127.0.0.1", port) as channel:
+                    reply = await HealthStub(channel).Check(HealthCheckRequest(service=""))
+                if reply.status == HealthCheckResponse.SERVING:
+                    return
+            except (OSError, ConnectionError):
+                pass
+            await asyncio.sleep(0.05)  # nginx is still binding its port
+
+
+async def test_a_fleet_behind_nginx_chats_and_lists_sessions(prefix: str, tmp_path: Path) -> None:
+    with replicas(redis_store_url(prefix)) as fleet:
+        with running_nginx(tmp_path, [server.address for server in fleet]) as port:
+            await wait_serving(port)
+            async with Channel("127.0.0.1", port) as channel:
+                stub = chatpb.ChatServiceStub(channel)
+                created = [
+                    (await stub.create_session(chatpb.CreateSessionRequest(title=f"t{n}")))
+                    for n in range(2)
+                ]
+                session_id = created[0].session_id
+                async with ChatStream(stub) as stream:
+                    replies = [
+                        await turn(stream, session_id, text, f"r{n}")
+                        for n, text in enumerate(("one", "two", "three"))
+                    ]
+                listed = await stub.list_sessions(chatpb.ListSessionsRequest(page_size=1))
+                rest = await stub.list_sessions(
+                    chatpb.ListSessionsRequest(page_size=1, page_token=listed.next_page_token)
+                )
+                messages = await history(stub, session_id)
+        # nginx spread the calls: each replica created one of the two sessions.
+        for server in fleet:
+            async with stub_for(server) as direct:
+                stats = await direct.get_server_stats(chatpb.ServerStatsRequest())
+            assert stats.total_sessions_created == 1
+            assert stats.store == "redis"
+    assert replies == [
+        "Echo #1 (1 message in context): one",
+        "Echo #2 (3 messages in context): two",
+        "Echo #3 (5 messages in context): three",
+    ]
+    assert [s.title for s in (*listed.sessions, *rest.sessions)] == ["t1", "t0"]
+    assert listed.total_size == 2
+    assert rest.next_page_token == ""
+    assert_turns_whole_and_in_order(messages)
