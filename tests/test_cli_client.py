@@ -18,7 +18,8 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    with running_server_process() as process:
+    # Module-scoped, so set up before the per-test data directory: name the store.
+    with running_server_process("--store", "memory://") as process:
         yield process
 
 

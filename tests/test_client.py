@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -56,13 +57,6 @@ LONG_TEXT = " ".join(f"word{i}" for i in range(200))
 FAST_RECONNECT = ReconnectPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.1)
 
 
-class KeepingStore(MemoryStore):
-    """A memory store that survives its server: a stand-in for a durable store across restarts."""
-
-    async def aclose(self) -> None:
-        return None
-
-
 class StallingStore(MemoryStore):
     """``count`` (behind GetServerStats) waits until released: a server that does not answer."""
 
@@ -99,11 +93,14 @@ async def serving(
     port: int = 0,
     *,
     pace: float = 0.0,
+    store_url: str = "memory://",
     store: MemoryStore | None = None,
     backend: EchoBackend | None = None,
 ) -> AsyncIterator[ChatServer]:
     """A server on 127.0.0.1 (``port`` 0: any free port), in this process."""
-    server_config = ServerConfig(host="127.0.0.1", port=port, pace=pace, grace_period=0.2)
+    server_config = ServerConfig(
+        host="127.0.0.1", port=port, pace=pace, store=store_url, grace_period=0.2
+    )
     async with ChatServer(server_config, store=store, backend=backend) as running:
         yield running
 
@@ -439,9 +436,11 @@ async def test_a_client_that_is_not_connected_says_so() -> None:
 # -- connection loss and reconnection -----------------------------------------------------------
 
 
-async def test_reconnects_after_the_server_restarts_and_keeps_the_session() -> None:
-    store = KeepingStore()
-    async with serving(store=store) as first:
+async def test_reconnects_after_the_server_restarts_and_keeps_the_session(
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
         port = first.port
         client = ChatClient(f"127.0.0.1:{port}", reconnect=FAST_RECONNECT)
         await client.connect()
@@ -454,7 +453,7 @@ async def test_reconnects_after_the_server_restarts_and_keeps_the_session() -> N
             # The server said why it went away.
             assert "shutting down" in lost.reason
             assert not client.connected
-            async with serving(port, store=store):
+            async with serving(port, store_url=store):
                 reply = await client.ask(session.session_id, "after")
                 await next_notice(notices, state_is(ConnectionState.RECONNECTED))
                 assert reply.text == "Echo #2 (3 messages in context): after"
@@ -462,9 +461,9 @@ async def test_reconnects_after_the_server_restarts_and_keeps_the_session() -> N
                 await client.aclose()
 
 
-async def test_reconnection_backs_off_until_the_server_is_back() -> None:
-    store = KeepingStore()
-    async with serving(store=store) as first:
+async def test_reconnection_backs_off_until_the_server_is_back(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
         port = first.port
         async with ChatClient(f"127.0.0.1:{port}", reconnect=FAST_RECONNECT) as client:
             session = await client.create_session()
@@ -479,7 +478,7 @@ async def test_reconnection_backs_off_until_the_server_is_back() -> None:
                     )
                     assert isinstance(retrying, ConnectionStateChanged)
                     assert retrying.delay > 0
-                    async with serving(port, store=store):
+                    async with serving(port, store_url=store):
                         reply = await asyncio.wait_for(asyncio.shield(asking), TIMEOUT)
                 finally:
                     asking.cancel()
@@ -501,9 +500,9 @@ async def test_reconnection_gives_up_after_the_policy_attempts() -> None:
         await client.aclose()
 
 
-async def test_without_a_policy_a_lost_connection_raises_until_connect() -> None:
-    store = KeepingStore()
-    async with serving(store=store) as first:
+async def test_without_a_policy_a_lost_connection_raises_until_connect(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
         port = first.port
         async with ChatClient(f"127.0.0.1:{port}") as client:
             session = await client.create_session()
@@ -512,7 +511,7 @@ async def test_without_a_policy_a_lost_connection_raises_until_connect() -> None
                 await next_notice(notices, state_is(ConnectionState.LOST))
             with pytest.raises(ConnectionLost, match="connect"):
                 await client.ask(session.session_id, "hello?")
-            async with serving(port, store=store):
+            async with serving(port, store_url=store):
                 await client.connect()
                 reply = await client.ask(session.session_id, "hello again")
             assert reply.text.startswith("Echo #1")

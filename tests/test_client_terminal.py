@@ -83,8 +83,9 @@ def finish(child: pexpect.spawn[str]) -> int:
 
 @pytest.fixture(scope="module")
 def paced_server() -> Iterator[ServerProcess]:
-    # Slow enough that a long reply is still streaming when Ctrl-C arrives.
-    with running_server_process("--pace", "0.05") as process:
+    # Slow enough that a long reply is still streaming when Ctrl-C arrives. Module-scoped, so
+    # set up before the per-test data directory: name the store.
+    with running_server_process("--pace", "0.05", "--store", "memory://") as process:
         yield process
 
 
@@ -227,34 +228,60 @@ def test_another_client_on_the_session_shows_up_above_the_prompt(
     assert finish(child) == 0
 
 
-def test_the_client_reconnects_when_the_server_comes_back() -> None:
+def test_the_client_reconnects_when_the_server_restarts_and_keeps_its_session(
+    tmp_path: Path,
+) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with running_server_process("--port", str(port)) as first:
+    server_args = ("--port", str(port), "--store", f"sqlite:///{tmp_path / 'chat.db'}")
+    with running_server_process(*server_args) as first:
+        child = spawn("--target", first.address)
+        prompt_session(child)
+        child.sendline("before the restart")
+        child.expect(re.escape("Echo #1 (1 message in context): before the restart"))
+        before = prompt_session(child)
+        assert before is not None
+        first.terminate()
+        # Shown while the person sits at the prompt.
+        child.expect("shutting down")
+        assert prompt_session(child) == before
+    with running_server_process(*server_args):
+        child.sendline("after the restart")
+        child.expect("reconnecting to")
+        child.expect(f"reconnected to 127.0.0.1:{port}; still in session {before}")
+        child.expect(re.escape("Echo #2 (3 messages in context): after the restart"))
+        assert prompt_session(child) == before
+        child.sendline("/stats")
+        child.expect(r"reconnections\s+1")
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
+
+
+def test_a_session_the_new_server_does_not_know_is_dropped_with_a_note() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_args = ("--port", str(port), "--store", "memory://")
+    with running_server_process(*server_args) as first:
         child = spawn("--target", first.address)
         prompt_session(child)
         child.sendline("before the restart")
         child.expect(re.escape("Echo #1 (1 message in context): before the restart"))
         before = prompt_session(child)
         first.terminate()
-        # Shown while the person sits at the prompt.
-        child.expect("lost the connection")
-    with running_server_process("--port", str(port)):
-        child.sendline("/ping")
-        child.expect("reconnecting to")
-        child.expect("pong from")
-        # The memory store of the first server went with it: the session is not there.
+        child.expect("shutting down")
+    with running_server_process(*server_args):
+        # The memory store of the first server went with it.
         child.sendline("after the restart")
         child.expect("not found")
         child.expect("your next message starts a new one")
-        prompt_session(child)
+        assert prompt_session(child) is None
         child.sendline("after the restart")
         child.expect(r"New session (?P<id>[0-9a-f]{8})")
         assert matched(child, "id") != before
         child.expect(re.escape("Echo #1 (1 message in context): after the restart"))
         prompt_session(child)
-        child.sendline("/stats")
-        child.expect(r"reconnections\s+1")
         child.sendline("/quit")
         assert finish(child) == 0
