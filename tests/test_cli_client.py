@@ -152,7 +152,7 @@ def test_interactive_mode_reads_a_script_from_stdin(server: ServerProcess) -> No
         [
             "first message",
             "/info",
-            "/title renamed by a script",
+            "/title renamed [bold]by[/nope] a script",
             "/history",
             "/new another",
             "/sessions",
@@ -169,7 +169,8 @@ def test_interactive_mode_reads_a_script_from_stdin(server: ServerProcess) -> No
     out = result.stdout
     assert "Connected to" in out
     assert "Assistant › Echo #1 (1 message in context): first message" in out
-    assert "Title set: renamed by a script" in out
+    # Printed as typed, never read as rich markup.
+    assert "Title set: renamed [bold]by[/nope] a script" in out
     assert "You › first message" in out
     assert "nothing to retry" in out
     assert "unknown command /bogus" in out

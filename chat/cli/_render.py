@@ -47,6 +47,8 @@ def make_console(file: TextIO | None = None) -> Console:
     plain = not is_terminal or "NO_COLOR" in os.environ
     return Console(
         file=file,
+        # What is printed comes from people and models: never read it as rich markup.
+        markup=False,
         highlight=False,
         no_color=plain,
         # Without a terminal, rich would still emit bold/italic codes: plain text only.
