@@ -690,6 +690,7 @@ class ReplyStream:
         self.session_id = session_id
         self.request_id = str(uuid.uuid4())
         self._pending: _Pending | None = None
+        self._conn: _Connection | None = None
         self._done = False
         self._parts: list[str] = []
         self._result: Reply | None = None
@@ -712,7 +713,7 @@ class ReplyStream:
     async def start(self) -> None:
         """Send the request (done by the first iteration if not called)."""
         if self._pending is None:
-            self._pending = await self._client._submit(
+            self._conn, self._pending = await self._client._submit(
                 chatpb.ChatRequest(
                     type=self._kind,
                     session_id=self.session_id,
@@ -722,9 +723,20 @@ class ReplyStream:
             )
 
     async def cancel(self) -> None:
-        """Ask the server to stop this reply; it then ends with ``ReplyCompleted(CANCELLED)``."""
-        if self._pending is not None and not self._done:
-            await self._client.cancel(self.request_id)
+        """Ask the server to stop this reply; it then ends with ``ReplyCompleted(CANCELLED)``.
+
+        Nothing to do once the reply ended, or if its connection is gone (the reply went
+        with it): the CANCEL only means something on the stream that carries the reply.
+        """
+        if self._conn is not None and not self._done:
+            await self._client._write(
+                self._conn,
+                chatpb.ChatRequest(
+                    type=chatpb.ChatRequestType.CANCEL,
+                    session_id=self.session_id,
+                    request_id=self.request_id,
+                ),
+            )
 
     def __aiter__(self) -> Self:
         return self
@@ -1139,37 +1151,43 @@ class ChatClient:
         """
         return Notices(self)
 
-    async def _submit(self, request: chatpb.ChatRequest, *, expect_answer: bool = True) -> _Pending:
+    async def _submit(self, request: chatpb.ChatRequest) -> tuple[_Connection, _Pending]:
+        """Send a request that expects answers; return where it went and its queue."""
         pending = _Pending(
             request.request_id,
             is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
         )
-        request.timestamp = format_timestamp(utcnow())
-        while True:
+        for _ in range(3):
             conn = await self._ready()
-            if expect_answer:
-                conn.pending[request.request_id] = pending
+            conn.pending[request.request_id] = pending
             try:
-                # grpclib writes a message in several frames; two writers must not interleave.
-                async with conn.send_lock:
-                    if conn.lost is None:
-                        await conn.stream.send_message(request)
-            except _TRANSPORT_ERRORS as error:
-                conn.pending.pop(request.request_id, None)
-                lost = ConnectionLost(self.config.target, _describe(error))
-                self._connection_lost(conn, lost)
-                raise lost from error
+                sent = await self._write(conn, request)
             except BaseException:
                 conn.pending.pop(request.request_id, None)
                 raise
-            if conn.lost is None:
-                break
+            if sent:
+                if pending.is_turn:
+                    self._counters.messages_sent += 1
+                return conn, pending
             # The connection went away while this request waited to be written (the server
             # said goodbye): nothing was sent, so it can go out on the next connection.
             conn.pending.pop(request.request_id, None)
-        if pending.is_turn:
-            self._counters.messages_sent += 1
-        return pending
+        raise ConnectionLost(self.config.target, "the server kept closing the connection")
+
+    async def _write(self, conn: _Connection, request: chatpb.ChatRequest) -> bool:
+        """Write ``request`` on ``conn``'s stream; ``False`` if the connection is gone."""
+        request.timestamp = format_timestamp(utcnow())
+        try:
+            # grpclib writes a message in several frames; two writers must not interleave.
+            async with conn.send_lock:
+                if conn.lost is not None:
+                    return False
+                await conn.stream.send_message(request)
+        except _TRANSPORT_ERRORS as error:
+            lost = ConnectionLost(self.config.target, _describe(error))
+            self._connection_lost(conn, lost)
+            raise lost from error
+        return True
 
     # -- conversation ------------------------------------------------------------------------
 
@@ -1199,17 +1217,22 @@ class ChatClient:
         """Stop the reply to ``request_id``, or every reply of ``session_id`` on this connection.
 
         The replies then end with :class:`ReplyCompleted` whose ``finish_reason`` is
-        ``CANCELLED``; the server keeps what was said so far.
+        ``CANCELLED``; the server keeps what was said so far. Without a connection there is
+        nothing to cancel (replies end with the connection that carried them), and nothing
+        is done.
         """
         if not request_id and not session_id:
             raise InvalidArgument("request_id", "cancel needs a request_id or a session_id")
-        await self._submit(
+        conn = self._conn
+        if conn is None:
+            if not self._ever_connected:
+                raise RuntimeError("the client is not connected: use `async with` or connect()")
+            return
+        await self._write(
+            conn,
             chatpb.ChatRequest(
-                type=chatpb.ChatRequestType.CANCEL,
-                session_id=session_id,
-                request_id=request_id,
+                type=chatpb.ChatRequestType.CANCEL, session_id=session_id, request_id=request_id
             ),
-            expect_answer=False,
         )
 
     async def ping(self) -> float:
@@ -1222,10 +1245,9 @@ class ChatClient:
         conn.pending[request_id] = pending
         started = time.perf_counter()
         try:
-            async with conn.send_lock:
-                await conn.stream.send_message(
-                    chatpb.ChatRequest(type=chatpb.ChatRequestType.PING, request_id=request_id)
-                )
+            request = chatpb.ChatRequest(type=chatpb.ChatRequestType.PING, request_id=request_id)
+            if not await self._write(conn, request):
+                raise ConnectionLost(self.config.target, "the connection closed before the PING")
             async with asyncio.timeout(self.config.timeout):
                 item = await pending.queue.get()
         except TimeoutError:

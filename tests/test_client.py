@@ -520,7 +520,7 @@ async def test_without_a_policy_a_lost_connection_raises_until_connect(tmp_path:
 @pytest.mark.slow
 async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
     with running_server_process("--pace", "0.2") as process:
-        async with ChatClient(process.address) as client:
+        async with ChatClient(process.address, reconnect=FAST_RECONNECT) as client:
             session = await client.create_session()
 
             async def read_while_the_server_dies(reply: ReplyStream) -> None:
@@ -534,6 +534,8 @@ async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
             assert client.stats.replies_failed == 1
             assert client.pending_requests == 0
             assert not client.connected
+            # Leaving the reply's block did not reconnect just to cancel a reply that is gone.
+            assert client.stats.connection_attempts == 1
 
 
 # -- configuration ------------------------------------------------------------------------------
