@@ -225,6 +225,10 @@ class ClientConfig:
     connect_timeout: float = 5.0
     #: Reconnect automatically after a loss; ``None``: raise ConnectionLost instead.
     reconnect: ReconnectPolicy | None = None
+    #: Seconds a reply may stay silent before the client PINGs the server to check that the
+    #: stream is alive (a model thinking is fine: the PONG comes at once); no PONG within
+    #: ``timeout`` means the connection is lost. ``None`` never checks.
+    keepalive: float | None = 15.0
     host: str = field(init=False)
     port: int = field(init=False)
 
@@ -236,6 +240,8 @@ class ClientConfig:
             raise ConfigurationError(f"timeout must be > 0, not {self.timeout}")
         if not self.connect_timeout > 0:
             raise ConfigurationError(f"connect_timeout must be > 0, not {self.connect_timeout}")
+        if self.keepalive is not None and not self.keepalive > 0:
+            raise ConfigurationError(f"keepalive must be > 0 or None, not {self.keepalive}")
 
 
 # -- what the client returns ----------------------------------------------------------------
@@ -746,7 +752,15 @@ class ReplyStream:
             raise StopAsyncIteration
         await self.start()
         assert self._pending is not None
-        item = await self._pending.queue.get()
+        assert self._conn is not None
+        while True:
+            try:
+                async with asyncio.timeout(self._client.config.keepalive):
+                    item = await self._pending.queue.get()
+                break
+            except TimeoutError:
+                # Silent for a while: a loss is queued here if the stream is dead.
+                await self._client._check_alive(self._conn)
         if isinstance(item, ChatError):
             self._done = True
             raise item
@@ -848,9 +862,14 @@ class ChatClient:
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
         reconnect: ReconnectPolicy | None = None,
+        keepalive: float | None = 15.0,
     ) -> None:
         self.config = ClientConfig(
-            target=target, timeout=timeout, connect_timeout=connect_timeout, reconnect=reconnect
+            target=target,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            reconnect=reconnect,
+            keepalive=keepalive,
         )
         self._init()
 
@@ -1234,6 +1253,22 @@ class ChatClient:
                 type=chatpb.ChatRequestType.CANCEL, session_id=session_id, request_id=request_id
             ),
         )
+
+    async def _check_alive(self, conn: _Connection) -> None:
+        """PING ``conn``; without a PONG in time, declare it lost (failing its requests).
+
+        A connection can die without a word: a stopped server that leaves the socket open,
+        a network partition, a handler cancelled on the other side.
+        """
+        if conn.lost is not None:
+            return
+        try:
+            await self._ping_on(conn)
+        except DeadlineExceeded:
+            reason = f"the server stopped answering (no PONG within {self.config.timeout:g}s)"
+            self._connection_lost(conn, ConnectionLost(self.config.target, reason))
+        except ChatError:
+            pass  # lost meanwhile: its requests already have the error
 
     async def ping(self) -> float:
         """Round-trip time of a PING on the Chat stream, in seconds."""

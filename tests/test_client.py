@@ -517,6 +517,32 @@ async def test_without_a_policy_a_lost_connection_raises_until_connect(tmp_path:
             assert reply.text.startswith("Echo #1")
 
 
+async def test_a_silent_stream_is_detected_by_keepalive_pings() -> None:
+    async with serving(pace=PACE) as server:
+        client = ChatClient(address(server), keepalive=0.1, timeout=0.5)
+        async with client:
+            session = await client.create_session()
+            # Slower than the keepalive between chunks: the PINGs are answered, all is well.
+            slow = await client.ask(session.session_id, "a b c")
+            assert slow.finish_reason is FinishReason.STOP
+            assert client.connected
+            # A server stopped in-process cancels the reply's handler after its grace period
+            # and leaves the socket open without a word: only the keepalive can tell.
+            stopping: list[asyncio.Task[None]] = []
+
+            async def read_while_the_server_stops() -> None:
+                # Bounded: without the keepalive this would wait forever.
+                async with asyncio.timeout(TIMEOUT):
+                    async for event in client.send(session.session_id, LONG_TEXT):
+                        if isinstance(event, ReplyChunk) and not stopping:
+                            stopping.append(asyncio.create_task(server.stop()))
+
+            with pytest.raises(ConnectionLost, match="stopped answering"):
+                await read_while_the_server_stops()
+            await stopping[0]
+            assert not client.connected
+
+
 @pytest.mark.slow
 async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
     with running_server_process("--pace", "0.2") as process:
