@@ -7,6 +7,9 @@ Run a server from Python::
 
     asyncio.run(serve(ServerConfig(port=50051)))
 
+The OpenAI-compatible and Gemini backends are in ``chat.backends.openai`` and
+``chat.backends.gemini`` (extras ``grpc-chat[openai]`` and ``grpc-chat[gemini]``).
+
 Talk to one with the typed client::
 
     from chat import ChatClient, ReplyChunk
@@ -23,7 +26,9 @@ The generated message types and stubs are in the ``chatpb`` package
 
 from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
+from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.client import (
     ChatClient,
     ClientConfig,
@@ -48,6 +53,7 @@ from chat.client import (
     SessionUpdated,
 )
 from chat.config import ServerConfig
+from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
 from chat.errors import (
     BackendAuthError,
@@ -72,7 +78,8 @@ from chat.errors import (
 )
 from chat.events import Event, EventKind
 from chat.retention import Retention
-from chat.server import ChatServer, serve
+from chat.secret import Secret
+from chat.server import ChatServer, create_backend, serve
 from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
 from chat.store.sqlite import SqliteStore
@@ -100,11 +107,14 @@ __all__ = [
     "ChatServer",
     "ClientConfig",
     "ClientStats",
+    "CoalescingBackend",
     "ConfigurationError",
     "ConnectionLost",
     "ConnectionState",
     "ConnectionStateChanged",
+    "ContextBudget",
     "ContextPolicy",
+    "ContextSettings",
     "ContextTooLong",
     "Conversation",
     "DeadlineExceeded",
@@ -126,6 +136,7 @@ __all__ = [
     "Notices",
     "PromptMessage",
     "ReconnectPolicy",
+    "RemoteSettings",
     "Reply",
     "ReplyChunk",
     "ReplyCompleted",
@@ -137,7 +148,9 @@ __all__ = [
     "Request",
     "RequestKind",
     "Retention",
+    "RetryPolicy",
     "Role",
+    "Secret",
     "ServerConfig",
     "ServerNotice",
     "ServerStatsInfo",
@@ -156,6 +169,7 @@ __all__ = [
     "Unavailable",
     "Usage",
     "__version__",
+    "create_backend",
     "default_store_url",
     "open_store",
     "serve",

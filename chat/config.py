@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from chat.backends.remote import RemoteSettings, RetryPolicy
+from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ConfigurationError
 from chat.retention import Retention
+from chat.secret import Secret
 from chat.store import default_store_url
 
-__all__ = ["BACKENDS", "ServerConfig"]
+__all__ = ["API_KEY_ENV_VARS", "BACKENDS", "DEFAULT_COALESCE_WINDOW", "ServerConfig"]
 
 #: Backend names ``--backend`` accepts.
-BACKENDS = ("echo",)
+BACKENDS = ("echo", "openai", "gemini")
+
+#: Environment variables an API key is read from, per backend, first match wins.
+API_KEY_ENV_VARS: Mapping[str, tuple[str, ...]] = {
+    "echo": (),
+    "openai": ("CHAT_API_KEY", "OPENAI_API_KEY"),
+    # GOOGLE_API_KEY first: the google-genai SDK prefers it when both are set.
+    "gemini": ("CHAT_API_KEY", "GOOGLE_API_KEY", "GEMINI_API_KEY"),
+}
+
+#: The coalescing window (seconds) of each backend when the config sets none. The echo
+#: backend's deltas are paced (or instant, in tests and benchmarks); remote models' deltas
+#: arrive in bursts that are worth merging (see benchmarks/coalescing.py).
+DEFAULT_COALESCE_WINDOW: Mapping[str, float] = {"echo": 0.0, "openai": 0.005, "gemini": 0.005}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +46,19 @@ class ServerConfig:
     backend: str = "echo"
     #: The default model for new sessions; empty for the backend's own default.
     model: str = ""
+    #: The OpenAI-compatible or Gemini endpoint; empty for the provider's public one.
+    base_url: str = ""
+    #: The backend's API key (never logged or shown; see :class:`~chat.secret.Secret`).
+    api_key: Secret | None = field(default=None, repr=False)
+    #: Seconds to wait for a connection to the model server.
+    connect_timeout: float = 10.0
+    #: Seconds to wait for each read from the model server (the first token included).
+    read_timeout: float = 120.0
+    #: Retries of a transient failure before the first token (0: none).
+    retries: int = 2
+    #: Deltas arriving within this many seconds are merged; ``None``: the backend's default.
+    coalesce_window: float | None = None
+    context: ContextSettings = field(default_factory=ContextSettings)
     #: Session store URL; the default is a SQLite file in the user's data directory.
     store: str = field(default_factory=default_store_url)
     #: Seconds between the echo backend's words (0: as fast as possible).
@@ -48,6 +79,37 @@ class ServerConfig:
             raise ConfigurationError(f"pace must be >= 0, not {self.pace}")
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not value > 0 or math.isinf(value):
+                raise ConfigurationError(f"{name} must be a finite number > 0, not {value}")
+        if not 0 <= self.retries <= 10:
+            raise ConfigurationError(f"retries must be between 0 and 10, not {self.retries}")
+        window = self.coalesce_window
+        if window is not None and not 0 <= window <= 1:
+            raise ConfigurationError(f"coalesce_window must be between 0 and 1s, not {window}")
+        if self.api_key is not None and not isinstance(self.api_key, Secret):
+            raise ConfigurationError("api_key must be a chat.Secret (so that it is never shown)")
+        # Builds and so checks the URL.
+        self.remote_settings()
+
+    def remote_settings(self) -> RemoteSettings:
+        """What an HTTP backend (openai, gemini) needs from this config."""
+        return RemoteSettings(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            default_model=self.model,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retry=RetryPolicy(attempts=self.retries + 1),
+        )
+
+    @property
+    def effective_coalesce_window(self) -> float:
+        """The coalescing window in seconds, with the backend's default applied."""
+        if self.coalesce_window is not None:
+            return self.coalesce_window
+        return DEFAULT_COALESCE_WINDOW.get(self.backend, 0.0)
 
     @property
     def address(self) -> str:

@@ -1,14 +1,170 @@
-"""Building the prompt for a turn from a session's history."""
+"""Building the prompt for a turn from a session's history, within the model's context window.
+
+Each model has a context window in tokens: configured (``--context-window``), known for
+common models (:data:`KNOWN_CONTEXT_WINDOWS`), or a default. Part of it is reserved for the
+reply; the prompt gets the rest. :class:`ContextBudget` keeps the system prompt and the
+newest messages, and drops the oldest (policy ``TRUNCATE``), or refuses the turn with
+:class:`~chat.errors.ContextTooLong` (policy ``REJECT``).
+
+Tokens are counted with the model's own tokenizer where one is available offline: OpenAI's
+``o200k_base``/``cl100k_base`` encodings for OpenAI models when the ``tokenizer`` extra
+(``bpe-openai``, which ships the encodings inside the package) is installed. Everything else
+is estimated (:func:`estimate_tokens`), erring on the high side.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from chat.backends import PromptMessage
-from chat.types import Message, MessageStatus, Role, Session
+from chat.errors import ConfigurationError, ContextTooLong
+from chat.types import ContextPolicy, Message, MessageStatus, Role, Session
 
-__all__ = ["Context", "build_context"]
+__all__ = [
+    "KNOWN_CONTEXT_WINDOWS",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "Context",
+    "ContextBudget",
+    "ContextSettings",
+    "TokenCounter",
+    "build_context",
+    "estimate_tokens",
+    "fit_messages",
+]
+
+log = logging.getLogger(__name__)
+
+#: Tokens each message costs beyond its text (role markers and separators of chat formats).
+MESSAGE_OVERHEAD_TOKENS = 4
+
+#: Context windows (tokens) of common models, matched by the longest prefix of the model
+#: name. Local servers often run a model with a smaller window than it supports (Ollama's
+#: ``num_ctx``): set ``--context-window`` to what the server really uses.
+KNOWN_CONTEXT_WINDOWS: tuple[tuple[str, int], ...] = (
+    ("gpt-4.1", 1_047_576),
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-4-32k", 32_768),
+    ("gpt-4", 8_192),
+    ("gpt-3.5-turbo", 16_385),
+    ("gpt-5", 400_000),
+    ("o1-mini", 128_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4-mini", 200_000),
+    ("gemini-1.5-pro", 2_097_152),
+    ("gemini-1.5-flash", 1_048_576),
+    ("gemini-2.0-flash", 1_048_576),
+    ("gemini-2.5", 1_048_576),
+    ("gemini-", 1_048_576),
+    ("llama3.1", 131_072),
+    ("llama3.2", 131_072),
+    ("llama3.3", 131_072),
+)
+
+
+#: OpenAI model name prefixes and their tokenizer encodings (longest prefix wins).
+_OPENAI_ENCODINGS: tuple[tuple[str, str], ...] = (
+    ("gpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"),
+    ("gpt-4.5", "o200k_base"),
+    ("gpt-5", "o200k_base"),
+    ("o1", "o200k_base"),
+    ("o3", "o200k_base"),
+    ("o4", "o200k_base"),
+    ("chatgpt-4o", "o200k_base"),
+    ("gpt-4", "cl100k_base"),
+    ("gpt-3.5", "cl100k_base"),
+)
+
+
+def _openai_encoding(model: str) -> str | None:
+    name = model.lower().rsplit("/", 1)[-1]
+    best, found = "", None
+    for prefix, encoding in _OPENAI_ENCODINGS:
+        if name.startswith(prefix) and len(prefix) > len(best):
+            best, found = prefix, encoding
+    return found
+
+
+class TokenCounter(Protocol):
+    """Counts the tokens of a text for one model."""
+
+    def __call__(self, text: str) -> int: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate that errs on the high side.
+
+    BPE tokenizers of current models average about 4 characters per token on English text
+    and about one token per character on CJK scripts. The estimate counts one token per 3
+    ASCII characters and one per other character, so a history that fits by this count also
+    fits by the real one in nearly every case, at the price of sending slightly less history.
+
+    >>> estimate_tokens("Hello, world!")
+    5
+    >>> estimate_tokens("日本語")
+    3
+    """
+    ascii_chars = sum(1 for c in text if c < "\x80")
+    return math.ceil(ascii_chars / 3) + (len(text) - ascii_chars)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSettings:
+    """The server's context budget settings.
+
+    >>> ContextSettings().window_for("gpt-4o-mini")
+    128000
+    >>> ContextSettings(context_window=4096).prompt_budget("anything")
+    3072
+    """
+
+    #: The context window of every model, overriding the table and the default.
+    context_window: int | None = None
+    #: The window of a model neither configured nor in :data:`KNOWN_CONTEXT_WINDOWS`.
+    default_context_window: int = 8_192
+    #: Tokens kept free for the reply (at most half the window).
+    reply_reserve: int = 1_024
+    #: The policy of sessions that choose none (``ContextPolicy.UNSPECIFIED``).
+    default_policy: ContextPolicy = ContextPolicy.TRUNCATE
+    #: Count tokens with the model's tokenizer when one is installed (else estimate).
+    use_tokenizers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.context_window is not None and self.context_window < 16:
+            raise ConfigurationError(f"context window must be >= 16, not {self.context_window}")
+        if self.default_context_window < 16:
+            raise ConfigurationError(
+                f"default context window must be >= 16, not {self.default_context_window}"
+            )
+        if self.reply_reserve < 0:
+            raise ConfigurationError(f"reply reserve must be >= 0, not {self.reply_reserve}")
+        if self.default_policy is ContextPolicy.UNSPECIFIED:
+            raise ConfigurationError("the default context policy must be TRUNCATE or REJECT")
+
+    def window_for(self, model: str) -> int:
+        """The context window of ``model``, in tokens."""
+        if self.context_window is not None:
+            return self.context_window
+        name = model.lower().rsplit("/", 1)[-1]
+        best = ""
+        window = self.default_context_window
+        for prefix, tokens in KNOWN_CONTEXT_WINDOWS:
+            if name.startswith(prefix) and len(prefix) > len(best):
+                best, window = prefix, tokens
+        return window
+
+    def prompt_budget(self, model: str) -> int:
+        """Tokens the prompt may use: the window less the reply reserve."""
+        window = self.window_for(model)
+        return window - min(self.reply_reserve, window // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,11 +172,14 @@ class Context:
     """The messages sent to the model for one turn.
 
     ``messages`` starts with the system prompt (if the session has one) and ends with the
-    user's new message. ``omitted`` counts history messages left out.
+    user's new message. ``omitted`` counts history messages left out to fit the budget;
+    ``tokens`` is the prompt's size as counted, ``budget`` what it was allowed.
     """
 
     messages: list[PromptMessage]
     omitted: int = 0
+    tokens: int = 0
+    budget: int = 0
 
     @property
     def conversation_messages(self) -> int:
@@ -28,21 +187,173 @@ class Context:
         return sum(1 for m in self.messages if m.role is not Role.SYSTEM)
 
 
-def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
-    """The system prompt, then the history, then ``text`` as the new user message.
+def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
+    """The history the model sees.
 
     Failed messages (a user message whose reply failed, and the partial reply of a failed
     turn) are history for the person but not for the model: they are left out, so that a
     retried message is not sent twice. Empty messages (a reply cancelled before its first
     word) are left out too.
     """
-    messages: list[PromptMessage] = []
-    if session.system_prompt:
-        messages.append(PromptMessage(Role.SYSTEM, session.system_prompt))
-    messages.extend(
+    return [
         PromptMessage(m.role, m.content)
         for m in history
         if m.content and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
-    )
+    ]
+
+
+def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
+    """The system prompt, then the whole history, then ``text`` as the new user message."""
+    messages: list[PromptMessage] = []
+    if session.system_prompt:
+        messages.append(PromptMessage(Role.SYSTEM, session.system_prompt))
+    messages.extend(_history(session, history))
     messages.append(PromptMessage(Role.USER, text))
     return Context(messages)
+
+
+def fit_messages(
+    system: PromptMessage | None,
+    history: Sequence[PromptMessage],
+    newest: PromptMessage,
+    budget: int,
+    count: Callable[[str], int],
+) -> tuple[list[PromptMessage], int, int] | None:
+    """Fit a prompt into ``budget`` tokens: ``(messages, omitted, tokens)``, or ``None``.
+
+    The system prompt and ``newest`` are always kept; history is taken newest first while it
+    fits, and the first message that does not fit ends it (the kept history is the most
+    recent, contiguous part). A kept history never starts with an assistant message whose
+    question was dropped. ``None`` when the system prompt and ``newest`` alone exceed the
+    budget.
+
+    >>> m = [PromptMessage(Role.USER, "x" * 30), PromptMessage(Role.ASSISTANT, "y" * 30)]
+    >>> kept, omitted, tokens = fit_messages(None, m, PromptMessage(Role.USER, "z"), 30, len)
+    >>> [p.content[0] for p in kept], omitted, tokens
+    (['z'], 2, 5)
+    """
+
+    def cost(message: PromptMessage) -> int:
+        return count(message.content) + MESSAGE_OVERHEAD_TOKENS
+
+    used = cost(newest) + (cost(system) if system is not None else 0)
+    if used > budget:
+        return None
+    start = len(history)
+    while start > 0:
+        needed = cost(history[start - 1])
+        if used + needed > budget:
+            break
+        used += needed
+        start -= 1
+    # The dropped question of a kept answer would leave the answer without its context.
+    while start < len(history) and history[start].role is Role.ASSISTANT and start > 0:
+        used -= cost(history[start])
+        start += 1
+    messages = ([system] if system is not None else []) + list(history[start:]) + [newest]
+    return messages, start, used
+
+
+class ContextBudget:
+    """Fits each turn's prompt into its model's context window.
+
+    One per server: it caches the tokenizers it loads.
+
+    >>> from chat.types import utcnow
+    >>> now = utcnow()
+    >>> session = Session("s", now, now, system_prompt="Be brief.")
+    >>> budget = ContextBudget(ContextSettings(context_window=4096))
+    >>> budget.build(session, [], "hello", model="echo").conversation_messages
+    1
+    """
+
+    def __init__(self, settings: ContextSettings | None = None) -> None:
+        self.settings = settings or ContextSettings()
+        self._counters: dict[str, TokenCounter] = {}
+        self._encodings: dict[str, TokenCounter | None] = {}
+
+    def policy_for(self, session: Session) -> ContextPolicy:
+        if session.context_policy is ContextPolicy.UNSPECIFIED:
+            return self.settings.default_policy
+        return session.context_policy
+
+    def counter_for(self, model: str) -> TokenCounter:
+        """The model's tokenizer when available offline, else :func:`estimate_tokens`."""
+        counter = self._counters.get(model)
+        if counter is None:
+            encoding = _openai_encoding(model) if self.settings.use_tokenizers else None
+            counter = self._encoding_counter(encoding) if encoding else None
+            counter = counter or estimate_tokens
+            self._counters[model] = counter
+        return counter
+
+    def _encoding_counter(self, name: str) -> TokenCounter | None:
+        if name in self._encodings:
+            return self._encodings[name]
+        counter: TokenCounter | None = None
+        try:
+            with warnings.catch_warnings():
+                # bpe-openai reads its data (at import and at first use) with a deprecated
+                # importlib.resources call.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                bpe: Any = importlib.import_module("bpe_openai")
+                encoding = bpe.get_encoding(name)
+                # The tables load on first use: load them here, where the warning is off.
+                encoding.encode_ordinary("warm up")
+        except ImportError:
+            pass
+        # Any other failure (a broken install) means: estimate instead.
+        except Exception:  # noqa: BLE001
+            log.warning("could not load the %s tokenizer; estimating token counts", name)
+        else:
+            log.info("counting tokens with the %s encoding", name)
+
+            def count(text: str) -> int:
+                return len(encoding.encode_ordinary(text))
+
+            counter = count
+        self._encodings[name] = counter
+        return counter
+
+    def build(
+        self,
+        session: Session,
+        history: Sequence[Message],
+        text: str,
+        *,
+        model: str,
+    ) -> Context:
+        """The prompt for ``text`` on ``session``, fitted to ``model``'s budget.
+
+        Raises :class:`~chat.errors.ContextTooLong` when the new message (with the system
+        prompt) does not fit at all, or when history must be left out and the session's
+        policy is ``REJECT``.
+        """
+        settings = self.settings
+        budget = settings.prompt_budget(model)
+        count = self.counter_for(model)
+        system = (
+            PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
+        )
+        history_messages = _history(session, history)
+        newest = PromptMessage(Role.USER, text)
+        fitted = fit_messages(system, history_messages, newest, budget, count)
+        window = settings.window_for(model)
+        if fitted is None:
+            what = "the message with the system prompt" if system is not None else "the message"
+            raise ContextTooLong(
+                "message",
+                f"{what} needs more tokens than model {model!r} accepts per turn "
+                f"({budget} of its {window}-token context window; the rest is kept for the "
+                "reply): shorten it",
+            )
+        messages, omitted, tokens = fitted
+        if omitted and self.policy_for(session) is ContextPolicy.REJECT:
+            raise ContextTooLong(
+                "history",
+                f"this session's history no longer fits model {model!r}'s context window "
+                f"({window} tokens, {window - budget} kept for the reply) and its context "
+                "policy is REJECT: set the policy to TRUNCATE to leave the oldest messages "
+                "out, or start a new session; the message is kept and can be retried",
+            )
+        return Context(messages, omitted=omitted, tokens=tokens, budget=budget)

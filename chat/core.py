@@ -28,11 +28,12 @@ from types import TracebackType
 from typing import Self
 
 from chat.backends import Delta, GenerationRequest, ModelBackend
-from chat.context import build_context
+from chat.context import ContextBudget
 from chat.errors import (
     BackendError,
     BackendRateLimited,
     ChatError,
+    ContextTooLong,
     FailedPrecondition,
     InvalidArgument,
     Unavailable,
@@ -123,11 +124,13 @@ class ChatCore:
         *,
         limits: Limits | None = None,
         stats: ServerStats | None = None,
+        context: ContextBudget | None = None,
         retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
         self.limits = limits or Limits()
+        self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._subscribers: dict[str, set[Conversation]] = {}
@@ -571,8 +574,29 @@ class Conversation:
                 if turn.cancelled:
                     self._complete_cancelled(turn)
                     return
-                context = build_context(session, history, text)
                 model = session.model or core.backend.default_model
+                try:
+                    context = core.context.build(session, history, text, model=model)
+                except ContextTooLong:
+                    # Kept, marked FAILED, so that RETRY can send it once the policy, the
+                    # model or the history allows.
+                    await self._store_turn(turn, session, text, model, MessageStatus.FAILED)
+                    raise
+                if context.omitted:
+                    plural = "" if context.omitted == 1 else "s"
+                    await self.outbox.put(
+                        Event(
+                            EventKind.STATUS,
+                            session_id=session_id,
+                            request_id=request.request_id,
+                            status_message=(
+                                f"{context.omitted} older message{plural} left out to fit "
+                                f"the context window of {model} ({context.budget} tokens "
+                                "for the prompt)"
+                            ),
+                            omitted_messages=context.omitted,
+                        )
+                    )
                 await self.outbox.put(
                     Event(
                         EventKind.RESPONSE_START,

@@ -15,8 +15,10 @@ from grpclib.server import Server
 
 from chat._reflection import with_reflection
 from chat.backends import ModelBackend
+from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
+from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
@@ -27,8 +29,24 @@ log = logging.getLogger(__name__)
 
 
 def create_backend(config: ServerConfig) -> ModelBackend:
-    """The model backend that ``config`` names."""
-    return EchoBackend(pace=config.pace, default_model=config.model or "echo")
+    """The model backend that ``config`` names, with its coalescing window.
+
+    The SDK-based backends are imported here, so that the server runs without their extras
+    until one is chosen; then a missing extra is a :class:`~chat.errors.MissingExtra`.
+    """
+    backend: ModelBackend
+    if config.backend == "openai":
+        from chat.backends.openai import OpenAIBackend
+
+        backend = OpenAIBackend(config.remote_settings())
+    elif config.backend == "gemini":
+        from chat.backends.gemini import GeminiBackend
+
+        backend = GeminiBackend(config.remote_settings())
+    else:
+        backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
+    window = config.effective_coalesce_window
+    return CoalescingBackend(backend, window=window) if window > 0 else backend
 
 
 class ChatServer:
@@ -82,13 +100,22 @@ class ChatServer:
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
         config = self.config
-        store = self._store if self._store is not None else open_store(config.store)
+        # The backend first: a configuration error there should not leave a store open.
         backend = self._backend if self._backend is not None else create_backend(config)
+        try:
+            store = self._store if self._store is not None else open_store(config.store)
+        except BaseException:
+            await backend.aclose()
+            raise
         self._store, self._backend = store, backend
         try:
             await store.open()
             core = self._core = ChatCore(
-                store, backend, limits=config.limits, retention=config.retention
+                store,
+                backend,
+                limits=config.limits,
+                retention=config.retention,
+                context=ContextBudget(config.context),
             )
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from hypothesis import strategies as st
 
+from chat.backends import PromptMessage
 from chat.client import ReconnectPolicy
 from chat.types import ContextPolicy, Message, MessageStatus, Role, SessionPatch, Usage
 
@@ -24,6 +25,15 @@ deltas = st.lists(text, max_size=40)
 
 #: A non-empty message a user could send.
 user_message = st.text(_ALPHABET, min_size=1, max_size=80).filter(lambda s: s.strip() != "")
+
+#: The text of a message in a prompt (a system prompt, history, the new message).
+prompt_text = st.text(_ALPHABET, min_size=1, max_size=200)
+
+#: A history of user and assistant messages, oldest first, as sent to a model.
+histories = st.lists(
+    st.builds(PromptMessage, st.sampled_from([Role.USER, Role.ASSISTANT]), prompt_text),
+    max_size=30,
+)
 
 # -- stored sessions and messages -------------------------------------------------------------
 

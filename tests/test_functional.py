@@ -17,7 +17,15 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 import chatpb
-from chat import ChatServer, MemoryStore, MessageStatus, Role, ServerConfig
+from chat import (
+    ChatServer,
+    ConfigurationError,
+    EchoBackend,
+    MemoryStore,
+    MessageStatus,
+    Role,
+    ServerConfig,
+)
 from scripts.generate import PROTO, ROOT
 from tests.backends import GatedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text, running_server_process
@@ -282,3 +290,23 @@ async def test_a_turn_on_one_stream_is_pushed_to_another_stream_on_the_session(
     assert update.type == T.SESSION_UPDATE
     assert update.message_count == 2
     assert update.status_message == "reply completed"
+
+
+class _ClosingEcho(EchoBackend):
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_server_that_cannot_start_closes_what_it_opened(server: ChatServer) -> None:
+    backend = _ClosingEcho()
+    with pytest.raises(ConfigurationError, match="unknown store"):
+        await ChatServer(ServerConfig(store="bogus://x"), backend=backend).start()
+    assert backend.closed
+
+    backend = _ClosingEcho()
+    taken = ServerConfig(host="127.0.0.1", port=server.port, store="memory://")
+    with pytest.raises(OSError, match="address already in use"):
+        await ChatServer(taken, backend=backend).start()
+    assert backend.closed

@@ -2,7 +2,11 @@
 
 Every backend implements :class:`ModelBackend` and passes the conformance suite in
 ``tests/test_backend_conformance.py``. The offline default is
-:class:`~chat.backends.echo.EchoBackend`.
+:class:`~chat.backends.echo.EchoBackend`; :mod:`chat.backends.openai` (OpenAI-compatible
+servers) and :mod:`chat.backends.gemini` need the extras of the same names, and share
+:mod:`chat.backends.remote` (settings, retries, error mapping).
+:class:`~chat.backends.coalesce.CoalescingBackend` wraps any backend to merge deltas that
+arrive close together.
 """
 
 from __future__ import annotations

@@ -9,12 +9,15 @@ import sys
 import click
 
 from chat._version import __version__
-from chat.config import BACKENDS, ServerConfig
+from chat.config import API_KEY_ENV_VARS, BACKENDS, ServerConfig
+from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
 from chat.retention import Retention
+from chat.secret import read_api_key
 from chat.server import ChatServer, serve
 from chat.store import default_store_url
+from chat.types import ContextPolicy
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -39,7 +42,73 @@ def _banner(server: ChatServer) -> None:
 @click.option("--host", default="localhost", help="Interface to listen on (0.0.0.0 for all).")
 @click.option("--port", default=50051, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--backend", default="echo", type=click.Choice(BACKENDS), help="Model backend.")
-@click.option("--model", default="", help="Default model for new sessions.")
+@click.option(
+    "--model",
+    default="",
+    help="Default model for new sessions [default: echo, gpt-4o-mini or gemini-2.0-flash]",
+    show_default=False,
+)
+@click.option(
+    "--base-url",
+    default="",
+    help="OpenAI-compatible or Gemini endpoint, e.g. http://localhost:11434/v1 for Ollama "
+    "[default: the provider's public endpoint]",
+    show_default=False,
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="File holding the API key (default: CHAT_API_KEY, then OPENAI_API_KEY, or "
+    "GOOGLE_API_KEY/GEMINI_API_KEY for gemini).",
+)
+@click.option(
+    "--connect-timeout",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for a connection to the model server.",
+)
+@click.option(
+    "--read-timeout",
+    default=120.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for each read from the model server (the first token included).",
+)
+@click.option(
+    "--retries",
+    default=2,
+    type=click.IntRange(0, 10),
+    help="Retries of a transient model server failure before the first token.",
+)
+@click.option(
+    "--coalesce-window",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Merge deltas arriving within this many seconds "
+    "[default: 0 for echo, 0.005 for openai and gemini]",
+    show_default=False,
+)
+@click.option(
+    "--context-window",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Context window (tokens) of every model, overriding the built-in table "
+    "[default: known models' own, else 8192]",
+    show_default=False,
+)
+@click.option(
+    "--reply-reserve",
+    default=ContextSettings().reply_reserve,
+    type=click.IntRange(min=0),
+    help="Tokens of the context window kept free for the reply.",
+)
+@click.option(
+    "--context-policy",
+    default="truncate",
+    type=click.Choice(["truncate", "reject"]),
+    help="When history outgrows the context window, for sessions that choose no policy: "
+    "leave the oldest messages out, or refuse the turn.",
+)
 @click.option(
     "--store",
     default=default_store_url,
@@ -86,6 +155,15 @@ def main(
     port: int,
     backend: str,
     model: str,
+    base_url: str,
+    api_key_file: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    retries: int,
+    coalesce_window: float | None,
+    context_window: int | None,
+    reply_reserve: int,
+    context_policy: str,
     store: str,
     pace: float,
     max_message_chars: int,
@@ -98,7 +176,8 @@ def main(
     """Run the grpc-chat server (gRPC service ChatService, with health and reflection).
 
     Every option can also be set with an environment variable: CHAT_PORT, CHAT_BACKEND,
-    CHAT_MODEL, CHAT_STORE, and so on.
+    CHAT_MODEL, CHAT_BASE_URL, CHAT_STORE, and so on. API keys are read from a file
+    (--api-key-file) or the environment, never from the command line.
     """
     logging.basicConfig(
         level=log_level.upper(),
@@ -106,11 +185,27 @@ def main(
         stream=sys.stderr,
     )
     try:
+        api_key = (
+            read_api_key(key_file=api_key_file, env_vars=API_KEY_ENV_VARS[backend])
+            if backend != "echo"
+            else None
+        )
         config = ServerConfig(
             host=host,
             port=port,
             backend=backend,
             model=model,
+            base_url=base_url,
+            api_key=api_key,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries=retries,
+            coalesce_window=coalesce_window,
+            context=ContextSettings(
+                context_window=context_window,
+                reply_reserve=reply_reserve,
+                default_policy=ContextPolicy[context_policy.upper()],
+            ),
             store=store,
             pace=pace,
             grace_period=grace_period,
