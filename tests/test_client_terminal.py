@@ -22,7 +22,9 @@ from tests.helpers import TIMEOUT, ServerProcess, running_server_process
 
 pytestmark = pytest.mark.slow
 
-# prompt_toolkit draws the prompt with terminal control sequences between its parts.
+# prompt_toolkit draws the prompt with terminal control sequences between its parts. A fresh
+# prompt is followed by cursor movements; the redrawn line of an accepted input ("You › /x")
+# by the text typed, which must not count as the prompt coming back.
 _CONTROL = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*"
 PROMPT = re.compile(
     "You"
@@ -31,7 +33,7 @@ PROMPT = re.compile(
     + _CONTROL
     + r"(?:\(offline\))?"
     + _CONTROL
-    + "›"
+    + r"›(?=\x1b\[)"
 )
 
 
@@ -175,6 +177,7 @@ def test_ctrl_d_leaves_and_help_lists_the_commands(paced_server: ServerProcess) 
         child.expect(re.escape(command))
     prompt_session(child)
     child.sendline("/sessions")
+    child.expect(["last activity", "No sessions yet"])
     prompt_session(child)
     child.sendeof()
     assert finish(child) == 0
