@@ -10,6 +10,16 @@ Run a server from Python::
 The OpenAI-compatible and Gemini backends are in ``chat.backends.openai`` and
 ``chat.backends.gemini`` (extras ``grpc-chat[openai]`` and ``grpc-chat[gemini]``).
 
+Talk to one with the typed client::
+
+    from chat import ChatClient, ReplyChunk
+
+    async with ChatClient("localhost:50051") as client:
+        session = await client.create_session(title="demo")
+        async for event in client.send(session.session_id, "Hello!"):
+            if isinstance(event, ReplyChunk):
+                print(event.text, end="", flush=True)
+
 The generated message types and stubs are in the ``chatpb`` package
 (``from chatpb import ChatRequest, ChatServiceStub``).
 """
@@ -19,6 +29,29 @@ from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
 from chat.backends.remote import RemoteSettings, RetryPolicy
+from chat.client import (
+    ChatClient,
+    ClientConfig,
+    ClientStats,
+    ConnectionState,
+    ConnectionStateChanged,
+    Notice,
+    Notices,
+    ReconnectPolicy,
+    Reply,
+    ReplyChunk,
+    ReplyCompleted,
+    ReplyEvent,
+    ReplyFailed,
+    ReplyStarted,
+    ReplyStatus,
+    ReplyStream,
+    ServerNotice,
+    ServerStatsInfo,
+    ServingStatus,
+    SessionList,
+    SessionUpdated,
+)
 from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
@@ -31,10 +64,13 @@ from chat.errors import (
     BackendUnavailable,
     ChatError,
     ConfigurationError,
+    ConnectionLost,
     ContextTooLong,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     MissingExtra,
+    ServerUnreachable,
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
@@ -65,16 +101,23 @@ __all__ = [
     "BackendRateLimited",
     "BackendTimeout",
     "BackendUnavailable",
+    "ChatClient",
     "ChatCore",
     "ChatError",
     "ChatServer",
+    "ClientConfig",
+    "ClientStats",
     "CoalescingBackend",
     "ConfigurationError",
+    "ConnectionLost",
+    "ConnectionState",
+    "ConnectionStateChanged",
     "ContextBudget",
     "ContextPolicy",
     "ContextSettings",
     "ContextTooLong",
     "Conversation",
+    "DeadlineExceeded",
     "Delta",
     "EchoBackend",
     "Event",
@@ -89,8 +132,19 @@ __all__ = [
     "MessageStatus",
     "MissingExtra",
     "ModelBackend",
+    "Notice",
+    "Notices",
     "PromptMessage",
+    "ReconnectPolicy",
     "RemoteSettings",
+    "Reply",
+    "ReplyChunk",
+    "ReplyCompleted",
+    "ReplyEvent",
+    "ReplyFailed",
+    "ReplyStarted",
+    "ReplyStatus",
+    "ReplyStream",
     "Request",
     "RequestKind",
     "Retention",
@@ -98,11 +152,17 @@ __all__ = [
     "Role",
     "Secret",
     "ServerConfig",
+    "ServerNotice",
+    "ServerStatsInfo",
+    "ServerUnreachable",
+    "ServingStatus",
     "Session",
+    "SessionList",
     "SessionNotFound",
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SessionUpdated",
     "SqliteStore",
     "StatusCode",
     "StoreUnavailable",

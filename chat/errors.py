@@ -13,7 +13,10 @@ status codes.
     ├── SessionNotFound           NOT_FOUND            no session with that id
     ├── FailedPrecondition        FAILED_PRECONDITION  e.g. RETRY when nothing failed
     ├── Unavailable               UNAVAILABLE          the server is draining
-    │   └── StoreUnavailable      UNAVAILABLE          the session store is unreachable
+    │   ├── StoreUnavailable      UNAVAILABLE          the session store is unreachable
+    │   └── ServerUnreachable     UNAVAILABLE          client: cannot connect to the server
+    │       └── ConnectionLost    UNAVAILABLE          client: the connection broke
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED    client: no answer within the deadline
     ├── ConfigurationError        FAILED_PRECONDITION  bad server configuration
     │   └── MissingExtra          FAILED_PRECONDITION  an optional dependency is missing
     └── BackendError              INTERNAL             the model backend failed
@@ -24,7 +27,8 @@ status codes.
         └── BackendBadRequest     INVALID_ARGUMENT
 
 The status numbers are those of the gRPC specification; :class:`StatusCode` keeps this
-module free of any gRPC library.
+module free of any gRPC library. :class:`~chat.client.ChatClient` raises the same classes
+for the statuses the server sends, and the ``client:`` ones for what happens on its side.
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ __all__ = [
     "BackendUnavailable",
     "ChatError",
     "ConfigurationError",
+    "ConnectionLost",
     "ContextTooLong",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "MissingExtra",
+    "ServerUnreachable",
     "SessionNotFound",
     "StatusCode",
     "StoreUnavailable",
@@ -133,6 +140,34 @@ class Unavailable(ChatError):
 
 class StoreUnavailable(Unavailable):
     """The session store cannot be reached."""
+
+
+class ServerUnreachable(Unavailable):
+    """The client cannot open a connection to the server (not running, wrong address).
+
+    >>> str(ServerUnreachable("localhost:50051", "connection refused"))
+    'cannot reach a chat server at localhost:50051: connection refused'
+    """
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(f"cannot reach a chat server at {target}: {reason}")
+        self.target = target
+        self.reason = reason
+
+
+class ConnectionLost(ServerUnreachable):
+    """The connection to the server broke; replies in flight on it are cut short."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        Unavailable.__init__(self, f"lost the connection to the chat server at {target}: {reason}")
+        self.target = target
+        self.reason = reason
+
+
+class DeadlineExceeded(ChatError):
+    """A call did not get its answer within the client's deadline."""
+
+    status = StatusCode.DEADLINE_EXCEEDED
 
 
 class ConfigurationError(ChatError):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import strategies as st
 
 from chat.backends import PromptMessage
+from chat.client import ReconnectPolicy
 from chat.types import ContextPolicy, Message, MessageStatus, Role, SessionPatch, Usage
 
 #: Text as people type it, plus what breaks naive code: combining marks, emoji with
@@ -70,4 +71,14 @@ patches = st.builds(
     system_prompt=st.none() | text,
     model=st.none() | st.sampled_from(["echo", "other"]),
     context_policy=st.none() | st.sampled_from(ContextPolicy),
+)
+
+#: Any valid reconnection policy of ChatClient.
+reconnect_policies = st.builds(
+    ReconnectPolicy,
+    max_attempts=st.integers(1, 50),
+    initial_backoff=st.floats(0, 2),
+    max_backoff=st.floats(2, 30),
+    multiplier=st.floats(1, 4),
+    jitter=st.floats(0, 1),
 )

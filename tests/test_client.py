@@ -1,0 +1,625 @@
+"""ChatClient against real servers on 127.0.0.1: conversations, cancel, reconnection, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import chat
+from chat import (
+    BackendUnavailable,
+    ChatClient,
+    ChatServer,
+    ConfigurationError,
+    ConnectionLost,
+    ConnectionState,
+    ConnectionStateChanged,
+    DeadlineExceeded,
+    Delta,
+    EchoBackend,
+    FailedPrecondition,
+    FinishReason,
+    GenerationRequest,
+    InvalidArgument,
+    MemoryStore,
+    MessageStatus,
+    Notices,
+    ReconnectPolicy,
+    ReplyChunk,
+    ReplyCompleted,
+    ReplyFailed,
+    ReplyStarted,
+    ReplyStream,
+    Role,
+    ServerConfig,
+    ServerUnreachable,
+    ServingStatus,
+    SessionNotFound,
+    SessionUpdated,
+    StatusCode,
+)
+from chat.client import parse_target
+from tests.helpers import TIMEOUT, running_server_process
+from tests.strategies import reconnect_policies
+
+#: Seconds per word of the echo backend when a test needs a reply that is still streaming.
+PACE = 0.05
+LONG_TEXT = " ".join(f"word{i}" for i in range(200))
+FAST_RECONNECT = ReconnectPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.1)
+
+
+class StallingStore(MemoryStore):
+    """``count`` (behind GetServerStats) waits until released: a server that does not answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def count(self) -> int:
+        await self.release.wait()
+        return await super().count()
+
+
+class FailingOnceBackend(EchoBackend):
+    """Fails its first reply the way an unreachable model would; echoes afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("the model is down")
+        async for delta in super().generate(request):
+            yield delta
+
+
+def address(server: ChatServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@asynccontextmanager
+async def serving(
+    port: int = 0,
+    *,
+    pace: float = 0.0,
+    store_url: str = "memory://",
+    store: MemoryStore | None = None,
+    backend: EchoBackend | None = None,
+) -> AsyncIterator[ChatServer]:
+    """A server on 127.0.0.1 (``port`` 0: any free port), in this process."""
+    server_config = ServerConfig(
+        host="127.0.0.1", port=port, pace=pace, store=store_url, grace_period=0.2
+    )
+    async with ChatServer(server_config, store=store, backend=backend) as running:
+        yield running
+
+
+async def next_notice(
+    notices: Notices, wanted: Callable[[object], bool], timeout: float = TIMEOUT
+) -> object:
+    """The first notice for which ``wanted`` is true (others are skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            notice = await notices.get()
+            if wanted(notice):
+                return notice
+
+
+def state_is(state: ConnectionState, *, min_attempt: int = 0) -> Callable[[object], bool]:
+    def check(notice: object) -> bool:
+        return (
+            isinstance(notice, ConnectionStateChanged)
+            and notice.state is state
+            and notice.attempt >= min_attempt
+        )
+
+    return check
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def client_tasks() -> list[asyncio.Task[object]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "").startswith("ChatClient.")
+    ]
+
+
+# -- conversations ------------------------------------------------------------------------------
+
+
+async def test_a_multi_turn_conversation_streams_typed_events(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as client:
+        session = await client.create_session(title="multi", system_prompt="Be brief.")
+        events = [event async for event in client.send(session.session_id, "hello world")]
+
+        assert isinstance(events[0], ReplyStarted)
+        assert events[0].context_messages == 1
+        assert events[0].model == "echo"
+        chunks = [e for e in events if isinstance(e, ReplyChunk)]
+        assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
+        assert "".join(c.text for c in chunks) == "Echo #1 (1 message in context): hello world"
+        completed = events[-1]
+        assert isinstance(completed, ReplyCompleted)
+        assert completed.finish_reason is FinishReason.STOP
+        assert completed.total_chunks == len(chunks)
+        assert completed.message_count == 2
+        assert completed.usage is not None
+
+        second = await client.ask(session.session_id, "and again")
+        assert second.text == "Echo #2 (3 messages in context): and again"
+        assert second.message_count == 4
+        assert second.session_id == session.session_id
+
+        history = await client.history(session.session_id)
+        assert [(m.role, m.content) for m in history] == [
+            (Role.USER, "hello world"),
+            (Role.ASSISTANT, "Echo #1 (1 message in context): hello world"),
+            (Role.USER, "and again"),
+            (Role.ASSISTANT, second.text),
+        ]
+        assert all(m.status is MessageStatus.COMPLETE for m in history)
+        assert client.pending_requests == 0
+
+
+async def test_one_stream_carries_concurrent_replies_and_answers_pings_meanwhile() -> None:
+    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+        first = await client.create_session()
+        second = await client.create_session()
+        async with (
+            client.send(first.session_id, LONG_TEXT) as one,
+            client.send(second.session_id, LONG_TEXT) as two,
+        ):
+            assert isinstance(await anext(one), ReplyStarted)
+            assert isinstance(await anext(two), ReplyStarted)
+            rtt = await client.ping()
+            assert rtt > 0
+            # The PONG came back while both replies were still streaming.
+            assert not one.done
+            assert not two.done
+            stats = await client.server_stats()
+            assert stats.active_streams == 1
+            assert stats.active_replies == 2
+            await one.cancel()
+            await two.cancel()
+            for reply in (one, two):
+                last = [event async for event in reply][-1]
+                assert isinstance(last, ReplyCompleted)
+                assert last.cancelled
+        assert client.pending_requests == 0
+        assert client.stats.replies_cancelled == 2
+
+
+async def test_cancel_stops_the_reply_and_the_history_keeps_it_as_cancelled() -> None:
+    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+        session = await client.create_session()
+        received: list[str] = []
+        async with client.send(session.session_id, LONG_TEXT) as reply:
+            async for event in reply:
+                if isinstance(event, ReplyChunk):
+                    received.append(event.text)
+                    if len(received) == 2:
+                        await reply.cancel()
+                last = event
+        assert isinstance(last, ReplyCompleted)
+        assert last.cancelled
+        assert reply.result is not None
+        assert reply.result.finish_reason is FinishReason.CANCELLED
+        history = await client.history(session.session_id)
+        assert history[-1].role is Role.ASSISTANT
+        assert history[-1].status is MessageStatus.CANCELLED
+        assert history[-1].content == "".join(received)
+        assert client.stats.replies_cancelled == 1
+
+
+async def test_cancel_by_session_stops_every_reply_of_that_session() -> None:
+    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+        session = await client.create_session()
+        one = client.send(session.session_id, LONG_TEXT)
+        two = client.send(session.session_id, "queued behind the first")
+        await one.start()
+        await two.start()
+        assert isinstance(await anext(one), ReplyStarted)
+        await client.cancel(session_id=session.session_id)
+        ends = [[e async for e in r][-1] for r in (one, two)]
+        assert all(isinstance(e, ReplyCompleted) and e.cancelled for e in ends)
+
+
+async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
+    async with serving(pace=PACE) as server:
+        baseline = len(client_tasks())
+        client = ChatClient(address(server))
+        async with client:
+            session = await client.create_session()
+            async with client.notices():
+                async with client.send(session.session_id, LONG_TEXT) as reply:
+                    async for event in reply:
+                        if isinstance(event, ReplyChunk):
+                            break
+                # The CANCEL went out on leaving. Turns of a session are answered in order,
+                # so once the next reply is in, the cancelled one has ended and unregistered.
+                await client.ask(session.session_id, "next")
+                assert client.pending_requests == 0
+                assert client.stats.replies_cancelled == 1
+                # Iterating without `async with` and stopping early: the reply runs on, and
+                # its request is unregistered when its last event arrives.
+                async for _ in client.send(session.session_id, "short one"):
+                    break
+                await client.ask(session.session_id, "after it")
+                assert client.pending_requests == 0
+            assert not client._subscribers
+        assert len(client_tasks()) == baseline
+        assert not client.connected
+
+
+async def test_retry_runs_a_failed_message_again() -> None:
+    async with (
+        serving(backend=FailingOnceBackend()) as server,
+        ChatClient(address(server)) as client,
+    ):
+        session = await client.create_session()
+        events = [e async for e in client.send(session.session_id, "try me")]
+        failed = events[-1]
+        assert isinstance(failed, ReplyFailed)
+        assert failed.code is StatusCode.UNAVAILABLE
+        assert "the model is down" in failed.message
+        assert client.stats.replies_failed == 1
+        history = await client.history(session.session_id)
+        assert [(m.role, m.status) for m in history] == [(Role.USER, MessageStatus.FAILED)]
+
+        async with client.retry(session.session_id) as retried:
+            reply = await retried.collect()
+        assert reply.text.endswith("try me")
+        assert reply.finish_reason is FinishReason.STOP
+
+        with pytest.raises(FailedPrecondition, match="nothing to retry"):
+            async with client.retry(session.session_id) as again:
+                await again.collect()
+
+
+async def test_another_stream_on_the_session_pushes_session_updates(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as watcher, ChatClient(address(server)) as writer:
+        session = await watcher.create_session()
+        await watcher.ask(session.session_id, "I was here first")
+        async with watcher.notices() as notices:
+            await writer.ask(session.session_id, "me too")
+            update = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+        assert isinstance(update, SessionUpdated)
+        assert update.session_id == session.session_id
+        assert update.message_count == 4
+        assert update.session is not None
+        assert update.session.message_count == 4
+
+
+# -- sessions, stats, health -------------------------------------------------------------------
+
+
+async def test_session_crud_and_paging(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as client:
+        created = [await client.create_session(title=f"s{i}") for i in range(5)]
+        first = await client.list_sessions(page_size=2)
+        assert first.total == 5
+        assert [s.title for s in first.sessions] == ["s4", "s3"]
+        rest = await client.list_sessions(page_size=2, page_token=first.next_page_token)
+        assert [s.title for s in rest.sessions] == ["s2", "s1"]
+        async with asyncio.timeout(TIMEOUT):
+            everything = [s.title async for s in client.iter_sessions(page_size=2)]
+        assert everything == ["s4", "s3", "s2", "s1", "s0"]
+
+        target = created[0]
+        updated = await client.update_session(
+            target.session_id, title="renamed", system_prompt="Be kind.", model="other"
+        )
+        assert (updated.title, updated.system_prompt, updated.model) == (
+            "renamed",
+            "Be kind.",
+            "other",
+        )
+        unchanged = await client.update_session(target.session_id)
+        assert unchanged.title == "renamed"
+
+        found = await client.find_session(target.session_id[:12])
+        assert found.session_id == target.session_id
+        await client.ask(target.session_id, "hi")
+        assert await client.delete_session(target.session_id) == 2
+        with pytest.raises(SessionNotFound) as missing:
+            await client.get_session(target.session_id)
+        assert missing.value.session_id == target.session_id
+        assert client.stats.sessions_created == 5
+
+
+async def test_find_session_rejects_an_ambiguous_prefix(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as client:
+        for _ in range(40):
+            await client.create_session()
+        # 40 random UUIDs: two share their first hex digit (pigeonhole over 16).
+        sessions = (await client.list_sessions(page_size=40)).sessions
+        digits = [s.session_id[0] for s in sessions]
+        shared = next(d for d in digits if digits.count(d) > 1)
+        with pytest.raises(InvalidArgument, match="matches"):
+            await client.find_session(shared)
+        with pytest.raises(SessionNotFound):
+            await client.find_session("zzzz")
+
+
+async def test_stats_and_health(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as client:
+        session = await client.create_session()
+        await client.ask(session.session_id, "count me")
+        stats = await client.server_stats()
+        assert (stats.backend, stats.store, stats.version) == ("echo", "memory", chat.__version__)
+        assert stats.successful_requests == 1
+        assert stats.active_sessions == 1
+        assert await client.health() is ServingStatus.SERVING
+        assert await client.health("ChatService") is ServingStatus.SERVING
+        assert await client.health("NoSuchService") is ServingStatus.SERVICE_UNKNOWN
+        mine = client.stats
+        assert mine.messages_sent == 1
+        assert mine.replies_succeeded == 1
+        assert mine.chunks_received > 0
+        assert mine.average_response_time > 0
+        assert mine.connection_attempts == 1
+        assert mine.reconnections == 0
+
+
+# -- typed errors -------------------------------------------------------------------------------
+
+
+async def test_server_statuses_become_typed_errors(server: ChatServer) -> None:
+    async with ChatClient(address(server)) as client:
+        session = await client.create_session()
+        with pytest.raises(SessionNotFound):
+            await client.get_session("no-such-session")
+        with pytest.raises(InvalidArgument) as too_long:
+            await client.update_session(session.session_id, title="x" * 1000)
+        assert too_long.value.field == "title"
+        with pytest.raises(InvalidArgument) as page:
+            await client.list_sessions(page_size=5000)
+        assert page.value.field == "page_size"
+        with pytest.raises(InvalidArgument) as empty:
+            await client.ask(session.session_id, "   ")
+        assert empty.value.field == "message"
+        events = [e async for e in client.send("no-such-session", "hello")]
+        assert len(events) == 1
+        assert isinstance(events[0], ReplyFailed)
+        assert events[0].code is StatusCode.NOT_FOUND
+        assert isinstance(events[0].error(), SessionNotFound)
+        # The stream survived every error.
+        assert client.connected
+        assert await client.ping() > 0
+
+
+async def test_an_unreachable_server_is_a_typed_error() -> None:
+    port = free_port()
+    with pytest.raises(ServerUnreachable, match="connection refused") as error:
+        async with ChatClient(f"127.0.0.1:{port}"):
+            pass
+    assert error.value.status is StatusCode.UNAVAILABLE
+
+
+async def test_a_unary_call_past_its_deadline_raises_deadline_exceeded() -> None:
+    store = StallingStore()
+    async with (
+        serving(store=store) as server,
+        ChatClient(address(server), timeout=0.2) as client,
+    ):
+        try:
+            with pytest.raises(DeadlineExceeded, match="GetServerStats"):
+                await client.server_stats()
+        finally:
+            store.release.set()
+        assert client.connected
+
+
+async def test_a_client_that_is_not_connected_says_so() -> None:
+    client = ChatClient("127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="not connected"):
+        await client.ping()
+
+
+# -- connection loss and reconnection -----------------------------------------------------------
+
+
+async def test_reconnects_after_the_server_restarts_and_keeps_the_session(
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
+        port = first.port
+        client = ChatClient(f"127.0.0.1:{port}", reconnect=FAST_RECONNECT)
+        await client.connect()
+        session = await client.create_session(title="durable")
+        await client.ask(session.session_id, "before")
+        async with client.notices() as notices:
+            await first.stop()
+            lost = await next_notice(notices, state_is(ConnectionState.LOST))
+            assert isinstance(lost, ConnectionStateChanged)
+            # The server said why it went away.
+            assert "shutting down" in lost.reason
+            assert not client.connected
+            async with serving(port, store_url=store):
+                reply = await client.ask(session.session_id, "after")
+                await next_notice(notices, state_is(ConnectionState.RECONNECTED))
+                assert reply.text == "Echo #2 (3 messages in context): after"
+                assert client.stats.reconnections == 1
+                await client.aclose()
+
+
+async def test_reconnection_backs_off_until_the_server_is_back(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
+        port = first.port
+        async with ChatClient(f"127.0.0.1:{port}", reconnect=FAST_RECONNECT) as client:
+            session = await client.create_session()
+            async with client.notices() as notices:
+                await first.stop()
+                await next_notice(notices, state_is(ConnectionState.LOST))
+                asking = asyncio.create_task(client.ask(session.session_id, "are you back?"))
+                try:
+                    # Attempt 2 is announced only after attempt 1 failed: the server is down.
+                    retrying = await next_notice(
+                        notices, state_is(ConnectionState.RECONNECTING, min_attempt=2)
+                    )
+                    assert isinstance(retrying, ConnectionStateChanged)
+                    assert retrying.delay > 0
+                    async with serving(port, store_url=store):
+                        reply = await asyncio.wait_for(asyncio.shield(asking), TIMEOUT)
+                finally:
+                    asking.cancel()
+                assert reply.text.endswith("are you back?")
+                assert client.stats.connection_attempts >= 3
+                assert client.stats.reconnections == 1
+
+
+async def test_reconnection_gives_up_after_the_policy_attempts() -> None:
+    policy = ReconnectPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
+    async with serving() as server:
+        client = ChatClient(address(server), reconnect=policy)
+        await client.connect()
+        async with client.notices() as notices:
+            await server.stop()
+            await next_notice(notices, state_is(ConnectionState.LOST))
+        with pytest.raises(ServerUnreachable, match="gave up after 2 attempts"):
+            await client.ping()
+        await client.aclose()
+
+
+async def test_without_a_policy_a_lost_connection_raises_until_connect(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    async with serving(store_url=store) as first:
+        port = first.port
+        async with ChatClient(f"127.0.0.1:{port}") as client:
+            session = await client.create_session()
+            async with client.notices() as notices:
+                await first.stop()
+                await next_notice(notices, state_is(ConnectionState.LOST))
+            with pytest.raises(ConnectionLost, match="connect"):
+                await client.ask(session.session_id, "hello?")
+            async with serving(port, store_url=store):
+                await client.connect()
+                reply = await client.ask(session.session_id, "hello again")
+            assert reply.text.startswith("Echo #1")
+
+
+async def test_a_silent_stream_is_detected_by_keepalive_pings() -> None:
+    async with serving(pace=PACE) as server:
+        client = ChatClient(address(server), keepalive=0.1, timeout=0.5)
+        async with client:
+            session = await client.create_session()
+            # Slower than the keepalive between chunks: the PINGs are answered, all is well.
+            slow = await client.ask(session.session_id, "a b c")
+            assert slow.finish_reason is FinishReason.STOP
+            assert client.connected
+            # A server stopped in-process cancels the reply's handler after its grace period
+            # and leaves the socket open without a word: only the keepalive can tell.
+            stopping: list[asyncio.Task[None]] = []
+
+            async def read_while_the_server_stops() -> None:
+                # Bounded: without the keepalive this would wait forever.
+                async with asyncio.timeout(TIMEOUT):
+                    async for event in client.send(session.session_id, LONG_TEXT):
+                        if isinstance(event, ReplyChunk) and not stopping:
+                            stopping.append(asyncio.create_task(server.stop()))
+
+            with pytest.raises(ConnectionLost, match="stopped answering"):
+                await read_while_the_server_stops()
+            await stopping[0]
+            assert not client.connected
+
+
+@pytest.mark.slow
+async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
+    with running_server_process("--pace", "0.2") as process:
+        async with ChatClient(process.address, reconnect=FAST_RECONNECT) as client:
+            session = await client.create_session()
+
+            async def read_while_the_server_dies(reply: ReplyStream) -> None:
+                async for event in reply:
+                    if isinstance(event, ReplyChunk):
+                        process.process.send_signal(signal.SIGKILL)
+
+            async with client.send(session.session_id, LONG_TEXT) as reply:
+                with pytest.raises(ConnectionLost):
+                    await read_while_the_server_dies(reply)
+            assert client.stats.replies_failed == 1
+            assert client.pending_requests == 0
+            assert not client.connected
+            # Leaving the reply's block did not reconnect just to cancel a reply that is gone.
+            assert client.stats.connection_attempts == 1
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("localhost:50051", ("localhost", 50051)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("example.org", ("example.org", 50051)),
+        ("[::1]:6000", ("::1", 6000)),
+        ("[::1]", ("::1", 50051)),
+        ("::1", ("::1", 50051)),
+        (" host:7 ", ("host", 7)),
+    ],
+)
+def test_parse_target(target: str, expected: tuple[str, int]) -> None:
+    assert parse_target(target) == expected
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["", ":50051", "host:", "[::1]:", "host:0", "host:99999", "host:http", "a:b:c", "[::1"],
+)
+def test_parse_target_rejects(target: str) -> None:
+    with pytest.raises(ConfigurationError):
+        parse_target(target)
+
+
+@given(policy=reconnect_policies, seed=st.integers(0, 2**32))
+def test_backoff_grows_to_its_cap_within_the_jitter(policy: ReconnectPolicy, seed: int) -> None:
+    rng = random.Random(seed)
+    assert policy.delay(1, rng) == 0.0
+    base = policy.initial_backoff
+    for attempt in range(2, policy.max_attempts + 1):
+        delay = policy.delay(attempt, rng)
+        low, high = base * (1 - policy.jitter), base * (1 + policy.jitter)
+        assert low - 1e-9 <= delay <= high + 1e-9
+        base = min(policy.max_backoff, base * policy.multiplier)
+
+
+def test_policies_and_configs_are_validated() -> None:
+    with pytest.raises(ConfigurationError):
+        ReconnectPolicy(max_attempts=0)
+    with pytest.raises(ConfigurationError):
+        ReconnectPolicy(jitter=2)
+    with pytest.raises(ConfigurationError):
+        ReconnectPolicy(initial_backoff=3, max_backoff=1)
+    with pytest.raises(ConfigurationError):
+        ChatClient("localhost:1", timeout=0)
+
+
+def test_the_client_api_is_exported() -> None:
+    import chat.client
+    import chat.errors
+
+    missing = (set(chat.client.__all__) | set(chat.errors.__all__)) - set(chat.__all__)
+    assert missing <= {"DEFAULT_TARGET", "parse_target"}
+    for name in chat.__all__:
+        assert hasattr(chat, name), name

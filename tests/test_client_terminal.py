@@ -1,0 +1,290 @@
+"""``chat-client`` in a real pseudo-terminal, used the way a person would (pexpect).
+
+Every step waits for what the person would see, with a timeout; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+from chat.cli.client import main
+from tests.helpers import TIMEOUT, ServerProcess, running_server_process
+
+pytestmark = pytest.mark.slow
+
+# prompt_toolkit draws the prompt with terminal control sequences between its parts. A fresh
+# prompt is followed by cursor movements; the redrawn line of an accepted input ("You › /x")
+# by the text typed, which must not count as the prompt coming back.
+_CONTROL = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*"
+PROMPT = re.compile(
+    "You"
+    + _CONTROL
+    + r"(?:\[(?P<session>[0-9a-f]{8})\])?"
+    + _CONTROL
+    + r"(?:\(offline\))?"
+    + _CONTROL
+    + r"›(?=\x1b\[)"
+)
+
+
+def client_command() -> str:
+    script = Path(sys.executable).with_name("chat-client")
+    assert script.exists(), "chat-client is not installed in this environment"
+    return str(script)
+
+
+def spawn(*args: str) -> pexpect.spawn[str]:
+    env = {
+        **os.environ,
+        "TERM": "xterm-256color",
+        "NO_COLOR": "1",
+        # pexpect is not a terminal emulator: it never answers cursor position requests.
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
+    env.pop("CHAT_TARGET", None)
+    return pexpect.spawn(
+        client_command(),
+        list(args),
+        env=env,
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        dimensions=(50, 200),
+    )
+
+
+def matched(child: pexpect.spawn[str], group: str) -> str | None:
+    match = child.match
+    assert isinstance(match, re.Match)
+    value = match[group]
+    assert value is None or isinstance(value, str)
+    return value
+
+
+def prompt_session(child: pexpect.spawn[str]) -> str | None:
+    """Wait for the prompt; return the session it shows."""
+    child.expect(PROMPT)
+    return matched(child, "session")
+
+
+def finish(child: pexpect.spawn[str]) -> int:
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus is not None, f"killed by signal {child.signalstatus}"
+    return child.exitstatus
+
+
+@pytest.fixture(scope="module")
+def paced_server() -> Iterator[ServerProcess]:
+    # Slow enough that a long reply is still streaming when Ctrl-C arrives. Module-scoped, so
+    # set up before the per-test data directory: name the store.
+    with running_server_process("--pace", "0.05", "--store", "memory://") as process:
+        yield process
+
+
+def test_chat_switch_sessions_and_quit(paced_server: ServerProcess) -> None:
+    child = spawn("--target", paced_server.address)
+    child.expect("Connected to")
+    assert prompt_session(child) is None
+
+    child.sendline("hello terminal")
+    child.expect(re.escape("Echo #1 (1 message in context): hello terminal"))
+    first = prompt_session(child)
+    assert first is not None
+
+    child.sendline("/sessions")
+    child.expect(first)
+    assert prompt_session(child) == first
+
+    child.sendline("/new second one")
+    child.expect(r"New session (?P<id>[0-9a-f]{8})")
+    second = matched(child, "id")
+    assert second != first
+    assert prompt_session(child) == second
+
+    child.sendline(f"/join {first[:6]}")
+    child.expect(f"Joined session {first}")
+    assert prompt_session(child) == first
+    child.sendline("and back")
+    child.expect(re.escape("Echo #2 (3 messages in context): and back"))
+    prompt_session(child)
+
+    child.sendline("/nonsense")
+    child.expect("unknown command /nonsense")
+    prompt_session(child)
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
+def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
+    paced_server: ServerProcess,
+) -> None:
+    child = spawn("--target", paced_server.address)
+    prompt_session(child)
+    words = " ".join(f"w{i}" for i in range(400))
+    child.sendline(words)
+    child.expect("Assistant › Echo")
+    child.sendintr()
+    child.expect(re.escape("[cancelled: the partial reply is kept]"))
+    session = prompt_session(child)
+    assert session is not None
+
+    child.sendline("/history")
+    child.expect(r"Assistant › Echo[^\r\n]*\[cancelled\]")
+    prompt_session(child)
+
+    # /cancel typed (with Enter) while a reply streams does the same.
+    child.sendline(words)
+    child.expect("Assistant › Echo")
+    child.sendline("/cancel")
+    child.expect(re.escape("[cancelled: the partial reply is kept]"))
+    prompt_session(child)
+
+    # The stream is still usable after the cancels.
+    child.sendline("/ping")
+    child.expect("pong from")
+    prompt_session(child)
+    # Ctrl-C on an empty line leaves, cleanly.
+    child.sendintr()
+    assert finish(child) == 0
+
+
+def colours(output: str) -> list[str]:
+    """The colour parameters of the SGR sequences in ``output`` (bold and the like allowed)."""
+    found = []
+    for params in re.findall(r"\x1b\[([0-9;]*)m", output):
+        for param in params.split(";"):
+            if param.isdigit() and (30 <= int(param) <= 49 or 90 <= int(param) <= 107):
+                found.append(param)
+    return found
+
+
+def test_ctrl_d_leaves_and_help_lists_the_commands(paced_server: ServerProcess) -> None:
+    child = spawn("--target", paced_server.address)
+    child.logfile_read = transcript = io.StringIO()
+    prompt_session(child)
+    child.sendline("/help")
+    for command in ("/join", "/history", "/retry", "/cancel", "/disconnect"):
+        child.expect(re.escape(command))
+    prompt_session(child)
+    child.sendline("/sessions")
+    child.expect(["last activity", "No sessions yet"])
+    prompt_session(child)
+    child.sendeof()
+    assert finish(child) == 0
+    # NO_COLOR is set: a terminal, but no colour.
+    assert "\x1b[" in transcript.getvalue()
+    assert colours(transcript.getvalue()) == []
+
+
+def test_a_missing_server_is_explained_and_the_client_stays_usable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = spawn("--target", f"127.0.0.1:{port}")
+    child.expect("cannot reach a chat server")
+    child.expect(f"chat-server --port {port}")
+    child.expect(PROMPT)
+    assert isinstance(child.after, str)
+    assert "(offline)" in child.after
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
+def test_ask_prints_the_partial_reply_and_exits_130_on_ctrl_c(
+    paced_server: ServerProcess,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(400))
+    child = spawn("--target", paced_server.address, "ask", words)
+    child.expect("Echo #1")
+    child.sendintr()
+    child.expect("interrupted: the reply was cancelled")
+    assert finish(child) == 130
+
+
+def test_another_client_on_the_session_shows_up_above_the_prompt(
+    paced_server: ServerProcess,
+) -> None:
+    child = spawn("--target", paced_server.address)
+    prompt_session(child)
+    child.sendline("I was here first")
+    child.expect(re.escape("Echo #1 (1 message in context): I was here first"))
+    session = prompt_session(child)
+    assert session is not None
+
+    other = CliRunner().invoke(
+        main, ["--target", paced_server.address, "ask", "--session", session, "me too"]
+    )
+    assert other.exit_code == 0, other.output
+    child.expect(f"session {session}: reply completed \\(4 messages\\)")
+    assert prompt_session(child) == session
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
+def test_the_client_reconnects_when_the_server_restarts_and_keeps_its_session(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_args = ("--port", str(port), "--store", f"sqlite:///{tmp_path / 'chat.db'}")
+    with running_server_process(*server_args) as first:
+        child = spawn("--target", first.address)
+        prompt_session(child)
+        child.sendline("before the restart")
+        child.expect(re.escape("Echo #1 (1 message in context): before the restart"))
+        before = prompt_session(child)
+        assert before is not None
+        first.terminate()
+        # Shown while the person sits at the prompt.
+        child.expect("shutting down")
+        assert prompt_session(child) == before
+    with running_server_process(*server_args):
+        child.sendline("after the restart")
+        child.expect("reconnecting to")
+        child.expect(f"reconnected to 127.0.0.1:{port}; still in session {before}")
+        child.expect(re.escape("Echo #2 (3 messages in context): after the restart"))
+        assert prompt_session(child) == before
+        child.sendline("/stats")
+        child.expect(r"reconnections\s+1")
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
+
+
+def test_a_session_the_new_server_does_not_know_is_dropped_with_a_note() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_args = ("--port", str(port), "--store", "memory://")
+    with running_server_process(*server_args) as first:
+        child = spawn("--target", first.address)
+        prompt_session(child)
+        child.sendline("before the restart")
+        child.expect(re.escape("Echo #1 (1 message in context): before the restart"))
+        before = prompt_session(child)
+        first.terminate()
+        child.expect("shutting down")
+    with running_server_process(*server_args):
+        # The memory store of the first server went with it.
+        child.sendline("after the restart")
+        child.expect("not found")
+        child.expect("your next message starts a new one")
+        assert prompt_session(child) is None
+        child.sendline("after the restart")
+        child.expect(r"New session (?P<id>[0-9a-f]{8})")
+        assert matched(child, "id") != before
+        child.expect(re.escape("Echo #1 (1 message in context): after the restart"))
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
