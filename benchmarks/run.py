@@ -737,7 +737,9 @@ def markdown(report: dict[str, Any]) -> str:
         "and again.",
         "- Latency: a probe stream on its own connection alternates PING (round trip to PONG) "
         "and a short message (time to its first chunk), idle and while "
-        f"{report['settings']['load_streams']} streams run the throughput load.",
+        f"{report['settings']['load_streams']} streams run the throughput load (those load "
+        f"clients at nice {LOAD_NICE}, so that on two cores the probe client is not starved "
+        "of CPU by them and the figure is the server's).",
         "- Paced capacity: each stream sends one message per second; the reply is 20 chunks "
         "50 ms apart (`--pace 0.05`); a step passes when every message is answered, no "
         "stream starves, and p99 answer time is ≤ 1.2 s. The steps are "
