@@ -281,11 +281,14 @@ class _CorkedTransport:
 class _CorkingProtocol(asyncio.Protocol):
     """grpclib's protocol, given a :class:`_CorkedTransport` instead of the real one."""
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    def __init__(self, inner: asyncio.Protocol, connections: set[_CorkedTransport]) -> None:
         self._inner = inner
+        self._connections = connections
+        self._corked: _CorkedTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        corked = _CorkedTransport(cast(asyncio.Transport, transport))
+        corked = self._corked = _CorkedTransport(cast(asyncio.Transport, transport))
+        self._connections.add(corked)
         self._inner.connection_made(cast(asyncio.Transport, corked))
 
     def data_received(self, data: bytes) -> None:
@@ -295,6 +298,8 @@ class _CorkingProtocol(asyncio.Protocol):
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._corked is not None:
+            self._connections.discard(self._corked)
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -305,11 +310,28 @@ class _CorkingProtocol(asyncio.Protocol):
 
 
 class CorkingServer(grpclib.server.Server):
-    """A grpclib server whose connections send the writes of one loop pass together."""
+    """A grpclib server whose connections send the writes of one loop pass together.
+
+    It also knows its open connections, so that :meth:`close_connections` can end them:
+    grpclib's ``close()`` stops listening and cancels the handlers but leaves connections
+    open, so the clients of a server stopped in its process would wait forever (and could
+    still start calls on it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections: set[_CorkedTransport] = set()
 
     def _protocol_factory(self) -> Any:
         # grpclib 0.4 builds each connection's protocol here (pinned below 0.5).
-        return _CorkingProtocol(super()._protocol_factory())
+        return _CorkingProtocol(super()._protocol_factory(), self._connections)
+
+    def close_connections(self) -> int:
+        """Close every connection still open (after ``close()``); return how many."""
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        return len(connections)
 
 
 class WireClock:

@@ -11,7 +11,6 @@ from typing import Self, cast
 
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
-from grpclib.server import Server
 
 from chat._reflection import with_reflection
 from chat._wire import CorkingServer
@@ -95,7 +94,7 @@ class ChatServer:
         self._store = store
         self._backend = backend
         self._core: ChatCore | None = None
-        self._server: Server | None = None
+        self._server: CorkingServer | None = None
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
@@ -190,6 +189,8 @@ class ChatServer:
                 )
             self._server.close()
             await self._server.wait_closed()
+            if closed := self._server.close_connections():
+                log.info("closed %d client connections", closed)
         finally:
             if self._sweeper is not None:
                 self._sweeper.cancel()

@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Status
+from grpclib.exceptions import StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
@@ -310,3 +312,23 @@ async def test_a_server_that_cannot_start_closes_what_it_opened(server: ChatServ
     with pytest.raises(OSError, match="address already in use"):
         await ChatServer(taken, backend=backend).start()
     assert backend.closed
+
+
+async def test_stopping_in_process_ends_the_clients_connections() -> None:
+    backend = GatedBackend()
+    server = ChatServer(ServerConfig(host="127.0.0.1", port=0, store="memory://"), backend=backend)
+    await server.start()
+    async with Channel("127.0.0.1", server.port) as channel:
+        stub = chatpb.ChatServiceStub(channel)
+        session = await stub.create_session(chatpb.CreateSessionRequest())
+        async with ChatStream(stub) as stream:
+            stream.message(session.session_id, "hi", "r1")
+            backend.release("partial")
+            await stream.until("r1", [T.CHUNK])
+            await server.stop(grace_period=0)
+            # The reply in flight is cut off: the client hears of it, instead of waiting.
+            with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError)):
+                await stream.recv()
+        # And the old connection takes no new calls.
+        with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError, OSError)):
+            await stub.get_server_stats(chatpb.ServerStatsRequest(), timeout=TIMEOUT)
