@@ -20,6 +20,7 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection import _deprecated
 from grpclib.reflection import service as reflection_v1
 from grpclib.reflection.v1 import reflection_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.utils import _service_name
 
 import chatpb
@@ -72,10 +73,15 @@ def with_reflection(services: Collection[IServable]) -> list[IServable]:
         chatpb.CHAT_PROTO_DESCRIPTOR,
         health_pb2.DESCRIPTOR,
         reflection_pb2.DESCRIPTOR,
+        reflection_v1alpha_pb2.DESCRIPTOR,
     ):
         pool.AddSerializedFile(descriptor.serialized_pb)
     documented = _documented_files()
-    names = [_service_name(service) for service in services]
+    # The reflection services list themselves too, as gRPC's reference servers do.
+    names = [_service_name(service) for service in services] + [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
     return [
         *services,
         _ReflectionV1(names, pool, documented),

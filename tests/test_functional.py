@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.reflection.v1 import reflection_grpc, reflection_pb2
 
 import chatpb
 from chat import (
@@ -332,3 +334,35 @@ async def test_stopping_in_process_ends_the_clients_connections() -> None:
         # And the old connection takes no new calls.
         with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError, OSError)):
             await stub.get_server_stats(chatpb.ServerStatsRequest(), timeout=TIMEOUT)
+
+
+async def test_reflection_v1_as_grpcurl_uses_it_lists_and_describes(server: ChatServer) -> None:
+    # grpcurl speaks reflection v1 (the grpcio test above uses v1alpha); both must answer
+    # with chat.proto and its comments, which is what `grpcurl describe` prints.
+    async with Channel("127.0.0.1", server.port) as channel:
+        stub = reflection_grpc.ServerReflectionStub(channel)
+
+        async def ask(
+            request: reflection_pb2.ServerReflectionRequest,
+        ) -> reflection_pb2.ServerReflectionResponse:
+            async with stub.ServerReflectionInfo.open() as call:
+                await call.send_message(request, end=True)
+                response = await call.recv_message()
+                assert response is not None
+                return response
+
+        listed = await ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+        names = {s.name for s in listed.list_services_response.service}
+        assert names >= {
+            "ChatService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        }
+        found = await ask(
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="ChatRequest")
+        )
+        (raw,) = found.file_descriptor_response.file_descriptor_proto
+    file = descriptor_pb2.FileDescriptorProto.FromString(raw)
+    assert file.name == "chat.proto"
+    comments = [loc.leading_comments for loc in file.source_code_info.location]
+    assert any("One client event on the `Chat` stream." in c for c in comments)
