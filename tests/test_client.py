@@ -526,20 +526,29 @@ async def test_a_silent_stream_is_detected_by_keepalive_pings() -> None:
             slow = await client.ask(session.session_id, "a b c")
             assert slow.finish_reason is FinishReason.STOP
             assert client.connected
-            # A server stopped in-process cancels the reply's handler after its grace period
-            # and leaves the socket open without a word: only the keepalive can tell.
-            stopping: list[asyncio.Task[None]] = []
 
-            async def read_while_the_server_stops() -> None:
+
+@pytest.mark.slow
+async def test_a_server_that_goes_silent_mid_reply_is_detected_by_keepalive() -> None:
+    # A frozen server process keeps its socket open and says nothing, as a network partition
+    # would: only the keepalive PINGs can tell.
+    with running_server_process("--pace", "0.05") as process:
+        client = ChatClient(process.address, keepalive=0.1, timeout=0.5)
+        async with client:
+            session = await client.create_session()
+
+            async def read_while_the_server_freezes() -> None:
                 # Bounded: without the keepalive this would wait forever.
                 async with asyncio.timeout(TIMEOUT):
                     async for event in client.send(session.session_id, LONG_TEXT):
-                        if isinstance(event, ReplyChunk) and not stopping:
-                            stopping.append(asyncio.create_task(server.stop()))
+                        if isinstance(event, ReplyChunk):
+                            process.process.send_signal(signal.SIGSTOP)
 
-            with pytest.raises(ConnectionLost, match="stopped answering"):
-                await read_while_the_server_stops()
-            await stopping[0]
+            try:
+                with pytest.raises(ConnectionLost, match="stopped answering"):
+                    await read_while_the_server_freezes()
+            finally:
+                process.process.send_signal(signal.SIGCONT)
             assert not client.connected
 
 
