@@ -652,12 +652,10 @@ class Conversation:
                 await asyncio.wait((task,))
                 status = MessageStatus.INTERRUPTED if core.draining else MessageStatus.CANCELLED
                 core.stats.cancelled_requests += 1
-                # A store error is logged by _store_turn; the stream is gone, so there is
+                # A store error is logged by _write_turn; the stream is gone, so there is
                 # nobody to tell.
                 with contextlib.suppress(ChatError):
-                    await asyncio.shield(
-                        self._store_turn(turn, session, text, generation.model, status)
-                    )
+                    await self._store_turn(turn, session, text, generation.model, status)
                 raise
         finally:
             turn.generation = None
@@ -729,7 +727,35 @@ class Conversation:
     async def _store_turn(
         self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
     ) -> Session:
-        """Write the user message and the (possibly partial) reply in one append."""
+        """Write the user message and the (possibly partial) reply in one append.
+
+        The write goes on when the stream closes meanwhile: a client that leaves just as its
+        reply ends must not lose the turn (cancelled in the middle, a Redis append may be
+        sent or not). A second cancellation (a shutdown past its grace period) gives up.
+        """
+        write = asyncio.create_task(self._write_turn(turn, session, text, model, status))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait((write,))
+            finally:
+                if not write.done():
+                    write.cancel()
+                elif not write.cancelled():
+                    # Nobody is left to tell; a ChatError is logged by _write_turn.
+                    error = write.exception()
+                    if error is not None and not isinstance(error, ChatError):
+                        log.error(
+                            "could not store a turn of session %s",
+                            session.session_id,
+                            exc_info=error,
+                        )
+            raise
+
+    async def _write_turn(
+        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+    ) -> Session:
         request_id = turn.request.request_id
         now = utcnow()
         user_status = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -16,10 +16,12 @@ from chat import (
     InvalidArgument,
     Limits,
     MemoryStore,
+    Message,
     MessageStatus,
     Request,
     RequestKind,
     Role,
+    Session,
     SessionNotFound,
     SessionPatch,
     StatusCode,
@@ -629,3 +631,45 @@ async def _ping_forever(conversation: Conversation) -> None:
 
 async def _is_blocked(conversation: Conversation, size: int) -> bool:
     return len(conversation.outbox) >= size
+
+
+# Review fixes: what a stream closing, draining or a strange backend must not break ---------
+
+
+class HeldAppendStore(MemoryStore):
+    """A memory store whose appends wait until the test lets them go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appending = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
+        self.appending.set()
+        await self.go_on.wait()
+        return await super().append(session_id, messages)
+
+
+async def test_a_client_leaving_while_its_turn_is_stored_does_not_lose_the_turn() -> None:
+    store = HeldAppendStore()
+    core = ChatCore(store, ScriptedBackend(["the whole ", "reply"]))
+    session = await core.create_session()
+    tasks_before = len(asyncio.all_tasks())
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "hello", "r1"))
+        await asyncio.wait_for(store.appending.wait(), TIMEOUT)
+        # The client goes away while the finished turn is being written.
+        closing = asyncio.create_task(conversation.aclose())
+
+        async def cancelling() -> bool:
+            return conversation._closing
+
+        await eventually(cancelling, "the conversation to cancel its turns")
+        store.go_on.set()
+        await asyncio.wait_for(closing, TIMEOUT)
+    history = await core.get_history(session.session_id)
+    assert [(m.role, m.status, m.content) for m in history] == [
+        (Role.USER, MessageStatus.COMPLETE, "hello"),
+        (Role.ASSISTANT, MessageStatus.COMPLETE, "the whole reply"),
+    ]
+    assert len(asyncio.all_tasks()) == tasks_before
