@@ -302,16 +302,24 @@ class ChatCore:
         exclude: Conversation | None = None,
     ) -> None:
         for conversation in self._subscribers.get(session.session_id, ()):
-            if conversation is not exclude:
-                conversation.outbox.put_nowait(
-                    Event(
-                        EventKind.SESSION_UPDATE,
-                        session_id=session.session_id,
-                        status_message=message,
-                        message_count=session.message_count,
-                        session=session,
-                    )
+            if conversation is exclude:
+                continue
+            outbox = conversation.outbox
+            if len(outbox) >= conversation._request_backlog:
+                # Another client's events (typing, say) are not held back by this one's
+                # reading: a stream that leaves this many unread misses updates rather than
+                # queueing them without bound. The next one it gets is up to date.
+                log.debug("session update %r dropped for a stream that is not reading", message)
+                continue
+            outbox.put_nowait(
+                Event(
+                    EventKind.SESSION_UPDATE,
+                    session_id=session.session_id,
+                    status_message=message,
+                    message_count=session.message_count,
+                    session=session,
                 )
+            )
 
 
 @dataclass(slots=True, eq=False)

@@ -673,3 +673,15 @@ async def test_a_client_leaving_while_its_turn_is_stored_does_not_lose_the_turn(
         (Role.ASSISTANT, MessageStatus.COMPLETE, "the whole reply"),
     ]
     assert len(asyncio.all_tasks()) == tasks_before
+
+
+async def test_session_updates_to_a_stream_that_never_reads_are_bounded() -> None:
+    core = ChatCore(MemoryStore(), EchoBackend(), limits=Limits(outbox_high_water=4))
+    session = await core.create_session()
+    async with core.open_conversation() as typist, core.open_conversation() as idle:
+        await idle.handle(Request(RequestKind.TYPING_START, session.session_id))
+        for _ in range(1000):
+            await typist.handle(Request(RequestKind.TYPING_START, session.session_id))
+        # The typist's own outbox stays empty, so nothing holds it back: the pushes to
+        # the stream that never reads must stop somewhere.
+        assert len(idle.outbox) <= 16

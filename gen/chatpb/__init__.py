@@ -137,8 +137,10 @@ class ChatResponseType(betterproto2.Enum):
 
     SESSION_UPDATE = 6
     """
-    The session changed (a turn completed, it was updated or deleted), pushed to the other
-    streams that have used this session; `message_count` and `session` describe it.
+    The session changed (a turn completed, it was updated or deleted) or a client on
+    another stream started or stopped typing; pushed to the other streams that have used
+    this session, with `message_count` and `session` describing it. A stream that leaves
+    many events unread misses some; the next one it gets is up to date.
     """
 
 
