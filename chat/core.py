@@ -275,6 +275,10 @@ class ChatCore:
         self._conversations.add(conversation)
         self.stats.active_streams += 1
         self._idle.clear()
+        if self._draining:
+            # The server still listens during the grace period: a stream opened then is
+            # told to go elsewhere too, rather than holding the shutdown for all of it.
+            conversation.drain()
 
     def _stream_closed(self, conversation: Conversation) -> None:
         self._conversations.discard(conversation)

@@ -685,3 +685,15 @@ async def test_session_updates_to_a_stream_that_never_reads_are_bounded() -> Non
         # The typist's own outbox stays empty, so nothing holds it back: the pushes to
         # the stream that never reads must stop somewhere.
         assert len(idle.outbox) <= 16
+
+
+async def test_a_stream_opened_while_the_server_drains_is_told_to_reconnect(
+    core: ChatCore,
+) -> None:
+    core.start_draining()
+    async with core.open_conversation() as conversation:
+        event = await Reader(conversation).next()
+        assert event.kind is EventKind.STATUS
+        assert event.error_code == StatusCode.UNAVAILABLE
+        conversation.finish_input()
+    assert await core.wait_idle(TIMEOUT)
