@@ -59,6 +59,7 @@ __all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
 log = logging.getLogger(__name__)
 
 _TICK = timedelta(microseconds=1)
+_INT32_MAX = 2**31 - 1
 
 
 class RequestKind(enum.IntEnum):
@@ -734,7 +735,25 @@ class Conversation:
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:
-                    turn.usage = delta.usage
+                    turn.usage = self._checked_usage(delta.usage)
+
+    def _checked_usage(self, usage: Usage) -> Usage | None:
+        """``usage`` if its counts fit the wire (int32, not negative), else ``None``.
+
+        A count that does not fit would make the encoder refuse the event, which ends the
+        whole stream; an upstream that reports such numbers is wrong anyway.
+        """
+        counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+        if all(0 <= count <= _INT32_MAX for count in counts):
+            return usage
+        log.warning(
+            "ignoring the token usage the %s backend reported (%d prompt, %d completion): "
+            "not a count the protocol can carry",
+            self._core.backend.name,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        return None
 
     async def _store_turn(
         self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from chat.backends import Delta, GenerationRequest
 from chat.backends.echo import EchoBackend
-from chat.types import FinishReason
+from chat.types import FinishReason, Usage
 
 
 class ScriptedBackend:
@@ -16,9 +16,15 @@ class ScriptedBackend:
     name = "scripted"
     default_model = "scripted-model"
 
-    def __init__(self, deltas: Sequence[str], finish: FinishReason = FinishReason.STOP) -> None:
+    def __init__(
+        self,
+        deltas: Sequence[str],
+        finish: FinishReason = FinishReason.STOP,
+        usage: Usage | None = None,
+    ) -> None:
         self.deltas = list(deltas)
         self.finish = finish
+        self.usage = usage
         self.requests: list[GenerationRequest] = []
 
     async def list_models(self) -> Sequence[str] | None:
@@ -28,7 +34,7 @@ class ScriptedBackend:
         self.requests.append(request)
         for text in self.deltas:
             yield Delta(text)
-        yield Delta(finish_reason=self.finish)
+        yield Delta(finish_reason=self.finish, usage=self.usage)
 
     async def aclose(self) -> None:
         return None

@@ -25,7 +25,9 @@ from chat import (
     SessionNotFound,
     SessionPatch,
     StatusCode,
+    Usage,
 )
+from chat._wire import encode_response
 from chat.backends.echo import echo_reply
 from chat.core import Conversation
 from chat.errors import BackendRateLimited, BackendUnavailable
@@ -697,3 +699,26 @@ async def test_a_stream_opened_while_the_server_drains_is_told_to_reconnect(
         assert event.error_code == StatusCode.UNAVAILABLE
         conversation.finish_input()
     assert await core.wait_idle(TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [Usage(2**31, 1), Usage(1, 2**31), Usage(2**30, 2**30), Usage(-1, 5)],
+    ids=["prompt", "completion", "total", "negative"],
+)
+async def test_token_counts_that_do_not_fit_the_wire_are_dropped_not_fatal(
+    usage: Usage,
+) -> None:
+    core = ChatCore(MemoryStore(), ScriptedBackend(["ok"], usage=usage))
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        reader = Reader(conversation)
+        await conversation.handle(message(session.session_id, "hi", "r1"))
+        events = await reader.reply("r1")
+    assert events[-1].kind is EventKind.RESPONSE_COMPLETE
+    assert events[-1].usage is None
+    # The writer encodes each event; one that cannot be encoded would end the stream.
+    for event in events:
+        encode_response(event, "")
+    history = await core.get_history(session.session_id)
+    assert history[-1].usage is None
