@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -249,6 +250,35 @@ async def test_a_lock_left_by_a_dead_server_expires_with_its_lease(prefix: str) 
             assert await client.exists(f"{prefix}:lock:s") == 0
         finally:
             await client.aclose()
+
+
+async def test_a_turn_cancelled_while_taking_the_lock_does_not_leave_it_taken(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with redis_store(redis_store_url(prefix)) as store:
+        acquire = store._scripts["acquire"]
+        taken = asyncio.Event()
+
+        async def acquire_then_wait(**kwargs: Any) -> Any:
+            # Redis took the lock, and the turn is cancelled before the reply is read (the
+            # client of that turn went away, say).
+            await acquire(**kwargs)
+            taken.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setitem(store._scripts, "acquire", acquire_then_wait)
+
+        async def turn() -> None:
+            async with store.lock("s"):
+                raise AssertionError("the lock was never acquired")
+
+        task = asyncio.create_task(turn())
+        await asyncio.wait_for(taken.wait(), TIMEOUT)
+        task.cancel()
+        await asyncio.wait((task,))
+        assert task.cancelled()
+        # Otherwise every turn on the session waits for the lease to run out.
+        assert await store._client.exists(f"{prefix}:lock:s") == 0
 
 
 async def test_a_held_lock_is_renewed_past_its_lease(prefix: str) -> None:

@@ -32,6 +32,7 @@ most ``lock_lease`` seconds (default 10).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -566,7 +567,15 @@ class RedisStore:
         async with self._locks.hold(session_id):
             key = self._key("lock", session_id)
             token = secrets.token_hex(16)
-            await self._acquire(session_id, key, token)
+            try:
+                await self._acquire(session_id, key, token)
+            except BaseException:
+                # Cancelled (or cut off) after Redis took the lock but before the reply was
+                # read, the lock would block the session for a whole lease: release it (a
+                # compare-and-delete, so nothing happens if it was not taken).
+                with contextlib.suppress(StoreUnavailable):
+                    await asyncio.shield(self._release(key, token))
+                raise
             renewer = asyncio.create_task(self._renew(session_id, key, token))
             try:
                 yield
