@@ -168,9 +168,10 @@ class ChatServer:
         """Shut down gracefully.
 
         Health turns NOT_SERVING and new messages are refused with UNAVAILABLE. Each Chat
-        stream finishes the turns it has queued, then ends with status UNAVAILABLE (so that
-        clients reconnect elsewhere). After ``grace_period`` seconds (default: the config's)
-        the streams still open are cancelled, keeping partial replies as INTERRUPTED, and the
+        stream finishes the turns it has queued, then gets a STATUS event with error code
+        UNAVAILABLE asking its client to end the stream (which then ends with OK) and
+        reconnect elsewhere. After ``grace_period`` seconds (default: the config's) the
+        streams still open are cancelled, keeping partial replies as INTERRUPTED, and the
         store and backend are closed.
         """
         if self._stopping or self._server is None or self._core is None:
