@@ -65,6 +65,15 @@ def test_bad_store_urls_say_what_is_wrong(url: str, message: str) -> None:
         open_store(url)
 
 
+@pytest.mark.parametrize(
+    "url", ["reddis://:hunter2@cache:6379/0", "postgres://chat:hunter2@db/chat", "hunter2@db"]
+)
+def test_a_bad_store_url_is_not_shown_with_its_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        open_store(url)
+    assert "hunter2" not in str(raised.value)
+
+
 async def test_first_start_creates_the_directories_and_a_wal_database(tmp_path: Path) -> None:
     path = tmp_path / "new" / "dirs" / "chat.db"
     store = SqliteStore(path)

@@ -160,6 +160,15 @@ def default_store_url() -> str:
     return f"sqlite://{default_store_path().as_posix()}"
 
 
+def _shown(url: str) -> str:
+    """``url`` as an error message may show it: user and password (before an ``@``) masked."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, _ = head.partition("://")
+    return f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
+
+
 def open_store(url: str) -> SessionStore:
     """Create the store that ``url`` names (not yet connected: see :meth:`SessionStore.open`).
 
@@ -171,8 +180,8 @@ def open_store(url: str) -> SessionStore:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigurationError(
-            f"store URL {url!r} has no scheme; expected sqlite:///PATH, redis://HOST:PORT/DB "
-            "or memory://"
+            f"store URL {_shown(url)!r} has no scheme; expected sqlite:///PATH, "
+            "redis://HOST:PORT/DB or memory://"
         )
     if scheme == "memory":
         from chat.store.memory import MemoryStore
@@ -184,7 +193,7 @@ def open_store(url: str) -> SessionStore:
         path, _, query = rest.partition("?")
         if not path:
             raise ConfigurationError(
-                f"store URL {url!r} names no file; expected sqlite:///absolute/path.db "
+                f"store URL {_shown(url)!r} names no file; expected sqlite:///absolute/path.db "
                 "or sqlite://relative/path.db"
             )
         return SqliteStore(Path(os.path.expanduser(path)), options=query)
@@ -193,5 +202,5 @@ def open_store(url: str) -> SessionStore:
 
         return RedisStore(url)
     raise ConfigurationError(
-        f"unknown store {scheme!r} in {url!r}; expected sqlite://, redis:// or memory://"
+        f"unknown store {scheme!r} in {_shown(url)!r}; expected sqlite://, redis:// or memory://"
     )
