@@ -264,13 +264,22 @@ async def _ask(
             if not as_json:
                 click.echo(f"session {session.session_id}", err=True)
         reply = client.send(session.session_id, text)
-        interrupted = False
+        interrupted = abandoned = False
+        waiting = asyncio.current_task()
 
         def interrupt() -> None:
-            nonlocal interrupted
+            nonlocal interrupted, abandoned
             if not interrupted:
                 interrupted = True
+                click.echo("\n(cancelling the reply; Ctrl-C again to stop waiting)", err=True)
                 cancelling.add(asyncio.ensure_future(reply.cancel()))
+            elif not abandoned and waiting is not None:
+                # The server does not confirm the CANCEL (it may be frozen or cut off): do not
+                # make the person wait for the keepalive to find out.
+                abandoned = True
+                for future in cancelling:
+                    future.cancel()
+                waiting.cancel()
 
         cancelling: set[asyncio.Future[None]] = set()
         with _on_sigint(interrupt):
@@ -292,6 +301,11 @@ async def _ask(
                                 _print_json(reply_json(reply.result))
                             if event.finish_reason is FinishReason.CANCELLED:
                                 return EXIT_INTERRUPTED
+            except asyncio.CancelledError:
+                if not abandoned or waiting is None:
+                    raise
+                waiting.uncancel()
+                return EXIT_INTERRUPTED
             finally:
                 if cancelling:
                     await asyncio.wait(cancelling)
