@@ -265,9 +265,11 @@ def test_the_client_reconnects_when_the_server_restarts_and_keeps_its_session(
         before = prompt_session(child)
         assert before is not None
         first.terminate()
-        # Shown while the person sits at the prompt.
+        # Shown while the person sits at the prompt, which then says the client is offline.
         child.expect("shutting down")
         assert prompt_session(child) == before
+        assert isinstance(child.after, str)
+        assert "(offline)" in child.after
     with running_server_process(*server_args):
         child.sendline("after the restart")
         child.expect("reconnecting to")

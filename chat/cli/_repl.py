@@ -104,8 +104,11 @@ class _LineReader(Protocol):
     #: Whether a person is typing (prompts are shown, lines typed during a reply are read).
     interactive: bool
 
-    async def read(self, prompt: FormattedText) -> str | None:
-        """The next line; ``None`` to leave (end of input, or Ctrl-C on an empty line)."""
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
+        """The next line; ``None`` to leave (end of input, or Ctrl-C on an empty line).
+
+        ``prompt`` is called at every redraw, so that it follows the connection's state.
+        """
         ...
 
     def typeahead(self, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
@@ -139,7 +142,7 @@ class _TerminalReader:
             history=history, key_bindings=bindings, style=_STYLE
         )
 
-    async def read(self, prompt: FormattedText) -> str | None:
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
         try:
             # Ctrl-C is a key binding (above); SIGINT stays with the REPL's handler.
             return await self._session.prompt_async(prompt, handle_sigint=False)
@@ -209,7 +212,7 @@ class _PlainReader:
                 self._reader = reader
         return self._reader
 
-    async def read(self, prompt: FormattedText) -> str | None:
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
         reader = await self._async_reader()
         if reader is None:
             line = self._stream.readline()
@@ -352,7 +355,7 @@ class _Repl:
         else:
             try:
                 self._prompting = True
-                line = await self._run_cancellable(self.reader.read(self.prompt()))
+                line = await self._run_cancellable(self.reader.read(self.prompt))
             except asyncio.CancelledError:
                 if _current_task_cancelling():
                     raise
