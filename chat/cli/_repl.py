@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import signal
 import stat
 import sys
 from collections import deque
@@ -45,6 +44,7 @@ from chat.cli._render import (
     session_table,
     short_id,
 )
+from chat.cli._sigint import on_sigint
 from chat.client import (
     ChatClient,
     ClientConfig,
@@ -330,7 +330,7 @@ class _Repl:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        with _sigint_handler(self._interrupt):
+        with on_sigint(self._interrupt):
             try:
                 self._start_watching()
                 if await self.connect() and self.options.session:
@@ -795,21 +795,6 @@ def _title_for(text: str) -> str:
 def _current_task_cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-@contextlib.contextmanager
-def _sigint_handler(callback: Callable[[], None]) -> Iterator[None]:
-    """Route SIGINT to ``callback`` for the whole session (main thread only)."""
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):
-        yield  # not the main thread, or no signals on this platform
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 def run_interactive(

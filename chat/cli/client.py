@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -28,6 +27,7 @@ from chat.cli._render import (
     session_json,
     session_table,
 )
+from chat.cli._sigint import on_sigint
 from chat.client import (
     DEFAULT_TARGET,
     ChatClient,
@@ -282,7 +282,7 @@ async def _ask(
                 waiting.cancel()
 
         cancelling: set[asyncio.Future[None]] = set()
-        with _on_sigint(interrupt):
+        with on_sigint(interrupt):
             try:
                 async with reply:
                     async for event in reply:
@@ -310,20 +310,6 @@ async def _ask(
                 if cancelling:
                     await asyncio.wait(cancelling)
     return EXIT_OK
-
-
-@contextlib.contextmanager
-def _on_sigint(callback: Callable[[], None]) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 # -- sessions -----------------------------------------------------------------------------------
