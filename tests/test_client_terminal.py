@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -211,6 +212,24 @@ def test_ask_prints_the_partial_reply_and_exits_130_on_ctrl_c(
     assert finish(child) == 130
 
 
+def test_ask_stops_waiting_on_a_second_ctrl_c_when_the_server_does_not_answer() -> None:
+    # A frozen server takes the CANCEL and says nothing: without a way out, `ask` would wait
+    # for the keepalive (15 s) and its PING's deadline before giving up.
+    with running_server_process("--pace", "0.05", "--store", "memory://") as server:
+        words = " ".join(f"w{i}" for i in range(400))
+        child = spawn("--target", server.address, "ask", words)
+        try:
+            child.expect("Echo #1")
+            server.process.send_signal(signal.SIGSTOP)
+            child.sendintr()
+            child.expect("Ctrl-C again")
+            child.sendintr()
+            child.expect("interrupted")
+            assert finish(child) == 130
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+
+
 def test_another_client_on_the_session_shows_up_above_the_prompt(
     paced_server: ServerProcess,
 ) -> None:
@@ -246,9 +265,11 @@ def test_the_client_reconnects_when_the_server_restarts_and_keeps_its_session(
         before = prompt_session(child)
         assert before is not None
         first.terminate()
-        # Shown while the person sits at the prompt.
+        # Shown while the person sits at the prompt, which then says the client is offline.
         child.expect("shutting down")
         assert prompt_session(child) == before
+        assert isinstance(child.after, str)
+        assert "(offline)" in child.after
     with running_server_process(*server_args):
         child.sendline("after the restart")
         child.expect("reconnecting to")

@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import signal
 import stat
 import sys
 from collections import deque
@@ -45,6 +44,7 @@ from chat.cli._render import (
     session_table,
     short_id,
 )
+from chat.cli._sigint import on_sigint
 from chat.client import (
     ChatClient,
     ClientConfig,
@@ -104,8 +104,11 @@ class _LineReader(Protocol):
     #: Whether a person is typing (prompts are shown, lines typed during a reply are read).
     interactive: bool
 
-    async def read(self, prompt: FormattedText) -> str | None:
-        """The next line; ``None`` to leave (end of input, or Ctrl-C on an empty line)."""
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
+        """The next line; ``None`` to leave (end of input, or Ctrl-C on an empty line).
+
+        ``prompt`` is called at every redraw, so that it follows the connection's state.
+        """
         ...
 
     def typeahead(self, on_line: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
@@ -139,7 +142,7 @@ class _TerminalReader:
             history=history, key_bindings=bindings, style=_STYLE
         )
 
-    async def read(self, prompt: FormattedText) -> str | None:
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
         try:
             # Ctrl-C is a key binding (above); SIGINT stays with the REPL's handler.
             return await self._session.prompt_async(prompt, handle_sigint=False)
@@ -209,7 +212,7 @@ class _PlainReader:
                 self._reader = reader
         return self._reader
 
-    async def read(self, prompt: FormattedText) -> str | None:
+    async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
         reader = await self._async_reader()
         if reader is None:
             line = self._stream.readline()
@@ -327,7 +330,7 @@ class _Repl:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        with _sigint_handler(self._interrupt):
+        with on_sigint(self._interrupt):
             try:
                 self._start_watching()
                 if await self.connect() and self.options.session:
@@ -352,7 +355,7 @@ class _Repl:
         else:
             try:
                 self._prompting = True
-                line = await self._run_cancellable(self.reader.read(self.prompt()))
+                line = await self._run_cancellable(self.reader.read(self.prompt))
             except asyncio.CancelledError:
                 if _current_task_cancelling():
                     raise
@@ -792,21 +795,6 @@ def _title_for(text: str) -> str:
 def _current_task_cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-@contextlib.contextmanager
-def _sigint_handler(callback: Callable[[], None]) -> Iterator[None]:
-    """Route SIGINT to ``callback`` for the whole session (main thread only)."""
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):
-        yield  # not the main thread, or no signals on this platform
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 def run_interactive(

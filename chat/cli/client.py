@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -28,6 +27,7 @@ from chat.cli._render import (
     session_json,
     session_table,
 )
+from chat.cli._sigint import on_sigint
 from chat.client import (
     DEFAULT_TARGET,
     ChatClient,
@@ -264,16 +264,25 @@ async def _ask(
             if not as_json:
                 click.echo(f"session {session.session_id}", err=True)
         reply = client.send(session.session_id, text)
-        interrupted = False
+        interrupted = abandoned = False
+        waiting = asyncio.current_task()
 
         def interrupt() -> None:
-            nonlocal interrupted
+            nonlocal interrupted, abandoned
             if not interrupted:
                 interrupted = True
+                click.echo("\n(cancelling the reply; Ctrl-C again to stop waiting)", err=True)
                 cancelling.add(asyncio.ensure_future(reply.cancel()))
+            elif not abandoned and waiting is not None:
+                # The server does not confirm the CANCEL (it may be frozen or cut off): do not
+                # make the person wait for the keepalive to find out.
+                abandoned = True
+                for future in cancelling:
+                    future.cancel()
+                waiting.cancel()
 
         cancelling: set[asyncio.Future[None]] = set()
-        with _on_sigint(interrupt):
+        with on_sigint(interrupt):
             try:
                 async with reply:
                     async for event in reply:
@@ -292,24 +301,15 @@ async def _ask(
                                 _print_json(reply_json(reply.result))
                             if event.finish_reason is FinishReason.CANCELLED:
                                 return EXIT_INTERRUPTED
+            except asyncio.CancelledError:
+                if not abandoned or waiting is None:
+                    raise
+                waiting.uncancel()
+                return EXIT_INTERRUPTED
             finally:
                 if cancelling:
                     await asyncio.wait(cancelling)
     return EXIT_OK
-
-
-@contextlib.contextmanager
-def _on_sigint(callback: Callable[[], None]) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 # -- sessions -----------------------------------------------------------------------------------
