@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import chat
+import chat.client
 from chat import (
     BackendUnavailable,
     ChatClient,
@@ -133,12 +134,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_CLIENT_PACKAGE = Path(chat.client.__file__).parent
+
+
 def client_tasks() -> list[asyncio.Task[object]]:
-    return [
-        t
-        for t in asyncio.all_tasks()
-        if getattr(t.get_coro(), "__qualname__", "").startswith("ChatClient.")
-    ]
+    """The running tasks that the client started (their coroutines are in chat/client/)."""
+    tasks = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and Path(code.co_filename).is_relative_to(_CLIENT_PACKAGE):
+            tasks.append(task)
+    return tasks
 
 
 # -- conversations ------------------------------------------------------------------------------
@@ -246,6 +252,8 @@ async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
         baseline = len(client_tasks())
         client = ChatClient(address(server))
         async with client:
+            # The reader runs while connected: the count below sees the client's tasks.
+            assert len(client_tasks()) > baseline
             session = await client.create_session()
             async with client.notices():
                 async with client.send(session.session_id, LONG_TEXT) as reply:
@@ -263,7 +271,7 @@ async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
                     break
                 await client.ask(session.session_id, "after it")
                 assert client.pending_requests == 0
-            assert not client._subscribers
+            assert not client._connector.subscribers
         assert len(client_tasks()) == baseline
         assert not client.connected
 
