@@ -243,10 +243,12 @@ class ChatClient:
     grpclib :class:`~grpclib.client.Channel` of each connection the client opens (the first
     one, and each one after a loss or :meth:`disconnect`): it is called with no arguments and
     must return a new channel every time; the client closes it. By default it is
-    ``Channel(host, port)`` of ``target``. Pass one for TLS or a Unix socket, or to run the
-    client in memory in tests::
+    ``Channel(host, port)`` of ``target``. Pass one for TLS (to a proxy in front of the
+    server), or to run the client in memory in tests::
 
-        ChatClient(channel_factory=lambda: Channel(path="/run/chat.sock"))
+        ChatClient("chat.example.org:443", channel_factory=lambda: Channel(
+            "chat.example.org", 443, ssl=True
+        ))
     """
 
     def __init__(
