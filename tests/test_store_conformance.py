@@ -482,3 +482,45 @@ async def test_a_reopened_store_has_everything(kind: str, tmp_path: Path) -> Non
             await second.aclose()
     finally:
         await delete_prefix(prefix)
+
+
+# -- health and secrets ---------------------------------------------------------------------
+
+
+async def test_ping_answers_while_the_store_can_serve(store: SessionStore) -> None:
+    await store.ping()
+    await store.create(session("s"))
+    await store.ping()
+
+
+async def test_a_secret_is_made_once_per_name(store: SessionStore) -> None:
+    first = await store.secret("page-tokens")
+    assert len(first) == 32
+    assert await store.secret("page-tokens") == first
+    assert await store.secret("other") not in (first, b"")
+
+
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
+async def test_servers_sharing_a_store_share_its_secrets_also_after_a_restart(
+    kind: str, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    url = store_url(kind, tmp_path, prefix)
+    try:
+        one, two = open_store(url), open_store(url)
+        await one.open()
+        await two.open()
+        try:
+            made = await asyncio.gather(one.secret("k"), two.secret("k"))
+            assert made[0] == made[1]
+        finally:
+            await one.aclose()
+            await two.aclose()
+        again = open_store(url)
+        await again.open()
+        try:
+            assert await again.secret("k") == made[0]
+        finally:
+            await again.aclose()
+    finally:
+        await delete_prefix(prefix)

@@ -13,6 +13,7 @@ key                        type         holds
 ``p:by-activity``          sorted set   ``ID`` scored by last activity (µs): eviction, expiry
 ``p:lock:ID``              string       the turn lock's owner token, with a lease
 ``p:append:OP``            string       marks an append as done, so a retry never repeats it
+``p:secret:NAME``          string       a secret shared by the servers (signs page tokens)
 =========================  ===========  ====================================================
 
 Every write is one Lua script, so it is atomic: an append pushes its messages and moves the
@@ -242,6 +243,12 @@ end
 return 0
 """
 
+# KEYS: secret; ARGV: a fresh value, used if there is none yet
+_SECRET = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -327,6 +334,7 @@ class RedisStore:
                 "acquire": _ACQUIRE,
                 "renew": _RENEW,
                 "release": _RELEASE,
+                "secret": _SECRET,
             }.items()
         }
         self._created_key = self._key("by-created")
@@ -377,6 +385,15 @@ class RedisStore:
     async def aclose(self) -> None:
         self._closed = True
         await self._client.aclose()
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping, retry=False)
+
+    async def secret(self, name: str) -> bytes:
+        value = await self._script(
+            "secret", [self._key("secret", name)], [secrets.token_hex(32)], retry=True
+        )
+        return bytes.fromhex(value)
 
     # -- operations -------------------------------------------------------------------------
 

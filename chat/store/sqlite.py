@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Listing one identity's sessions, newest first.
             "CREATE INDEX sessions_by_owner ON sessions (owner, created_at, session_id)",
             "ALTER TABLE messages ADD COLUMN turn_id TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
+    Migration(
+        4,
+        "secrets shared by the servers using the file (the key that signs page tokens)",
+        (
+            """CREATE TABLE secrets (
+                name TEXT PRIMARY KEY,
+                value BLOB NOT NULL
+            )""",
         ),
     ),
 )
@@ -309,6 +320,24 @@ class SqliteStore:
             raise StoreUnavailable(
                 f"the SQLite store {self.path} cannot serve the request: {error}"
             ) from error
+
+    async def ping(self) -> None:
+        await self._run(self._ping_sync)
+
+    @staticmethod
+    def _ping_sync(db: sqlite3.Connection) -> None:
+        db.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+
+    async def secret(self, name: str) -> bytes:
+        return await self._run(self._secret_sync, name, secrets.token_bytes(32))
+
+    @classmethod
+    def _secret_sync(cls, db: sqlite3.Connection, name: str, fresh: bytes) -> bytes:
+        with cls._transaction(db):
+            # The first server to ask makes it; every other one (and every restart) reads it.
+            db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, fresh))
+            (value,) = db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(value)
 
     # -- operations (each runs on the worker thread, each write in one transaction) ---------
 
