@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
+from chat._page_tokens import PageTokens
 from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend
 from chat.context import ContextBudget
@@ -37,6 +38,7 @@ from chat.errors import (
     FailedPrecondition,
     InvalidArgument,
     Unavailable,
+    excerpt,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
 from chat.outbox import Outbox
@@ -65,6 +67,13 @@ log = logging.getLogger(__name__)
 
 _TICK = timedelta(microseconds=1)
 _INT32_MAX = 2**31 - 1
+#: The string fields of a Chat request held to ``Limits.max_id_chars``.
+_REQUEST_IDS = ("session_id", "request_id", "turn_id", "client_message_id", "timestamp")
+
+
+def _too_long(name: str, value: str, limit: int) -> InvalidArgument:
+    # The length, never the value: the value is what is too big to send back.
+    return InvalidArgument(name, f"is {len(value)} characters; the limit is {limit}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +84,12 @@ class Limits:
     max_system_prompt_chars: int = 32_000
     max_title_chars: int = 200
     max_model_chars: int = 200
+    #: Ids (session, request, turn, client message) and the timestamp a client sends.
+    max_id_chars: int = 128
+    #: ``page_token`` of ListSessions (the server's own tokens are far shorter).
+    max_page_token_chars: int = 512
+    #: Largest request message accepted, in bytes (after decompression).
+    max_receive_bytes: int = 4 * 1024 * 1024
     default_page_size: int = 50
     max_page_size: int = 1000
     #: A delta longer than this is sent as several chunks.
@@ -117,6 +132,7 @@ class ChatCore:
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
+        self._page_tokens: PageTokens | None = None
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
@@ -216,10 +232,17 @@ class ChatCore:
             raise InvalidArgument(
                 "page_size", f"must be between 0 and {limits.max_page_size}, not {page_size}"
             )
-        page = await self.store.list_sessions(
-            page_size or limits.default_page_size, page_token or None
-        )
-        return page.sessions, page.next_cursor or "", await self.store.count()
+        self._check_text("page_token", page_token, limits.max_page_token_chars)
+        tokens = await self._tokens()
+        cursor = tokens.open(page_token) if page_token else None
+        page = await self.store.list_sessions(page_size or limits.default_page_size, cursor)
+        next_token = tokens.seal(page.next_cursor) if page.next_cursor else ""
+        return page.sessions, next_token, await self.store.count()
+
+    async def _tokens(self) -> PageTokens:
+        if self._page_tokens is None:
+            self._page_tokens = PageTokens(await self.store.secret("page-tokens"))
+        return self._page_tokens
 
     async def stats_snapshot(self) -> ServerStatsInfo:
         """The server's statistics now."""
@@ -234,7 +257,29 @@ class ChatCore:
     def _check_id(self, session_id: str) -> str:
         if not session_id:
             raise InvalidArgument("session_id", "is required")
+        self._check_text("session_id", session_id, self.limits.max_id_chars)
         return session_id
+
+    def check_request(self, request: Request) -> InvalidArgument | None:
+        """The first string field of a Chat request over its limit, as the error to send."""
+        limits = self.limits
+        if len(request.message) > limits.max_message_chars:
+            return _too_long("message", request.message, limits.max_message_chars)
+        for name in _REQUEST_IDS:
+            value = getattr(request, name)
+            if len(value) > limits.max_id_chars:
+                return _too_long(name, value, limits.max_id_chars)
+        return None
+
+    def echoable(self, request: Request) -> Request:
+        """``request`` with the ids an answer may repeat: those over the limit left out."""
+        limit = self.limits.max_id_chars
+        return dataclasses.replace(
+            request,
+            session_id=request.session_id if len(request.session_id) <= limit else "",
+            request_id=request.request_id if len(request.request_id) <= limit else "",
+            message="",
+        )
 
     @staticmethod
     def _check_reply_tokens(value: int) -> None:
@@ -246,7 +291,7 @@ class ChatCore:
     @staticmethod
     def _check_text(name: str, value: str, limit: int) -> None:
         if len(value) > limit:
-            raise InvalidArgument(name, f"is {len(value)} characters; the limit is {limit}")
+            raise _too_long(name, value, limit)
 
     async def _check_model(self, model: str) -> None:
         if not model:
@@ -257,7 +302,8 @@ class ChatCore:
             names = ", ".join(sorted(served)[:20])
             raise InvalidArgument(
                 "model",
-                f"{model!r} is not served by the {self.backend.name} backend; available: {names}",
+                f"{excerpt(model)} is not served by the {self.backend.name} backend; "
+                f"available: {names}",
             )
 
     # -- streams and lifecycle ------------------------------------------------------------
@@ -413,6 +459,13 @@ class Conversation:
         """
         await self.outbox.wait_below(self._request_backlog)
         kind = request.kind
+        refused = self._core.check_request(request)
+        if refused is not None:
+            if kind == RequestKind.MESSAGE or kind == RequestKind.RETRY:
+                self._core.stats.total_requests += 1
+                self._core.stats.failed_requests += 1
+            self._error(self._core.echoable(request), refused)
+            return
         if kind == RequestKind.PING:
             self.outbox.put_urgent(
                 Event(EventKind.PONG, session_id=request.session_id, request_id=request.request_id)
@@ -425,6 +478,11 @@ class Conversation:
             await self._typing(request)
         else:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
+
+    async def refuse(self, error: ChatError) -> None:
+        """Answer a request that could not be read (it does not decode) with an ERROR."""
+        await self.outbox.wait_below(self._request_backlog)
+        self._error(Request(), error)
 
     def finish_input(self) -> None:
         """The client half-closed the stream: answer what is queued, then close the outbox."""
@@ -501,14 +559,8 @@ class Conversation:
             )
         if not request.session_id:
             return InvalidArgument("session_id", "is required; create a session first")
-        if request.kind == RequestKind.MESSAGE:
-            if not request.message.strip():
-                return InvalidArgument("message", "must not be empty")
-            limit = self._core.limits.max_message_chars
-            if len(request.message) > limit:
-                return InvalidArgument(
-                    "message", f"is {len(request.message)} characters; the limit is {limit}"
-                )
+        if request.kind == RequestKind.MESSAGE and not request.message.strip():
+            return InvalidArgument("message", "must not be empty")
         return None
 
     def _cancel(self, request: Request) -> None:

@@ -56,7 +56,19 @@ __all__ = [
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
+    "excerpt",
 ]
+
+
+def excerpt(text: str, limit: int = 40) -> str:
+    """``text`` as an error message may quote it: ``repr``, cut to ``limit`` characters.
+
+    >>> excerpt("x" * 100, 5)
+    "'xxxxx…' (100 characters)"
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit] + '…'!r} ({len(text)} characters)"
 
 
 class StatusCode(enum.IntEnum):
@@ -99,12 +111,14 @@ class InvalidArgument(ChatError):
 
     >>> str(InvalidArgument("message", "must not be empty"))
     'message: must not be empty'
+
+    ``field`` is empty when the problem is the request as a whole (it does not decode).
     """
 
     status = StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+        super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
         self.problem = problem
 
@@ -134,7 +148,7 @@ class SessionNotFound(ChatError):
 
     def __init__(self, session_id: str) -> None:
         super().__init__(
-            f"session {session_id!r} not found: it may have been deleted or expired; "
+            f"session {excerpt(session_id)} not found: it may have been deleted or expired; "
             "create a new one with CreateSession"
         )
         self.session_id = session_id

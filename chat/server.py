@@ -14,6 +14,7 @@ from grpclib.health.service import OVERALL, Health
 
 from chat._compat import HookedServer, listening_port
 from chat._cork import CorkedTransport, CorkingProtocol
+from chat._receive import ACCEPT_ENCODING, guarded
 from chat._reflection import with_reflection
 from chat.backends import ModelBackend
 from chat.backends.coalesce import CoalescingBackend
@@ -142,10 +143,14 @@ class ChatServer:
             )
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})
-            handlers = with_reflection([service, health])
+            handlers = guarded(
+                with_reflection([service, health]),
+                max_receive_bytes=config.limits.max_receive_bytes,
+            )
             self._server = HookedServer(
                 handlers,
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
+                response_headers=[ACCEPT_ENCODING],
             )
             await self._server.start(config.host, config.port)
         except BaseException:

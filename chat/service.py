@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpclib.const
-from google.rpc import error_details_pb2
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
@@ -37,8 +36,10 @@ from chat._proto import (
     session_to_wire,
     stats_to_wire,
 )
+from chat._receive import MalformedMessage
+from chat._status import grpc_error, status_details
 from chat.core import ChatCore, Conversation
-from chat.errors import BackendRateLimited, ChatError, InvalidArgument
+from chat.errors import ChatError
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -56,32 +57,13 @@ _ListSessionsResponse = message_class("ListSessionsResponse")
 _DeleteSessionResponse = message_class("DeleteSessionResponse")
 
 
-def status_details(error: ChatError) -> list[Any] | None:
-    """The standard error details (``google.rpc``) that go with ``error``'s status.
-
-    ``BadRequest`` names the field of an :class:`~chat.errors.InvalidArgument` and
-    ``RetryInfo`` says how long to wait after a rate limit, so clients act on data rather
-    than on the wording of the message.
-    """
-    if isinstance(error, InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.problem
-        )
-        return [error_details_pb2.BadRequest(field_violations=[violation])]
-    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
-        info = error_details_pb2.RetryInfo()
-        info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
-        return [info]
-    return None
-
-
 @contextmanager
 def _grpc_status() -> Iterator[None]:
     """Raise every :class:`ChatError` as the gRPC status it names."""
     try:
         yield
     except ChatError as error:
-        raise GRPCError(Status(int(error.status)), error.message, status_details(error)) from error
+        raise grpc_error(error) from error
 
 
 def _handler_name(method: str) -> str:
@@ -180,14 +162,28 @@ class ChatService:
                 reader.cancel()
                 await asyncio.wait((reader,))
             failure = None if reader.cancelled() else reader.exception()
+        if isinstance(failure, GRPCError):
+            # The request stream itself was refused (too large, cut short, an encoding we
+            # do not accept): its status, as for a unary call.
+            raise failure
         if failure is not None:
-            raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
+            log.error("could not read a Chat request stream", exc_info=failure)
+            raise GRPCError(Status.INTERNAL, "could not read the request stream")
 
     async def _read(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         # grpclib swallows what goes wrong here unless we say so: anything but a clean end
         # of input closes the outbox, so the writer stops and the handler reports it.
         try:
-            while (message := await stream.recv_message()) is not None:
+            while True:
+                try:
+                    message = await stream.recv_message()
+                except MalformedMessage as malformed:
+                    # Framed correctly, so the stream can go on: the client is told, and
+                    # its other requests (and replies in flight) are not lost.
+                    await conversation.refuse(malformed.error)
+                    continue
+                if message is None:
+                    break
                 await conversation.handle(request_from_wire(message))
         except StreamTerminatedError:
             conversation.outbox.close()
