@@ -37,10 +37,12 @@ from chat.errors import (
     ContextTooLong,
     FailedPrecondition,
     InvalidArgument,
+    StoreUnavailable,
     Unavailable,
     excerpt,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
+from chat.health import StoreHealth
 from chat.outbox import Outbox
 from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, ServerStatsInfo
@@ -125,14 +127,17 @@ class ChatCore:
         stats: ServerStats | None = None,
         context: ContextBudget | None = None,
         retention: Retention | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
+        self.health = health or StoreHealth(store)
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._page_tokens: PageTokens | None = None
+        self._known_sessions = 0
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._draining = False
@@ -245,13 +250,20 @@ class ChatCore:
         return self._page_tokens
 
     async def stats_snapshot(self) -> ServerStatsInfo:
-        """The server's statistics now."""
+        """The server's statistics now; during a store outage, with what it knows."""
+        unreachable = not self.health.available
+        if not unreachable:
+            try:
+                self._known_sessions = await self.store.count()
+            except StoreUnavailable:
+                unreachable = True
         return self.stats.snapshot(
             version=__version__,
             backend=self.backend.name,
             model=self.backend.default_model,
             store=self.store.kind,
-            active_sessions=await self.store.count(),
+            active_sessions=self._known_sessions,
+            store_unreachable=unreachable,
         )
 
     def _check_id(self, session_id: str) -> str:
@@ -874,8 +886,13 @@ class Conversation:
             )
         try:
             stored = await self._core.store.append(session.session_id, messages)
-        except ChatError:
-            log.warning("could not store turn %r of session %s", request_id, session.session_id)
+        except ChatError as error:
+            log.warning(
+                "could not store turn %r of session %s: %s",
+                request_id,
+                session.session_id,
+                error.detail,
+            )
             raise
         return await self._core.retention.turn_stored(stored)
 

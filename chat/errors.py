@@ -56,12 +56,13 @@ __all__ = [
     "StatusCode",
     "StoreUnavailable",
     "Unavailable",
-    "excerpt",
 ]
 
 
 def excerpt(text: str, limit: int = 40) -> str:
     """``text`` as an error message may quote it: ``repr``, cut to ``limit`` characters.
+
+    (For the server's messages; not part of the public API.)
 
     >>> excerpt("x" * 100, 5)
     "'xxxxx…' (100 characters)"
@@ -103,6 +104,11 @@ class ChatError(Exception):
 
     @property
     def message(self) -> str:
+        return str(self)
+
+    @property
+    def detail(self) -> str:
+        """What the server's log (or its operator) is told: the message, or more."""
         return str(self)
 
 
@@ -167,7 +173,29 @@ class Unavailable(ChatError):
 
 
 class StoreUnavailable(Unavailable):
-    """The session store cannot be reached."""
+    """The session store cannot be reached.
+
+    The message is what clients are told; :attr:`detail` says where the store is and what
+    failed, for the server's log (clients have no business knowing the store's address).
+
+    >>> error = StoreUnavailable(detail="Redis at redis://10.0.0.5:6379/0 is unreachable")
+    >>> (str(error), error.detail)  # doctest: +NORMALIZE_WHITESPACE
+    ('the session store is unreachable; try again in a moment',
+     'Redis at redis://10.0.0.5:6379/0 is unreachable')
+    """
+
+    def __init__(
+        self,
+        message: str = "the session store is unreachable; try again in a moment",
+        *,
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self._detail = detail
+
+    @property
+    def detail(self) -> str:
+        return self._detail or str(self)
 
 
 class ServerUnreachable(Unavailable):

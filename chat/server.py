@@ -23,6 +23,7 @@ from chat.config import ServerConfig
 from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.errors import ConfigurationError
+from chat.health import StoreHealth
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 
@@ -102,11 +103,14 @@ class ChatServer:
         # stopped in its process would wait forever (and could still start calls on it).
         self._connections: set[CorkedTransport] = set()
         self._serving = ServiceStatus()
+        # The store's part of the health status (chat.health.StoreHealth sets it).
+        self._store_reachable = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
         # Set to cut the grace period short (a second SIGINT or SIGTERM).
         self._hurry = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
 
     @property
     def core(self) -> ChatCore:
@@ -140,9 +144,16 @@ class ChatServer:
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),
+                health=StoreHealth(
+                    store,
+                    interval=config.store_check_interval,
+                    timeout=max(1.0, config.store_check_interval),
+                    on_change=self._store_reachable.set,
+                ),
             )
             service = ChatService(core)
-            health = Health({service: [self._serving], OVERALL: [self._serving]})
+            checks = [self._serving, self._store_reachable]
+            health = Health({service: checks, OVERALL: checks})
             handlers = guarded(
                 with_reflection([service, health]),
                 max_receive_bytes=config.limits.max_receive_bytes,
@@ -162,6 +173,8 @@ class ChatServer:
         retention = config.retention
         if retention.session_ttl is not None or retention.max_sessions is not None:
             self._sweeper = asyncio.create_task(core.retention.run())
+        self._store_reachable.set(True)
+        self._prober = asyncio.create_task(core.health.run())
         self._serving.set(True)
         log.info(
             "serving on %s:%d (backend %s, model %s, store %s at %s)",
@@ -202,9 +215,10 @@ class ChatServer:
             if closed := self._close_connections():
                 log.info("closed %d client connections", closed)
         finally:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-                await asyncio.wait((self._sweeper,))
+            for task in (self._sweeper, self._prober):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.wait((task,))
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:

@@ -103,13 +103,19 @@ UNARY = [
 ]
 
 
-@pytest.mark.parametrize("method", UNARY)
-@pytest.mark.parametrize("body", sorted(BAD_BODIES))
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        (method, body)
+        for method in UNARY
+        for body in sorted(BAD_BODIES)
+        # ServerStatsRequest has no field 2 for bad UTF-8 to be in.
+        if body != "invalid UTF-8" or _has_string_field_2(method)
+    ],
+)
 async def test_a_malformed_unary_request_is_invalid_argument_logged_in_one_line(
     raw: RawConnection, caplog: pytest.LogCaptureFixture, method: str, body: str
 ) -> None:
-    if body == "invalid UTF-8" and not _has_string_field_2(method):
-        pytest.skip("no string field 2 in this request")
     caplog.set_level(logging.INFO)
     answer = await raw.call(S + method, frame(BAD_BODIES[body]))
     assert answer.status == INVALID_ARGUMENT, answer

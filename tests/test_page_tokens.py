@@ -23,7 +23,8 @@ async def _cores_sharing_a_store() -> tuple[ChatCore, ChatCore]:
 async def test_a_token_from_one_server_pages_on_another_sharing_the_store() -> None:
     one, two = await _cores_sharing_a_store()
     first, token, total = await one.list_sessions(2)
-    assert total == 5 and token
+    assert total == 5
+    assert token
     second, token, _ = await two.list_sessions(2, token)
     third, token, _ = await one.list_sessions(2, token)
     assert token == ""

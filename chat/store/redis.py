@@ -358,15 +358,17 @@ class RedisStore:
                 return await operation()
             except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 if attempt + 1 < attempts:
-                    log.warning("Redis %s failed (%s); retrying", what, error)
+                    # DEBUG: during an outage every request fails so; the server's store
+                    # health logs the outage once.
+                    log.debug("Redis %s failed (%s); retrying", what, error)
                     await asyncio.sleep(
                         backoff(attempt + 1, initial=0.05, maximum=0.25, multiplier=5)
                     )
                     continue
                 reason = str(error).rstrip(".") or type(error).__name__
                 raise StoreUnavailable(
-                    f"the session store (Redis at {self._location}) is unreachable ({reason}); "
-                    "check that Redis is running, then try again"
+                    detail=f"the session store (Redis at {self._location}) is unreachable "
+                    f"({reason}); check that Redis is running"
                 ) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -378,7 +380,7 @@ class RedisStore:
 
     async def open(self) -> None:
         if self._closed:
-            raise StoreUnavailable(f"the Redis store {self._location} is closed")
+            raise StoreUnavailable(detail=f"the Redis store {self._location} is closed")
         await self._call("ping", self._client.ping, retry=True)
         log.info("using Redis store %s", self._location)
 
@@ -579,7 +581,7 @@ class RedisStore:
                     log.warning(
                         "could not release the lock of session %s (%s); it expires in %.1fs",
                         session_id,
-                        error,
+                        error.detail,
                         self.lock_lease,
                     )
 
@@ -603,7 +605,7 @@ class RedisStore:
             try:
                 held = await self._script("renew", [key], [token, self._lease_ms], retry=True)
             except StoreUnavailable as error:
-                log.warning("could not renew the lock of session %s: %s", session_id, error)
+                log.warning("could not renew the lock of session %s: %s", session_id, error.detail)
                 continue
             if not held:
                 log.error(

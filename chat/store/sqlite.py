@@ -310,7 +310,7 @@ class SqliteStore:
             await self.open()
         db, executor = self._db, self._executor
         if db is None or executor is None:
-            raise StoreUnavailable(f"the SQLite store {self.path} is closed")
+            raise StoreUnavailable(detail=f"the SQLite store {self.path} is closed")
         call = functools.partial(operation, db, *args)
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, call)
@@ -318,7 +318,7 @@ class SqliteStore:
             # "database is locked" past the busy timeout, a full disk, an I/O error: the
             # store is there but cannot serve now.
             raise StoreUnavailable(
-                f"the SQLite store {self.path} cannot serve the request: {error}"
+                detail=f"the SQLite store {self.path} cannot serve the request: {error}"
             ) from error
 
     async def ping(self) -> None:
