@@ -158,7 +158,12 @@ class ChatCore:
         on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED,
         max_reply_tokens: int = 0,
     ) -> Session:
-        """Create and store a new session."""
+        """Create and store a new session (``UNAVAILABLE`` while the server drains)."""
+        if self._draining:
+            raise Unavailable(
+                "the server is shutting down and takes no new sessions; "
+                "create it on another replica (or once this one is back)"
+            )
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         self._check_reply_tokens(max_reply_tokens)
@@ -334,6 +339,12 @@ class ChatCore:
         for conversation in list(self._conversations):
             conversation.drain()
 
+    def interrupt(self) -> None:
+        """The grace period is over: end every stream's turns now, each with a final event
+        (see :meth:`Conversation.interrupt`), then the streams themselves."""
+        for conversation in list(self._conversations):
+            conversation.interrupt()
+
     async def wait_idle(self, within: float) -> bool:
         """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
         try:
@@ -412,6 +423,8 @@ class _Turn:
     usage: Usage | None = None
     generation: asyncio.Task[None] | None = None
     cancelled: bool = False
+    #: Cancelled because the server's grace period ran out (not by the client).
+    interrupted: bool = False
     started: bool = False
 
 
@@ -511,6 +524,28 @@ class Conversation:
         not end its side is cancelled when the grace period is over.
         """
         self._draining = True
+        self._maybe_finish()
+
+    def interrupt(self) -> None:
+        """The grace period is over: stop every turn of this stream now, then end it.
+
+        A queued turn gets an ERROR (UNAVAILABLE) and stores nothing; a reply streaming
+        stops, keeps as INTERRUPTED exactly the text its client was sent, and ends with an
+        ERROR (UNAVAILABLE, with its chunk count). Then comes the STATUS asking the client
+        to end the stream and reconnect; when it does, the stream ends with OK. (Ending it
+        from this side first would make a grpclib client fail the call.) The server closes
+        the connections of clients that do not, shortly after.
+        """
+        for lane in self._lanes.values():
+            while lane.pending:
+                turn = lane.pending.popleft()
+                turn.cancelled = turn.interrupted = True
+                self._complete_cancelled(turn)
+            current = lane.current
+            if current is not None and not current.cancelled:
+                current.cancelled = current.interrupted = True
+                if current.generation is not None:
+                    current.generation.cancel()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -719,6 +754,9 @@ class Conversation:
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
         self._core.stats.cancelled_requests += 1
+        if turn.interrupted:
+            self._error(turn.request, _shutdown_error())
+            return
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -750,9 +788,11 @@ class Conversation:
                 status = MessageStatus.INTERRUPTED if core.draining else MessageStatus.CANCELLED
                 core.stats.cancelled_requests += 1
                 # A store error is logged by _write_turn; the stream is gone, so there is
-                # nobody to tell.
+                # nobody to tell. What was queued but never written is not kept.
                 with contextlib.suppress(ChatError):
-                    await self._store_turn(turn, session, text, generation.model, status)
+                    await self._store_turn(
+                        turn, session, text, generation.model, status, sent_only=True
+                    )
                 raise
         finally:
             turn.generation = None
@@ -761,6 +801,9 @@ class Conversation:
         if task.cancelled():
             turn.finish = FinishReason.CANCELLED
             core.stats.cancelled_requests += 1
+            if turn.interrupted:
+                await self._end_interrupted(turn, session, text, generation.model)
+                return
             status = MessageStatus.CANCELLED
         elif (error := task.exception()) is not None:
             if not isinstance(error, BackendError):
@@ -791,6 +834,23 @@ class Conversation:
             )
         )
         core._publish(stored, SessionUpdateKind.TURN_COMPLETED, "reply completed", exclude=self)
+
+    async def _end_interrupted(self, turn: _Turn, session: Session, text: str, model: str) -> None:
+        """Keep a reply the end of the grace period stopped, then send its final event.
+
+        The writer is given the chunks already queued first (bounded: the server cancels
+        the stream soon after), so that the stored text is what the client was sent.
+        """
+        queued = sum(len(part) for part in turn.parts)
+        status = MessageStatus.INTERRUPTED
+        try:
+            await turn.reply.wait_sent(queued)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ChatError):
+                await self._store_turn(turn, session, text, model, status, sent_only=True)
+            raise
+        await self._store_turn(turn, session, text, model, status, sent_only=True)
+        self._error(turn.request, _shutdown_error(), turn.reply)
 
     async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
         outbox = self.outbox
@@ -840,7 +900,14 @@ class Conversation:
         return None
 
     async def _store_turn(
-        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        model: str,
+        status: MessageStatus,
+        *,
+        sent_only: bool = False,
     ) -> Session:
         """Write the user message and the (possibly partial) reply in one append.
 
@@ -848,7 +915,9 @@ class Conversation:
         reply ends must not lose the turn (cancelled in the middle, a Redis append may be
         sent or not). A second cancellation (a shutdown past its grace period) gives up.
         """
-        write = asyncio.create_task(self._write_turn(turn, session, text, model, status))
+        write = asyncio.create_task(
+            self._write_turn(turn, session, text, model, status, sent_only=sent_only)
+        )
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -869,7 +938,14 @@ class Conversation:
             raise
 
     async def _write_turn(
-        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        model: str,
+        status: MessageStatus,
+        *,
+        sent_only: bool = False,
     ) -> Session:
         request_id = turn.request.request_id
         now = utcnow()
@@ -878,6 +954,9 @@ class Conversation:
         )
         messages = [Message(Role.USER, text, now, user_status, request_id)]
         reply = "".join(turn.parts)
+        if sent_only:
+            # A reply cut short keeps what reached the stream, not what was still queued.
+            reply = reply[: turn.reply.sent_chars]
         # A failed turn keeps its reply only if the model said something; any other turn
         # that reached the model keeps its (possibly empty, possibly partial) reply.
         if reply or status is not MessageStatus.FAILED:
@@ -917,6 +996,13 @@ class Conversation:
             self._lanes.clear()
             self.outbox.close()
             core._stream_closed(self)
+
+
+def _shutdown_error() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down: this reply was cut short (what was sent of it is kept, "
+        "marked interrupted); reconnect, to another replica if there is one, to go on"
+    )
 
 
 def _failed_user_message(history: Sequence[Message]) -> str:

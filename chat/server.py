@@ -31,6 +31,10 @@ __all__ = ["ChatServer", "create_backend", "event_loop_factory", "serve"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds streams get, past the grace period, to write the final events of the replies the
+#: shutdown cut short; a client that does not read them meanwhile is cut off.
+FINAL_EVENTS_WITHIN = 1.0
+
 
 def create_backend(config: ServerConfig) -> ModelBackend:
     """The model backend that ``config`` names, with its coalescing window.
@@ -189,12 +193,14 @@ class ChatServer:
     async def stop(self, grace_period: float | None = None) -> None:
         """Shut down gracefully.
 
-        Health turns NOT_SERVING and new messages are refused with UNAVAILABLE. Each Chat
-        stream finishes the turns it has queued, then gets a STATUS event with error code
-        UNAVAILABLE asking its client to end the stream (which then ends with OK) and
-        reconnect elsewhere. After ``grace_period`` seconds (default: the config's) the
-        streams still open are cancelled, keeping partial replies as INTERRUPTED, and the
-        store and backend are closed.
+        Health turns NOT_SERVING and new sessions and messages are refused with UNAVAILABLE.
+        Each Chat stream finishes the turns it has queued, then gets a STATUS event with
+        error code UNAVAILABLE asking its client to end the stream (which then ends with
+        OK) and reconnect elsewhere. After ``grace_period`` seconds (default: the config's)
+        the turns still running are stopped: each reply cut short keeps the text its client
+        was sent, as INTERRUPTED, and ends with an ERROR event (UNAVAILABLE), and each
+        stream with that STATUS and a clean end (:data:`FINAL_EVENTS_WITHIN` seconds are
+        given to write them). Then connections close, and the store and backend.
         """
         if self._stopping or self._server is None or self._core is None:
             return
@@ -205,11 +211,20 @@ class ChatServer:
         try:
             if not await self._wait_idle_or_hurry(grace):
                 log.warning(
-                    "%d streams (%d replies) still open after %.1fs; cancelling them",
+                    "%d streams (%d replies) still open after %.1fs; ending them",
                     self._core.stats.active_streams,
                     self._core.stats.active_replies,
                     grace,
                 )
+                # Each reply cut short gets a final event, and each stream a clean end,
+                # before the connections close: clients are not left guessing.
+                self._core.interrupt()
+                if not await self._core.wait_idle(FINAL_EVENTS_WITHIN):
+                    log.warning(
+                        "%d streams did not take their final events within %.1fs; cancelling them",
+                        self._core.stats.active_streams,
+                        FINAL_EVENTS_WITHIN,
+                    )
             self._server.close()
             await self._server.wait_closed()
             if closed := self._close_connections():

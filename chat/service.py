@@ -197,19 +197,29 @@ class ChatService:
         outbox = conversation.outbox
         clock = self._clock
         while (batch := await outbox.get()) is not None:
-            for start in range(0, len(batch), _WRITE_SLICE):
-                if start:
-                    # grpclib writes to the socket without ever suspending, so a long
-                    # batch would hold the event loop while every other stream (and new
-                    # connections) waits: let them run between slices.
-                    await asyncio.sleep(0)
-                # One timestamp per slice: its events leave together.
-                timestamp = clock.now()
-                payloads = [encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]]
-                # A slice in one HTTP/2 write; one by one where a listener must see each.
-                if not await send_batch(stream, payloads):
-                    for payload in payloads:
-                        await stream.send_message(EncodedMessage(payload))
+            written = 0
+            try:
+                for start in range(0, len(batch), _WRITE_SLICE):
+                    if start:
+                        # grpclib writes to the socket without ever suspending, so a long
+                        # batch would hold the event loop while every other stream (and new
+                        # connections) waits: let them run between slices.
+                        await asyncio.sleep(0)
+                    # One timestamp per slice: its events leave together.
+                    timestamp = clock.now()
+                    payloads = [
+                        encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]
+                    ]
+                    # A slice in one HTTP/2 write; one by one where a listener must see each.
+                    if not await send_batch(stream, payloads):
+                        for payload in payloads:
+                            await stream.send_message(EncodedMessage(payload))
+                    written = start + len(payloads)
+            except BaseException:
+                # The stream is ending (cancelled, or the client is gone): what was taken
+                # and not written does not count as sent.
+                outbox.not_written(batch[written:])
+                raise
             if len(outbox):
                 # More is waiting already (get() would return at once): others first.
                 await asyncio.sleep(0)

@@ -369,7 +369,13 @@ async def test_stopping_in_process_ends_the_clients_connections() -> None:
             backend.release("partial")
             await stream.until("r1", [T.CHUNK])
             await server.stop(grace_period=0)
-            # The reply in flight is cut off: the client hears of it, instead of waiting.
+            # The reply in flight is cut off: the client hears of it, instead of waiting,
+            # first from the final events of the reply and the stream...
+            final = await stream.recv()
+            assert (final.type, final.error_code) == (T.ERROR, Status.UNAVAILABLE.value)
+            goaway = await stream.recv()
+            assert goaway.status_kind == chatpb.StatusKind.SHUTDOWN
+            # ...then, as it did not end its side when asked, from the connection closing.
             with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError)):
                 await stream.recv()
         # And the old connection takes no new calls.
