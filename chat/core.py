@@ -215,9 +215,13 @@ class ChatCore:
             if not patch.model:
                 raise InvalidArgument("model", "must not be empty")
             await self._check_model(patch.model)
-        session = await self.store.update(session_id, patch, utcnow())
-        changed = ", ".join(patch.changed()) or "nothing"
-        self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
+        now = utcnow()
+        session = await self.store.update(session_id, patch, now)
+        # A store moves last_activity to now only when a field changed: a patch that
+        # changes nothing tells nobody (and keeps nobody's session from expiring).
+        if session.last_activity == now:
+            changed = ", ".join(patch.changed())
+            self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
         return session
 
     async def delete_session(self, session_id: str) -> int:

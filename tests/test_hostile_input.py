@@ -383,3 +383,24 @@ async def test_an_overlong_id_on_the_chat_stream_is_refused_without_being_echoed
     _assert_clean(event.error_message)
     assert len(payload) < 200
     assert (await stream.finished()).status == 0
+
+
+async def test_an_update_that_changes_nothing_neither_refreshes_nor_notifies(
+    stub: chatpb.ChatServiceStub,
+) -> None:
+    session = await stub.create_session(chatpb.CreateSessionRequest(title="A"))
+    sid = session.session_id
+    async with ChatStream(stub) as watcher:
+        # The watcher follows the session (typing makes a stream follow it).
+        watcher.send(chatpb.ChatRequest(type=chatpb.ChatRequestType.TYPING_START, session_id=sid))
+        watcher.message(sid, "hi", "r1")
+        await watcher.until_complete("r1")
+        before = await stub.get_session_info(chatpb.SessionInfoRequest(session_id=sid))
+        same = await stub.update_session(chatpb.UpdateSessionRequest(session_id=sid, title="A"))
+        assert same.last_activity == before.last_activity
+        await stub.update_session(chatpb.UpdateSessionRequest(session_id=sid, title="B"))
+        update = await watcher.recv()
+        # The first update the watcher hears of is the real change.
+        assert update.type == T.SESSION_UPDATE
+        assert update.session is not None
+        assert update.session.title == "B"
