@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 _TICK = timedelta(microseconds=1)
 _INT32_MAX = 2**31 - 1
+#: Chunks of a reply kept as separate strings before they are joined into one block.
+_PARTS_PER_BLOCK = 256
 #: The string fields of a Chat request held to ``Limits.max_id_chars``.
 _REQUEST_IDS = ("session_id", "request_id", "turn_id", "client_message_id", "timestamp")
 
@@ -422,7 +424,9 @@ class _Turn:
     request: Request
     received: float = field(default_factory=time.monotonic)
     reply: ReplyCounter = field(default_factory=ReplyCounter)
+    #: The reply's text so far: the latest chunks, and ``blocks`` of earlier ones joined.
     parts: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
     finish: FinishReason = FinishReason.STOP
     usage: Usage | None = None
     generation: asyncio.Task[None] | None = None
@@ -430,6 +434,23 @@ class _Turn:
     #: Cancelled because the server's grace period ran out (not by the client).
     interrupted: bool = False
     started: bool = False
+
+    def add(self, piece: str) -> None:
+        parts = self.parts
+        parts.append(piece)
+        if len(parts) >= _PARTS_PER_BLOCK:
+            # A long reply is thousands of small strings, each with its object overhead:
+            # joined now and then, the turn holds about its text's size.
+            self.blocks.append("".join(parts))
+            parts.clear()
+
+    def text(self) -> str:
+        return "".join(self.blocks) + "".join(self.parts)
+
+    def release(self) -> None:
+        """Drop the reply's text once it is stored (the turn may outlive its reply)."""
+        self.parts.clear()
+        self.blocks.clear()
 
 
 @dataclass(slots=True, eq=False)
@@ -690,6 +711,10 @@ class Conversation:
                 lane.current = None
         finally:
             lane.current = None
+            # This frame (kept by the traceback of a CancelledError, which the task keeps)
+            # refers to the lane: without this, task and lane would form a cycle holding
+            # every buffer of the turn until the cyclic collector runs.
+            lane.worker = None
             if self._lanes.get(session_id) is lane:
                 del self._lanes[session_id]
             self._maybe_finish()
@@ -712,6 +737,10 @@ class Conversation:
                 model = session.model or core.backend.default_model
                 try:
                     context = core.context.build(session, history, text, model=model)
+                    # The context holds what the model needs; the history read for it (a
+                    # copy of every message, from SQLite or Redis) can go now, not after
+                    # the reply.
+                    del history
                 except ContextTooLong:
                     # Kept, marked FAILED, so that RETRY can send it once the policy, the
                     # model or the history allows.
@@ -754,6 +783,8 @@ class Conversation:
             core.stats.failed_requests += 1
             internal = ChatError("internal server error; the turn was not stored")
             self._error(request, internal, turn.reply if turn.started else None)
+        finally:
+            turn.release()
 
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
@@ -845,7 +876,7 @@ class Conversation:
         The writer is given the chunks already queued first (bounded: the server cancels
         the stream soon after), so that the stored text is what the client was sent.
         """
-        queued = sum(len(part) for part in turn.parts)
+        queued = len(turn.text())
         status = MessageStatus.INTERRUPTED
         try:
             await turn.reply.wait_sent(queued)
@@ -861,7 +892,6 @@ class Conversation:
         limit = self._core.limits.max_chunk_chars
         session_id = turn.request.session_id
         request_id = turn.request.request_id
-        parts = turn.parts
         delta: Delta
         async with aclosing(self._core.backend.generate(generation)) as deltas:
             async for delta in deltas:
@@ -879,7 +909,7 @@ class Conversation:
                     )
                     # Only after the chunk is queued: the stored reply is exactly what the
                     # client is sent, even when a cancel lands while waiting for the client.
-                    parts.append(piece)
+                    turn.add(piece)
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:
@@ -957,7 +987,7 @@ class Conversation:
             MessageStatus.FAILED if status is MessageStatus.FAILED else (MessageStatus.COMPLETE)
         )
         messages = [Message(Role.USER, text, now, user_status, request_id)]
-        reply = "".join(turn.parts)
+        reply = turn.text()
         if sent_only:
             # A reply cut short keeps what reached the stream, not what was still queued.
             reply = reply[: turn.reply.sent_chars]

@@ -62,15 +62,17 @@ class EchoBackend:
         return None
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        words = split_words(echo_reply(request))
-        for index, word in enumerate(words):
-            if self._pace and index:
+        # Word by word from the text, not from a list of every word: a long reply holds
+        # one string while it streams, not thousands.
+        count = 0
+        for count, match in enumerate(_WORD.finditer(echo_reply(request)), start=1):
+            if self._pace and count > 1:
                 await asyncio.sleep(self._pace)
-            yield Delta(word)
+            yield Delta(match.group())
         prompt_words = sum(len(m.content.split()) for m in request.messages)
         yield Delta(
             finish_reason=FinishReason.STOP,
-            usage=Usage(prompt_tokens=prompt_words, completion_tokens=len(words)),
+            usage=Usage(prompt_tokens=prompt_words, completion_tokens=count),
         )
 
     async def aclose(self) -> None:
