@@ -31,7 +31,7 @@ from chat.backends import Delta, GenerationRequest, ModelBackend
 from chat.context import ContextBudget
 from chat.errors import (
     BackendError,
-    BackendRateLimited,
+    RateLimited,
     ChatError,
     ContextTooLong,
     FailedPrecondition,
@@ -474,7 +474,7 @@ class Conversation:
             reply=reply,
             finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
         )
-        if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+        if isinstance(error, RateLimited) and error.retry_after is not None:
             event.retry_after = error.retry_after
         self.outbox.put_nowait(event)
 

@@ -38,7 +38,7 @@ from chat._proto import (
     stats_to_wire,
 )
 from chat.core import ChatCore, Conversation
-from chat.errors import BackendRateLimited, ChatError, InvalidArgument
+from chat.errors import ChatError, InvalidArgument, RateLimited
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -68,7 +68,7 @@ def status_details(error: ChatError) -> list[Any] | None:
             field=error.field, description=error.problem
         )
         return [error_details_pb2.BadRequest(field_violations=[violation])]
-    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+    if isinstance(error, RateLimited) and error.retry_after is not None:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
         return [info]

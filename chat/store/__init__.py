@@ -93,8 +93,12 @@ class SessionStore(Protocol):
         """Delete the session and its messages; return how many messages were deleted."""
         ...
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         """Sessions ordered newest first (``created_at``, then ``session_id``, descending).
+
+        With ``owner``, only the sessions of that identity (``Session.owner``).
 
         ``cursor`` is the ``next_cursor`` of the previous page. The order is stable: sessions
         created after the first page was read never appear on later pages, and pages never
@@ -103,8 +107,8 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def count(self) -> int:
-        """Number of sessions stored."""
+    async def count(self, *, owner: str | None = None) -> int:
+        """Number of sessions stored (with ``owner``: of that identity)."""
         ...
 
     async def messages(self, session_id: str) -> list[Message]:

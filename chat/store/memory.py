@@ -60,9 +60,15 @@ class MemoryStore:
         del self._entries[session_id]
         return len(entry.messages)
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         ordered = sorted(
-            (entry.session for entry in self._entries.values()),
+            (
+                entry.session
+                for entry in self._entries.values()
+                if owner is None or entry.session.owner == owner
+            ),
             key=lambda s: (s.created_at, s.session_id),
             reverse=True,
         )
@@ -74,8 +80,10 @@ class MemoryStore:
         next_cursor = encode_cursor(page[-1].created_at, page[-1].session_id) if more else None
         return SessionPage(page, next_cursor)
 
-    async def count(self) -> int:
-        return len(self._entries)
+    async def count(self, *, owner: str | None = None) -> int:
+        if owner is None:
+            return len(self._entries)
+        return sum(1 for entry in self._entries.values() if entry.session.owner == owner)
 
     async def messages(self, session_id: str) -> list[Message]:
         return list(self._entry(session_id).messages)

@@ -120,6 +120,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE messages ADD COLUMN turn_id TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    Migration(
+        4,
+        "bearer tokens (--auth tokens): names, roles and hashes, never the tokens",
+        (
+            """CREATE TABLE tokens (
+                name TEXT PRIMARY KEY,
+                token_hash TEXT NOT NULL UNIQUE,
+                admin INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 #: The schema version this code reads and writes.
@@ -385,27 +397,33 @@ class SqliteStore:
             db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
             return count
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         after = None if cursor is None else decode_cursor(cursor)
-        return await self._run(self._list_sync, limit, after)
+        return await self._run(self._list_sync, limit, after, owner)
 
     @staticmethod
     def _list_sync(
-        db: sqlite3.Connection, limit: int, after: tuple[datetime, str] | None
+        db: sqlite3.Connection,
+        limit: int,
+        after: tuple[datetime, str] | None,
+        owner: str | None,
     ) -> SessionPage:
-        if after is None:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (limit + 1,),
-            ).fetchall()
-        else:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "WHERE (created_at, session_id) < (?, ?) "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (format_timestamp(after[0]), after[1], limit + 1),
-            ).fetchall()
+        # Fixed SQL texts (no caller text in them); the owner's listing uses sessions_by_owner.
+        conditions, args = [], []
+        if owner is not None:
+            conditions.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            conditions.append("(created_at, session_id) < (?, ?)")
+            args.extend((format_timestamp(after[0]), after[1]))
+        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        rows = db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions {where}"
+            "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
         sessions = [_session(row) for row in rows[:limit]]
         more = len(rows) > limit
         last = sessions[-1] if sessions else None
@@ -414,12 +432,17 @@ class SqliteStore:
         )
         return SessionPage(sessions, next_cursor)
 
-    async def count(self) -> int:
-        return await self._run(self._count_sync)
+    async def count(self, *, owner: str | None = None) -> int:
+        return await self._run(self._count_sync, owner)
 
     @staticmethod
-    def _count_sync(db: sqlite3.Connection) -> int:
-        (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+    def _count_sync(db: sqlite3.Connection, owner: str | None = None) -> int:
+        if owner is None:
+            (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        else:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)
+            ).fetchone()
         return int(count)
 
     async def messages(self, session_id: str) -> list[Message]:
