@@ -252,11 +252,11 @@ class RedisCounters:
     def _key(self, key: str) -> str:
         return self._redis._key("quota", key)
 
-    async def _eval(self, what: str, script: str, keys: list[str], *args: object) -> Any:
+    async def _eval(self, what: str, script: str, keys: list[str], *args: str | int) -> Any:
         client = self._redis._client
         return await self._redis._call(
             f"quota {what}",
-            lambda: client.eval(script, len(keys), *keys, *args),  # type: ignore[no-untyped-call]
+            lambda: client.eval(script, len(keys), *keys, *args),
             # Counting twice is worse than failing once: a lost reply is not retried.
             retry=False,
         )
@@ -281,7 +281,7 @@ class RedisCounters:
         full = self._key(f"{key}:{index}")
         value = await self._redis._call(
             "quota used",
-            lambda: client.get(full),  # type: ignore[no-untyped-call]
+            lambda: client.get(full),
             retry=True,
         )
         return int(value or 0)
@@ -307,7 +307,7 @@ class RedisCounters:
         full = self._key(key)
         await self._redis._call(
             "quota close stream",
-            lambda: client.zrem(full, stream),  # type: ignore[no-untyped-call]
+            lambda: client.zrem(full, stream),
             retry=True,
         )
 

@@ -374,11 +374,11 @@ class RedisTokenStore:
     def location(self) -> str:
         return self._sessions.location
 
-    async def _eval(self, what: str, script: str, *args: object) -> Any:
+    async def _eval(self, what: str, script: str, *args: str | int) -> Any:
         client = self._sessions._client
         return await self._sessions._call(
             f"tokens {what}",
-            lambda: client.eval(script, 2, self._names, self._hashes, *args),  # type: ignore[no-untyped-call]
+            lambda: client.eval(script, 2, self._names, self._hashes, *args),
             retry=what != "add",
         )
 
@@ -404,7 +404,7 @@ class RedisTokenStore:
         client = self._sessions._client
         raw = await self._sessions._call(
             "tokens list",
-            lambda: client.hgetall(self._names),  # type: ignore[no-untyped-call]
+            lambda: client.hgetall(self._names),
             retry=True,
         )
         return sorted(
