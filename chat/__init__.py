@@ -51,6 +51,7 @@ from chat.client import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
@@ -184,6 +185,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Usage",
+    "WhoAmI",
     "__version__",
     "create_backend",
     "default_store_url",

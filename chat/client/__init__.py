@@ -48,6 +48,7 @@ from chat.client._results import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.stats import ServerStatsInfo
 
@@ -74,6 +75,7 @@ __all__ = [
     "ServingStatus",
     "SessionList",
     "SessionUpdated",
+    "WhoAmI",
     "parse_target",
 ]
 
@@ -98,6 +100,7 @@ for _value in (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
     parse_target,
 ):
     _value.__module__ = __name__

@@ -6,7 +6,21 @@ import enum
 from dataclasses import dataclass
 
 from chat.errors import ChatError, StatusCode
+from chat.quota import QuotaUsage
 from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmI:
+    """Who the server takes this client for (:meth:`~chat.client.ChatClient.who_am_i`)."""
+
+    #: The identity sessions are owned by (``anonymous`` on a server with ``--auth none``).
+    identity: str
+    admin: bool
+    #: How the server authenticates: ``none``, ``tokens``, ``mtls`` or ``jwt``.
+    auth: str
+    #: The limits that apply and the use of each now.
+    quotas: tuple[QuotaUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
