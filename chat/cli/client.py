@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -27,6 +29,7 @@ from chat.cli._render import (
     session_details,
     session_json,
     session_table,
+    who_am_i_text,
 )
 from chat.cli._sigint import on_sigint
 from chat.client import (
@@ -38,16 +41,20 @@ from chat.client import (
     ReplyCompleted,
     ReplyFailed,
     ServingStatus,
+    WhoAmI,
 )
 from chat.errors import (
     ChatError,
     ConfigurationError,
     DeadlineExceeded,
     InvalidArgument,
+    PermissionDenied,
     ServerUnreachable,
     SessionNotFound,
+    Unauthenticated,
     Unavailable,
 )
+from chat.secret import Secret
 from chat.types import ContextPolicy, FinishReason, Session
 
 __all__ = ["EXIT_CODES", "exit_code_for", "main"]
@@ -61,6 +68,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 4
 EXIT_TIMEOUT = 5
+EXIT_DENIED = 6
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -70,6 +78,7 @@ EXIT_CODES = {
     EXIT_UNREACHABLE: "server unreachable, connection lost, or server unavailable",
     EXIT_NOT_FOUND: "session not found",
     EXIT_TIMEOUT: "no answer within --timeout",
+    EXIT_DENIED: "not authenticated or not allowed (missing, bad or revoked token or certificate)",
     EXIT_INTERRUPTED: "interrupted with Ctrl-C (the reply was cancelled)",
 }
 
@@ -90,6 +99,8 @@ def exit_code_for(error: ChatError) -> int:
         return EXIT_UNREACHABLE
     if isinstance(error, DeadlineExceeded):
         return EXIT_TIMEOUT
+    if isinstance(error, Unauthenticated | PermissionDenied):
+        return EXIT_DENIED
     return EXIT_ERROR
 
 
@@ -112,6 +123,20 @@ def _run(config: ClientConfig, work: Coroutine[Any, Any, _T]) -> _T:
         )
     except ChatError as error:
         _fail(error.message, exit_code_for(error))
+
+
+def _read_token(token_file: str | None) -> Secret | None:
+    """The bearer token from ``--token-file``, else from ``CHAT_TOKEN``; never shown."""
+    if token_file is not None:
+        try:
+            value = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise ConfigurationError(f"cannot read the token file {token_file!r}") from None
+        if not value:
+            raise ConfigurationError(f"the token file {token_file!r} is empty")
+        return Secret(value)
+    value = os.environ.get("CHAT_TOKEN", "").strip()
+    return Secret(value) if value else None
 
 
 def _print_json(value: Any) -> None:
@@ -156,6 +181,38 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
     help="Interactive: keep the prompt's history in this file (default: memory only).",
 )
 @click.option(
+    "--tls",
+    is_flag=True,
+    default=default_of(ClientConfig, "tls"),
+    help="Connect over TLS (environment: CHAT_TLS=1).",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="With --tls: PEM CA(s) to verify the server with [default: the system's].",
+)
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="With --tls: client certificate (PEM), for a server that requires one.",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="With --tls: the client certificate's private key (PEM).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="File holding the bearer token to send [default: the CHAT_TOKEN variable].",
+)
+@click.option(
     "--log-level",
     default="error",
     show_default=True,
@@ -171,6 +228,11 @@ def main(
     reconnect: bool,
     session: str | None,
     history_file: Path | None,
+    tls: bool,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    token_file: str | None,
     log_level: str,
 ) -> None:
     """Talk to a grpc-chat server.
@@ -183,13 +245,20 @@ def main(
         level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        # A token is never an option's value: it would show in the process list.
+        token = _read_token(token_file)
         config = ClientConfig(
             target=target,
             timeout=timeout,
             reconnect=ReconnectPolicy() if reconnect else None,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token=token,
         )
     except ConfigurationError as error:
-        raise click.BadParameter(error.message, param_hint="--target") from error
+        raise click.UsageError(error.message) from error
     ctx.obj = config
     if ctx.invoked_subcommand is None:
         # Imported here: prompt_toolkit takes a third of a second to import, which the
@@ -441,6 +510,23 @@ def sessions_create(
 
 
 # -- server -------------------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def whoami(config: ClientConfig, as_json: bool) -> None:
+    """Who the server takes you for: identity, role, and your limits and their use."""
+
+    async def work() -> WhoAmI:
+        async with ChatClient.from_config(config) as client:
+            return await client.who_am_i()
+
+    info = _run(config, work())
+    if as_json:
+        _print_json(dataclasses.asdict(info))
+    else:
+        click.echo(who_am_i_text(info))
 
 
 @main.command()
