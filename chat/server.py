@@ -26,6 +26,7 @@ from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.errors import ConfigurationError
 from chat.quota import QuotaKeeper, open_counters
+from chat.secret import keep_headers_out_of_logs
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 from chat.tls import reload_server_context, server_context
@@ -217,6 +218,7 @@ class ChatServer:
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
             )
             if authenticator.mode != "none":
+                keep_headers_out_of_logs()
                 listen(self._server, RecvRequest, service.authenticate)
             await self._server.start(config.host, config.port, ssl=self._tls)
         except BaseException:

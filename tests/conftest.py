@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
+from tests.helpers import ISSUED_TOKENS
 
 settings.register_profile(
     "ci",
@@ -54,3 +56,43 @@ def _restore_gc() -> Iterator[None]:
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
+
+
+class _TokenLeaks(logging.Handler):
+    """Sees every log record of the suite; keeps those that contain a token a test minted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not ISSUED_TOKENS:
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        if any(token in text for token in ISSUED_TOKENS):
+            self.leaks.append(f"{record.name}: {text[:300]}")
+
+
+_LEAKS = _TokenLeaks()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger().addHandler(_LEAKS)
+    # Everything grpc-chat logs at INFO and above is made and checked (the root logger's
+    # default, WARNING, would leave INFO records unmade).
+    chat_logger = logging.getLogger("chat")
+    if chat_logger.getEffectiveLevel() > logging.INFO:
+        chat_logger.setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    logging.getLogger().removeHandler(_LEAKS)
+    if _LEAKS.leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("log records that contain a bearer token:", red=True)
+            for leak in _LEAKS.leaks:
+                reporter.write_line(f"  {leak}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

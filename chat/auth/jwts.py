@@ -77,10 +77,10 @@ class JwtAuth:
 
     def __init__(self, settings: JwtSettings) -> None:
         self.settings = settings
-        self._keys: dict[str | None, Any] = {}
+        # kid -> (key, the one algorithm it verifies): a token never picks the algorithm.
+        self._keys: dict[str | None, tuple[Any, str]] = {}
         if settings.secret is not None:
-            self._keys[None] = settings.secret.reveal()
-            self._algorithms = ["HS256"]
+            self._keys[None] = (settings.secret.reveal(), "HS256")
         else:
             assert settings.jwks is not None
             try:
@@ -88,18 +88,24 @@ class JwtAuth:
             except (jwt.PyJWTError, ValueError, json.JSONDecodeError) as error:
                 raise ConfigurationError(f"the JWKS file is not usable: {error}") from error
             for key in keys:
-                self._keys[key.key_id] = key.key
+                algorithm = key.algorithm_name
+                if algorithm not in ("RS256", "ES256"):
+                    raise ConfigurationError(
+                        f"the JWKS key {key.key_id!r} is for {algorithm}; RS256 and ES256 "
+                        "keys are accepted"
+                    )
+                self._keys[key.key_id] = (key.key, algorithm)
             if len(keys) == 1:
-                self._keys[None] = keys[0].key
-            self._algorithms = ["RS256", "ES256"]
+                self._keys[None] = self._keys[keys[0].key_id]
 
     def _verify(self, token: str) -> dict[str, Any]:
         settings = self.settings
         try:
             kid = jwt.get_unverified_header(token).get("kid")
-            key = self._keys.get(kid) if kid in self._keys else self._keys.get(None)
-            if key is None:
+            entry = self._keys.get(kid) if kid in self._keys else self._keys.get(None)
+            if entry is None:
                 raise Unauthenticated("the JWT names a key (kid) the server does not know")
+            key, algorithm = entry
             required = ["exp", "sub"]
             if settings.audience:
                 required.append("aud")
@@ -108,7 +114,7 @@ class JwtAuth:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
-                algorithms=self._algorithms,
+                algorithms=[algorithm],
                 audience=settings.audience,
                 issuer=settings.issuer,
                 leeway=LEEWAY,
@@ -128,8 +134,9 @@ class JwtAuth:
             ) from None
         except jwt.MissingRequiredClaimError as error:
             raise Unauthenticated(f"the JWT lacks the {error.claim!r} claim") from None
-        except jwt.PyJWTError:
-            # The library's text may quote parts of the token: say what, not how.
+        except (jwt.PyJWTError, TypeError, ValueError):
+            # The library's text may quote parts of the token: say what, not how. (A key of
+            # another type than the token's algorithm is a TypeError in PyJWT.)
             raise Unauthenticated(
                 "the JWT is not valid (bad signature, algorithm or format)"
             ) from None

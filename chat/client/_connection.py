@@ -42,6 +42,7 @@ from chat.errors import (
     DeadlineExceeded,
     ServerUnreachable,
 )
+from chat.secret import keep_headers_out_of_logs
 from chat.types import format_timestamp, utcnow
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Connector:
         self.counters.connection_attempts += 1
         channel = self._channel_factory()
         if config.token is not None:
+            keep_headers_out_of_logs()
             listen(channel, SendRequest, self._send_token)
         # The stream is entered and left by hand (not `async with`): it outlives this call,
         # and leaving it after a failure must see that failure (see _leave_stream).
