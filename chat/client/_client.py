@@ -537,16 +537,18 @@ class ChatClient:
         )
         return response.deleted_messages
 
-    async def list_sessions(self, *, page_size: int = 0, page_token: str = "") -> SessionList:
-        """One page of sessions, newest first (``page_size`` 0: the server's default)."""
+    async def list_sessions(
+        self, *, page_size: int = 0, page_token: str = "", all_identities: bool = False
+    ) -> SessionList:
+        """One page of this client's sessions, newest first (``page_size`` 0: the server's
+        default); ``all_identities``: everyone's (administrators only, else
+        :class:`~chat.errors.PermissionDenied`)."""
         if not 0 <= page_size <= 2**31 - 1:
             raise InvalidArgument("page_size", f"must be >= 0, not {page_size}")
-        response = await self._unary(
-            "ListSessions",
-            lambda conn: conn.stub.list_sessions(
-                chatpb.ListSessionsRequest(page_size=page_size, page_token=page_token)
-            ),
+        request = chatpb.ListSessionsRequest(
+            page_size=page_size, page_token=page_token, all_identities=all_identities
         )
+        response = await self._unary("ListSessions", lambda conn: conn.stub.list_sessions(request))
         return SessionList(
             [_convert.to_session(s) for s in response.sessions],
             response.next_page_token,

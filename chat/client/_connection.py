@@ -172,7 +172,8 @@ class Connector:
             if isinstance(error, ConnectionLost):
                 raise ServerUnreachable(config.target, error.reason) from error
             if isinstance(error, TRANSPORT_ERRORS):
-                raise ServerUnreachable(config.target, describe(error, tls=config.tls)) from error
+                reason = describe(error, tls=config.tls, client_cert=config.cert_file is not None)
+                raise ServerUnreachable(config.target, reason) from error
             raise
         reconnected = self.ever_connected
         if reconnected:
@@ -264,8 +265,12 @@ class Connector:
             if status is not None and (refused := _refusal(status)) is not None:
                 error = refused
             else:
-                tls = self.config.tls
-                reason = describe(failure, tls=tls) if status is None else _describe_status(status)
+                config = self.config
+                reason = (
+                    describe(failure, tls=config.tls, client_cert=config.cert_file is not None)
+                    if status is None
+                    else _describe_status(status)
+                )
                 error = ConnectionLost(target, reason)
         except Exception as failure:
             log.exception("the reader of the Chat stream failed")
@@ -460,11 +465,12 @@ def _describe_status(error: GRPCError) -> str:
     return f"the server ended the stream with {status}: {error.message or 'no details'}"
 
 
-def describe(error: BaseException, *, tls: bool | None = None) -> str:
+def describe(error: BaseException, *, tls: bool | None = None, client_cert: bool = False) -> str:
     """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends.
 
-    ``tls`` says whether the client used TLS (``None``: unknown), to tell a client that
-    speaks the wrong protocol for the server which one to use.
+    ``tls`` says whether the client used TLS (``None``: unknown) and ``client_cert`` whether
+    it offered a certificate, to tell a client that the server closed at once what it
+    likely wants instead.
     """
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is the server running?)"
@@ -483,10 +489,23 @@ def describe(error: BaseException, *, tls: bool | None = None) -> str:
                 "signed by its client CA (--cert FILE --key FILE)"
             )
         return f"the TLS handshake failed ({reason})"
-    if tls is False and isinstance(error, StreamTerminatedError | ConnectionResetError | EOFError):
+    closed = isinstance(error, StreamTerminatedError | ConnectionResetError | EOFError)
+    if closed and tls is False:
         return (
             "the server closed the connection without answering: if it serves TLS, connect "
             "with --tls (ChatClient(tls=True))"
+        )
+    if closed and tls and not client_cert:
+        # With TLS 1.3 a server's refusal of a missing certificate arrives after the
+        # handshake, as a closed connection.
+        return (
+            "the server closed the TLS connection without answering: it may require a "
+            "client certificate signed by its client CA (--cert FILE --key FILE)"
+        )
+    if closed and tls:
+        return (
+            "the server closed the TLS connection without answering: it may not accept "
+            "this client certificate (is it signed by the server's client CA?)"
         )
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
