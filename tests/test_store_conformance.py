@@ -482,3 +482,30 @@ async def test_a_reopened_store_has_everything(kind: str, tmp_path: Path) -> Non
             await second.aclose()
     finally:
         await delete_prefix(prefix)
+
+
+async def test_listing_and_counting_by_owner_see_only_that_owners_sessions(
+    store: SessionStore,
+) -> None:
+    for n, owner in enumerate(["alice", "bob", "alice", "alice", "bob"]):
+        await store.create(session(f"s{n}", created=n, owner=owner))
+    first = await store.list_sessions(2, owner="alice")
+    assert [s.session_id for s in first.sessions] == ["s3", "s2"]
+    assert first.next_cursor is not None
+    rest = await store.list_sessions(2, first.next_cursor, owner="alice")
+    assert [s.session_id for s in rest.sessions] == ["s0"]
+    assert rest.next_cursor is None
+    assert await store.count(owner="alice") == 3
+    assert await store.count(owner="bob") == 2
+    assert await store.count(owner="carol") == 0
+    assert await store.count() == 5
+    await store.delete("s3")
+    await store.evict(keep=3)
+    remaining = {s.session_id for s in (await store.list_sessions(10)).sessions}
+    by_owner = {
+        s.session_id
+        for owner in ("alice", "bob")
+        for s in (await store.list_sessions(10, owner=owner)).sessions
+    }
+    assert by_owner == remaining
+    assert await store.count(owner="alice") + await store.count(owner="bob") == 3
