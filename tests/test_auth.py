@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -311,7 +312,7 @@ async def test_jwt_hs256_checks_signature_exp_nbf_aud_and_iss() -> None:
         with pytest.raises(Unauthenticated, match=words):
             await _jwt_identity(auth, token)
     # No algorithm confusion: an unsigned token is refused.
-    unsigned = jwt.encode(_claims(), None, algorithm="none")
+    unsigned = jwt.encode(_claims(), cast(Any, None), algorithm="none")
     with pytest.raises(Unauthenticated):
         await _jwt_identity(auth, unsigned)
 
