@@ -371,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="grpc-chat-secured-") as directory:
         secrets = make_secrets(Path(directory))
         rounds = asyncio.run(run(secrets, args, ROOT / "benchmarks" / "results" / "logs"))
-    command = "python -m benchmarks.secured" + (" --quick" if args.quick else "")
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m benchmarks.secured", *given])
     report = {
         "command": command,
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
