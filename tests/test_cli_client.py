@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -187,3 +188,30 @@ def test_interactive_mode_says_how_to_start_a_missing_server() -> None:
     assert result.exit_code == 0
     assert "cannot reach a chat server" in result.stdout
     assert f"chat-server --port {port}" in result.stdout
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A port where connections are accepted (by the kernel) and never answered."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield int(sock.getsockname()[1])
+
+
+def test_a_server_that_never_answers_is_a_timeout_of_the_timeout_given() -> None:
+    with silent_listener() as port:
+        result = CliRunner().invoke(
+            main, ["--target", f"127.0.0.1:{port}", "--timeout", "0.5", "ping"]
+        )
+    assert result.exit_code == 5, result.output
+    assert "within 0.5s" in result.stderr
+    # Something is listening there: starting a server is not the advice.
+    assert "start one" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["bad target", "bad target:50051", "host/x:1"])
+def test_a_malformed_target_is_a_usage_error(target: str) -> None:
+    result = CliRunner().invoke(main, ["--target", target, "ping"])
+    assert result.exit_code == 2, result.output
+    assert "--target" in result.stderr
