@@ -401,13 +401,16 @@ async def test_session_crud_and_paging(server: ChatServer) -> None:
 
         target = created[0]
         updated = await client.update_session(
-            target.session_id, title="renamed", system_prompt="Be kind.", model="other"
+            target.session_id, title="renamed", system_prompt="Be kind.", model="echo"
         )
         assert (updated.title, updated.system_prompt, updated.model) == (
             "renamed",
             "Be kind.",
-            "other",
+            "echo",
         )
+        # chat-server's echo backend serves its one model, as a remote one serves its list.
+        with pytest.raises(InvalidArgument, match="'gpt-4o' is not served by the echo backend"):
+            await client.update_session(target.session_id, model="gpt-4o")
         unchanged = await client.update_session(target.session_id)
         assert unchanged.title == "renamed"
 
@@ -498,7 +501,7 @@ async def test_a_unary_call_past_its_deadline_raises_deadline_exceeded() -> None
     ):
         try:
             # The request's name goes to the log; the message says what the person needs.
-            with pytest.raises(DeadlineExceeded, match="no answer from .* within 0.2s"):
+            with pytest.raises(DeadlineExceeded, match=r"no answer from .* within 0\.2s"):
                 await client.server_stats()
         finally:
             store.release.set()

@@ -77,6 +77,12 @@ def prompt_session(child: pexpect.spawn[str]) -> str | None:
     return matched(child, "session")
 
 
+def expect_reply_start(child: pexpect.spawn[str]) -> None:
+    """Wait until a reply streams (on a terminal, Markdown: the label has a line of its own)."""
+    child.expect("Assistant ›")
+    child.expect("Echo")
+
+
 def finish(child: pexpect.spawn[str]) -> int:
     child.expect(pexpect.EOF)
     child.close()
@@ -133,7 +139,7 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     prompt_session(child)
     words = " ".join(f"w{i}" for i in range(400))
     child.sendline(words)
-    child.expect("Assistant › Echo")
+    expect_reply_start(child)
     child.sendintr()
     child.expect(re.escape("[cancelled: the partial reply is kept]"))
     session = prompt_session(child)
@@ -145,7 +151,7 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
 
     # /cancel typed (with Enter) while a reply streams does the same.
     child.sendline(words)
-    child.expect("Assistant › Echo")
+    expect_reply_start(child)
     child.sendline("/cancel")
     child.expect(re.escape("[cancelled: the partial reply is kept]"))
     prompt_session(child)
