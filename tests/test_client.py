@@ -357,6 +357,49 @@ async def test_every_session_update_says_what_happened_as_data(server: ChatServe
         ]
 
 
+async def test_the_clients_own_changes_are_not_notices_to_it(server: ChatServer) -> None:
+    async with memory_client(server) as me, memory_client(server) as other:
+        session = await me.create_session()
+        sid = session.session_id
+        await me.ask(sid, "following the session")  # the server now tells this stream
+        async with me.notices() as notices:
+            mine = await me.update_session(sid, title="mine")
+            assert mine.title == "mine"
+            theirs = await other.update_session(sid, title="theirs")
+            # The server sent both, in this order, on my stream: the first I am told of
+            # is the other client's, so mine was held back.
+            notice = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+            assert isinstance(notice, SessionUpdated)
+            assert notice.session is not None
+            assert notice.session.title == "theirs"
+            assert notice.session.last_activity == theirs.last_activity
+
+            await me.delete_session(sid)
+            await other.create_session(title="unrelated")
+            second = await me.create_session()
+            await me.ask(second.session_id, "following this one")
+            await other.delete_session(second.session_id)
+            deleted = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+            assert isinstance(deleted, SessionUpdated)
+            # Not my own delete of the first session: the other's of the second.
+            assert (deleted.session_id, deleted.kind) == (
+                second.session_id,
+                SessionUpdateKind.SESSION_DELETED,
+            )
+
+
+async def test_health_needs_no_conversation_stream(server: ChatServer) -> None:
+    connections = InMemoryConnections(server)
+    client = connections.client()
+    try:
+        # Not connected: a channel of its own, closed afterwards.
+        assert await client.health() is ServingStatus.SERVING
+        assert not client.connected
+        assert connections.open == 0
+    finally:
+        await client.aclose()
+
+
 async def test_a_bad_field_is_named_by_data_not_by_the_wording(server: ChatServer) -> None:
     # The message text is for people; the field comes from google.rpc.BadRequest (unary)
     # and error_field (Chat), so it survives any rewording.
