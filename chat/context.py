@@ -15,6 +15,7 @@ is estimated (:func:`estimate_tokens`), erring on the high side.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import math
 import warnings
@@ -190,18 +191,31 @@ class Context:
 
 
 def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
-    """The history the model sees.
+    """The history the model sees: the session's *answered turns*, as user/assistant pairs.
 
-    Failed messages (a user message whose reply failed, and the partial reply of a failed
-    turn) are history for the person but not for the model: they are left out, so that a
-    retried message is not sent twice. Empty messages (a reply cancelled before its first
-    word) are left out too.
+    Chat templates of many models (Llama 2, Mistral, Gemma...) refuse a conversation whose
+    roles do not alternate, so the prompt is built from whole turns only. A turn is sent
+    when its reply has text and did not fail: a reply cut short by CANCEL or a shutdown is
+    sent as far as it got. An *unanswered* turn is left out as a whole, the user message with
+    it: a reply cancelled or interrupted before its first word, a model that said nothing,
+    and a failed turn (which RETRY sends again as the new message, so it is not sent twice).
+    The person still sees those messages in the history; the model does not.
+
+    Whatever the stored history holds (a trimmed one may start with an answer), the result
+    alternates user, assistant, starting with a user message.
     """
-    return [
-        PromptMessage(m.role, m.content)
-        for m in history
-        if m.content and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
-    ]
+    turns: list[PromptMessage] = []
+    for question, answer in itertools.pairwise(history):
+        if (
+            question.role is Role.USER
+            and answer.role is Role.ASSISTANT
+            and question.content
+            and answer.content
+            and MessageStatus.FAILED not in (question.status, answer.status)
+        ):
+            turns.append(PromptMessage(Role.USER, question.content))
+            turns.append(PromptMessage(Role.ASSISTANT, answer.content))
+    return turns
 
 
 def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
@@ -225,8 +239,8 @@ def fit_messages(
 
     The system prompt and ``newest`` are always kept; history is taken newest first while it
     fits, and the first message that does not fit ends it (the kept history is the most
-    recent, contiguous part). A kept history never starts with an assistant message whose
-    question was dropped. ``None`` when the system prompt and ``newest`` alone exceed the
+    recent, contiguous part). A kept history never starts with an assistant message.
+    ``None`` when the system prompt and ``newest`` alone exceed the
     budget.
 
     >>> m = [PromptMessage(Role.USER, "x" * 30), PromptMessage(Role.ASSISTANT, "y" * 30)]
@@ -248,8 +262,9 @@ def fit_messages(
             break
         used += needed
         start -= 1
-    # The dropped question of a kept answer would leave the answer without its context.
-    while start < len(history) and history[start].role is Role.ASSISTANT and start > 0:
+    # The dropped question of a kept answer would leave the answer without its context (and
+    # a prompt starting with an answer breaks templates that require alternating roles).
+    while start < len(history) and history[start].role is Role.ASSISTANT:
         used -= cost(history[start])
         start += 1
     messages = ([system] if system is not None else []) + list(history[start:]) + [newest]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -13,12 +14,13 @@ from chat.context import (
     MESSAGE_OVERHEAD_TOKENS,
     ContextBudget,
     ContextSettings,
+    build_context,
     estimate_tokens,
     fit_messages,
 )
 from chat.errors import ConfigurationError, ContextTooLong
 from chat.types import ContextPolicy, Message, MessageStatus, Role, Session, utcnow
-from tests.strategies import histories, prompt_text
+from tests.strategies import histories, messages, prompt_text, turn_histories, user_message
 
 counters: st.SearchStrategy[Callable[[str], int]] = st.sampled_from([estimate_tokens, len])
 
@@ -109,6 +111,87 @@ def test_failed_messages_are_not_history_for_the_model() -> None:
     ]
     context = ContextBudget().build(session(), history, "next", model="m")
     assert [m.content for m in context.messages] == ["asked again", "answer", "next"]
+
+
+def answered_turns(history: list[Message]) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of a stored history that a model may see."""
+    return [
+        (question.content, answer.content)
+        for question, answer in itertools.pairwise(history)
+        if question.role is Role.USER
+        and answer.role is Role.ASSISTANT
+        and question.content
+        and answer.content
+        and MessageStatus.FAILED not in (question.status, answer.status)
+    ]
+
+
+def assert_alternates(
+    messages: list[PromptMessage], system_prompt: str, newest: str, history: list[Message]
+) -> None:
+    """The prompt invariant chat templates rely on (issue 15, defect 1)."""
+    if system_prompt:
+        assert messages[0] == PromptMessage(Role.SYSTEM, system_prompt)
+        messages = messages[1:]
+    roles = [m.role for m in messages]
+    # user, assistant, user, assistant, ..., and the new user message last.
+    assert roles == [Role.USER, Role.ASSISTANT] * (len(roles) // 2) + [Role.USER]
+    assert messages[-1] == PromptMessage(Role.USER, newest)
+    # Every answer goes with its own question, and the turns sent are the newest answered
+    # ones, in order.
+    pairs = [(q.content, a.content) for q, a in zip(messages[:-1:2], messages[1::2], strict=True)]
+    answered = answered_turns(history)
+    assert pairs == answered[len(answered) - len(pairs) :]
+
+
+@given(
+    history=turn_histories | st.lists(messages, max_size=20),
+    system_prompt=st.sampled_from(["", "Be brief."]),
+    newest=user_message,
+    room=st.integers(0, 400),
+    count=counters,
+)
+def test_the_prompt_alternates_user_and_assistant_whatever_the_history(
+    history: list[Message],
+    system_prompt: str,
+    newest: str,
+    room: int,
+    count: Callable[[str], int],
+) -> None:
+    """Cancelled, failed and empty turns never leave two user messages in a row."""
+    subject = session(system_prompt=system_prompt)
+    assert_alternates(
+        build_context(subject, history, newest).messages, system_prompt, newest, history
+    )
+    # A window where the new message always fits, and ``room`` tokens for history.
+    required = sum(
+        count(text) + MESSAGE_OVERHEAD_TOKENS for text in (newest, system_prompt) if text
+    )
+    window = max(16, required + room + 8)
+    budget = ContextBudget(ContextSettings(context_window=window, reply_reserve=8))
+    budget._counters["m"] = count
+    context = budget.build(subject, history, newest, model="m")
+    assert_alternates(context.messages, system_prompt, newest, history)
+    sent = context.conversation_messages - 1
+    assert context.omitted == 2 * len(answered_turns(history)) - sent
+
+
+def test_an_unanswered_turn_is_left_out_with_its_question() -> None:
+    now = utcnow()
+    history = [
+        Message(Role.USER, "cancelled at once", now),
+        Message(Role.ASSISTANT, "", now, MessageStatus.CANCELLED),
+        Message(Role.USER, "nothing said", now),
+        Message(Role.ASSISTANT, "", now),
+        Message(Role.USER, "cut short", now),
+        Message(Role.ASSISTANT, "Once upon", now, MessageStatus.INTERRUPTED),
+    ]
+    context = ContextBudget().build(session(), history, "next", model="m")
+    assert [(m.role, m.content) for m in context.messages] == [
+        (Role.USER, "cut short"),
+        (Role.ASSISTANT, "Once upon"),
+        (Role.USER, "next"),
+    ]
 
 
 def test_reject_policy_refuses_a_turn_that_needs_truncation() -> None:

@@ -315,6 +315,36 @@ async def test_cancel_stops_the_reply_and_keeps_the_partial_reply(
     assert gated_core.stats.cancelled_requests == 1
 
 
+async def test_a_reply_cancelled_before_its_first_word_leaves_the_next_prompt_alternating(
+    gated: GatedBackend, gated_core: ChatCore, gated_chat: tuple[Conversation, Reader]
+) -> None:
+    """Issue 15, defect 1: an unanswered turn is left out of later prompts, question and all."""
+    conversation, reader = gated_chat
+    session = await gated_core.create_session(system_prompt="Be brief.")
+    await conversation.handle(message(session.session_id, "never mind", "r1"))
+    await asyncio.wait_for(gated.started.wait(), TIMEOUT)
+    await conversation.handle(Request(RequestKind.CANCEL, request_id="r1"))
+    complete = (await reader.reply("r1"))[-1]
+    assert (complete.finish_reason, complete.total_chunks) == (FinishReason.CANCELLED, 0)
+    # The person's history keeps the turn.
+    history = await gated_core.get_history(session.session_id)
+    assert [(m.role, m.content, m.status) for m in history] == [
+        (Role.USER, "never mind", MessageStatus.COMPLETE),
+        (Role.ASSISTANT, "", MessageStatus.CANCELLED),
+    ]
+
+    await conversation.handle(message(session.session_id, "hello", "r2"))
+    await asyncio.wait_for(gated.started.wait(), TIMEOUT)
+    gated.release("Hi.")
+    gated.finish()
+    start = (await reader.reply("r2"))[0]
+    assert [(m.role, m.content) for m in gated.requests[-1].messages] == [
+        (Role.SYSTEM, "Be brief."),
+        (Role.USER, "hello"),
+    ]
+    assert start.context_messages == 1
+
+
 async def test_cancel_of_a_queued_message_answers_it_and_stores_nothing(
     gated: GatedBackend, gated_core: ChatCore, gated_chat: tuple[Conversation, Reader]
 ) -> None:
