@@ -66,6 +66,8 @@ class Reply:
     stall: bool = False
     #: After the pieces, send an error event inside the stream (HTTP 200 already sent).
     stream_error: str | None = None
+    #: Send this as the in-stream error event instead of a provider-style one.
+    stream_error_body: Any = None
     #: Gemini: refuse the prompt with this ``promptFeedback.blockReason`` (no candidates).
     blocked: str | None = None
 
@@ -282,7 +284,9 @@ class FakeLLM:
             ):
                 return False
             await self._event(writer, self._piece(piece, request))
-        if reply.stream_error is not None:
+        if reply.stream_error_body is not None:
+            await self._event(writer, reply.stream_error_body)
+        elif reply.stream_error is not None:
             await self._event(writer, self._error(500, reply.stream_error))
         else:
             for event in self._ending(reply, request, include_usage):

@@ -170,6 +170,49 @@ async def test_bad_requests_are_not_retried_and_quote_the_upstream(fake: FakeLLM
     assert "'fake-model'" in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "quoted"),
+    [
+        # transformers serve, pinned to one model (FastAPI's HTTPException).
+        (400, {"detail": "Server is pinned to 'a'; requested 'b'."}, "Server is pinned to 'a'"),
+        (404, {"detail": "Not Found"}, "Not Found"),
+        # FastAPI's request validation.
+        (
+            422,
+            {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]},
+            "messages: Field required",
+        ),
+        (503, {"error": "the batching worker died"}, "the batching worker died"),
+        (500, "Internal Server Error", "Internal Server Error"),
+    ],
+)
+async def test_upstream_error_text_in_other_shapes_is_quoted(
+    fake: FakeLLM, backend: OpenAIBackend, status: int, body: object, quoted: str
+) -> None:
+    """Issue 15, defect 2: not just OpenAI's {"error": {"message": ...}}."""
+    fake.replies.append(Reply(status=status, error_body=body))
+    with pytest.raises(BackendError) as raised:
+        await collect(backend.generate(REQUEST))
+    assert quoted in str(raised.value)
+    assert f"HTTP {status}" in str(raised.value)
+
+
+async def test_an_html_error_page_is_not_quoted(fake: FakeLLM, backend: OpenAIBackend) -> None:
+    fake.replies.append(Reply(status=502, error_body="<html><body>Bad Gateway</body></html>"))
+    with pytest.raises(BackendUnavailable) as raised:
+        await collect(backend.generate(REQUEST))
+    assert str(raised.value).endswith("failed (HTTP 502); try again later")
+
+
+async def test_a_plain_error_event_inside_the_stream_is_quoted(
+    fake: FakeLLM, backend: OpenAIBackend
+) -> None:
+    # transformers serve streams {"error": "..."} when generation fails mid-reply.
+    fake.replies.append(Reply(pieces=("partial",), stream_error_body={"error": "out of memory"}))
+    with pytest.raises(BackendError, match="out of memory"):
+        await collect(backend.generate(REQUEST))
+
+
 async def test_an_error_event_inside_the_stream_is_a_backend_error(
     fake: FakeLLM, backend: OpenAIBackend
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -199,14 +200,34 @@ class OpenAIBackend:
 
 
 def _upstream_message(error: openai.APIError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
-        if isinstance(inner, str):
-            return inner
-    return error.message
+    """The upstream's own words about the error, else the SDK's ("Error code: 400").
+
+    The SDK finds OpenAI's ``{"error": {"message": ...}}`` only; OpenAI-compatible servers
+    use other shapes too: FastAPI-based ones (``transformers serve``, many proxies) answer
+    ``{"detail": "..."}``, or a list of validation problems under ``detail``; some stream
+    ``{"error": "..."}`` or answer with plain text.
+    """
+    text = _message_in(error.body) or error.message
+    # Nothing but the status, which the error names anyway.
+    return "" if re.fullmatch(r"Error code: \d+", text) else text
+
+
+def _message_in(body: object, depth: int = 0) -> str:
+    if isinstance(body, str):
+        text = body.strip()
+        # An HTML error page (a proxy's) says nothing the status does not.
+        return "" if text.startswith("<") else text
+    if isinstance(body, list) and depth < 3:
+        return "; ".join(filter(None, (_message_in(item, depth + 1) for item in body[:5])))
+    if isinstance(body, dict) and depth < 3:
+        if isinstance(body.get("msg"), str):
+            # A FastAPI validation problem: {"loc": ["body", "model"], "msg": "...", ...}.
+            where = ".".join(str(part) for part in body.get("loc") or () if part != "body")
+            return f"{where}: {body['msg']}" if where else str(body["msg"])
+        for key in ("message", "detail", "error"):
+            if key in body and (text := _message_in(body[key], depth + 1)):
+                return text
+    return ""
 
 
 def _finish_reason(value: str) -> FinishReason:
