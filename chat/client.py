@@ -322,7 +322,8 @@ class ReplyFailed:
 
 
 #: The events of one reply, in order: optional ``ReplyStatus``, ``ReplyStarted``,
-#: ``ReplyChunk`` 1..n, then exactly one ``ReplyCompleted`` or ``ReplyFailed``.
+#: ``ReplyChunk`` 1..n (none for an empty reply), then exactly one ``ReplyCompleted`` or
+#: ``ReplyFailed``.
 ReplyEvent = ReplyStarted | ReplyChunk | ReplyStatus | ReplyCompleted | ReplyFailed
 
 
@@ -561,7 +562,9 @@ def _error_from_status(
         name, sep, problem = message.partition(": ")
         if sep and name and " " not in name:
             return InvalidArgument(name, problem)
-        return InvalidArgument("request", message)
+        # Not about one field (a model backend refusing the request, say): the server's
+        # words alone, not "request: ..." in front of them.
+        return InvalidArgument("", message)
     if status is StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(message)
     if status is StatusCode.UNAVAILABLE:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import chat
 from chat import (
+    BackendBadRequest,
     BackendUnavailable,
     ChatClient,
     ChatServer,
@@ -403,6 +404,24 @@ async def test_server_statuses_become_typed_errors(server: ChatServer) -> None:
         # The stream survived every error.
         assert client.connected
         assert await client.ping() > 0
+
+
+class RefusingBackend(EchoBackend):
+    """Refuses every request the way a model server answering HTTP 400 does."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        raise BackendBadRequest("the model server refused the request (HTTP 400): too long")
+        yield Delta()  # pragma: no cover - makes this an async generator
+
+
+async def test_a_refused_request_reads_as_the_server_said_it() -> None:
+    """Issue 15, defect 7: not "request: the model server refused ..."."""
+    async with serving(backend=RefusingBackend()) as server, ChatClient(address(server)) as client:
+        session = await client.create_session()
+        with pytest.raises(InvalidArgument) as refused:
+            await client.ask(session.session_id, "hello")
+    assert str(refused.value) == "the model server refused the request (HTTP 400): too long"
+    assert refused.value.field == ""
 
 
 async def test_an_unreachable_server_is_a_typed_error() -> None:

@@ -142,6 +142,17 @@ async def test_message_streams_start_chunks_complete_and_stores_the_reply(
 # 2. chunks are forwarded as the backend produces them ------------------------------------
 
 
+async def test_an_empty_reply_has_no_chunks() -> None:
+    """The README's promise: CHUNK 1..n, or none at all (total_chunks 0)."""
+    core = ChatCore(MemoryStore(), ScriptedBackend([]))
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "say nothing", "r1"))
+        events = await Reader(conversation).reply("r1")
+    assert [e.kind for e in events] == [EventKind.RESPONSE_START, EventKind.RESPONSE_COMPLETE]
+    assert events[-1].total_chunks == 0
+
+
 async def test_each_delta_is_forwarded_before_the_backend_produces_the_next(
     gated: GatedBackend, gated_core: ChatCore, gated_chat: tuple[Conversation, Reader]
 ) -> None:

@@ -264,6 +264,12 @@ class GeminiBackend:
                 f"the gemini backend at {where} sent nothing for "
                 f"{settings.read_timeout:g}s (the read timeout)"
             )
+        if not isinstance(error, httpx2.ConnectError):
+            # Connected, then the connection broke (before the answer, or in the middle).
+            return BackendUnavailable(
+                f"lost the connection to the gemini backend at {where} before the reply "
+                f"ended ({type(error).__name__})"
+            )
         return BackendUnavailable(
             f"cannot reach the gemini backend at {where} ({type(error).__name__}); "
             "check the network and --base-url"

@@ -155,11 +155,16 @@ class OpenAIBackend:
                         if choice.finish_reason is not None:
                             finish = _finish_reason(choice.finish_reason)
             except openai.APIError as error:
-                raise self._error(error, request.model) from None
+                raise self._error(error, request.model, streaming=True) from None
         yield Delta(finish_reason=finish, usage=usage)
 
-    def _error(self, error: openai.APIError, model: str) -> BackendError:
-        """The :class:`BackendError` for an SDK error; the upstream's text is redacted."""
+    def _error(
+        self, error: openai.APIError, model: str, *, streaming: bool = False
+    ) -> BackendError:
+        """The :class:`BackendError` for an SDK error; the upstream's text is redacted.
+
+        ``streaming``: the error came while reading the reply, so the upstream was reached.
+        """
         settings = self._settings
         where = settings.host_for_messages
         if isinstance(error, openai.APITimeoutError):
@@ -174,6 +179,17 @@ class OpenAIBackend:
             )
         if isinstance(error, openai.APIConnectionError):
             cause = type(error.__cause__).__name__ if error.__cause__ else "connection error"
+            if streaming:
+                return BackendUnavailable(
+                    f"lost the connection to the openai backend at {where} before the reply "
+                    f"ended ({cause})"
+                )
+            if not isinstance(error.__cause__, httpx2.ConnectError):
+                # Connected, then the upstream closed the connection without an answer.
+                return BackendUnavailable(
+                    f"the openai backend at {where} closed the connection without answering "
+                    f"({cause})"
+                )
             return BackendUnavailable(
                 f"cannot reach the openai backend at {where} ({cause}); is it running?"
             )
