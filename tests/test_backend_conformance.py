@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -130,6 +131,20 @@ async def test_the_reply_ends_with_a_finish_reason_and_usage(subject: Subject) -
     assert usage is not None
     assert usage.prompt_tokens > 0
     assert usage.completion_tokens > 0
+
+
+async def test_a_reply_limit_ends_the_reply_with_length(subject: Subject) -> None:
+    """Issue 15, defect 4: the limit reaches the model, and the reply says it was cut."""
+    limited = dataclasses.replace(REQUEST, max_output_tokens=2)
+    deltas = await collect(subject.backend.generate(limited))
+    text = "".join(d.text for d in deltas)
+    assert text
+    assert subject.expected.startswith(text)
+    assert len(text) < len(subject.expected)
+    assert deltas[-1].finish_reason is FinishReason.LENGTH
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert 0 < usage.completion_tokens <= 2
 
 
 async def test_aclose_stops_generation_within_a_bound(subject: Subject) -> None:

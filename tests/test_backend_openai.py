@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
 
-from chat.backends.openai import OpenAIBackend
+from chat.backends.openai import OpenAIBackend, reply_limit_field
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.errors import (
     BackendBadRequest,
@@ -62,6 +63,32 @@ async def test_the_request_carries_the_conversation_and_asks_for_usage(
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "How are you?"},
     ]
+
+
+async def test_the_reply_limit_is_sent_as_max_tokens_to_compatible_servers(
+    fake: FakeLLM, backend: OpenAIBackend
+) -> None:
+    await collect(backend.generate(dataclasses.replace(REQUEST, max_output_tokens=50)))
+    await collect(backend.generate(REQUEST))
+    limited, unlimited = (r.body for r in fake.generations)
+    assert limited["max_tokens"] == 50
+    assert "max_completion_tokens" not in limited
+    assert "max_tokens" not in unlimited
+    assert "max_completion_tokens" not in unlimited
+
+
+@pytest.mark.parametrize(
+    ("base_url", "field"),
+    [
+        ("https://api.openai.com/v1", "max_completion_tokens"),
+        ("https://my-deployment.openai.azure.com/openai/v1", "max_completion_tokens"),
+        ("http://localhost:11434/v1", "max_tokens"),
+        ("http://127.0.0.1:8000/v1", "max_tokens"),
+    ],
+)
+def test_openai_itself_gets_max_completion_tokens(base_url: str, field: str) -> None:
+    # OpenAI's reasoning models refuse max_tokens; other servers may ignore the newer field.
+    assert reply_limit_field(base_url) == field
 
 
 async def test_each_event_is_forwarded_as_one_delta(fake: FakeLLM, backend: OpenAIBackend) -> None:

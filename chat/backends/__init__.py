@@ -30,11 +30,21 @@ class PromptMessage:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What the model is asked: the conversation so far, ending with the user's new message."""
+    """What the model is asked: the conversation so far, ending with the user's new message.
+
+    ``max_output_tokens`` is the longest reply the model may write, sent upstream in the
+    field its API uses; a reply that reaches it ends with ``FinishReason.LENGTH``. ``None``
+    leaves it to the upstream's default.
+    """
 
     model: str
     messages: Sequence[PromptMessage]
     request_id: str = ""
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, not {self.max_output_tokens}")
 
 
 @dataclass(frozen=True, slots=True)

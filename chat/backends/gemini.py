@@ -148,7 +148,9 @@ class GeminiBackend:
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         system, contents = _to_gemini(request.messages)
-        config = genai_types.GenerateContentConfig(system_instruction=system or None)
+        config = genai_types.GenerateContentConfig(
+            system_instruction=system or None, max_output_tokens=request.max_output_tokens
+        )
         opened: list[httpx2.Response] = []
         stream: AsyncIterator[genai_types.GenerateContentResponse] | None = None
         finish: FinishReason | None = None

@@ -7,8 +7,10 @@ Streams chat completions with the ``openai`` SDK (``pip install 'grpc-chat[opena
                                            default_model="llama3.2"))
 
 Usage is asked for with ``stream_options={"include_usage": True}``; servers that ignore the
-option simply report none. The SDK's own retries are turned off: :mod:`chat.backends.remote`
-retries transient failures before the first token, the same way for every backend.
+option simply report none. The reply limit is sent as ``max_completion_tokens`` to OpenAI
+and as ``max_tokens`` to other servers (:func:`reply_limit_field`). The SDK's own retries
+are turned off: :mod:`chat.backends.remote` retries transient failures before the first
+token, the same way for every backend.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import logging
 import random
 import re
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from chat.backends import Delta, GenerationRequest
 from chat.backends.remote import (
@@ -47,7 +50,7 @@ except ImportError as error:  # pragma: no cover - exercised by the MissingExtra
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "OpenAIBackend"]
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "OpenAIBackend", "reply_limit_field"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class OpenAIBackend:
             timeout=httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             max_retries=0,
         )
+        self._limit_field = reply_limit_field(self._settings.base_url)
         self._models = ModelListCache(
             self._fetch_models,
             what=f"the openai backend at {self._settings.host_for_messages}",
@@ -124,12 +128,18 @@ class OpenAIBackend:
             {"role": _ROLES[m.role], "content": m.content}  # type: ignore[misc]
             for m in request.messages
         ]
+        limit = request.max_output_tokens
+        # The field this upstream reads; the other one is left out of the request.
+        max_tokens = limit if limit is not None and self._limit_field == "max_tokens" else None
+        max_completion = limit if max_tokens is None else None
         try:
             stream = await self._client.chat.completions.create(
                 model=request.model,
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
+                max_tokens=openai.omit if max_tokens is None else max_tokens,
+                max_completion_tokens=openai.omit if max_completion is None else max_completion,
             )
         except openai.APIError as error:
             raise self._error(error, request.model) from None
@@ -213,6 +223,25 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def reply_limit_field(base_url: str) -> Literal["max_completion_tokens", "max_tokens"]:
+    """The request field that limits the reply's length at ``base_url``.
+
+    OpenAI (and Azure OpenAI) deprecated ``max_tokens`` for ``max_completion_tokens``, and
+    their reasoning models refuse ``max_tokens``. Other OpenAI-compatible servers (vLLM,
+    Ollama, llama.cpp, LM Studio, transformers serve...) all take ``max_tokens``, and some
+    ignore ``max_completion_tokens``, which would leave the reply unlimited.
+
+    >>> reply_limit_field("https://api.openai.com/v1")
+    'max_completion_tokens'
+    >>> reply_limit_field("http://localhost:11434/v1")
+    'max_tokens'
+    """
+    host = (urlsplit(base_url).hostname or "").lower()
+    if host == "api.openai.com" or host.endswith(".openai.azure.com"):
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def _upstream_message(error: openai.APIError) -> str:
