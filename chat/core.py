@@ -621,8 +621,16 @@ class Conversation:
                     )
                 )
                 turn.started = True
-                generation = GenerationRequest(model, context.messages, request.request_id)
+                generation = GenerationRequest(
+                    model,
+                    context.messages,
+                    request.request_id,
+                    max_output_tokens=context.max_output_tokens,
+                )
                 await self._generate(turn, session, text, generation)
+                if turn.usage is not None:
+                    # What the model counted corrects the server's count for later turns.
+                    core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
             self._error(request, error, turn.reply if turn.started else None)

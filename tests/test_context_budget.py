@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from chat.backends import PromptMessage
 from chat.context import (
+    CALIBRATION_SAMPLES,
     MESSAGE_OVERHEAD_TOKENS,
+    Calibration,
     ContextBudget,
     ContextSettings,
     build_context,
@@ -281,3 +283,88 @@ def test_the_estimate_errs_on_the_high_side_for_english(model: str) -> None:
     exact = ContextBudget().counter_for(model)
     assert exact is not estimate_tokens
     assert estimate_tokens(ENGLISH) >= exact(ENGLISH)
+
+
+# -- the reply limit (issue 15, defect 4) -----------------------------------------------------
+
+
+def test_the_reply_reserve_is_the_reply_limit_sent_to_the_model() -> None:
+    settings = ContextSettings(context_window=1000, reply_reserve=100)
+    context = ContextBudget(settings).build(session(), history_of(2), "hi", model="m")
+    assert context.max_output_tokens == 100
+    assert context.budget == 900
+
+
+def test_a_session_limit_replaces_the_reserve_and_is_kept_free_of_prompt() -> None:
+    budget = ContextBudget(ContextSettings(context_window=1000, reply_reserve=100))
+    context = budget.build(session(), history_of(2), "hi", model="m", max_reply_tokens=300)
+    assert (context.max_output_tokens, context.budget) == (300, 700)
+    # Beyond half the window the prompt keeps its half, and the reply may use the rest.
+    context = budget.build(session(), history_of(2), "hi", model="m", max_reply_tokens=5000)
+    assert context.budget == 500
+    assert context.max_output_tokens == 1000 - context.tokens
+
+
+def test_a_reply_reserve_of_0_sends_no_limit() -> None:
+    context = ContextBudget(ContextSettings(reply_reserve=0)).build(session(), [], "hi", model="m")
+    assert context.max_output_tokens is None
+
+
+# -- calibration from reported usage (issue 15, defect 5) -------------------------------------
+
+
+def true_prompt_tokens(messages: list[PromptMessage]) -> int:
+    """A model whose tokenizer needs more tokens than the estimate: 2.5 characters a token,
+    3 template tokens a message and a 5-token preamble (a small vocabulary, as in the issue)."""
+    return 5 + sum(-(-len(m.content) * 2 // 5) + 3 for m in messages)
+
+
+def grow_conversation(budget: ContextBudget, *, learn: bool) -> list[int]:
+    """The true prompt size of each turn of a conversation that outgrows the window."""
+    now = utcnow()
+    history: list[Message] = []
+    sizes = []
+    for n in range(30):
+        text = f"question {n}: " + "how does this work, and why? " * (1 + n % 4)
+        context = budget.build(session(system_prompt="Be brief."), history, text, model="m")
+        real = true_prompt_tokens(context.messages)
+        sizes.append(real)
+        if learn:
+            budget.observe("m", context, real)
+        answer = f"answer {n}: " + "it works because it does. " * (2 + n % 3)
+        history += [Message(Role.USER, text, now), Message(Role.ASSISTANT, answer, now)]
+    return sizes
+
+
+def test_the_estimate_is_calibrated_so_that_what_fits_by_it_fits_for_real() -> None:
+    settings = ContextSettings(context_window=1000, reply_reserve=200)
+    uncalibrated = grow_conversation(ContextBudget(settings), learn=False)
+    assert max(uncalibrated) > 800, "the estimate alone runs under this model's count"
+    calibrated = grow_conversation(ContextBudget(settings), learn=True)
+    # From the first report on, every prompt fits the 800 tokens the reply leaves free.
+    assert max(calibrated[1:]) <= 800
+    # And the calibration does not throw history away: the window stays well used.
+    assert max(calibrated[1:]) > 700
+
+
+def test_a_model_whose_count_runs_lower_keeps_the_plain_estimate() -> None:
+    budget = ContextBudget(ContextSettings(context_window=1000, reply_reserve=200))
+    context = budget.build(session(), history_of(4), "hi", model="m")
+    budget.observe("m", context, context.counted // 2)
+    calibration = budget.calibration("m")
+    assert (calibration.scale, calibration.overhead) == (1.0, 0)
+    # Per model: another model's reports teach nothing about this one.
+    assert budget.calibration("other").samples == []
+
+
+@given(
+    samples=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 20000)), min_size=1),
+)
+def test_a_calibration_covers_every_prompt_it_has_seen(samples: list[tuple[int, int]]) -> None:
+    calibration = Calibration()
+    for counted, reported in samples:
+        calibration.observe(counted=counted, reported=reported)
+    for counted, reported in samples[-CALIBRATION_SAMPLES:]:
+        assert calibration.tokens(counted) >= reported
+        # The count a budget allows is one whose bound is within that budget.
+        assert calibration.tokens(calibration.budget(reported)) <= reported

@@ -29,6 +29,7 @@ from chat import (
 )
 from chat._wire import encode_response
 from chat.backends.echo import echo_reply
+from chat.context import ContextBudget, ContextSettings
 from chat.core import Conversation
 from chat.errors import BackendRateLimited, BackendUnavailable
 from tests.backends import FailingBackend, GatedBackend, ScriptedBackend
@@ -490,6 +491,42 @@ async def test_each_turn_sends_the_system_prompt_and_the_history_to_the_backend(
     ]
     assert [len(c) for c in contexts] == [2, 4, 6]
     assert backend.requests[0].model == "scripted-model"
+
+
+async def test_the_reply_reserve_reaches_the_backend_as_the_reply_limit() -> None:
+    """Issue 15, defect 4: the limit is asked for, and a reply cut by it says LENGTH."""
+    backend = ScriptedBackend(["ok"])
+    core = ChatCore(
+        MemoryStore(), backend, context=ContextBudget(ContextSettings(reply_reserve=50))
+    )
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "hi", "r1"))
+        await Reader(conversation).until("r1")
+    assert backend.requests[0].max_output_tokens == 50
+
+    echo = ChatCore(
+        MemoryStore(), EchoBackend(), context=ContextBudget(ContextSettings(reply_reserve=3))
+    )
+    session = await echo.create_session()
+    async with echo.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "a long question", "r2"))
+        events = await Reader(conversation).reply("r2")
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert "".join(e.chunk_text for e in events if e.kind is EventKind.CHUNK) == "Echo #1 (1 "
+
+
+async def test_reported_usage_calibrates_the_models_token_count() -> None:
+    """Issue 15, defect 5: the model's own prompt size is learnt from."""
+    backend = ScriptedBackend(["ok"], usage=Usage(prompt_tokens=500, completion_tokens=1))
+    core = ChatCore(MemoryStore(), backend)
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "x" * 300, "r1"))
+        await Reader(conversation).until("r1")
+    calibration = core.context.calibration("scripted-model")
+    assert calibration.samples == [(104, 500)]
+    assert calibration.tokens(104) >= 500
 
 
 async def test_echo_backend_shows_the_turn_and_context_it_received(core: ChatCore) -> None:

@@ -115,7 +115,8 @@ def _tune_gc() -> None:
     "--reply-reserve",
     default=ContextSettings().reply_reserve,
     type=click.IntRange(min=0),
-    help="Tokens of the context window kept free for the reply.",
+    help="Tokens of the context window kept free for the reply, and the longest reply "
+    "the model is asked for (0: no limit is sent).",
 )
 @click.option(
     "--context-policy",
