@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
-from chat.backends import Delta, GenerationRequest, ModelBackend
+from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
 from chat.context import ContextBudget
 from chat.errors import (
     BackendError,
@@ -127,9 +127,11 @@ class ChatCore:
         stats: ServerStats | None = None,
         context: ContextBudget | None = None,
         retention: Retention | None = None,
+        model_check: ModelCheck = ModelCheck.STRICT,
     ) -> None:
         self.store = store
         self.backend = backend
+        self.models = ModelChecker(backend, model_check)
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
@@ -239,13 +241,8 @@ class ChatCore:
         if not model:
             return
         self._check_text("model", model, self.limits.max_model_chars)
-        served = await self.backend.list_models()
-        if served is not None and model not in served:
-            names = ", ".join(sorted(served)[:20])
-            raise InvalidArgument(
-                "model",
-                f"{model!r} is not served by the {self.backend.name} backend; available: {names}",
-            )
+        if (problem := await self.models.problem(model)) is not None:
+            raise InvalidArgument("model", problem)
 
     # -- streams and lifecycle ------------------------------------------------------------
 

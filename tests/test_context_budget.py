@@ -171,7 +171,11 @@ def test_the_prompt_alternates_user_and_assistant_whatever_the_history(
     )
     window = max(16, required + room + 8)
     budget = ContextBudget(ContextSettings(context_window=window, reply_reserve=8))
-    budget._counters["m"] = count
+
+    def counter(text: str) -> int:
+        return count(text)
+
+    budget._counters["m"] = counter
     context = budget.build(subject, history, newest, model="m")
     assert_alternates(context.messages, system_prompt, newest, history)
     sent = context.conversation_messages - 1

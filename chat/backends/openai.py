@@ -112,8 +112,33 @@ class OpenAIBackend:
         return await self._models.get()
 
     async def _fetch_models(self) -> Iterable[str]:
-        page = await self._client.models.list()
+        try:
+            page = await self._client.models.list()
+        except openai.NotFoundError:
+            await self._check_base_url()
+            raise
         return _with_aliases(model.id for model in page.data)
+
+    async def _check_base_url(self) -> None:
+        """After a 404 for ``/models``: raise if the base URL only lacks its ``/v1``.
+
+        OpenAI-compatible servers answer under ``/v1``; a base URL without it gets 404 for
+        every request. Only a server that does answer ``/v1/models`` is taken as proof (some
+        serve chat completions without listing models at all).
+        """
+        base = self._settings.base_url.rstrip("/")
+        if urlsplit(base).path.endswith("/v1"):
+            return
+        try:
+            await self._client.with_options(base_url=base + "/v1").models.list()
+        except openai.APIError:
+            return
+        path = urlsplit(base).path
+        raise ConfigurationError(
+            f"the openai backend's base URL {self._settings.host_for_messages}{path} answers "
+            f"404 for /models, but {self._settings.host_for_messages}{path}/v1 lists models: "
+            "add /v1 to --base-url"
+        )
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         return retry_before_first_delta(

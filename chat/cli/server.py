@@ -10,7 +10,7 @@ import sys
 import click
 
 from chat._version import __version__
-from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, ServerConfig
+from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, MODEL_CHECKS, ServerConfig
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
@@ -61,6 +61,16 @@ def _tune_gc() -> None:
     "--model",
     default="",
     help="Default model for new sessions [default: echo, gpt-4o-mini or gemini-2.0-flash]",
+    show_default=False,
+)
+@click.option(
+    "--model-check",
+    default=None,
+    type=click.Choice(MODEL_CHECKS),
+    help="Model names (--model at start-up, and each session's) that the backend does not "
+    "list: refuse them, accept them with a warning, or do not list models at all "
+    "[default: strict for OpenAI's and Gemini's own APIs, warn for other servers, which "
+    "may list only the models they have loaded]",
     show_default=False,
 )
 @click.option(
@@ -177,6 +187,7 @@ def main(
     port: int,
     backend: str,
     model: str,
+    model_check: str | None,
     base_url: str,
     api_key_file: str | None,
     connect_timeout: float,
@@ -218,6 +229,7 @@ def main(
             port=port,
             backend=backend,
             model=model,
+            model_check=model_check,
             base_url=base_url,
             api_key=api_key,
             connect_timeout=connect_timeout,
