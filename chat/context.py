@@ -433,20 +433,19 @@ class ContextBudget:
         text: str,
         *,
         model: str,
-        max_reply_tokens: int = 0,
     ) -> Context:
         """The prompt for ``text`` on ``session``, fitted to ``model``'s budget.
 
-        ``max_reply_tokens`` is the session's reply limit (0: the server's reply reserve);
-        the room for the reply is kept free of prompt, and the limit is what the model is
-        asked for (``Context.max_output_tokens``), at most what the window has left.
+        The session's ``max_reply_tokens`` (0: the server's reply reserve) is kept free of
+        prompt, and is what the model is asked for at most (``Context.max_output_tokens``),
+        no more than the window has left.
 
         Raises :class:`~chat.errors.ContextTooLong` when the new message (with the system
         prompt) does not fit at all, or when history must be left out and the session's
         policy is ``REJECT``.
         """
         settings = self.settings
-        limit = settings.reply_limit(max_reply_tokens)
+        limit = settings.reply_limit(session.max_reply_tokens)
         budget = settings.prompt_budget(model, limit)
         count = self.counter_for(model)
         calibration = self.calibration(model)

@@ -7,13 +7,14 @@ import logging
 import signal
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self, cast
+from typing import Self
 
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
+from chat._compat import HookedServer, listening_port
+from chat._cork import CorkedTransport, CorkingProtocol
 from chat._reflection import with_reflection
-from chat._wire import CorkingServer
 from chat.backends import ModelBackend
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
@@ -94,7 +95,11 @@ class ChatServer:
         self._store = store
         self._backend = backend
         self._core: ChatCore | None = None
-        self._server: CorkingServer | None = None
+        self._server: HookedServer | None = None
+        # Open connections, so that stop() can close them: grpclib's close() stops listening
+        # and cancels the handlers but leaves connections open, so the clients of a server
+        # stopped in its process would wait forever (and could still start calls on it).
+        self._connections: set[CorkedTransport] = set()
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
@@ -111,13 +116,7 @@ class ChatServer:
         """The TCP port the server listens on (useful with ``port=0``)."""
         if self._server is None:
             raise RuntimeError("the server is not started")
-        # grpclib keeps the asyncio server private; it is the only way to learn the port
-        # the kernel chose for port 0 when grpclib binds the host name itself.
-        listener = cast(asyncio.Server | None, self._server._server)
-        sockets = listener.sockets if listener is not None else ()
-        if not sockets:
-            raise RuntimeError("the server has no listening socket")
-        return int(sockets[0].getsockname()[1])
+        return listening_port(self._server)
 
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
@@ -150,7 +149,10 @@ class ChatServer:
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})
             handlers = with_reflection([service, health])
-            self._server = CorkingServer(handlers)
+            self._server = HookedServer(
+                handlers,
+                wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
+            )
             await self._server.start(config.host, config.port)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
@@ -198,7 +200,7 @@ class ChatServer:
                 )
             self._server.close()
             await self._server.wait_closed()
-            if closed := self._server.close_connections():
+            if closed := self._close_connections():
                 log.info("closed %d client connections", closed)
         finally:
             if self._sweeper is not None:
@@ -210,6 +212,12 @@ class ChatServer:
                 await self._store.aclose()
             self._closed.set()
             log.info("server stopped")
+
+    def _close_connections(self) -> int:
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        return len(connections)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`stop` has finished."""

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chat import ChatCore, EventKind, Limits, MemoryStore, MessageStatus, Request, RequestKind
-from chat.events import Event, Outbox, ReplyCounter
+from chat.events import Event, ReplyCounter
+from chat.outbox import Outbox
 from tests import strategies
 from tests.backends import ScriptedBackend
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 
@@ -301,10 +302,12 @@ def test_the_reply_reserve_is_the_reply_limit_sent_to_the_model() -> None:
 
 def test_a_session_limit_replaces_the_reserve_and_is_kept_free_of_prompt() -> None:
     budget = ContextBudget(ContextSettings(context_window=1000, reply_reserve=100))
-    context = budget.build(session(), history_of(2), "hi", model="m", max_reply_tokens=300)
+    limited = dataclasses.replace(session(), max_reply_tokens=300)
+    context = budget.build(limited, history_of(2), "hi", model="m")
     assert (context.max_output_tokens, context.budget) == (300, 700)
     # Beyond half the window the prompt keeps its half, and the reply may use the rest.
-    context = budget.build(session(), history_of(2), "hi", model="m", max_reply_tokens=5000)
+    limited = dataclasses.replace(session(), max_reply_tokens=5000)
+    context = budget.build(limited, history_of(2), "hi", model="m")
     assert context.budget == 500
     assert context.max_output_tokens == 1000 - context.tokens
 
