@@ -447,6 +447,24 @@ async def test_a_refused_request_reads_as_the_server_said_it() -> None:
     assert refused.value.field == ""
 
 
+async def test_a_session_reply_limit_is_set_changed_and_honoured(server: ChatServer) -> None:
+    """Issue 15, defect 4: a per-session maximum reply length."""
+    async with ChatClient(address(server)) as client:
+        session = await client.create_session(max_reply_tokens=2)
+        assert session.max_reply_tokens == 2
+        reply = await client.ask(session.session_id, "count my words please")
+        assert (reply.text, reply.finish_reason) == ("Echo #1 ", FinishReason.LENGTH)
+        # 0: back to the server's default (the reply reserve, 1024 tokens).
+        changed = await client.update_session(session.session_id, max_reply_tokens=0)
+        assert changed.max_reply_tokens == 0
+        reply = await client.ask(session.session_id, "and now?")
+        assert reply.finish_reason is FinishReason.STOP
+        assert (await client.get_session(session.session_id)).max_reply_tokens == 0
+        with pytest.raises(InvalidArgument) as too_large:
+            await client.create_session(max_reply_tokens=2**31)
+        assert too_large.value.field == "max_reply_tokens"
+
+
 async def test_an_unreachable_server_is_a_typed_error() -> None:
     port = free_port()
     with pytest.raises(ServerUnreachable, match="connection refused") as error:

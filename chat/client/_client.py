@@ -425,13 +425,21 @@ class ChatClient:
         system_prompt: str = "",
         model: str = "",
         context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED,
+        max_reply_tokens: int = 0,
     ) -> Session:
-        """Create a session; empty ``model`` means the server's default."""
+        """Create a session; empty ``model`` means the server's default.
+
+        ``max_reply_tokens`` is the longest reply the model is asked for, in tokens (0: the
+        server's default, its ``--reply-reserve``); a reply cut by it ends with finish reason
+        ``LENGTH``.
+        """
+        _check_reply_tokens(max_reply_tokens)
         request = chatpb.CreateSessionRequest(
             title=title,
             system_prompt=system_prompt,
             model=model,
             context_policy=chatpb.ContextPolicy(context_policy),
+            max_reply_tokens=max_reply_tokens,
         )
         response = await self._unary(
             "CreateSession", lambda conn: conn.stub.create_session(request)
@@ -471,14 +479,21 @@ class ChatClient:
         system_prompt: str | None = None,
         model: str | None = None,
         context_policy: ContextPolicy | None = None,
+        max_reply_tokens: int | None = None,
     ) -> Session:
-        """Change the fields given (``None`` leaves a field as it is); return the session."""
+        """Change the fields given (``None`` leaves a field as it is); return the session.
+
+        ``max_reply_tokens=0`` goes back to the server's default reply limit.
+        """
+        if max_reply_tokens is not None:
+            _check_reply_tokens(max_reply_tokens)
         request = chatpb.UpdateSessionRequest(
             session_id=session_id,
             title=title,
             system_prompt=system_prompt,
             model=model,
             context_policy=None if context_policy is None else chatpb.ContextPolicy(context_policy),
+            max_reply_tokens=max_reply_tokens,
         )
         info = await self._unary(
             "UpdateSession",
@@ -576,3 +591,11 @@ class ChatClient:
             return _convert.to_serving_status(response)
 
         return await self._unary("Health.Check", check)
+
+
+def _check_reply_tokens(value: int) -> None:
+    # An int32 on the wire: a larger number would be sent silently wrapped.
+    if not 0 <= value <= 2**31 - 1:
+        raise InvalidArgument(
+            "max_reply_tokens", f"must be between 0 (the server's default) and {2**31 - 1}"
+        )

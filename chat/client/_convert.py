@@ -95,6 +95,7 @@ def to_session(info: chatpb.SessionInfo) -> Session:
         system_prompt=info.system_prompt,
         context_policy=to_enum(ContextPolicy, info.context_policy, ContextPolicy.UNSPECIFIED),
         message_count=info.message_count,
+        max_reply_tokens=info.max_reply_tokens,
     )
 
 
