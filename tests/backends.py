@@ -1,13 +1,40 @@
-"""Model backends for tests: scripted, gated step by step, recording, failing."""
+"""Model backends for tests: scripted, gated step by step, recording, failing; and what the
+backend tests share (:data:`REQUEST`, :func:`collect`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Sequence
 
-from chat.backends import Delta, GenerationRequest
+from chat.backends import Delta, GenerationRequest, PromptMessage
 from chat.backends.echo import EchoBackend
-from chat.types import FinishReason, Usage
+from chat.types import FinishReason, Role, Usage
+
+#: A conversation as the core sends it: the system prompt, a turn, the new message.
+REQUEST = GenerationRequest(
+    "fake-model",
+    [
+        PromptMessage(Role.SYSTEM, "Be brief."),
+        PromptMessage(Role.USER, "Hi"),
+        PromptMessage(Role.ASSISTANT, "Hello."),
+        PromptMessage(Role.USER, "How are you?"),
+    ],
+    "conformance",
+)
+
+
+async def collect(
+    deltas: AsyncGenerator[Delta, None], *, into: list[str] | None = None
+) -> list[Delta]:
+    """Every delta; with ``into``, their texts are appended there as they come."""
+    received: list[Delta] = []
+    async with contextlib.aclosing(deltas) as stream:
+        async for delta in stream:
+            received.append(delta)
+            if into is not None:
+                into.append(delta.text)
+    return received
 
 
 class ScriptedBackend:
