@@ -14,7 +14,9 @@ What is used, and why:
 - :func:`listening_port`: the port the kernel chose for port 0 (the asyncio server is
   private);
 - reflection: the v1alpha service (a private module), the hook that builds file-descriptor
-  responses, and how grpclib names a service.
+  responses, and how grpclib names a service;
+- in-memory connections (tests, embedding): :class:`ConnectorChannel` makes a channel's
+  connections without a socket, :func:`accept_protocol` a server's side of one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any, cast
 import grpclib
 import grpclib.server
 from grpclib._typing import IServable
+from grpclib.client import Channel
+from grpclib.protocol import H2Protocol
 from grpclib.reflection import _deprecated as reflection_v1alpha
 from grpclib.reflection import service as reflection_v1
 from grpclib.utils import _service_name
@@ -37,10 +41,12 @@ if TYPE_CHECKING:
 __all__ = [
     "GRPCLIB_SUPPORTED",
     "RELIED_ON",
+    "ConnectorChannel",
     "HookedServer",
     "IServable",
     "ReflectionV1",
     "ReflectionV1Alpha",
+    "accept_protocol",
     "listening_port",
     "send_batch",
     "service_name",
@@ -62,6 +68,7 @@ RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
         ),
     ),
     "grpclib.server.Server": (grpclib.server.Server, ("_protocol_factory", "_server")),
+    "grpclib.client.Channel": (Channel, ("_protocol_factory", "_create_connection")),
     "grpclib.reflection.service.ServerReflection": (
         reflection_v1.ServerReflection,
         ("_file_descriptor_response",),
@@ -133,6 +140,33 @@ def listening_port(server: grpclib.server.Server) -> int:
     if not sockets:
         raise RuntimeError("the server has no listening socket")
     return int(sockets[0].getsockname()[1])
+
+
+def accept_protocol(server: grpclib.server.Server) -> asyncio.Protocol:
+    """The protocol ``server`` makes for a connection it accepts (``ConnectionRefusedError``
+    when it is not listening), to be driven by a transport of the caller's."""
+    listener = cast(asyncio.Server | None, server._server)
+    if listener is None or not listener.is_serving():
+        raise ConnectionRefusedError("the server is not listening")
+    return cast(asyncio.Protocol, server._protocol_factory())
+
+
+class ConnectorChannel(Channel):
+    """A grpclib channel whose connections are made by ``connect`` instead of a socket.
+
+    ``connect(protocol)`` must give ``protocol`` (grpclib's, for the new connection) a
+    transport, calling its ``connection_made``.
+    """
+
+    def __init__(self, connect: Callable[[H2Protocol], None], **kwargs: Any) -> None:
+        super().__init__("in-memory", 1, **kwargs)
+        self._connect = connect
+
+    async def _create_connection(self) -> H2Protocol:
+        # Channel.__connect__ calls this for each new connection; the default opens a socket.
+        protocol = self._protocol_factory()
+        self._connect(protocol)
+        return protocol
 
 
 def service_name(service: IServable) -> str:

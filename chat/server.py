@@ -103,6 +103,8 @@ class ChatServer:
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
+        # Set to cut the grace period short (a second SIGINT or SIGTERM).
+        self._hurry = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -191,7 +193,7 @@ class ChatServer:
         self._serving.set(False)
         self._core.start_draining()
         try:
-            if not await self._core.wait_idle(grace):
+            if not await self._wait_idle_or_hurry(grace):
                 log.warning(
                     "%d streams (%d replies) still open after %.1fs; cancelling them",
                     self._core.stats.active_streams,
@@ -212,6 +214,24 @@ class ChatServer:
                 await self._store.aclose()
             self._closed.set()
             log.info("server stopped")
+
+    def stop_now(self) -> None:
+        """End the grace period now: replies still running are cancelled (and kept)."""
+        self._hurry.set()
+
+    async def _wait_idle_or_hurry(self, grace: float) -> bool:
+        assert self._core is not None
+        idle = asyncio.ensure_future(self._core.wait_idle(grace))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            if not idle.done():
+                idle.cancel()
+                log.warning("stopping at once (second signal)")
+            await asyncio.wait((idle, hurry))
+        return not idle.cancelled() and idle.result()
 
     def _close_connections(self) -> int:
         connections = list(self._connections)
@@ -239,19 +259,32 @@ class ChatServer:
 async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | None = None) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
-    ``ready`` is called once the server listens (the CLI prints its banner there).
+    A second SIGINT or SIGTERM during the grace period stops it at once (replies still
+    running are cancelled and kept as interrupted), as uvicorn and grpclib do. ``ready`` is
+    called once the server listens (the CLI prints its banner there).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    server: ChatServer | None = None
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        elif server is not None:
+            server.stop_now()
+
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         async with ChatServer(config) as server:
             if ready is not None:
                 ready(server)
             await stop.wait()
-            log.info("shutting down (grace period %.1fs)", config.grace_period)
+            log.info(
+                "shutting down (grace period %.1fs; a second signal stops at once)",
+                config.grace_period,
+            )
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)

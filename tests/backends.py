@@ -11,31 +11,6 @@ from chat.backends import Delta, GenerationRequest, PromptMessage
 from chat.backends.echo import EchoBackend
 from chat.types import FinishReason, Role, Usage
 
-#: A conversation as the core sends it: the system prompt, a turn, the new message.
-REQUEST = GenerationRequest(
-    "fake-model",
-    [
-        PromptMessage(Role.SYSTEM, "Be brief."),
-        PromptMessage(Role.USER, "Hi"),
-        PromptMessage(Role.ASSISTANT, "Hello."),
-        PromptMessage(Role.USER, "How are you?"),
-    ],
-    "conformance",
-)
-
-
-async def collect(
-    deltas: AsyncGenerator[Delta, None], *, into: list[str] | None = None
-) -> list[Delta]:
-    """Every delta; with ``into``, their texts are appended there as they come."""
-    received: list[Delta] = []
-    async with contextlib.aclosing(deltas) as stream:
-        async for delta in stream:
-            received.append(delta)
-            if into is not None:
-                into.append(delta.text)
-    return received
-
 
 class ScriptedBackend:
     """Answers every request with the same deltas."""
@@ -137,3 +112,29 @@ class FailingBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+#: A conversation every backend test sends.
+REQUEST = GenerationRequest(
+    "fake-model",
+    [
+        PromptMessage(Role.SYSTEM, "Be brief."),
+        PromptMessage(Role.USER, "Hi"),
+        PromptMessage(Role.ASSISTANT, "Hello."),
+        PromptMessage(Role.USER, "How are you?"),
+    ],
+    "conformance",
+)
+
+
+async def collect(
+    deltas: AsyncGenerator[Delta, None], *, into: list[str] | None = None
+) -> list[Delta]:
+    """Every delta; with ``into``, their texts are appended there as they come."""
+    received: list[Delta] = []
+    async with contextlib.aclosing(deltas) as stream:
+        async for delta in stream:
+            received.append(delta)
+            if into is not None:
+                into.append(delta.text)
+    return received

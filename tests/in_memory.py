@@ -9,9 +9,8 @@ client's ``disconnect()``/``connect()`` and reconnection then work as over TCP, 
 server's ``stop()`` ends these connections too, and :meth:`InMemoryConnections.drop` cuts
 them as a failed network would.
 
-All use of private API for this is in this module (grpclib 0.4: ``Channel._protocol_factory``
-and ``_create_connection``, ``Server._protocol_factory`` and ``Server._server``; and
-``ChatServer._server``, which has no public accessor).
+grpclib's private API for this is in :mod:`chat._compat` (``ConnectorChannel``,
+``accept_protocol``); this module reads ``ChatServer._server``, which has no public accessor.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from grpclib.client import Channel
 from grpclib.protocol import H2Protocol
 
 from chat import ChatClient, ChatServer
+from chat._compat import ConnectorChannel, accept_protocol
 
 #: The target of in-memory clients. It names no reachable host (``.invalid`` is reserved),
 #: so a client that ignored its channel factory would fail instead of passing over TCP.
@@ -79,21 +79,6 @@ class _PipeEnd(asyncio.Transport):
             self._protocol.connection_lost(None)
 
 
-class _InMemoryChannel(Channel):
-    """A grpclib channel whose connection is made by ``connections`` instead of a socket."""
-
-    def __init__(self, connections: InMemoryConnections) -> None:
-        super().__init__("in-memory", 1)
-        self._connections = connections
-
-    async def _create_connection(self) -> H2Protocol:
-        # grpclib 0.4 (pinned below 0.5): Channel.__connect__ calls this for a new
-        # connection; the default opens a socket.
-        protocol = self._protocol_factory()
-        self._connections._join(protocol)
-        return protocol
-
-
 class InMemoryConnections:
     """A ``channel_factory`` for :class:`~chat.ChatClient`: in-memory connections to ``server``.
 
@@ -108,7 +93,7 @@ class InMemoryConnections:
         self.opened = 0
 
     def __call__(self) -> Channel:
-        return _InMemoryChannel(self)
+        return ConnectorChannel(self._join)
 
     @property
     def open(self) -> int:
@@ -128,13 +113,11 @@ class InMemoryConnections:
 
     def _join(self, client_protocol: H2Protocol) -> None:
         grpc_server = self._server._server
-        listener = None if grpc_server is None else grpc_server._server
-        if grpc_server is None or listener is None or not listener.is_serving():
-            # As a socket would be refused once the server stopped listening.
-            raise ConnectionRefusedError("the server is not listening")
-        # What grpclib's server makes for each accepted connection (with the ChatServer's
-        # corking around it).
-        server_protocol: asyncio.Protocol = grpc_server._protocol_factory()
+        if grpc_server is None:
+            raise ConnectionRefusedError("the server is not started")
+        # What the server makes for each accepted connection (with the ChatServer's corking
+        # around it); refused, as a socket would be, once it stopped listening.
+        server_protocol = accept_protocol(grpc_server)
         client_end = _PipeEnd(client_protocol, on_close=self._open.discard)
         server_end = _PipeEnd(server_protocol)
         client_end.peer, server_end.peer = server_end, client_end

@@ -59,6 +59,7 @@ from chat import (
     StatusCode,
 )
 from chat.client import parse_target
+from chat.types import SessionUpdateKind
 from tests.helpers import TIMEOUT, running_server_process
 from tests.in_memory import MEMORY_TARGET, InMemoryConnections
 from tests.strategies import reconnect_policies
@@ -329,6 +330,59 @@ async def test_another_stream_on_the_session_pushes_session_updates(server: Chat
         assert update.message_count == 4
         assert update.session is not None
         assert update.session.message_count == 4
+        assert update.kind is SessionUpdateKind.TURN_COMPLETED
+
+
+async def test_every_session_update_says_what_happened_as_data(server: ChatServer) -> None:
+    async with memory_client(server) as watcher, memory_client(server) as other:
+        session = await watcher.create_session()
+        await watcher.ask(session.session_id, "watching")
+        sid = session.session_id
+        async with watcher.notices() as notices:
+
+            async def kind_after(action: Callable[[], Any]) -> SessionUpdateKind:
+                await action()
+                notice = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+                assert isinstance(notice, SessionUpdated)
+                return notice.kind
+
+            kinds = [
+                await kind_after(lambda: other.update_session(sid, title="renamed")),
+                await kind_after(lambda: other.ask(sid, "hello")),
+                await kind_after(lambda: other.delete_session(sid)),
+            ]
+        assert kinds == [
+            SessionUpdateKind.SESSION_UPDATED,
+            SessionUpdateKind.TURN_COMPLETED,
+            SessionUpdateKind.SESSION_DELETED,
+        ]
+
+
+async def test_a_bad_field_is_named_by_data_not_by_the_wording(server: ChatServer) -> None:
+    # The message text is for people; the field comes from google.rpc.BadRequest (unary)
+    # and error_field (Chat), so it survives any rewording.
+    async with memory_client(server) as client:
+        session = await client.create_session()
+        with pytest.raises(InvalidArgument) as error:
+            await client.create_session(max_reply_tokens=-1)
+        assert error.value.field == "max_reply_tokens"
+        assert error.value.problem.startswith("must be between 0")
+        events = [e async for e in client.send(session.session_id, "")]
+        assert isinstance(events[-1], ReplyFailed)
+        assert events[-1].field == "message"
+        assert events[-1].error().field == "message"  # type: ignore[attr-defined]
+
+
+async def test_the_server_statistics_reach_the_client_field_by_field(server: ChatServer) -> None:
+    async with memory_client(server) as client:
+        session = await client.create_session()
+        await client.ask(session.session_id, "count me")
+        seen = await client.server_stats()
+        snapshot = await server.core.stats_snapshot()
+    for field in dataclasses.fields(snapshot):
+        if field.name in ("uptime_seconds", "active_streams"):
+            continue  # moves on its own; the client's stream is closed by now
+        assert getattr(seen, field.name) == getattr(snapshot, field.name), field.name
 
 
 # -- sessions, stats, health -------------------------------------------------------------------
@@ -444,7 +498,6 @@ async def test_a_refused_request_reads_as_the_server_said_it() -> None:
         with pytest.raises(InvalidArgument) as refused:
             await client.ask(session.session_id, "hello")
     assert str(refused.value) == "the model server refused the request (HTTP 400): too long"
-    assert refused.value.field == ""
 
 
 async def test_a_session_reply_limit_is_set_changed_and_honoured(server: ChatServer) -> None:
@@ -755,5 +808,3 @@ def test_the_client_api_is_exported() -> None:
 
     missing = (set(chat.client.__all__) | set(chat.errors.__all__)) - set(chat.__all__)
     assert missing <= {"DEFAULT_TARGET", "parse_target"}
-    for name in chat.__all__:
-        assert hasattr(chat, name), name

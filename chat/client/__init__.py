@@ -45,11 +45,11 @@ from chat.client._results import (
     ReplyStarted,
     ReplyStatus,
     ServerNotice,
-    ServerStatsInfo,
     ServingStatus,
     SessionList,
     SessionUpdated,
 )
+from chat.stats import ServerStatsInfo
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -95,7 +95,6 @@ for _value in (
     ReplyStatus,
     ReplyStream,
     ServerNotice,
-    ServerStatsInfo,
     ServingStatus,
     SessionList,
     SessionUpdated,

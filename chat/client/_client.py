@@ -17,8 +17,9 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
 import chatpb
+from chat._defaults import default_of
 from chat.client import _convert
-from chat.client._config import DEFAULT_TARGET, ClientConfig, ReconnectPolicy
+from chat.client._config import ClientConfig, ReconnectPolicy
 from chat.client._connection import (
     TRANSPORT_ERRORS,
     ChannelFactory,
@@ -35,7 +36,6 @@ from chat.client._results import (
     ReplyCompleted,
     ReplyEvent,
     ReplyFailed,
-    ServerStatsInfo,
     ServingStatus,
     SessionList,
 )
@@ -46,7 +46,8 @@ from chat.errors import (
     InvalidArgument,
     SessionNotFound,
 )
-from chat.types import ContextPolicy, Message, Session
+from chat.stats import ServerStatsInfo
+from chat.types import ConcurrencyPolicy, ContextPolicy, DisconnectPolicy, Message, Session
 
 _T = TypeVar("_T")
 
@@ -253,12 +254,12 @@ class ChatClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str = default_of(ClientConfig, "target"),
         *,
-        timeout: float = 10.0,
-        connect_timeout: float = 5.0,
+        timeout: float = default_of(ClientConfig, "timeout"),
+        connect_timeout: float = default_of(ClientConfig, "connect_timeout"),
         reconnect: ReconnectPolicy | None = None,
-        keepalive: float | None = 15.0,
+        keepalive: float | None = default_of(ClientConfig, "keepalive"),
         channel_factory: ChannelFactory | None = None,
     ) -> None:
         self.config = config = ClientConfig(
@@ -408,9 +409,7 @@ class ChatClient:
         try:
             return await call(conn)
         except GRPCError as error:
-            raise _convert.error_from_status(
-                error.status.value, error.message or "", session_id=session_id, unary=True
-            ) from error
+            raise _convert.error_from_grpc(error, session_id=session_id) from error
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{what}: no answer from {self.config.target} within {self.config.timeout:g}s"
@@ -425,13 +424,16 @@ class ChatClient:
         system_prompt: str = "",
         model: str = "",
         context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED,
+        concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.UNSPECIFIED,
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED,
         max_reply_tokens: int = 0,
     ) -> Session:
-        """Create a session; empty ``model`` means the server's default.
+        """Create a session; empty ``model`` (and every default) means the server's default.
 
-        ``max_reply_tokens`` is the longest reply the model is asked for, in tokens (0: the
-        server's default, its ``--reply-reserve``); a reply cut by it ends with finish reason
-        ``LENGTH``.
+        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default, its
+        ``--reply-reserve``; a reply cut by it ends with finish reason ``LENGTH``);
+        ``concurrency_policy`` says what a message sent while a reply runs does (queue,
+        reject, interrupt); ``on_disconnect`` whether a reply goes on when its client leaves.
         """
         _check_reply_tokens(max_reply_tokens)
         request = chatpb.CreateSessionRequest(
@@ -439,6 +441,8 @@ class ChatClient:
             system_prompt=system_prompt,
             model=model,
             context_policy=chatpb.ContextPolicy(context_policy),
+            concurrency_policy=chatpb.ConcurrencyPolicy(concurrency_policy),
+            on_disconnect=chatpb.DisconnectPolicy(on_disconnect),
             max_reply_tokens=max_reply_tokens,
         )
         response = await self._unary(
@@ -479,6 +483,8 @@ class ChatClient:
         system_prompt: str | None = None,
         model: str | None = None,
         context_policy: ContextPolicy | None = None,
+        concurrency_policy: ConcurrencyPolicy | None = None,
+        on_disconnect: DisconnectPolicy | None = None,
         max_reply_tokens: int | None = None,
     ) -> Session:
         """Change the fields given (``None`` leaves a field as it is); return the session.
@@ -493,6 +499,10 @@ class ChatClient:
             system_prompt=system_prompt,
             model=model,
             context_policy=None if context_policy is None else chatpb.ContextPolicy(context_policy),
+            concurrency_policy=(
+                None if concurrency_policy is None else chatpb.ConcurrencyPolicy(concurrency_policy)
+            ),
+            on_disconnect=None if on_disconnect is None else chatpb.DisconnectPolicy(on_disconnect),
             max_reply_tokens=max_reply_tokens,
         )
         info = await self._unary(

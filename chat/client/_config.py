@@ -6,6 +6,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field
 
+from chat.backoff import backoff
 from chat.errors import ConfigurationError
 
 #: Where ``chat-server`` listens by default.
@@ -90,8 +91,14 @@ class ReconnectPolicy:
         """Seconds to wait before attempt number ``attempt`` (1-based)."""
         if attempt <= 1:
             return 0.0
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 2))
-        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+        return backoff(
+            attempt - 1,
+            initial=self.initial_backoff,
+            maximum=self.max_backoff,
+            multiplier=self.multiplier,
+            jitter=self.jitter,
+            rng=rng,
+        )
 
 
 @dataclass(frozen=True, slots=True)

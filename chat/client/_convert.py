@@ -6,10 +6,16 @@ documented default instead of failing, so an older client keeps working with a n
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import typing
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.rpc import error_details_pb2
+from grpclib import GRPCError
+from grpclib.const import Status as GrpcStatus
 from grpclib.health.v1.health_pb2 import HealthCheckResponse
 
 import chatpb
@@ -21,7 +27,6 @@ from chat.client._results import (
     ReplyStarted,
     ReplyStatus,
     ServerNotice,
-    ServerStatsInfo,
     ServingStatus,
     SessionUpdated,
 )
@@ -37,19 +42,24 @@ from chat.errors import (
     StatusCode,
     Unavailable,
 )
+from chat.stats import ServerStatsInfo
 from chat.types import (
-    ContextPolicy,
     FinishReason,
     Message,
-    MessageStatus,
     Role,
     Session,
+    SessionUpdateKind,
+    StatusKind,
     Usage,
     parse_timestamp,
     utcnow,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 _E = TypeVar("_E", bound=enum.Enum)
+_D = TypeVar("_D", bound="DataclassInstance")
 
 #: The events that end a request on the Chat stream.
 TERMINAL = frozenset(
@@ -84,30 +94,47 @@ def to_timestamp(text: str) -> datetime | None:
         return None
 
 
+def _from_wire(
+    kind: type[_D],
+    message: Any,
+    *,
+    renames: Mapping[str, str] | None = None,
+    fallbacks: Mapping[str, Any] | None = None,
+) -> _D:
+    """An instance of dataclass ``kind`` from the wire message's fields of the same names.
+
+    Timestamps are parsed (a missing one is now), enums mapped with :func:`to_enum` (a
+    number this client does not know becomes the field's default, or its ``fallbacks``
+    entry), token usage converted. Sessions, messages and statistics have exactly the
+    fields of their messages (``tests/test_wire.py``), so a new field needs no code here.
+    """
+    renames = renames or {}
+    fallbacks = fallbacks or {}
+    hints = typing.get_type_hints(kind)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(kind):
+        value = getattr(message, renames.get(field.name, field.name))
+        hint = hints[field.name]
+        if hint is datetime or hint == datetime | None:
+            value = to_timestamp(value)
+            if value is None and hint is datetime:
+                value = utcnow()
+        elif isinstance(hint, type) and issubclass(hint, enum.IntEnum):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            value = to_enum(hint, value, fallbacks.get(field.name, default))
+        elif hint == Usage | None:
+            value = to_usage(value)
+        values[field.name] = value
+    return kind(**values)
+
+
 def to_session(info: chatpb.SessionInfo) -> Session:
-    created = to_timestamp(info.created_at) or utcnow()
-    return Session(
-        session_id=info.session_id,
-        created_at=created,
-        last_activity=to_timestamp(info.last_activity) or created,
-        title=info.title,
-        model=info.model,
-        system_prompt=info.system_prompt,
-        context_policy=to_enum(ContextPolicy, info.context_policy, ContextPolicy.UNSPECIFIED),
-        message_count=info.message_count,
-        max_reply_tokens=info.max_reply_tokens,
-    )
+    return _from_wire(Session, info)
 
 
 def to_message(message: chatpb.ChatMessage) -> Message:
-    return Message(
-        role=to_enum(Role, message.role, Role.USER),
-        content=message.content,
-        created_at=to_timestamp(message.timestamp) or utcnow(),
-        status=to_enum(MessageStatus, message.status, MessageStatus.COMPLETE),
-        request_id=message.request_id,
-        model=message.model,
-        usage=to_usage(message.usage),
+    return _from_wire(
+        Message, message, renames={"created_at": "timestamp"}, fallbacks={"role": Role.USER}
     )
 
 
@@ -117,19 +144,19 @@ def error_from_status(
     *,
     session_id: str = "",
     retry_after: float | None = None,
+    field: str = "",
     unary: bool = False,
 ) -> ChatError:
-    """The exception of :mod:`chat.errors` for a status the server sent."""
+    """The exception of :mod:`chat.errors` for a status the server sent.
+
+    ``field`` is the request field an ``INVALID_ARGUMENT`` names (``error_field`` on the
+    Chat stream, ``google.rpc.BadRequest`` in a unary call's status details).
+    """
     status = to_enum(StatusCode, code, StatusCode.UNKNOWN)
     if status is StatusCode.NOT_FOUND:
         return SessionNotFound(session_id or "?")
     if status is StatusCode.INVALID_ARGUMENT:
-        name, sep, problem = message.partition(": ")
-        if sep and name and " " not in name:
-            return InvalidArgument(name, problem)
-        # Not about one field (a model backend refusing the request, say): the server's
-        # words alone, not "request: ..." in front of them.
-        return InvalidArgument("", message)
+        return InvalidArgument.from_message(field or "request", message)
     if status is StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(message)
     if status is StatusCode.UNAVAILABLE:
@@ -143,6 +170,31 @@ def error_from_status(
     if status is StatusCode.INTERNAL:
         return ChatError(message or "internal server error")
     return ChatError(f"{message or 'the server failed'} (status {status.name})")
+
+
+def error_from_grpc(error: GRPCError, *, session_id: str = "") -> ChatError:
+    """The exception for a unary call's failure, with its standard error details.
+
+    ``google.rpc.BadRequest`` names the wrong field and gives the problem; ``RetryInfo``
+    says how long to wait (grpclib decodes them when googleapis-common-protos is installed).
+    """
+    field, retry_after = "", None
+    for detail in error.details or ():
+        if isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
+            violation = detail.field_violations[0]
+            if error.status is GrpcStatus.INVALID_ARGUMENT:
+                return InvalidArgument(violation.field, violation.description)
+            field = violation.field
+        elif isinstance(detail, error_details_pb2.RetryInfo):
+            retry_after = detail.retry_delay.ToNanoseconds() / 1e9
+    return error_from_status(
+        error.status.value,
+        error.message or "",
+        session_id=session_id,
+        retry_after=retry_after,
+        field=field,
+        unary=True,
+    )
 
 
 def status_name(code: int) -> str:
@@ -184,6 +236,7 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             started=response.finish_reason == chatpb.FinishReason.ERROR,
             total_chunks=response.total_chunks,
             retry_after=response.retry_after or None,
+            field=response.error_field,
         )
     return ReplyStatus(
         response.request_id,
@@ -202,12 +255,18 @@ def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | 
             message=response.status_message,
             message_count=response.message_count,
             session=None if response.session is None else to_session(response.session),
+            kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
         )
     if kind in (chatpb.ChatResponseType.STATUS, chatpb.ChatResponseType.ERROR):
+        error = kind == chatpb.ChatResponseType.ERROR
         return ServerNotice(
             response.session_id,
             response.request_id,
             response.status_message or response.error_message,
+            kind=to_enum(StatusKind, response.status_kind, StatusKind.UNSPECIFIED),
+            code=to_enum(StatusCode, response.error_code, StatusCode.UNKNOWN)
+            if error
+            else StatusCode.OK,
         )
     # A late event of a request the client stopped waiting for.
     return None
@@ -215,35 +274,20 @@ def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | 
 
 def is_goaway(response: chatpb.ChatResponse) -> bool:
     """A server that is shutting down asks each stream to end with this STATUS."""
+    if response.type != chatpb.ChatResponseType.STATUS:
+        return False
+    if response.status_kind == chatpb.StatusKind.SHUTDOWN:
+        return True
+    # Servers from before STATUS kinds said it with the status code alone.
     return (
-        response.type == chatpb.ChatResponseType.STATUS
+        response.status_kind == chatpb.StatusKind.UNSPECIFIED
         and not response.request_id
         and response.error_code == StatusCode.UNAVAILABLE
     )
 
 
-def to_server_stats(r: chatpb.ServerStatsResponse) -> ServerStatsInfo:
-    return ServerStatsInfo(
-        version=r.version,
-        backend=r.backend,
-        model=r.model,
-        store=r.store,
-        started_at=to_timestamp(r.started_at),
-        uptime_seconds=r.uptime_seconds,
-        total_requests=r.total_requests,
-        successful_requests=r.successful_requests,
-        failed_requests=r.failed_requests,
-        cancelled_requests=r.cancelled_requests,
-        active_sessions=r.active_sessions,
-        total_sessions_created=r.total_sessions_created,
-        avg_response_time=r.avg_response_time,
-        active_streams=r.active_streams,
-        active_replies=r.active_replies,
-        total_chunks_sent=r.total_chunks_sent,
-        expired_sessions=r.expired_sessions,
-        evicted_sessions=r.evicted_sessions,
-        trimmed_messages=r.trimmed_messages,
-    )
+def to_server_stats(response: chatpb.ServerStatsResponse) -> ServerStatsInfo:
+    return _from_wire(ServerStatsInfo, response)
 
 
 def to_serving_status(response: HealthCheckResponse) -> ServingStatus:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
 
 from chat.errors import ChatError, StatusCode
-from chat.types import FinishReason, Session, Usage
+from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +75,8 @@ class ReplyFailed:
     total_chunks: int
     #: Seconds to wait before retrying, when the server said (rate limits).
     retry_after: float | None
+    #: For ``INVALID_ARGUMENT``: the request field that is wrong, when the server named one.
+    field: str = ""
 
     def error(self) -> ChatError:
         """The typed exception for this failure."""
@@ -83,7 +84,11 @@ class ReplyFailed:
         from chat.client._convert import error_from_status
 
         return error_from_status(
-            self.code, self.message, session_id=self.session_id, retry_after=self.retry_after
+            self.code,
+            self.message,
+            session_id=self.session_id,
+            retry_after=self.retry_after,
+            field=self.field,
         )
 
 
@@ -134,21 +139,31 @@ class ConnectionStateChanged:
 
 @dataclass(frozen=True, slots=True)
 class SessionUpdated:
-    """Another stream changed a session this connection used (``SESSION_UPDATE``)."""
+    """Another stream changed a session this connection used (``SESSION_UPDATE``).
+
+    Act on :attr:`kind`; :attr:`message` is for people.
+    """
 
     session_id: str
     message: str
     message_count: int
     session: Session | None
+    kind: SessionUpdateKind = SessionUpdateKind.UNSPECIFIED
 
 
 @dataclass(frozen=True, slots=True)
 class ServerNotice:
-    """A ``STATUS`` or ``ERROR`` event that answers no request in flight."""
+    """A ``STATUS`` or ``ERROR`` event that answers no request in flight.
+
+    Act on :attr:`kind` (a STATUS) or :attr:`code` (an ERROR); :attr:`message` is for people.
+    """
 
     session_id: str
     request_id: str
     message: str
+    kind: StatusKind = StatusKind.UNSPECIFIED
+    #: The gRPC status of an ERROR (``OK`` for a STATUS).
+    code: StatusCode = StatusCode.OK
 
 
 #: What :meth:`ChatClient.notices` yields.
@@ -222,31 +237,6 @@ class SessionList:
     next_page_token: str
     #: Sessions on the server.
     total: int
-
-
-@dataclass(frozen=True, slots=True)
-class ServerStatsInfo:
-    """The server's counters (``GetServerStats``)."""
-
-    version: str
-    backend: str
-    model: str
-    store: str
-    started_at: datetime | None
-    uptime_seconds: float
-    total_requests: int
-    successful_requests: int
-    failed_requests: int
-    cancelled_requests: int
-    active_sessions: int
-    total_sessions_created: int
-    avg_response_time: float
-    active_streams: int
-    active_replies: int
-    total_chunks_sent: int
-    expired_sessions: int
-    evicted_sessions: int
-    trimmed_messages: int
 
 
 class ServingStatus(enum.IntEnum):

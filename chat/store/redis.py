@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -43,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from chat.backoff import backoff
 from chat.errors import ConfigurationError, MissingExtra, SessionNotFound, StoreUnavailable
 from chat.store import SessionPage
 from chat.store._codec import (
@@ -77,7 +77,6 @@ DEFAULT_PREFIX = "grpc-chat"
 DEFAULT_LOCK_LEASE = 10.0
 
 _ATTEMPTS = 3
-_RETRY_DELAYS = (0.05, 0.25)
 #: Seconds an append's operation id is remembered (far longer than any retry takes).
 _APPEND_MEMORY = 600
 _BATCH = 500
@@ -352,7 +351,9 @@ class RedisStore:
             except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 if attempt + 1 < attempts:
                     log.warning("Redis %s failed (%s); retrying", what, error)
-                    await asyncio.sleep(_RETRY_DELAYS[attempt])
+                    await asyncio.sleep(
+                        backoff(attempt + 1, initial=0.05, maximum=0.25, multiplier=5)
+                    )
                     continue
                 reason = str(error).rstrip(".") or type(error).__name__
                 raise StoreUnavailable(
@@ -570,16 +571,14 @@ class RedisStore:
         return round(self.lock_lease * 1000)
 
     async def _acquire(self, session_id: str, key: str, token: str) -> None:
-        delay = 0.005
-        waited = False
+        polls = 0
         while not await self._script("acquire", [key], [token, self._lease_ms], retry=True):
-            if not waited:
+            if not polls:
                 log.debug("session %s is locked by another server; waiting", session_id)
-                waited = True
+            polls += 1
             # Polling: the holder is another process, which may also die without releasing;
             # the lease bounds the wait in that case.
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.1)
+            await asyncio.sleep(backoff(polls, initial=0.005, maximum=0.1, jitter=0.5))
 
     async def _renew(self, session_id: str, key: str, token: str) -> None:
         while True:
