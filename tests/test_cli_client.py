@@ -512,3 +512,17 @@ def test_the_echo_backend_refuses_a_model_it_does_not_have(server: ServerProcess
     result = run(server, "sessions", "create", "--model", "gpt-4o")
     assert result.exit_code == 2
     assert "'gpt-4o' is not served by the echo backend; available: echo" in result.stderr
+
+
+def test_a_session_with_a_reply_limit(server: ServerProcess) -> None:
+    created = run(server, "sessions", "create", "--max-reply-tokens", "3", "--json")
+    assert created.exit_code == 0, created.output
+    session = json.loads(created.stdout)
+    assert session["max_reply_tokens"] == 3
+    answer = json.loads(
+        run(server, "ask", "--json", "--session", session["session_id"], "hi").stdout
+    )
+    # The echo backend counts words as tokens.
+    assert (answer["text"], answer["finish_reason"]) == ("Echo #1 (1 ", "length")
+    shown = run(server, "sessions", "show", session["session_id"])
+    assert "3 tokens" in shown.stdout

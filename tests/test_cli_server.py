@@ -100,3 +100,12 @@ def test_the_banner_says_when_another_process_has_the_store_open(tmp_path: Path)
     # Both gone: the next one is alone again (the locks went with the processes).
     with running_server_process(*store) as third:
         assert shared not in _banner(third)
+
+
+def test_model_check_is_an_option_and_a_variable(captured: list[ServerConfig]) -> None:
+    assert CliRunner().invoke(cli.main, ["--model-check", "off"]).exit_code == 0
+    assert CliRunner().invoke(cli.main, [], env={"CHAT_MODEL_CHECK": "warn"}).exit_code == 0
+    assert CliRunner().invoke(cli.main, []).exit_code == 0
+    assert [c.model_check for c in captured] == ["off", "warn", None]
+    refused = CliRunner().invoke(cli.main, ["--model-check", "sometimes"])
+    assert refused.exit_code == 2
