@@ -132,6 +132,14 @@ class HookedServer(grpclib.server.Server):
     def _protocol_factory(self) -> Any:
         return self._wrap_protocol(cast(asyncio.Protocol, super()._protocol_factory()))
 
+    async def start_on(self, hosts: Sequence[str], port: int) -> None:
+        """Listen on every address of ``hosts``, all on ``port``.
+
+        ``Server.start`` passes ``host`` on to ``loop.create_server``, which takes a list of
+        hosts too (grpclib's annotation says ``str``).
+        """
+        await self.start(cast(Any, list(hosts)) if len(hosts) > 1 else hosts[0], port)
+
 
 def listening_port(server: grpclib.server.Server) -> int:
     """The TCP port ``server`` listens on (what the kernel chose for port 0)."""

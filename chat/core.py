@@ -448,10 +448,8 @@ class Conversation:
             self.outbox.put_nowait(
                 Event(
                     EventKind.STATUS,
-                    status_message=(
-                        "the server is shutting down: end this stream and reconnect "
-                        "(to another replica, if there is one) to go on"
-                    ),
+                    # For people; clients act on status_kind (the README says what to do).
+                    status_message="the server is shutting down",
                     error_code=int(Unavailable.status),
                     status_kind=StatusKind.SHUTDOWN,
                 )
@@ -494,7 +492,7 @@ class Conversation:
         if self._core.draining or self._closing:
             return Unavailable(
                 "the server is shutting down and takes no new messages; "
-                "reconnect (to another replica, if there is one) and send it again"
+                "send it again once connected to a server"
             )
         if not request.session_id:
             return InvalidArgument("session_id", "is required; create a session first")

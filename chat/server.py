@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -25,7 +28,7 @@ from chat.errors import ConfigurationError
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 
-__all__ = ["ChatServer", "create_backend", "event_loop_factory", "serve"]
+__all__ = ["ChatServer", "create_backend", "event_loop_factory", "listen_hosts", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ def create_backend(config: ServerConfig) -> ModelBackend:
 
         backend = GeminiBackend(config.remote_settings())
     else:
-        backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
+        model = config.model or "echo"
+        # One model, as a remote backend's list would say: a session asking for another
+        # is told so, rather than answered by echo under a name it does not have.
+        backend = EchoBackend(pace=config.pace, default_model=model, models=(model,))
     window = config.effective_coalesce_window
     return CoalescingBackend(backend, window=window) if window > 0 else backend
 
@@ -70,6 +76,45 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
             raise ConfigurationError("--event-loop uvloop: uvloop is not installed") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses to listen on for ``host``: ``localhost`` is both loopback addresses.
+
+    Resolving ``localhost`` often gives 127.0.0.1 alone (``/etc/hosts``), and a client that
+    dials ``[::1]:PORT`` (or whose resolver prefers IPv6) would be refused. ``::1`` is left
+    out where this machine has no IPv6 loopback.
+    """
+    if host.lower() != "localhost":
+        return [host]
+    hosts = ["127.0.0.1"]
+    if socket.has_ipv6:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            hosts.append("::1")
+    return hosts
+
+
+async def _listen(server: HookedServer, host: str, port: int, attempts: int = 5) -> None:
+    """Start ``server`` on every address of ``host`` (see :func:`listen_hosts`), one port.
+
+    For port 0 the kernel picks a port per socket: one is taken on the first address and
+    asked for on the others (again, if another program took it meanwhile).
+    """
+    hosts = listen_hosts(host)
+    if port or len(hosts) == 1:
+        await server.start_on(hosts, port)
+        return
+    for attempt in range(attempts):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            free = int(probe.getsockname()[1])
+        try:
+            await server.start_on(hosts, free)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
 
 
 class ChatServer:
@@ -155,7 +200,7 @@ class ChatServer:
                 handlers,
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
             )
-            await self._server.start(config.host, config.port)
+            await _listen(self._server, config.host, config.port)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
             self._server = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import sys
@@ -19,6 +20,7 @@ from chat.retention import Retention
 from chat.secret import read_api_key
 from chat.server import ChatServer, event_loop_factory, serve
 from chat.store import default_store_url
+from chat.store.sqlite import SqliteStore
 from chat.types import ContextPolicy
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,6 +41,12 @@ def _banner(server: ChatServer) -> None:
         f"store {core.store.kind})"
     )
     click.echo(f"  sessions in: {core.store.location}")
+    if isinstance(core.store, SqliteStore) and core.store.opened_elsewhere:
+        # Servers started without --store by one user all use the default file.
+        click.echo(
+            "  note:        another process has this file open too: its sessions are "
+            "shared with this server (--store picks another)"
+        )
     click.echo(f"  talk to it:  chat-client --target {address}")
     click.echo(f"  inspect it:  grpcurl -plaintext {address} describe ChatService")
     click.echo(
@@ -282,4 +290,10 @@ def main(
     except ChatError as error:
         raise click.ClickException(error.message) from error
     except OSError as error:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
+        message = f"cannot listen on {ServerConfig(host=host, port=port).address}: {error}"
+        if error.errno == errno.EADDRINUSE:
+            message += (
+                "\n  another server may be running there: choose another port with --port N "
+                "(--port 0 picks a free one)"
+            )
+        raise click.ClickException(message) from error
