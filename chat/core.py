@@ -35,7 +35,7 @@ from typing import Self
 
 from chat._version import __version__
 from chat.auth import LOCAL, Credentials, Identity
-from chat.backends import Delta, GenerationRequest, ModelBackend
+from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
 from chat.context import ContextBudget, estimate_tokens
 from chat.errors import (
     BackendError,
@@ -123,10 +123,12 @@ class ChatCore:
         context: ContextBudget | None = None,
         retention: Retention | None = None,
         quotas: QuotaKeeper | None = None,
+        model_check: ModelCheck = ModelCheck.STRICT,
     ) -> None:
         self.store = store
         self.quotas = quotas or QuotaKeeper()
         self.backend = backend
+        self.models = ModelChecker(backend, model_check)
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
@@ -339,13 +341,8 @@ class ChatCore:
         if not model:
             return
         self._check_text("model", model, self.limits.max_model_chars)
-        served = await self.backend.list_models()
-        if served is not None and model not in served:
-            names = ", ".join(sorted(served)[:20])
-            raise InvalidArgument(
-                "model",
-                f"{model!r} is not served by the {self.backend.name} backend; available: {names}",
-            )
+        if (problem := await self.models.problem(model)) is not None:
+            raise InvalidArgument("model", problem)
 
     # -- streams and lifecycle ------------------------------------------------------------
 
@@ -552,10 +549,8 @@ class Conversation:
             self.outbox.put_nowait(
                 Event(
                     EventKind.STATUS,
-                    status_message=(
-                        "the server is shutting down: end this stream and reconnect "
-                        "(to another replica, if there is one) to go on"
-                    ),
+                    # For people; clients act on status_kind (the README says what to do).
+                    status_message="the server is shutting down",
                     error_code=int(Unavailable.status),
                     status_kind=StatusKind.SHUTDOWN,
                 )
@@ -612,7 +607,7 @@ class Conversation:
         if self._core.draining or self._closing:
             return Unavailable(
                 "the server is shutting down and takes no new messages; "
-                "reconnect (to another replica, if there is one) and send it again"
+                "send it again once connected to a server"
             )
         if not request.session_id:
             return InvalidArgument("session_id", "is required; create a session first")
@@ -760,8 +755,16 @@ class Conversation:
                 )
                 turn.started = True
                 turn.prompt_tokens = context.tokens
-                generation = GenerationRequest(model, context.messages, request.request_id)
+                generation = GenerationRequest(
+                    model,
+                    context.messages,
+                    request.request_id,
+                    max_output_tokens=context.max_output_tokens,
+                )
                 await self._generate(turn, session, text, generation)
+                if turn.usage is not None:
+                    # What the model counted corrects the server's count for later turns.
+                    core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
             self._error(request, error, turn.reply if turn.started else None)

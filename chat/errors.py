@@ -19,6 +19,7 @@ status codes.
     ├── Unavailable               UNAVAILABLE          the server is draining
     │   ├── StoreUnavailable      UNAVAILABLE          the session store is unreachable
     │   └── ServerUnreachable     UNAVAILABLE          client: cannot connect to the server
+    │       ├── ConnectTimeout    DEADLINE_EXCEEDED    client: connected, but no answer in time
     │       └── ConnectionLost    UNAVAILABLE          client: the connection broke
     ├── DeadlineExceeded          DEADLINE_EXCEEDED    client: no answer within the deadline
     ├── ConfigurationError        FAILED_PRECONDITION  bad server configuration
@@ -49,6 +50,7 @@ __all__ = [
     "BackendUnavailable",
     "ChatError",
     "ConfigurationError",
+    "ConnectTimeout",
     "ConnectionLost",
     "ContextTooLong",
     "DeadlineExceeded",
@@ -105,14 +107,18 @@ class ChatError(Exception):
 class InvalidArgument(ChatError):
     """A request field has a value the server cannot accept.
 
+    ``field`` is empty when the request as a whole was refused (say, by the model backend).
+
     >>> str(InvalidArgument("message", "must not be empty"))
     'message: must not be empty'
+    >>> str(InvalidArgument("", "the model refused the request"))
+    'the model refused the request'
     """
 
     status = StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+        super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
         self.problem = problem
 
@@ -141,10 +147,7 @@ class SessionNotFound(ChatError):
     status = StatusCode.NOT_FOUND
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} not found: it may have been deleted or expired; "
-            "create a new one with CreateSession"
-        )
+        super().__init__(f"session {session_id!r} not found (it may have been deleted or expired)")
         self.session_id = session_id
 
 
@@ -207,14 +210,27 @@ class StoreUnavailable(Unavailable):
 class ServerUnreachable(Unavailable):
     """The client cannot open a connection to the server (not running, wrong address).
 
-    >>> str(ServerUnreachable("localhost:50051", "connection refused"))
+    >>> str(ServerUnreachable("localhost:50051", "connection refused", refused=True))
     'cannot reach a chat server at localhost:50051: connection refused'
+
+    ``refused`` says that nothing listens at the target (the connection was refused), as
+    opposed to a name that does not resolve or a network that does not route.
     """
 
-    def __init__(self, target: str, reason: str) -> None:
+    def __init__(self, target: str, reason: str, *, refused: bool = False) -> None:
         super().__init__(f"cannot reach a chat server at {target}: {reason}")
         self.target = target
         self.reason = reason
+        self.refused = refused
+
+
+class ConnectTimeout(ServerUnreachable):
+    """Something accepted the connection, but no chat server answered within the deadline.
+
+    The server may be stopped, overloaded, or not a gRPC server at all.
+    """
+
+    status = StatusCode.DEADLINE_EXCEEDED
 
 
 class ConnectionLost(ServerUnreachable):
@@ -224,6 +240,7 @@ class ConnectionLost(ServerUnreachable):
         Unavailable.__init__(self, f"lost the connection to the chat server at {target}: {reason}")
         self.target = target
         self.reason = reason
+        self.refused = False
 
 
 class DeadlineExceeded(ChatError):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from types import TracebackType
@@ -37,6 +40,7 @@ __all__ = [
     "create_backend",
     "event_loop_factory",
     "exposure_warning",
+    "listen_hosts",
     "serve",
 ]
 
@@ -95,7 +99,10 @@ def create_backend(config: ServerConfig) -> ModelBackend:
 
         backend = GeminiBackend(config.remote_settings())
     else:
-        backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
+        model = config.model or "echo"
+        # One model, as a remote backend's list would say: a session asking for another
+        # is told so, rather than answered by echo under a name it does not have.
+        backend = EchoBackend(pace=config.pace, default_model=model, models=(model,))
     window = config.effective_coalesce_window
     return CoalescingBackend(backend, window=window) if window > 0 else backend
 
@@ -119,6 +126,52 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
             raise ConfigurationError("--event-loop uvloop: uvloop is not installed") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses to listen on for ``host``: ``localhost`` is both loopback addresses.
+
+    Resolving ``localhost`` often gives 127.0.0.1 alone (``/etc/hosts``), and a client that
+    dials ``[::1]:PORT`` (or whose resolver prefers IPv6) would be refused. ``::1`` is left
+    out where this machine has no IPv6 loopback.
+    """
+    if host.lower() != "localhost":
+        return [host]
+    hosts = ["127.0.0.1"]
+    if socket.has_ipv6:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            hosts.append("::1")
+    return hosts
+
+
+async def _listen(
+    server: HookedServer,
+    host: str,
+    port: int,
+    attempts: int = 5,
+    *,
+    ssl: ssl.SSLContext | None = None,
+) -> None:
+    """Start ``server`` on every address of ``host`` (see :func:`listen_hosts`), one port.
+
+    For port 0 the kernel picks a port per socket: one is taken on the first address and
+    asked for on the others (again, if another program took it meanwhile).
+    """
+    hosts = listen_hosts(host)
+    if port or len(hosts) == 1:
+        await server.start_on(hosts, port, ssl=ssl)
+        return
+    for attempt in range(attempts):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            free = int(probe.getsockname()[1])
+        try:
+            await server.start_on(hosts, free, ssl=ssl)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
 
 
 class ChatServer:
@@ -201,7 +254,15 @@ class ChatServer:
                 retention=config.retention,
                 context=ContextBudget(config.context),
                 quotas=quotas,
+                model_check=config.effective_model_check,
             )
+            # The default model is checked now, not at the first turn of every session
+            # (a strict check refuses to start; a listing that fails checks nothing).
+            if (problem := await core.models.problem(backend.default_model)) is not None:
+                raise ConfigurationError(
+                    f"--model {backend.default_model}: {problem} "
+                    "(--model-check off or warn to use it anyway)"
+                )
             open_services = ["grpc.health.v1.Health"]
             if config.reflection == "public":
                 open_services += [
@@ -220,7 +281,7 @@ class ChatServer:
             if authenticator.mode != "none":
                 keep_headers_out_of_logs()
                 listen(self._server, RecvRequest, service.authenticate)
-            await self._server.start(config.host, config.port, ssl=self._tls)
+            await _listen(self._server, config.host, config.port, ssl=self._tls)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
             self._server = None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chat.cli.client import EXIT_DENIED
+from chat.cli._exit import EXIT_DENIED
 from chat.cli.client import main as client_main
 from chat.cli.server import main as server_main
 from chat.config import ServerConfig

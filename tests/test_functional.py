@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from grpclib.reflection.v1 import reflection_grpc, reflection_pb2
 
 import chatpb
 from chat import (
+    ChatClient,
     ChatServer,
     ConfigurationError,
     EchoBackend,
@@ -407,3 +409,23 @@ async def test_reflection_v1_as_grpcurl_uses_it_lists_and_describes(server: Chat
     assert file.name == "chat.proto"
     comments = [loc.leading_comments for loc in file.source_code_info.location]
     assert any("One client event on the `Chat` stream." in c for c in comments)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_localhost_listens_on_both_loopback_addresses() -> None:
+    # /etc/hosts often maps localhost to 127.0.0.1 alone; a client dialling [::1] (or whose
+    # resolver prefers IPv6) must not be refused by a server told to listen on localhost.
+    config = ServerConfig(host="localhost", port=0, store="memory://")
+    async with ChatServer(config) as server:
+        for target in (f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
+            async with ChatClient(target) as client:
+                assert await client.ping() > 0

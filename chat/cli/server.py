@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import sys
@@ -16,7 +17,14 @@ from chat._version import __version__
 from chat.auth import AUTH_MODES
 from chat.auth.jwts import JwtSettings
 from chat.auth.tokens import TokenRecord, TokenStore, hash_token, new_token, open_token_store
-from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, REFLECTION_MODES, ServerConfig
+from chat.config import (
+    API_KEY_ENV_VARS,
+    BACKENDS,
+    EVENT_LOOPS,
+    MODEL_CHECKS,
+    REFLECTION_MODES,
+    ServerConfig,
+)
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
@@ -25,6 +33,7 @@ from chat.retention import Retention
 from chat.secret import read_api_key
 from chat.server import ChatServer, event_loop_factory, exposure_warning, serve
 from chat.store import default_store_url
+from chat.store.sqlite import SqliteStore
 from chat.types import ContextPolicy
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,6 +54,12 @@ def _banner(server: ChatServer) -> None:
         f"store {core.store.kind})"
     )
     click.echo(f"  sessions in: {core.store.location}")
+    if isinstance(core.store, SqliteStore) and core.store.opened_elsewhere:
+        # Servers started without --store by one user all use the default file.
+        click.echo(
+            "  note:        another process has this file open too: its sessions are "
+            "shared with this server (--store picks another)"
+        )
     security = "TLS" + (" with client certificates" if config.tls_client_ca else "")
     click.echo(
         f"  security:    {security if config.tls else 'plaintext (no TLS)'}, --auth {config.auth}"
@@ -111,6 +126,16 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate
     show_default=False,
 )
 @click.option(
+    "--model-check",
+    default=None,
+    type=click.Choice(MODEL_CHECKS),
+    help="Model names (--model at start-up, and each session's) that the backend does not "
+    "list: refuse them, accept them with a warning, or do not list models at all "
+    "[default: strict for OpenAI's and Gemini's own APIs, warn for other servers, which "
+    "may list only the models they have loaded]",
+    show_default=False,
+)
+@click.option(
     "--base-url",
     default=_server_default("base_url"),
     help="OpenAI-compatible or Gemini endpoint, e.g. http://localhost:11434/v1 for Ollama "
@@ -162,7 +187,8 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate
     "--reply-reserve",
     default=default_of(ContextSettings, "reply_reserve"),
     type=click.IntRange(min=0),
-    help="Tokens of the context window kept free for the reply.",
+    help="Tokens of the context window kept free for the reply, and the longest reply "
+    "the model is asked for (0: no limit is sent).",
 )
 @click.option(
     "--context-policy",
@@ -310,6 +336,7 @@ def main(
     port: int,
     backend: str,
     model: str,
+    model_check: str | None,
     base_url: str,
     api_key_file: str | None,
     connect_timeout: float,
@@ -370,6 +397,7 @@ def main(
             port=port,
             backend=backend,
             model=model,
+            model_check=model_check,
             base_url=base_url,
             api_key=api_key,
             connect_timeout=connect_timeout,
@@ -421,7 +449,13 @@ def main(
     except ChatError as error:
         raise click.ClickException(error.message) from error
     except OSError as error:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
+        message = f"cannot listen on {ServerConfig(host=host, port=port).address}: {error}"
+        if error.errno == errno.EADDRINUSE:
+            message += (
+                "\n  another server may be running there: choose another port with --port N "
+                "(--port 0 picks a free one)"
+            )
+        raise click.ClickException(message) from error
 
 
 # -- chat-server tokens ---------------------------------------------------------------------

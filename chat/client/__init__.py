@@ -31,7 +31,13 @@ The package's modules each do one job: ``_config`` (what a client is configured 
 """
 
 from chat.client._client import ChatClient, Notices, ReplyStream
-from chat.client._config import DEFAULT_TARGET, ClientConfig, ReconnectPolicy, parse_target
+from chat.client._config import (
+    DEFAULT_TARGET,
+    ClientConfig,
+    ReconnectPolicy,
+    format_target,
+    parse_target,
+)
 from chat.client._results import (
     ClientStats,
     ConnectionState,
@@ -76,6 +82,7 @@ __all__ = [
     "SessionList",
     "SessionUpdated",
     "WhoAmI",
+    "format_target",
     "parse_target",
 ]
 
@@ -101,6 +108,7 @@ for _value in (
     SessionList,
     SessionUpdated,
     WhoAmI,
+    format_target,
     parse_target,
 ):
     _value.__module__ = __name__

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import datetime
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -36,6 +38,7 @@ from chat.client._results import (
     ReplyCompleted,
     ReplyEvent,
     ReplyFailed,
+    ReplyStarted,
     ServingStatus,
     SessionList,
     WhoAmI,
@@ -45,12 +48,22 @@ from chat.errors import (
     ConnectionLost,
     DeadlineExceeded,
     InvalidArgument,
+    ServerUnreachable,
     SessionNotFound,
 )
 from chat.secret import Secret
 from chat.stats import ServerStatsInfo
 from chat.tls import client_context
-from chat.types import ConcurrencyPolicy, ContextPolicy, DisconnectPolicy, Message, Session
+from chat.types import (
+    ConcurrencyPolicy,
+    ContextPolicy,
+    DisconnectPolicy,
+    Message,
+    Session,
+    SessionUpdateKind,
+)
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -87,6 +100,7 @@ class ReplyStream:
         self._done = False
         self._parts: list[str] = []
         self._result: Reply | None = None
+        self._started: ReplyStarted | None = None
 
     @property
     def done(self) -> bool:
@@ -156,7 +170,10 @@ class ReplyStream:
         event = _convert.to_reply_event(item)
         if isinstance(event, ReplyChunk):
             self._parts.append(event.text)
+        elif isinstance(event, ReplyStarted):
+            self._started = event
         elif isinstance(event, ReplyCompleted):
+            started = self._started
             self._result = Reply(
                 request_id=self.request_id,
                 session_id=event.session_id or self.session_id,
@@ -168,6 +185,9 @@ class ReplyStream:
                 total_chunks=event.total_chunks,
                 processing_time=event.processing_time,
                 response_time=time.monotonic() - self._pending.sent_at,
+                context_messages=0 if started is None else started.context_messages,
+                omitted_messages=0 if started is None else started.omitted_messages,
+                first_chunk_time=self._pending.first_chunk_after,
             )
         return event
 
@@ -432,11 +452,17 @@ class ChatClient:
         except GRPCError as error:
             raise _convert.error_from_grpc(error, session_id=session_id) from error
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"{what}: no answer from {self.config.target} within {self.config.timeout:g}s"
-            ) from None
+            raise self._no_answer(what) from None
         except TRANSPORT_ERRORS as error:
             raise ConnectionLost(self.config.target, describe(error)) from error
+
+    def _no_answer(self, what: str) -> DeadlineExceeded:
+        error = DeadlineExceeded(
+            f"no answer from {self.config.target} within {self.config.timeout:g}s"
+        )
+        # The request's name is for logs, not for the person reading the message.
+        log.info("%s: %s", what, error)
+        return error
 
     async def create_session(
         self,
@@ -451,10 +477,12 @@ class ChatClient:
     ) -> Session:
         """Create a session; empty ``model`` (and every default) means the server's default.
 
-        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default);
+        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default, its
+        ``--reply-reserve``; a reply cut by it ends with finish reason ``LENGTH``);
         ``concurrency_policy`` says what a message sent while a reply runs does (queue,
         reject, interrupt); ``on_disconnect`` whether a reply goes on when its client leaves.
         """
+        _check_reply_tokens(max_reply_tokens)
         request = chatpb.CreateSessionRequest(
             title=title,
             system_prompt=system_prompt,
@@ -506,7 +534,12 @@ class ChatClient:
         on_disconnect: DisconnectPolicy | None = None,
         max_reply_tokens: int | None = None,
     ) -> Session:
-        """Change the fields given (``None`` leaves a field as it is); return the session."""
+        """Change the fields given (``None`` leaves a field as it is); return the session.
+
+        ``max_reply_tokens=0`` goes back to the server's default reply limit.
+        """
+        if max_reply_tokens is not None:
+            _check_reply_tokens(max_reply_tokens)
         request = chatpb.UpdateSessionRequest(
             session_id=session_id,
             title=title,
@@ -519,22 +552,38 @@ class ChatClient:
             on_disconnect=None if on_disconnect is None else chatpb.DisconnectPolicy(on_disconnect),
             max_reply_tokens=max_reply_tokens,
         )
-        info = await self._unary(
-            "UpdateSession",
-            lambda conn: conn.stub.update_session(request),
-            session_id=session_id,
-        )
-        return _convert.to_session(info)
+        connector = self._connector
+        echo: tuple[SessionUpdateKind, datetime | None] | None = None
+        # The server tells this client's stream too; that echo is not news to it.
+        connector.begin_own_change(session_id)
+        try:
+            info = await self._unary(
+                "UpdateSession",
+                lambda conn: conn.stub.update_session(request),
+                session_id=session_id,
+            )
+            session = _convert.to_session(info)
+            echo = (SessionUpdateKind.SESSION_UPDATED, session.last_activity)
+        finally:
+            connector.end_own_change(session_id, echo)
+        return session
 
     async def delete_session(self, session_id: str) -> int:
         """Delete the session and its history; return how many messages were deleted."""
-        response = await self._unary(
-            "DeleteSession",
-            lambda conn: conn.stub.delete_session(
-                chatpb.DeleteSessionRequest(session_id=session_id)
-            ),
-            session_id=session_id,
-        )
+        connector = self._connector
+        echo: tuple[SessionUpdateKind, datetime | None] | None = None
+        connector.begin_own_change(session_id)
+        try:
+            response = await self._unary(
+                "DeleteSession",
+                lambda conn: conn.stub.delete_session(
+                    chatpb.DeleteSessionRequest(session_id=session_id)
+                ),
+                session_id=session_id,
+            )
+            echo = (SessionUpdateKind.SESSION_DELETED, None)
+        finally:
+            connector.end_own_change(session_id, echo)
         return response.deleted_messages
 
     async def list_sessions(
@@ -605,12 +654,15 @@ class ChatClient:
     async def health(self, service: str = "") -> ServingStatus:
         """The standard health check: ``""`` for the whole server, or a service name.
 
-        ``ChatService`` turns ``NOT_SERVING`` while the server drains on shutdown.
+        ``ChatService`` and the whole server turn ``NOT_SERVING`` while the server drains on
+        shutdown. The check needs no Chat stream (a draining server tells new streams to go
+        away): without an open connection, for instance before :meth:`connect`, it is made
+        on a channel of its own.
         """
 
-        async def check(conn: Connection) -> ServingStatus:
+        async def check(channel: Channel) -> ServingStatus:
             try:
-                response = await HealthStub(conn.channel).Check(
+                response = await HealthStub(channel).Check(
                     HealthCheckRequest(service=service), timeout=self.config.timeout
                 )
             except GRPCError as error:
@@ -621,4 +673,29 @@ class ChatClient:
                 return ServingStatus.UNKNOWN
             return _convert.to_serving_status(response)
 
-        return await self._unary("Health.Check", check)
+        conn = self._connector.current
+        if conn is not None and conn.lost is None:
+            return await self._unary("Health.Check", lambda conn: check(conn.channel))
+        channel = self._connector.new_channel()
+        try:
+            return await check(channel)
+        except GRPCError as error:
+            raise _convert.error_from_grpc(error) from error
+        except TimeoutError:
+            raise self._no_answer("Health.Check") from None
+        except TRANSPORT_ERRORS as error:
+            raise ServerUnreachable(
+                self.config.target,
+                describe(error),
+                refused=isinstance(error, ConnectionRefusedError),
+            ) from error
+        finally:
+            channel.close()
+
+
+def _check_reply_tokens(value: int) -> None:
+    # An int32 on the wire: a larger number would be sent silently wrapped.
+    if not 0 <= value <= 2**31 - 1:
+        raise InvalidArgument(
+            "max_reply_tokens", f"must be between 0 (the server's default) and {2**31 - 1}"
+        )

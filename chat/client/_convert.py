@@ -192,7 +192,8 @@ def error_from_status(
         return BackendRateLimited(message, retry_after)
     if status is StatusCode.INTERNAL:
         return ChatError(message or "internal server error")
-    return ChatError(f"{message or 'the server failed'} (status {status.name})")
+    words = status.name.lower().replace("_", " ")
+    return ChatError(f"{message or 'the server failed'} ({words})")
 
 
 def error_from_grpc(error: GRPCError, *, session_id: str = "") -> ChatError:

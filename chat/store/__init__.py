@@ -209,7 +209,9 @@ def open_store(url: str) -> SessionStore:
                 f"store URL {_shown(url)!r} names no file; expected sqlite:///absolute/path.db "
                 "or sqlite://relative/path.db"
             )
-        return SqliteStore(Path(os.path.expanduser(path)), options=query)
+        file = Path(os.path.expanduser(path))
+        # Only the default store's directory is made: an explicit path names an existing one.
+        return SqliteStore(file, options=query, create_directory=file == default_store_path())
     if scheme in ("redis", "rediss", "unix"):
         from chat.store.redis import RedisStore
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -223,12 +224,24 @@ class SqliteStore:
 
     ``options`` is the query string of the store URL: ``synchronous=normal`` trades the
     last commits before a power loss (never a process crash) for fewer disk flushes.
+
+    ``create_directory`` makes the file's directory when it is missing (for the default
+    store in the user data directory); otherwise a missing directory is an error, so that
+    a mistyped path is not created as a tree of directories somewhere.
+
+    :attr:`opened_elsewhere` tells, once the store is open, whether another process had the
+    file open then (servers started without ``--store`` by one user share the default
+    file): each open store holds a shared POSIX lock on a byte of ``<file>.lock``.
     """
 
     kind = "sqlite"
 
-    def __init__(self, path: Path, *, options: str = "") -> None:
+    def __init__(self, path: Path, *, options: str = "", create_directory: bool = False) -> None:
         self.path = path
+        self._create_directory = create_directory
+        self._presence: int | None = None
+        #: Another process had this file open when this store opened it.
+        self.opened_elsewhere = False
         settings = dict(parse_qsl(options, keep_blank_values=True))
         self._synchronous = settings.pop("synchronous", "full").lower()
         if self._synchronous not in _SYNCHRONOUS:
@@ -270,11 +283,23 @@ class SqliteStore:
     def _open_sync(self) -> sqlite3.Connection:
         path = self.path
         existed = path.exists()
+        if not path.parent.is_dir():
+            if not self._create_directory:
+                raise ConfigurationError(
+                    f"cannot open the SQLite store {path}: the directory {path.parent} does "
+                    "not exist (create it first, or choose another path)"
+                )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot create the directory of the SQLite store {path}: {error}"
+                ) from error
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             db = connect(path, synchronous=self._synchronous)
         except (OSError, sqlite3.Error) as error:
             raise ConfigurationError(f"cannot open the SQLite store {path}: {error}") from error
+        self._announce_presence()
         try:
             before, after = migrate(db)
         except sqlite3.Error as error:
@@ -293,7 +318,44 @@ class SqliteStore:
             log.info("opened SQLite store %s (schema v%d)", path, after)
         return db
 
+    def _announce_presence(self) -> None:
+        """Take this process's shared lock on ``<file>.lock``; see whether others hold one.
+
+        POSIX record locks, as SQLite itself uses: they go with the process (a killed
+        server leaves none behind), and a process never conflicts with its own. Asking for
+        the byte exclusively, without waiting, fails exactly when another process holds it.
+        Nothing is decided by it: it only lets the banner say that the file is shared.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: nothing to tell
+            return
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            log.debug("cannot open the lock file of %s: %s", self.path, error)
+            return
+        try:
+            # Waits while another process checks (it holds the byte exclusively an instant).
+            fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                self.opened_elsewhere = True
+            else:
+                # Back to shared, so that the next process can take it too.
+                fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)
+        except OSError as error:
+            log.debug("cannot lock %s.lock: %s", self.path, error)
+            os.close(fd)
+            return
+        self._presence = fd
+
     async def aclose(self) -> None:
+        if self._presence is not None:
+            # Closing the descriptor releases the process's locks on that file.
+            os.close(self._presence)
+            self._presence = None
         executor, self._executor = self._executor, None
         if executor is None:
             return
