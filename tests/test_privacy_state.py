@@ -9,6 +9,7 @@ exactly as for an id that does not exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -206,3 +207,54 @@ class PrivacyMachine(RuleBasedStateMachine):
 
 PrivacyMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
 test_no_identity_observes_another_identitys_session = PrivacyMachine.TestCase
+
+
+class _RecordingStore(MemoryStore):
+    """A memory store that records which of its methods are called, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if not name.startswith("_") and callable(value) and name != "calls":
+            super().__getattribute__("calls").append(name)
+        return value
+
+
+async def test_another_identitys_session_costs_the_same_store_work_as_an_unknown_id() -> None:
+    # Not a timing (tests never assert one): the same store operations, in the same order,
+    # is what leaves nothing to measure between the two answers.
+    store = _RecordingStore()
+    core = ChatCore(store, EchoBackend())
+    alice, bob = PEOPLE[0], PEOPLE[1]
+    theirs = (await core.create_session(identity=alice)).session_id
+    await core.read_session(theirs, alice)
+
+    async def calls_for(session_id: str) -> list[list[str]]:
+        recorded = []
+        attempts = [
+            core.get_session(session_id, bob),
+            core.read_session(session_id, bob),
+            core.update_session(session_id, SessionPatch(title="x"), bob),
+            core.delete_session(session_id, bob),
+        ]
+        for attempt in attempts:
+            store.calls.clear()
+            with contextlib.suppress(ChatError):
+                await attempt
+            recorded.append(list(store.calls))
+        async with core.open_conversation(Credentials(bob)) as conversation:
+            store.calls.clear()
+            await conversation.handle(Request(RequestKind.MESSAGE, session_id, "hi", "r"))
+            (batch,) = [await conversation.outbox.get()]
+            assert batch is not None
+            assert batch[-1].kind == EventKind.ERROR
+            recorded.append(list(store.calls))
+        return recorded
+
+    foreign = await calls_for(theirs)
+    unknown = await calls_for(str(uuid.uuid4()))
+    assert foreign == unknown
+    assert all(calls == ["get"] for calls in foreign)
