@@ -275,6 +275,11 @@ class ChatService:
                     # with UNAUTHENTICATED: nothing more is done for this caller.
                     conversation._error(request, error)
                     raise
+                except ChatError as error:
+                    # The credentials could not be checked (the token store is down): this
+                    # request is refused, the stream goes on.
+                    conversation._error(request, error)
+                    continue
                 await conversation.handle(request)
         except StreamTerminatedError:
             conversation.outbox.close()

@@ -30,12 +30,13 @@ from chat.auth.tokens import (
     MemoryTokenStore,
     SqliteTokenStore,
     TokenAuth,
+    TokenRecord,
     TokenStore,
     hash_token,
     open_token_store,
 )
 from chat.client import ClientConfig
-from chat.errors import ConfigurationError, Unauthenticated
+from chat.errors import ConfigurationError, StoreUnavailable, Unauthenticated
 from tests.helpers import TIMEOUT, ChatStream, channel_with_token, issue_token
 from tests.stores import delete_prefix, redis_store_url, unique_prefix
 
@@ -372,3 +373,37 @@ def test_the_certificate_identity_is_the_first_dns_or_email_san_else_the_cn() ->
     assert certificate_identity(both) == "svc.example"
     assert certificate_identity({"subject": ((("commonName", "cn-name"),),)}) == "cn-name"
     assert certificate_identity({}) is None
+
+
+class _FlakyTokens(MemoryTokenStore):
+    """A token store that can be made unreachable."""
+
+    down = False
+
+    async def find(self, token_hash: str) -> TokenRecord | None:
+        if self.down:
+            raise StoreUnavailable("the token store is unreachable")
+        return await super().find(token_hash)
+
+
+async def test_a_token_store_outage_refuses_requests_without_ending_the_stream() -> None:
+    tokens = _FlakyTokens()
+    token = await issue_token(tokens, "alice")
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", auth="tokens")
+    async with ChatServer(config, authenticator=TokenAuth(tokens)) as server:
+        channel, stub = stub_for(server, token)
+        async with channel, ChatStream(stub) as stream:
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            tokens.down = True
+            stream.message(session.session_id, "during", "r1")
+            (refused,) = await stream.until_complete("r1")
+            assert refused.type == T.ERROR
+            assert refused.error_code == Status.UNAVAILABLE.value
+            tokens.down = False
+            stream.message(session.session_id, "after", "r2")
+            answered = await stream.until_complete("r2")
+            assert answered[-1].type == T.RESPONSE_COMPLETE
+            tokens.down = True
+            with pytest.raises(GRPCError) as unary:
+                await stub.get_server_stats(chatpb.ServerStatsRequest())
+            assert unary.value.status is Status.UNAVAILABLE
