@@ -36,7 +36,13 @@ from chat.auth.tokens import (
     open_token_store,
 )
 from chat.client import ClientConfig
-from chat.errors import ConfigurationError, StoreUnavailable, Unauthenticated
+from chat.errors import (
+    ConfigurationError,
+    PermissionDenied,
+    SessionNotFound,
+    StoreUnavailable,
+    Unauthenticated,
+)
 from tests.helpers import TIMEOUT, ChatStream, channel_with_token, issue_token
 from tests.stores import delete_prefix, redis_store_url, unique_prefix
 
@@ -407,3 +413,40 @@ async def test_a_token_store_outage_refuses_requests_without_ending_the_stream()
             with pytest.raises(GRPCError) as unary:
                 await stub.get_server_stats(chatpb.ServerStatsRequest())
             assert unary.value.status is Status.UNAVAILABLE
+
+
+async def test_a_second_user_can_neither_see_nor_touch_the_first_users_session(
+    token_server: ChatServer, tokens: MemoryTokenStore
+) -> None:
+    # The story of issue 10, over the wire: bob tries everything on alice's session.
+    target = f"127.0.0.1:{token_server.port}"
+    alice_token = await issue_token(tokens, "alice")
+    bob_token = await issue_token(tokens, "bob")
+    async with (
+        ChatClient(target, token=Secret(alice_token)) as alice,
+        ChatClient(target, token=Secret(bob_token)) as bob,
+    ):
+        mine = await alice.create_session(title="private", system_prompt="secret prompt")
+        await alice.ask(mine.session_id, "my diary")
+        sid = mine.session_id
+
+        assert (await bob.list_sessions()).sessions == []
+        assert (await bob.list_sessions()).total == 0
+        with pytest.raises(PermissionDenied):
+            await bob.list_sessions(all_identities=True)
+        for attempt in (
+            bob.get_session(sid),
+            bob.history(sid),
+            bob.update_session(sid, system_prompt="pwned"),
+            bob.delete_session(sid),
+            bob.ask(sid, "hello?"),
+        ):
+            with pytest.raises(SessionNotFound):
+                await attempt
+        stats = await bob.server_stats()
+        assert (stats.active_sessions, stats.total_requests) == (0, 0)
+
+        session, history = await alice.get_session(sid), await alice.history(sid)
+    assert session.system_prompt == "secret prompt"
+    assert history[0].content == "my diary"
+    assert len(history) == 2

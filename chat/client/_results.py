@@ -264,7 +264,7 @@ class SessionList:
     sessions: list[Session]
     #: Pass to ``list_sessions(page_token=...)`` for the next page; empty on the last page.
     next_page_token: str
-    #: Sessions on the server.
+    #: The caller's sessions on the server (everyone's with ``all_identities``).
     total: int
 
 
