@@ -54,7 +54,7 @@ from chat.outbox import Outbox
 from chat.quota import QuotaKeeper, QuotaUsage
 from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, ServerStatsInfo
-from chat.store import SessionStore
+from chat.store import OwnerLimitReached, SessionStore
 from chat.types import (
     ConcurrencyPolicy,
     ContextPolicy,
@@ -160,9 +160,6 @@ class ChatCore:
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         self._check_reply_tokens(max_reply_tokens)
         await self._check_model(model)
-        if self.quotas.quotas.max_sessions is not None:
-            owned = await self.store.count(owner=identity.name)
-            self.quotas.check_sessions(identity.name, owned)
         # Strictly increasing creation times keep "newest first" equal to creation order,
         # even for sessions created within one clock tick.
         now = max(utcnow(), self._last_created + _TICK)
@@ -180,7 +177,12 @@ class ChatCore:
             max_reply_tokens=max_reply_tokens,
             owner=identity.name,
         )
-        await self.store.create(session)
+        max_sessions = self.quotas.quotas.max_sessions
+        try:
+            await self.store.create(session, max_owned=max_sessions)
+        except OwnerLimitReached as full:
+            self.quotas.check_sessions(identity.name, full.owned)
+            raise
         self.stats.total_sessions_created += 1
         log.info("created session %s (model %s)", session.session_id, session.model)
         await self.retention.session_created()

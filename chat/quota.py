@@ -19,7 +19,9 @@ Counters (:class:`Counters`) are per process (:class:`LocalCounters`) with the m
 SQLite stores, and shared by every replica with the Redis store (:class:`RedisCounters`:
 each check-and-count is one Lua script, so atomic). Open streams are counted in Redis as
 leases renewed by the server holding them, so a replica that dies frees its streams within
-:data:`STREAM_LEASE` seconds. Sessions are counted in the session store itself.
+:data:`STREAM_LEASE` seconds. Sessions are counted by the session store as it creates one,
+in the same step (``SessionStore.create(max_owned=...)``: a SQLite transaction, a Redis
+script), so no two servers pass the limit together.
 """
 
 from __future__ import annotations

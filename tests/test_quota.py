@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -149,6 +150,23 @@ async def redis_prefix() -> AsyncIterator[str]:
     prefix = unique_prefix()
     yield prefix
     await delete_prefix(prefix)
+
+
+async def test_replicas_on_redis_never_pass_the_session_limit_together(
+    redis_prefix: str,
+) -> None:
+    store = redis_store_url(redis_prefix)
+    async with quota_servers(Quotas(max_sessions=3), replicas=2, store=store) as (servers, tokens):
+        async with (
+            client(servers[0], tokens["alice"]) as first,
+            client(servers[1], tokens["alice"]) as second,
+        ):
+            results = await asyncio.gather(
+                *(c.create_session() for c in (first, second) * 4), return_exceptions=True
+            )
+        assert sum(not isinstance(r, BaseException) for r in results) == 3
+        assert all(isinstance(r, RateLimited) for r in results if isinstance(r, BaseException))
+        assert await servers[0].core.store.count(owner="alice") == 3
 
 
 async def test_replicas_on_redis_share_the_counters(redis_prefix: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chat.errors import InvalidArgument, SessionNotFound
-from chat.store import SessionStore, open_store
+from chat.store import OwnerLimitReached, SessionStore, open_store
 from chat.store._codec import SESSION_FIELDS
 from chat.store._cursor import encode_cursor
 from chat.types import (
@@ -509,3 +509,22 @@ async def test_listing_and_counting_by_owner_see_only_that_owners_sessions(
     }
     assert by_owner == remaining
     assert await store.count(owner="alice") + await store.count(owner="bob") == 3
+
+
+async def test_create_with_max_owned_counts_and_creates_in_one_step(store: SessionStore) -> None:
+    await store.create(session("a1", owner="alice"), max_owned=2)
+    await store.create(session("b1", owner="bob"), max_owned=1)
+    await store.create(session("a2", owner="alice", created=1), max_owned=2)
+    with pytest.raises(OwnerLimitReached) as full:
+        await store.create(session("a3", owner="alice", created=2), max_owned=2)
+    assert (full.value.owner, full.value.owned) == ("alice", 2)
+    with pytest.raises(SessionNotFound):
+        await store.get("a3")
+    # Concurrent creates (one store object or several servers on one store) never pass it.
+    results = await asyncio.gather(
+        *(store.create(session(f"c{n}", owner="carol", created=n), max_owned=3) for n in range(8)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 3
+    assert all(r is None or isinstance(r, OwnerLimitReached) for r in results)
+    assert await store.count(owner="carol") == 3

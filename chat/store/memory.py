@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from chat.errors import SessionNotFound
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._cursor import decode_cursor, encode_cursor
 from chat.store._locks import LocalLocks
 from chat.types import Message, Session, SessionPatch
@@ -42,9 +42,13 @@ class MemoryStore:
             raise SessionNotFound(session_id)
         return entry
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
         if session.session_id in self._entries:
             raise ValueError(f"session {session.session_id!r} already exists")
+        if max_owned is not None:
+            owned = await self.count(owner=session.owner)
+            if owned >= max_owned:
+                raise OwnerLimitReached(session.owner, owned)
         self._entries[session.session_id] = _Entry(session)
 
     async def get(self, session_id: str) -> Session:

@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from chat.backoff import backoff
 from chat.errors import ConfigurationError, MissingExtra, SessionNotFound, StoreUnavailable
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._codec import (
     STORED_DEFAULTS,
     decode_message,
@@ -104,11 +104,16 @@ return state(KEYS[1], KEYS[2])
 )
 
 # KEYS: session, messages, by-created, by-activity, by-owner
-# ARGV: id, created_member, activity_score, then field/value pairs
+# ARGV: id, created_member, activity_score, max_owned (-1: none), then field/value pairs
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local max_owned = tonumber(ARGV[4])
+if max_owned >= 0 then
+  local owned = redis.call('ZCARD', KEYS[5])
+  if owned >= max_owned then return -1 - owned end
+end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[2])
@@ -430,7 +435,7 @@ class RedisStore:
     def _session_keys(self, session_id: str) -> list[str]:
         return [self._key("session", session_id), self._key("messages", session_id)]
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
         fields = session_values(session)
         created = await self._script(
             "create",
@@ -444,10 +449,13 @@ class RedisStore:
                 session.session_id,
                 _created_member(session),
                 _micros(session.last_activity),
+                -1 if max_owned is None else max_owned,
                 *(item for pair in fields.items() for item in pair),
             ],
             retry=False,
         )
+        if created < 0:
+            raise OwnerLimitReached(session.owner, -1 - int(created))
         if not created:
             raise ValueError(f"session {session.session_id!r} already exists")
 

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from chat.errors import ConfigurationError, SessionNotFound, StoreUnavailable
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._codec import (
     MESSAGE_FIELDS,
     SESSION_FIELDS,
@@ -408,14 +408,21 @@ class SqliteStore:
             raise SessionNotFound(session_id)
         return _session(row)
 
-    async def create(self, session: Session) -> None:
-        await self._run(self._create_sync, session)
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
+        await self._run(self._create_sync, session, max_owned)
 
     @classmethod
-    def _create_sync(cls, db: sqlite3.Connection, session: Session) -> None:
+    def _create_sync(
+        cls, db: sqlite3.Connection, session: Session, max_owned: int | None = None
+    ) -> None:
         values = (session.session_id, 0, *session_values(session).values())
         placeholders = ", ".join("?" * len(values))
         with cls._transaction(db):
+            if max_owned is not None:
+                # In the write transaction: another process on the file waits for it.
+                owned = cls._count_sync(db, session.owner)
+                if owned >= max_owned:
+                    raise OwnerLimitReached(session.owner, owned)
             try:
                 db.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({placeholders})", values
