@@ -58,6 +58,7 @@ from chat.client import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
@@ -78,10 +79,14 @@ from chat.errors import (
     FailedPrecondition,
     InvalidArgument,
     MissingExtra,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
     ServerUnreachable,
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
+    Unauthenticated,
     Unavailable,
 )
 from chat.events import Event, EventKind, Request, RequestKind
@@ -151,7 +156,10 @@ __all__ = [
     "ModelChecker",
     "Notice",
     "Notices",
+    "PermissionDenied",
     "PromptMessage",
+    "QuotaExceeded",
+    "RateLimited",
     "ReconnectPolicy",
     "RemoteSettings",
     "Reply",
@@ -185,8 +193,10 @@ __all__ = [
     "StatusCode",
     "StatusKind",
     "StoreUnavailable",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
+    "WhoAmI",
     "__version__",
     "create_backend",
     "default_store_url",

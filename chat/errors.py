@@ -10,7 +10,11 @@ status codes.
     ChatError                     INTERNAL
     ├── InvalidArgument           INVALID_ARGUMENT     a request field is wrong; names it
     │   └── ContextTooLong        INVALID_ARGUMENT     history too long, policy rejects
-    ├── SessionNotFound           NOT_FOUND            no session with that id
+    ├── SessionNotFound           NOT_FOUND            no session with that id (or not the caller's)
+    ├── Unauthenticated           UNAUTHENTICATED      missing, bad or revoked credentials
+    ├── PermissionDenied          PERMISSION_DENIED    authenticated, but not allowed (admins only)
+    ├── RateLimited               RESOURCE_EXHAUSTED   carries ``retry_after``
+    │   └── QuotaExceeded         RESOURCE_EXHAUSTED   a per-identity limit; names it
     ├── FailedPrecondition        FAILED_PRECONDITION  e.g. RETRY when nothing failed
     ├── Unavailable               UNAVAILABLE          the server is draining
     │   ├── StoreUnavailable      UNAVAILABLE          the session store is unreachable
@@ -22,7 +26,7 @@ status codes.
     │   └── MissingExtra          FAILED_PRECONDITION  an optional dependency is missing
     └── BackendError              INTERNAL             the model backend failed
         ├── BackendAuthError      UNAUTHENTICATED
-        ├── BackendRateLimited    RESOURCE_EXHAUSTED   carries ``retry_after``
+        ├── BackendRateLimited    RESOURCE_EXHAUSTED   also a RateLimited
         ├── BackendTimeout        DEADLINE_EXCEEDED
         ├── BackendUnavailable    UNAVAILABLE
         └── BackendBadRequest     INVALID_ARGUMENT
@@ -53,10 +57,14 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "MissingExtra",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RateLimited",
     "ServerUnreachable",
     "SessionNotFound",
     "StatusCode",
     "StoreUnavailable",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -141,6 +149,46 @@ class SessionNotFound(ChatError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} not found (it may have been deleted or expired)")
         self.session_id = session_id
+
+
+class Unauthenticated(ChatError):
+    """The caller sent no credentials, or ones the server does not accept (any more).
+
+    The message says what to supply; it never contains the credential itself.
+    """
+
+    status = StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ChatError):
+    """The caller is known but may not do this (e.g. list every identity's sessions)."""
+
+    status = StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(ChatError):
+    """Too many requests for now; ``retry_after`` is in seconds, when known."""
+
+    status = StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """A per-identity limit of the server (``limit`` names it, e.g. ``rate-limit-messages``).
+
+    Nothing of the refused request is stored.
+
+    >>> error = QuotaExceeded("max-sessions-per-identity", "you have 5 sessions, the limit")
+    >>> (error.limit, error.retry_after)
+    ('max-sessions-per-identity', None)
+    """
+
+    def __init__(self, limit: str, problem: str, retry_after: float | None = None) -> None:
+        super().__init__(f"quota {limit}: {problem}", retry_after)
+        self.limit = limit
 
 
 class FailedPrecondition(ChatError):
@@ -230,14 +278,13 @@ class BackendAuthError(BackendError):
     status = StatusCode.UNAUTHENTICATED
 
 
-class BackendRateLimited(BackendError):
+class BackendRateLimited(BackendError, RateLimited):
     """The backend is rate limiting this server; ``retry_after`` is in seconds, when known."""
 
     status = StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        RateLimited.__init__(self, message, retry_after)
 
 
 class BackendTimeout(BackendError):

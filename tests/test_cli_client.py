@@ -145,7 +145,7 @@ def test_errors_have_documented_exit_codes(server: ServerProcess) -> None:
     assert "cannot reach a chat server" in nobody.stderr
     assert "chat-server --port" in nobody.stderr
 
-    assert {0, 1, 2, 3, 4, 5, 130} == set(EXIT_CODES)
+    assert {0, 1, 2, 3, 4, 5, 6, 130} == set(EXIT_CODES)
     help_text = CliRunner().invoke(main, ["--help"]).stdout
     assert all(meaning in help_text for meaning in EXIT_CODES.values())
 

@@ -77,9 +77,9 @@ class StallingStore(MemoryStore):
         super().__init__()
         self.release = asyncio.Event()
 
-    async def count(self) -> int:
+    async def count(self, *, owner: str | None = None) -> int:
         await self.release.wait()
-        return await super().count()
+        return await super().count(owner=owner)
 
 
 class FailingOnceBackend(EchoBackend):

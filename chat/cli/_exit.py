@@ -8,13 +8,16 @@ from chat.errors import (
     ConnectTimeout,
     DeadlineExceeded,
     InvalidArgument,
+    PermissionDenied,
     ServerUnreachable,
     SessionNotFound,
+    Unauthenticated,
     Unavailable,
 )
 
 __all__ = [
     "EXIT_CODES",
+    "EXIT_DENIED",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_FOUND",
@@ -32,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 4
 EXIT_TIMEOUT = 5
+EXIT_DENIED = 6
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {
@@ -41,6 +45,7 @@ EXIT_CODES = {
     EXIT_UNREACHABLE: "server unreachable, connection lost, or server unavailable",
     EXIT_NOT_FOUND: "session not found",
     EXIT_TIMEOUT: "no answer within --timeout",
+    EXIT_DENIED: "not authenticated or not allowed (missing, bad or revoked token or certificate)",
     EXIT_INTERRUPTED: "interrupted with Ctrl-C (the reply was cancelled)",
 }
 
@@ -56,4 +61,6 @@ def exit_code_for(error: ChatError) -> int:
         return EXIT_TIMEOUT
     if isinstance(error, ServerUnreachable | Unavailable):
         return EXIT_UNREACHABLE
+    if isinstance(error, Unauthenticated | PermissionDenied):
+        return EXIT_DENIED
     return EXIT_ERROR

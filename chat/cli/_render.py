@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from chat.client import ClientStats, Reply, ServerStatsInfo
+from chat.client import ClientStats, Reply, ServerStatsInfo, WhoAmI
 from chat.errors import BackendRateLimited, ChatError, InvalidArgument
 from chat.types import (
     ContextPolicy,
@@ -341,3 +341,26 @@ def server_stats_json(info: ServerStatsInfo) -> dict[str, Any]:
     data = {name: getattr(info, name) for name in info.__dataclass_fields__}
     data["started_at"] = _time(info.started_at)
     return data
+
+
+def who_am_i_text(info: WhoAmI) -> str:
+    """``chat-client whoami`` and ``/whoami``: the identity, its role and its limits.
+
+    >>> print(who_am_i_text(WhoAmI("alice", False, "tokens")))
+    alice (user; the server authenticates with tokens; no limits)
+    """
+    role = "administrator" if info.admin else "user"
+    lines = [f"{info.identity} ({role}; the server authenticates with {info.auth}"]
+    if not info.quotas:
+        lines[0] += "; no limits)"
+        return lines[0]
+    lines[0] += ")"
+    for quota in info.quotas:
+        line = f"  {quota.name}: {quota.used} of {quota.limit}"
+        if quota.period_seconds:
+            line += (
+                f" per {quota.period_seconds:g}s (the period ends in "
+                f"{quota.resets_in_seconds:.0f}s)"
+            )
+        lines.append(line)
+    return "\n".join(lines)

@@ -52,6 +52,7 @@ from chat.cli._render import (
     session_details,
     session_table,
     short_id,
+    who_am_i_text,
 )
 from chat.cli._sigint import on_sigint
 from chat.client import (
@@ -384,6 +385,9 @@ class _Repl:
             _Command("ping", "", "measure the round trip to the server", self.cmd_ping),
             _Command("stats", "", "this client's statistics", self.cmd_stats),
             _Command("server", "", "the server's statistics", self.cmd_server),
+            _Command(
+                "whoami", "", "who the server takes you for, and your limits", self.cmd_whoami
+            ),
             _Command("health", "", "the server's health status", self.cmd_health),
             _Command(
                 "connect", "[host:port]", "connect (again, or to another server)", self.cmd_connect
@@ -942,6 +946,11 @@ class _Repl:
             return
         info = await self.client.server_stats()
         self.out.print(server_stats_table(info, target=self.config.target))
+
+    async def cmd_whoami(self, _: str) -> None:
+        if not await self.ready():
+            return
+        self.out.print(Text(who_am_i_text(await self.client.who_am_i())))
 
     async def cmd_health(self, _: str) -> None:
         # No ready(): the health check needs no Chat stream, which a draining server refuses.

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from chat.cli._render import (
     session_json,
     session_lines,
     session_table,
+    who_am_i_text,
 )
 from chat.cli._sigint import on_sigint
 from chat.client import (
@@ -56,8 +59,10 @@ from chat.client import (
     ReplyFailed,
     ReplyStarted,
     ServingStatus,
+    WhoAmI,
 )
 from chat.errors import ChatError, ConfigurationError, ServerUnreachable
+from chat.secret import Secret
 from chat.types import ContextPolicy, FinishReason, Session
 
 __all__ = ["ENV_PREFIX", "EXIT_CODES", "exit_code_for", "main"]
@@ -90,6 +95,11 @@ class _Settings:
     log_level: str = "error"
     render: str | None = None
     reconnect: bool = True
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    token_file: str | None = None
 
     def config(self) -> ClientConfig:
         """The client's configuration; a bad ``--target`` is a usage error (exit 2)."""
@@ -100,7 +110,7 @@ class _Settings:
             force=True,
         )
         try:
-            return ClientConfig(
+            config = ClientConfig(
                 target=self.target,
                 timeout=self.timeout,
                 # Connecting is a call like any other: --timeout bounds it too.
@@ -109,12 +119,38 @@ class _Settings:
             )
         except ConfigurationError as error:
             raise click.BadParameter(error.message, param_hint="'--target'") from error
+        try:
+            return dataclasses.replace(
+                config,
+                tls=self.tls,
+                ca_file=self.ca_file,
+                cert_file=self.cert_file,
+                key_file=self.key_file,
+                # A token is never an option's value: it would show in the process list.
+                token=_read_token(self.token_file),
+            )
+        except ConfigurationError as error:
+            raise click.UsageError(error.message) from error
 
     def markdown(self) -> bool:
         """Whether replies are rendered as Markdown (by default: when stdout is a terminal)."""
         if self.render is not None:
             return self.render == "markdown"
         return sys.stdout.isatty()
+
+
+def _read_token(token_file: str | None) -> Secret | None:
+    """The bearer token from ``--token-file``, else from ``CHAT_TOKEN``; never shown."""
+    if token_file is not None:
+        try:
+            value = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise ConfigurationError(f"cannot read the token file {token_file!r}") from None
+        if not value:
+            raise ConfigurationError(f"the token file {token_file!r} is empty")
+        return Secret(value)
+    value = os.environ.get("CHAT_TOKEN", "").strip()
+    return Secret(value) if value else None
 
 
 def _settings() -> _Settings:
@@ -226,6 +262,33 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 @click.group(invoke_without_command=True, context_settings=_CONTEXT, epilog=_EPILOG)
 @_shared_options_of_the_group
+@click.option("--tls", is_flag=True, help="Connect over TLS.")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --tls: PEM CA(s) to verify the server with [default: the system's].",
+)
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --tls: client certificate (PEM), for a server that requires one.",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --tls: the client certificate's private key (PEM).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bearer token to send [default: the CHAT_TOKEN variable].",
+)
 @click.option(
     "--reconnect/--no-reconnect",
     default=True,
@@ -259,6 +322,11 @@ def main(
     timeout: float,
     log_level: str,
     render: str | None,
+    tls: bool,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    token_file: Path | None,
     reconnect: bool,
     session: str | None,
     history_file: Path | None,
@@ -272,7 +340,8 @@ def main(
     Options go before or after the command; each can be set in the environment, as
     CHAT_<OPTION> (CHAT_TARGET) or CHAT_<COMMAND>_<OPTION> (CHAT_ASK_SESSION).
     """
-    ctx.obj = _Settings(target, timeout, log_level, render, reconnect)
+    files = [None if f is None else str(f) for f in (ca_file, cert_file, key_file, token_file)]
+    ctx.obj = _Settings(target, timeout, log_level, render, reconnect, tls, *files)
     if ctx.invoked_subcommand is None:
         config = ctx.obj.config()
         # Imported here: prompt_toolkit takes a third of a second to import, which the
@@ -620,6 +689,24 @@ def sessions_create(
 
 
 # -- server -------------------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@_shared_options
+def whoami(as_json: bool) -> None:
+    """Who the server takes you for: identity, role, and your limits and their use."""
+    config = _settings().config()
+
+    async def work() -> WhoAmI:
+        async with ChatClient.from_config(config) as client:
+            return await client.who_am_i()
+
+    info = _run(config, work(), as_json=as_json)
+    if as_json:
+        _print_json(dataclasses.asdict(info))
+    else:
+        click.echo(who_am_i_text(info))
 
 
 @main.command()

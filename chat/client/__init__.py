@@ -54,6 +54,7 @@ from chat.client._results import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.stats import ServerStatsInfo
 
@@ -80,6 +81,7 @@ __all__ = [
     "ServingStatus",
     "SessionList",
     "SessionUpdated",
+    "WhoAmI",
     "format_target",
     "parse_target",
 ]
@@ -105,6 +107,7 @@ for _value in (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
     format_target,
     parse_target,
 ):

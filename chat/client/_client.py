@@ -41,6 +41,7 @@ from chat.client._results import (
     ReplyStarted,
     ServingStatus,
     SessionList,
+    WhoAmI,
 )
 from chat.errors import (
     ChatError,
@@ -50,7 +51,9 @@ from chat.errors import (
     ServerUnreachable,
     SessionNotFound,
 )
+from chat.secret import Secret
 from chat.stats import ServerStatsInfo
+from chat.tls import client_context
 from chat.types import (
     ConcurrencyPolicy,
     ContextPolicy,
@@ -264,12 +267,13 @@ class ChatClient:
     grpclib :class:`~grpclib.client.Channel` of each connection the client opens (the first
     one, and each one after a loss or :meth:`disconnect`): it is called with no arguments and
     must return a new channel every time; the client closes it. By default it is
-    ``Channel(host, port)`` of ``target``. Pass one for TLS (to a proxy in front of the
-    server), or to run the client in memory in tests::
+    ``Channel(host, port)`` of ``target``, over TLS with ``tls=True`` (the server verified
+    against ``ca_file``, or the system's CAs; ``cert_file`` and ``key_file`` for a server
+    that requires client certificates). Pass one to run the client in memory in tests.
+    ``token`` (a :class:`~chat.secret.Secret`) goes with every call as
+    ``authorization: Bearer TOKEN``, whatever makes the channel::
 
-        ChatClient("chat.example.org:443", channel_factory=lambda: Channel(
-            "chat.example.org", 443, ssl=True
-        ))
+        ChatClient("chat.example.org:50051", tls=True, token=Secret(os.environ["CHAT_TOKEN"]))
     """
 
     def __init__(
@@ -281,6 +285,11 @@ class ChatClient:
         reconnect: ReconnectPolicy | None = None,
         keepalive: float | None = default_of(ClientConfig, "keepalive"),
         channel_factory: ChannelFactory | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: Secret | None = None,
     ) -> None:
         self.config = config = ClientConfig(
             target=target,
@@ -288,11 +297,18 @@ class ChatClient:
             connect_timeout=connect_timeout,
             reconnect=reconnect,
             keepalive=keepalive,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token=token,
         )
         if channel_factory is None:
+            # Made once: a bad CA or key file is a ConfigurationError here, not at connect.
+            context = client_context(ca_file, cert_file, key_file) if tls else None
 
             def channel_factory() -> Channel:
-                return Channel(config.host, config.port)
+                return Channel(config.host, config.port, ssl=context)
 
         self._connector = Connector(config, channel_factory)
 
@@ -308,6 +324,11 @@ class ChatClient:
             reconnect=config.reconnect,
             keepalive=config.keepalive,
             channel_factory=channel_factory,
+            tls=config.tls,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            token=config.token,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -565,16 +586,18 @@ class ChatClient:
             connector.end_own_change(session_id, echo)
         return response.deleted_messages
 
-    async def list_sessions(self, *, page_size: int = 0, page_token: str = "") -> SessionList:
-        """One page of sessions, newest first (``page_size`` 0: the server's default)."""
+    async def list_sessions(
+        self, *, page_size: int = 0, page_token: str = "", all_identities: bool = False
+    ) -> SessionList:
+        """One page of this client's sessions, newest first (``page_size`` 0: the server's
+        default); ``all_identities``: everyone's (administrators only, else
+        :class:`~chat.errors.PermissionDenied`)."""
         if not 0 <= page_size <= 2**31 - 1:
             raise InvalidArgument("page_size", f"must be >= 0, not {page_size}")
-        response = await self._unary(
-            "ListSessions",
-            lambda conn: conn.stub.list_sessions(
-                chatpb.ListSessionsRequest(page_size=page_size, page_token=page_token)
-            ),
+        request = chatpb.ListSessionsRequest(
+            page_size=page_size, page_token=page_token, all_identities=all_identities
         )
+        response = await self._unary("ListSessions", lambda conn: conn.stub.list_sessions(request))
         return SessionList(
             [_convert.to_session(s) for s in response.sessions],
             response.next_page_token,
@@ -622,6 +645,11 @@ class ChatClient:
         """The server's counters."""
         response = await self._unary("GetServerStats", lambda conn: conn.stub.get_server_stats())
         return _convert.to_server_stats(response)
+
+    async def who_am_i(self) -> WhoAmI:
+        """Who the server takes this client for, with its limits and their use now."""
+        response = await self._unary("WhoAmI", lambda conn: conn.stub.who_am_i())
+        return _convert.to_who_am_i(response)
 
     async def health(self, service: str = "") -> ServingStatus:
         """The standard health check: ``""`` for the whole server, or a service name.

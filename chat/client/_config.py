@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from chat.backoff import backoff
 from chat.errors import ConfigurationError
+from chat.secret import Secret
 
 #: Where ``chat-server`` listens by default.
 DEFAULT_TARGET = "localhost:50051"
@@ -159,6 +160,14 @@ class ClientConfig:
     #: stream is alive (a model thinking is fine: the PONG comes at once); no PONG within
     #: ``timeout`` means the connection is lost. ``None`` never checks.
     keepalive: float | None = 15.0
+    #: Connect over TLS, verifying the server against ``ca_file`` (default: the system's CAs).
+    tls: bool = False
+    ca_file: str | None = None
+    #: A client certificate and its key, for a server that requires one (mTLS).
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Sent as ``authorization: Bearer TOKEN`` on every call (``--auth tokens`` or ``jwt``).
+    token: Secret | None = field(default=None, repr=False)
     host: str = field(init=False)
     port: int = field(init=False)
 
@@ -173,3 +182,9 @@ class ClientConfig:
             raise ConfigurationError(f"connect_timeout must be > 0, not {self.connect_timeout}")
         if self.keepalive is not None and not self.keepalive > 0:
             raise ConfigurationError(f"keepalive must be > 0 or None, not {self.keepalive}")
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ConfigurationError("--ca-file, --cert and --key are for TLS: add --tls")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigurationError("a client certificate needs both --cert and --key")
+        if self.token is not None and not isinstance(self.token, Secret):
+            raise ConfigurationError("token must be a chat.Secret (it is never shown)")

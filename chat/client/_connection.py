@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
 from grpclib.const import Cardinality
+from grpclib.const import Status as GrpcStatus
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 import chatpb
@@ -42,6 +45,7 @@ from chat.errors import (
     DeadlineExceeded,
     ServerUnreachable,
 )
+from chat.secret import keep_headers_out_of_logs
 from chat.types import SessionUpdateKind, format_timestamp, utcnow
 
 log = logging.getLogger(__name__)
@@ -165,6 +169,9 @@ class Connector:
         config = self.config
         self.counters.connection_attempts += 1
         channel = self._channel_factory()
+        if config.token is not None:
+            keep_headers_out_of_logs()
+            listen(channel, SendRequest, self._send_token)
         # The stream is entered and left by hand (not `async with`): it outlives this call,
         # and leaving it after a failure must see that failure (see _leave_stream).
         stream = await channel.request(
@@ -182,6 +189,9 @@ class Connector:
                 await self.ping_on(conn)
         except BaseException as error:
             await self._close_connection(conn, "connection attempt failed")
+            if conn.lost is not None and not isinstance(conn.lost, ConnectionLost):
+                # Refused (bad credentials, over a quota): trying again will not help.
+                raise conn.lost from error
             if isinstance(error, TimeoutError | DeadlineExceeded):
                 # Whichever ran out first: the connect timeout, or the PING's deadline.
                 waited = min(config.connect_timeout, config.timeout)
@@ -191,7 +201,7 @@ class Connector:
             if isinstance(error, TRANSPORT_ERRORS):
                 raise ServerUnreachable(
                     config.target,
-                    describe(error),
+                    describe(error, tls=config.tls, client_cert=config.cert_file is not None),
                     refused=isinstance(error, ConnectionRefusedError),
                 ) from error
             raise
@@ -278,13 +288,21 @@ class Connector:
                     self._dispatch(conn, response)
             error = ConnectionLost(target, "the server closed the conversation")
         except GRPCError as failure:
-            error = ConnectionLost(target, _describe_status(failure))
+            error = _refusal(failure) or ConnectionLost(target, _describe_status(failure))
         except TRANSPORT_ERRORS as failure:
             # The server may have sent a status (e.g. UNAVAILABLE on shutdown) before it reset
             # the stream; leaving the stream with the failure reads it.
             status = await _leave_stream(conn, failure)
-            reason = describe(failure) if status is None else _describe_status(status)
-            error = ConnectionLost(target, reason)
+            if status is not None and (refused := _refusal(status)) is not None:
+                error = refused
+            else:
+                config = self.config
+                reason = (
+                    describe(failure, tls=config.tls, client_cert=config.cert_file is not None)
+                    if status is None
+                    else _describe_status(status)
+                )
+                error = ConnectionLost(target, reason)
         except Exception as failure:
             log.exception("the reader of the Chat stream failed")
             error = ConnectionLost(target, f"client error: {failure!r}")
@@ -293,6 +311,11 @@ class Connector:
         # Reported to callers and notice subscribers; no louder than info here.
         log.info("%s", error.message)
         self._connection_lost(conn, error)
+
+    async def _send_token(self, event: SendRequest) -> None:
+        token = self.config.token
+        if token is not None:
+            event.metadata["authorization"] = f"Bearer {token.reveal()}"
 
     async def _goaway(self, conn: Connection, message: str) -> None:
         """The server is shutting down: stop using this stream, and end our side of it.
@@ -507,16 +530,67 @@ async def _leave_stream(conn: Connection, failure: BaseException | None) -> GRPC
     return None
 
 
+#: Statuses that end a stream because of who the client is, not because of the connection.
+_REFUSALS = frozenset(
+    {GrpcStatus.UNAUTHENTICATED, GrpcStatus.PERMISSION_DENIED, GrpcStatus.RESOURCE_EXHAUSTED}
+)
+
+
+def _refusal(error: GRPCError) -> ChatError | None:
+    """The error of a stream the server refused to serve this client, else ``None``."""
+    if error.status not in _REFUSALS:
+        return None
+    return _convert.error_from_grpc(error)
+
+
 def _describe_status(error: GRPCError) -> str:
     # The status is for logs; the person reads what the server said.
     log.info("the Chat stream ended with %s", _convert.status_name(error.status.value))
     return f"the server closed the conversation: {error.message or 'no reason given'}"
 
 
-def describe(error: BaseException) -> str:
-    """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends."""
+def describe(error: BaseException, *, tls: bool | None = None, client_cert: bool = False) -> str:
+    """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends.
+
+    ``tls`` says whether the client used TLS (``None``: unknown) and ``client_cert`` whether
+    it offered a certificate, to tell a client that the server closed at once what it
+    likely wants instead.
+    """
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is the server running?)"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"the server's TLS certificate is not trusted ({error.verify_message}): give the "
+            "CA that signed it with --ca-file (ChatClient(ca_file=...))"
+        )
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or str(error)
+        if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+            return "the TLS handshake failed: the server does not speak TLS (connect without --tls)"
+        if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+            return (
+                "the server refused the TLS connection: it requires a client certificate "
+                "signed by its client CA (--cert FILE --key FILE)"
+            )
+        return f"the TLS handshake failed ({reason})"
+    closed = isinstance(error, StreamTerminatedError | ConnectionResetError | EOFError)
+    if closed and tls is False:
+        return (
+            "the server closed the connection without answering: if it serves TLS, connect "
+            "with --tls (ChatClient(tls=True))"
+        )
+    if closed and tls and not client_cert:
+        # With TLS 1.3 a server's refusal of a missing certificate arrives after the
+        # handshake, as a closed connection.
+        return (
+            "the server closed the TLS connection without answering: it may require a "
+            "client certificate signed by its client CA (--cert FILE --key FILE)"
+        )
+    if closed and tls:
+        return (
+            "the server closed the TLS connection without answering: it may not accept "
+            "this client certificate (is it signed by the server's client CA?)"
+        )
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     return str(error) or type(error).__name__

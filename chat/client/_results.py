@@ -7,7 +7,21 @@ import time
 from dataclasses import dataclass, field
 
 from chat.errors import ChatError, StatusCode
+from chat.quota import QuotaUsage
 from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmI:
+    """Who the server takes this client for (:meth:`~chat.client.ChatClient.who_am_i`)."""
+
+    #: The identity sessions are owned by (``anonymous`` on a server with ``--auth none``).
+    identity: str
+    admin: bool
+    #: How the server authenticates: ``none``, ``tokens``, ``mtls`` or ``jwt``.
+    auth: str
+    #: The limits that apply and the use of each now.
+    quotas: tuple[QuotaUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +264,7 @@ class SessionList:
     sessions: list[Session]
     #: Pass to ``list_sessions(page_token=...)`` for the next page; empty on the last page.
     next_page_token: str
-    #: Sessions on the server.
+    #: The caller's sessions on the server (everyone's with ``all_identities``).
     total: int
 
 

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from chat.errors import ConfigurationError, SessionNotFound, StoreUnavailable
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._codec import (
     MESSAGE_FIELDS,
     SESSION_FIELDS,
@@ -119,6 +119,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Listing one identity's sessions, newest first.
             "CREATE INDEX sessions_by_owner ON sessions (owner, created_at, session_id)",
             "ALTER TABLE messages ADD COLUMN turn_id TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
+    Migration(
+        4,
+        "bearer tokens (--auth tokens): names, roles and hashes, never the tokens",
+        (
+            """CREATE TABLE tokens (
+                name TEXT PRIMARY KEY,
+                token_hash TEXT NOT NULL UNIQUE,
+                admin INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL
+            )""",
         ),
     ),
 )
@@ -396,14 +408,21 @@ class SqliteStore:
             raise SessionNotFound(session_id)
         return _session(row)
 
-    async def create(self, session: Session) -> None:
-        await self._run(self._create_sync, session)
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
+        await self._run(self._create_sync, session, max_owned)
 
     @classmethod
-    def _create_sync(cls, db: sqlite3.Connection, session: Session) -> None:
+    def _create_sync(
+        cls, db: sqlite3.Connection, session: Session, max_owned: int | None = None
+    ) -> None:
         values = (session.session_id, 0, *session_values(session).values())
         placeholders = ", ".join("?" * len(values))
         with cls._transaction(db):
+            if max_owned is not None:
+                # In the write transaction: another process on the file waits for it.
+                owned = cls._count_sync(db, session.owner)
+                if owned >= max_owned:
+                    raise OwnerLimitReached(session.owner, owned)
             try:
                 db.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({placeholders})", values
@@ -447,27 +466,33 @@ class SqliteStore:
             db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
             return count
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         after = None if cursor is None else decode_cursor(cursor)
-        return await self._run(self._list_sync, limit, after)
+        return await self._run(self._list_sync, limit, after, owner)
 
     @staticmethod
     def _list_sync(
-        db: sqlite3.Connection, limit: int, after: tuple[datetime, str] | None
+        db: sqlite3.Connection,
+        limit: int,
+        after: tuple[datetime, str] | None,
+        owner: str | None,
     ) -> SessionPage:
-        if after is None:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (limit + 1,),
-            ).fetchall()
-        else:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "WHERE (created_at, session_id) < (?, ?) "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (format_timestamp(after[0]), after[1], limit + 1),
-            ).fetchall()
+        # Fixed SQL texts (no caller text in them); the owner's listing uses sessions_by_owner.
+        conditions, args = [], []
+        if owner is not None:
+            conditions.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            conditions.append("(created_at, session_id) < (?, ?)")
+            args.extend((format_timestamp(after[0]), after[1]))
+        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        rows = db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions {where}"
+            "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
         sessions = [_session(row) for row in rows[:limit]]
         more = len(rows) > limit
         last = sessions[-1] if sessions else None
@@ -476,12 +501,17 @@ class SqliteStore:
         )
         return SessionPage(sessions, next_cursor)
 
-    async def count(self) -> int:
-        return await self._run(self._count_sync)
+    async def count(self, *, owner: str | None = None) -> int:
+        return await self._run(self._count_sync, owner)
 
     @staticmethod
-    def _count_sync(db: sqlite3.Connection) -> int:
-        (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+    def _count_sync(db: sqlite3.Connection, owner: str | None = None) -> int:
+        if owner is None:
+            (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        else:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)
+            ).fetchone()
         return int(count)
 
     async def messages(self, session_id: str) -> list[Message]:
