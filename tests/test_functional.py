@@ -35,7 +35,14 @@ from chat import (
 )
 from scripts.generate import PROTO, ROOT
 from tests.backends import GatedBackend
-from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text, running_server_process
+from tests.helpers import (
+    TIMEOUT,
+    ChatStream,
+    eventually,
+    grpcurl,
+    reply_text,
+    running_server_process,
+)
 
 T = chatpb.ChatResponseType
 INTEROP_CLIENT = Path(__file__).parent / "interop" / "grpcio_client.py"
@@ -377,6 +384,40 @@ async def test_stopping_in_process_ends_the_clients_connections() -> None:
         # And the old connection takes no new calls.
         with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError, OSError)):
             await stub.get_server_stats(chatpb.ServerStatsRequest(), timeout=TIMEOUT)
+
+
+def test_grpcurl_lists_describes_and_calls_the_service() -> None:
+    # The README's grpcurl commands, run by grpcurl itself against a chat-server process.
+    with running_server_process("--store", "memory://") as server:
+
+        def run(*args: str) -> str:
+            done = subprocess.run(
+                [grpcurl(), "-plaintext", *args],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 3,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert "ChatService" in run(server.address, "list").split()
+        described = run(server.address, "describe", "ChatService")
+        assert "rpc Chat ( stream .ChatRequest ) returns ( stream .ChatResponse );" in described
+        assert "The conversation stream." in described  # comments come through reflection
+        created = json.loads(
+            run("-d", '{"title": "first"}', server.address, "ChatService/CreateSession")
+        )
+        assert created["session"]["title"] == "first"
+        info = json.loads(
+            run(
+                "-d",
+                json.dumps({"sessionId": created["sessionId"]}),
+                server.address,
+                "ChatService/GetSessionInfo",
+            )
+        )
+        assert info["sessionId"] == created["sessionId"]
 
 
 async def test_reflection_v1_as_grpcurl_uses_it_lists_and_describes(server: ChatServer) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from chat import ChatClient, ChatServer, Secret, ServerConfig, ServerUnreachable
 from chat.auth.tokens import MemoryTokenStore, TokenAuth
 from chat.errors import ConfigurationError, Unauthenticated
 from chat.tls import client_context
-from tests.helpers import TIMEOUT, eventually, issue_token, running_server_process
+from tests.helpers import TIMEOUT, eventually, grpcurl, issue_token, running_server_process
 from tests.pki import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,12 +258,11 @@ async def _in_thread(function: object, *args: object, **kwargs: object) -> dict[
 # -- grpcurl -----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
 def test_grpcurl_over_tls_and_mtls(pki: Pki) -> None:
     cert, key = pki.client("grace.example")
     args = ("--tls-cert", pki.server_pem, "--tls-key", pki.server_pem)
     with running_server_process(*args, "--tls-client-ca", pki.ca_file, "--auth", "mtls") as srv:
-        base = ["grpcurl", "-cacert", pki.ca_file, "-servername", "localhost"]
+        base = [grpcurl(), "-cacert", pki.ca_file, "-servername", "localhost"]
         listed = subprocess.run(
             [*base, "-cert", cert, "-key", key, srv.address, "list"],
             capture_output=True,
