@@ -25,7 +25,7 @@ status codes.
     ├── ConfigurationError        FAILED_PRECONDITION  bad server configuration
     │   └── MissingExtra          FAILED_PRECONDITION  an optional dependency is missing
     └── BackendError              INTERNAL             the model backend failed
-        ├── BackendAuthError      UNAUTHENTICATED
+        ├── BackendAuthError      FAILED_PRECONDITION  the upstream refused the server's key
         ├── BackendRateLimited    RESOURCE_EXHAUSTED   also a RateLimited
         ├── BackendTimeout        DEADLINE_EXCEEDED
         ├── BackendUnavailable    UNAVAILABLE
@@ -273,9 +273,13 @@ class BackendError(ChatError):
 
 
 class BackendAuthError(BackendError):
-    """The backend rejected the server's credentials (check the API key)."""
+    """The backend rejected the server's credentials (check the API key).
 
-    status = StatusCode.UNAUTHENTICATED
+    ``FAILED_PRECONDITION``, not ``UNAUTHENTICATED``: the caller's own credentials are fine;
+    the server is misconfigured, and retrying cannot help until its operator fixes the key.
+    """
+
+    status = StatusCode.FAILED_PRECONDITION
 
 
 class BackendRateLimited(BackendError, RateLimited):
