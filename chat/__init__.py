@@ -25,7 +25,14 @@ The generated message types and stubs are in the ``chatpb`` package
 """
 
 from chat._version import __version__
-from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends import (
+    Delta,
+    GenerationRequest,
+    ModelBackend,
+    ModelCheck,
+    ModelChecker,
+    PromptMessage,
+)
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
 from chat.backends.remote import RemoteSettings, RetryPolicy
@@ -51,6 +58,7 @@ from chat.client import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
@@ -65,15 +73,20 @@ from chat.errors import (
     ChatError,
     ConfigurationError,
     ConnectionLost,
+    ConnectTimeout,
     ContextTooLong,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     MissingExtra,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
     ServerUnreachable,
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
+    Unauthenticated,
     Unavailable,
 )
 from chat.events import Event, EventKind, Request, RequestKind
@@ -114,6 +127,7 @@ __all__ = [
     "CoalescingBackend",
     "ConcurrencyPolicy",
     "ConfigurationError",
+    "ConnectTimeout",
     "ConnectionLost",
     "ConnectionState",
     "ConnectionStateChanged",
@@ -138,9 +152,14 @@ __all__ = [
     "MessageStatus",
     "MissingExtra",
     "ModelBackend",
+    "ModelCheck",
+    "ModelChecker",
     "Notice",
     "Notices",
+    "PermissionDenied",
     "PromptMessage",
+    "QuotaExceeded",
+    "RateLimited",
     "ReconnectPolicy",
     "RemoteSettings",
     "Reply",
@@ -174,8 +193,10 @@ __all__ = [
     "StatusCode",
     "StatusKind",
     "StoreUnavailable",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
+    "WhoAmI",
     "__version__",
     "create_backend",
     "default_store_url",

@@ -32,6 +32,7 @@ import asyncio
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib
@@ -164,6 +165,17 @@ class HookedServer(grpclib.server.Server):
         protocol = super()._protocol_factory()
         _keep_request_headers(protocol.handler, self._response_headers)
         return self._wrap_protocol(cast(asyncio.Protocol, protocol))
+
+    async def start_on(
+        self, hosts: Sequence[str], port: int, *, ssl: SSLContext | None = None
+    ) -> None:
+        """Listen on every address of ``hosts``, all on ``port`` (over TLS with ``ssl``).
+
+        ``Server.start`` passes ``host`` on to ``loop.create_server``, which takes a list of
+        hosts too (grpclib's annotation says ``str``).
+        """
+        host = cast(Any, list(hosts)) if len(hosts) > 1 else hosts[0]
+        await self.start(host, port, ssl=ssl)
 
 
 def _keep_request_headers(handler: Any, response_headers: tuple[tuple[str, str], ...]) -> None:

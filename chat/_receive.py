@@ -101,10 +101,11 @@ class _Guarded:
         message_type = handler.request_type
         max_bytes = self._max_bytes
 
-        async def serve(stream: Stream[Any, Any]) -> None:
+        async def serve(stream: Stream[Any, Any], **context: Any) -> None:
+            # ``context``: what RecvRequest listeners pass on (the caller's credentials).
             receiver = _Receiver(stream, route, message_type, unary=unary, max_bytes=max_bytes)
             replace_receiver(stream, receiver)
-            await func(stream)
+            await func(stream, **context)
 
         return serve
 

@@ -8,7 +8,7 @@ from google.rpc import error_details_pb2
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from chat.errors import BackendRateLimited, ChatError, InvalidArgument
+from chat.errors import ChatError, InvalidArgument, RateLimited
 
 __all__ = ["grpc_error", "status_details"]
 
@@ -25,7 +25,7 @@ def status_details(error: ChatError) -> list[Any] | None:
             field=error.field, description=error.problem
         )
         return [error_details_pb2.BadRequest(field_violations=[violation])]
-    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+    if isinstance(error, RateLimited) and error.retry_after is not None:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
         return [info]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from chat.auth import AUTH_MODES
+from chat.auth.jwts import JwtSettings
+from chat.backends import ModelCheck
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ConfigurationError
+from chat.quota import Quotas
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.store import default_store_url
@@ -19,14 +25,22 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_COALESCE_WINDOW",
     "EVENT_LOOPS",
+    "MODEL_CHECKS",
+    "REFLECTION_MODES",
     "ServerConfig",
 ]
+
+#: Who may use server reflection (``--reflection``).
+REFLECTION_MODES = ("public", "authenticated", "off")
 
 #: Event loops ``--event-loop`` accepts: ``auto`` is uvloop when it is installed.
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 #: Backend names ``--backend`` accepts.
 BACKENDS = ("echo", "openai", "gemini")
+
+#: What ``--model-check`` accepts (see :class:`~chat.backends.ModelCheck`).
+MODEL_CHECKS = tuple(check.value for check in ModelCheck)
 
 #: Environment variables an API key is read from, per backend, first match wins.
 API_KEY_ENV_VARS: Mapping[str, tuple[str, ...]] = {
@@ -78,10 +92,67 @@ class ServerConfig:
     grace_period: float = 10.0
     #: The asyncio event loop that ``chat-server`` runs on (see :data:`EVENT_LOOPS`).
     event_loop: str = "auto"
+    #: How model names are checked against the backend's list (:data:`MODEL_CHECKS`), for
+    #: ``model`` at start-up and for each session; ``None``: see :attr:`effective_model_check`.
+    model_check: str | None = None
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
+    #: PEM certificate (chain) and key: serve over TLS. ``None``: plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM CA(s) whose client certificates are required and accepted (mTLS).
+    tls_client_ca: str | None = None
+    #: How callers are identified (see :mod:`chat.auth`): none, tokens, mtls, jwt.
+    auth: str = "none"
+    #: Where ``--auth tokens`` keeps token hashes; ``None``: in the session store.
+    tokens_file: str | None = None
+    #: How ``--auth jwt`` verifies tokens.
+    jwt: JwtSettings | None = field(default=None, repr=False)
+    #: Identities that are administrators with ``--auth mtls``.
+    admin_identities: tuple[str, ...] = ()
+    #: Who may use server reflection: public, authenticated (like ChatService) or off.
+    reflection: str = "public"
+    #: Per-identity quotas and rate limits (all off by default).
+    quotas: Quotas = field(default_factory=Quotas)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the host is reachable from other machines (not a loopback address)."""
+        host = self.host.strip("[]")
+        if host in ("localhost", ""):
+            return host == ""
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.auth not in AUTH_MODES:
+            raise ConfigurationError(
+                f"unknown --auth {self.auth!r}; choose one of {', '.join(AUTH_MODES)}"
+            )
+        if self.auth == "mtls" and self.tls_client_ca is None:
+            raise ConfigurationError(
+                "--auth mtls takes the identity from client certificates: give --tls-cert, "
+                "--tls-key and --tls-client-ca"
+            )
+        if self.auth == "jwt" and self.jwt is None:
+            raise ConfigurationError(
+                "--auth jwt needs --jwt-secret-file (HS256) or --jwt-jwks (RS256/ES256)"
+            )
+        if self.reflection not in REFLECTION_MODES:
+            raise ConfigurationError(
+                f"unknown --reflection {self.reflection!r}; "
+                f"choose one of {', '.join(REFLECTION_MODES)}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be between 0 and 65535, not {self.port}")
         if self.backend not in BACKENDS:
@@ -93,6 +164,10 @@ class ServerConfig:
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigurationError(
                 f"unknown event loop {self.event_loop!r}; choose one of {', '.join(EVENT_LOOPS)}"
+            )
+        if self.model_check is not None and self.model_check not in MODEL_CHECKS:
+            raise ConfigurationError(
+                f"unknown model check {self.model_check!r}; choose one of {', '.join(MODEL_CHECKS)}"
             )
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")
@@ -120,6 +195,24 @@ class ServerConfig:
             read_timeout=self.read_timeout,
             retry=RetryPolicy(attempts=self.retries + 1),
         )
+
+    @property
+    def effective_model_check(self) -> ModelCheck:
+        """The model check, with the default applied.
+
+        ``strict`` where the backend's list is complete: OpenAI's own API and Gemini.
+        ``warn`` for any other OpenAI-compatible server, which may list only the models it
+        has loaded (``transformers serve``, LM Studio, proxies) and still serve others.
+
+        >>> ServerConfig(backend="openai", base_url="http://localhost:8000/v1").effective_model_check
+        <ModelCheck.WARN: 'warn'>
+        """
+        if self.model_check is not None:
+            return ModelCheck(self.model_check)
+        if self.backend == "openai":
+            host = urlsplit(self.base_url).hostname if self.base_url else "api.openai.com"
+            return ModelCheck.STRICT if host == "api.openai.com" else ModelCheck.WARN
+        return ModelCheck.STRICT
 
     @property
     def effective_coalesce_window(self) -> float:

@@ -26,15 +26,16 @@ class FlakyStore(MemoryStore):
         if self.down:
             raise StoreUnavailable(detail="the flaky store at 10.1.2.3 is down")
 
-    async def count(self) -> int:
+    async def count(self, *, owner: str | None = None) -> int:
         if self.down:
             raise StoreUnavailable(detail="the flaky store at 10.1.2.3 is down")
-        return await super().count()
+        return await super().count(owner=owner)
 
 
 async def test_changes_are_reported_once_each_and_logged_with_the_detail(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="chat.health")
     store = FlakyStore()
     changes: list[bool] = []
     health = StoreHealth(store, interval=1.0, on_change=changes.append)

@@ -42,36 +42,53 @@ class EchoBackend:
 
     ``pace`` is the pause in seconds between deltas (0 for tests and benchmarks; a small
     value makes streaming visible in a terminal). Usage is reported in words, as an
-    estimate of tokens.
+    estimate of tokens, and ``max_output_tokens`` counts words too.
+
+    ``models`` are the names it serves, checked like a remote backend's model list (a
+    session asking for another is refused with ``INVALID_ARGUMENT``); ``None`` answers
+    under any name. ``chat-server`` serves its default model only.
     """
 
     name = "echo"
 
-    def __init__(self, *, pace: float = 0.0, default_model: str = "echo") -> None:
+    def __init__(
+        self,
+        *,
+        pace: float = 0.0,
+        default_model: str = "echo",
+        models: Sequence[str] | None = None,
+    ) -> None:
         if pace < 0:
             raise ValueError("pace must be >= 0")
         self._pace = pace
         self._default_model = default_model
+        self._models = None if models is None else tuple(models)
 
     @property
     def default_model(self) -> str:
         return self._default_model
 
     async def list_models(self) -> Sequence[str] | None:
-        # The echo backend answers under any model name.
-        return None
+        return self._models
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         # Word by word from the text, not from a list of every word: a long reply holds
         # one string while it streams, not thousands.
+        finish = FinishReason.STOP
+        limit = request.max_output_tokens
         count = 0
-        for count, match in enumerate(_WORD.finditer(echo_reply(request)), start=1):
-            if self._pace and count > 1:
+        for match in _WORD.finditer(echo_reply(request)):
+            if limit is not None and count >= limit:
+                # A word counts as a token here, as in the usage reported.
+                finish = FinishReason.LENGTH
+                break
+            if self._pace and count:
                 await asyncio.sleep(self._pace)
+            count += 1
             yield Delta(match.group())
         prompt_words = sum(len(m.content.split()) for m in request.messages)
         yield Delta(
-            finish_reason=FinishReason.STOP,
+            finish_reason=finish,
             usage=Usage(prompt_tokens=prompt_words, completion_tokens=count),
         )
 
