@@ -300,11 +300,13 @@ def out_of_range(descriptor: Descriptor, data: bytes) -> str | None:
 
 
 class _Plan:
-    __slots__ = ("messages", "numbers")
+    __slots__ = ("messages", "numbers", "packed")
 
     def __init__(self) -> None:
         #: field number -> (name, signed) for the 32-bit varint fields.
         self.numbers: dict[int, tuple[str, bool]] = {}
+        #: The repeated ones among them (which may come packed, wire type 2).
+        self.packed: set[int] = set()
         #: field number -> (name, plan) for the message fields.
         self.messages: dict[int, tuple[str, _Plan]] = {}
 
@@ -322,14 +324,18 @@ def _plan(descriptor: Descriptor) -> _Plan:
     for field in descriptor.fields:
         if field.type in _SIGNED_32 or field.type in _UNSIGNED_32:
             plan.numbers[field.number] = (field.name, field.type in _SIGNED_32)
+            if field.is_repeated:
+                plan.packed.add(field.number)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             plan.messages[field.number] = (field.name, _plan(field.message_type))
     return plan
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
+        if pos >= end or shift > 63:
+            raise ValueError("not a varint")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -347,27 +353,35 @@ def _fits(value: int, signed: bool) -> bool:
 
 
 def _walk(plan: _Plan, data: bytes, pos: int, end: int) -> str | None:
+    # protobuf parsed the message, so its framing is sound; what protobuf kept as unknown
+    # fields (a known number with another wire type) is not checked, as it is not used.
+    try:
+        return _walk_fields(plan, data, pos, end)
+    except ValueError:
+        return None
+
+
+def _walk_fields(plan: _Plan, data: bytes, pos: int, end: int) -> str | None:
     numbers, messages = plan.numbers, plan.messages
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag, pos = _varint(data, pos, end)
         number, wire = tag >> 3, tag & 7
         if wire == 0:
-            value, pos = _varint(data, pos)
+            value, pos = _varint(data, pos, end)
             if number in numbers and not _fits(value, numbers[number][1]):
                 return numbers[number][0]
         elif wire == 2:
-            length, pos = _varint(data, pos)
+            length, pos = _varint(data, pos, end)
             if number in messages:
                 name, inner = messages[number]
-                found = _walk(inner, data, pos, pos + length)
+                found = _walk(inner, data, pos, min(end, pos + length))
                 if found is not None:
                     return f"{name}.{found}"
-            elif number in numbers:
-                # A packed repeated field.
+            elif number in plan.packed:
                 name, signed = numbers[number]
-                cursor = pos
-                while cursor < pos + length:
-                    value, cursor = _varint(data, cursor)
+                cursor, stop = pos, min(end, pos + length)
+                while cursor < stop:
+                    value, cursor = _varint(data, cursor, stop)
                     if not _fits(value, signed):
                         return name
             pos += length
@@ -375,5 +389,5 @@ def _walk(plan: _Plan, data: bytes, pos: int, end: int) -> str | None:
             pos += 8
         elif wire == 5:
             pos += 4
-        # Group markers (3, 4) carry nothing; protobuf parsed the message, so they match.
+        # Group markers (3, 4) carry nothing.
     return None

@@ -19,7 +19,7 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 
 import chatpb
-from chat import ChatServer, Limits, ServerConfig
+from chat import ChatServer, Limits, ServerConfig, _receive
 from chat._proto import CHAT_SERVICE, message_class
 from tests.helpers import ChatStream
 from tests.raw_grpc import RawConnection, frame
@@ -404,3 +404,31 @@ async def test_an_update_that_changes_nothing_neither_refreshes_nor_notifies(
         assert update.type == T.SESSION_UPDATE
         assert update.session is not None
         assert update.session.title == "B"
+
+
+async def test_a_number_field_sent_with_another_wire_type_is_ignored_as_protobuf_does(
+    raw: RawConnection,
+) -> None:
+    # Field 1 of ChatRequest is its type (a number); as bytes it is an unknown field to
+    # protobuf, so the request is a MESSAGE with no session: refused for that reason.
+    stream = await raw.open(S + "Chat")
+    await stream.send(frame(b"\x0a\x04\x80\x80\x80\x80"), end=True)
+    event = chatpb.ChatResponse.parse(await stream.message())
+    assert (event.type, event.error_code, event.error_field) == (
+        T.ERROR,
+        INVALID_ARGUMENT,
+        "session_id",
+    )
+    assert (await stream.finished()).status == 0
+
+
+async def test_a_unary_request_left_open_after_its_message_is_refused_in_bounded_time(
+    raw: RawConnection, stub: chatpb.ChatServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_receive, "END_OF_REQUEST_WAIT", 0.05)
+    stream = await raw.open(S + "CreateSession")
+    await stream.send(frame(bytes(chatpb.CreateSessionRequest(title="open"))))
+    answer = await stream.finished()
+    assert answer.status == INVALID_ARGUMENT, answer
+    assert "not ended" in answer.message
+    assert (await stub.list_sessions(chatpb.ListSessionsRequest())).total_size == 0
