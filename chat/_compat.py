@@ -11,9 +11,10 @@ What is used, and why:
   ``Stream.send_message`` costs one DATA frame and one socket write per message);
 - :class:`HookedServer`: wraps each connection's asyncio protocol (grpclib builds it in the
   private ``Server._protocol_factory``), so that writes can be corked and connections closed;
-  keeps each request's HTTP/2 headers on its stream (grpclib reads them, then drops them)
-  and adds headers of ours to each response (``grpc-accept-encoding``, which grpclib's
-  metadata API refuses: it is a reserved ``grpc-`` name);
+  keeps each request's HTTP/2 headers on its stream (grpclib reads them, then drops them),
+  adds headers of ours to each response (``grpc-accept-encoding``, which grpclib's
+  metadata API refuses: it is a reserved ``grpc-`` name), and unlinks a finished stream from
+  its ``Wrapper`` (else a call ended by its client stays in a reference cycle);
 - the receiving end of a server stream (:func:`read_prefix`, :func:`read_body`,
   :func:`delivered`, :func:`replace_receiver`): ``Stream.recv_message`` reads a whole
   message before anything can look at its length, and answers compression, truncation and
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpclib
 import grpclib.protocol
 import grpclib.server
+import grpclib.utils
 from grpclib._typing import IServable
 from grpclib.client import Channel
 from grpclib.events import _DispatchServerEvents
@@ -65,6 +67,7 @@ __all__ = [
     "read_prefix",
     "replace_receiver",
     "request_headers",
+    "restore_receiver",
     "send_batch",
     "service_name",
 ]
@@ -90,10 +93,11 @@ RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
     # request's headers here. The handler's accept() is where grpclib hands them over.
     "grpclib.protocol.Stream": (
         grpclib.protocol.Stream,
-        ("headers", "recv_data", "send_headers", "connection"),
+        ("headers", "recv_data", "send_headers", "connection", "wrapper"),
     ),
     "grpclib.protocol.Buffer": (grpclib.protocol.Buffer, ("read",)),
     "grpclib.protocol.H2Protocol": (H2Protocol, ("handler",)),
+    "grpclib.utils.Wrapper": (grpclib.utils.Wrapper, ("_error",)),
     "grpclib.server.Handler": (grpclib.server.Handler, ("accept",)),
     "grpclib.events._DispatchServerEvents": (_DispatchServerEvents, ("recv_message",)),
     "grpclib.client.Channel": (Channel, ("_protocol_factory", "_create_connection")),
@@ -187,7 +191,23 @@ def _keep_request_headers(handler: Any, response_headers: tuple[tuple[str, str],
         stream.headers = headers
         if response_headers:
             _add_response_headers(stream, response_headers)
-        accept(stream, headers, release_stream)
+
+        def release() -> None:
+            try:
+                release_stream()
+            finally:
+                # A call its client ended early leaves the error in the stream's Wrapper,
+                # whose traceback holds grpclib's handler frame, which holds the Wrapper and
+                # the stream: a cycle that keeps the whole call (and its Conversation) until
+                # the cyclic collector runs. The call is over here: drop the error and the
+                # link, and our send_headers (a closure over the stream's own method).
+                wrapper = stream.wrapper
+                if wrapper is not None:
+                    wrapper._error = None
+                stream.wrapper = None
+                vars(stream).pop("send_headers", None)
+
+        accept(stream, headers, release)
 
     handler.accept = accept_keeping_headers
 
@@ -258,6 +278,11 @@ def replace_receiver(
     """Make ``stream.recv_message()`` (and ``async for`` over the stream) call ``receive``,
     also in handlers that are not ours (health, reflection)."""
     stream.recv_message = receive  # type: ignore[method-assign,assignment]
+
+
+def restore_receiver(stream: Stream[Any, Any]) -> None:
+    """Undo :func:`replace_receiver` (the receiver refers to the stream: a cycle otherwise)."""
+    vars(stream).pop("recv_message", None)
 
 
 def listening_port(server: grpclib.server.Server) -> int:

@@ -43,6 +43,7 @@ from chat._compat import (
     read_prefix,
     replace_receiver,
     request_headers,
+    restore_receiver,
 )
 from chat._status import grpc_error
 from chat.errors import InvalidArgument, excerpt
@@ -105,7 +106,12 @@ class _Guarded:
             # ``context``: what RecvRequest listeners pass on (the caller's credentials).
             receiver = _Receiver(stream, route, message_type, unary=unary, max_bytes=max_bytes)
             replace_receiver(stream, receiver)
-            await func(stream, **context)
+            try:
+                await func(stream, **context)
+            finally:
+                # Stream and receiver refer to each other: without this, every call would
+                # be garbage for the cyclic collector (rare in chat-server) to find.
+                restore_receiver(stream)
 
         return serve
 

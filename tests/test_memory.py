@@ -141,3 +141,48 @@ async def test_a_reply_of_many_chunks_is_stored_exactly_as_sent() -> None:
             sent.extend(e.chunk_text for e in batch if e.kind is EventKind.CHUNK)
     _, history = await core.read_session(session.session_id)
     assert history[-1].content == "".join(sent) == "".join(deltas)
+
+
+#: Server-side objects of a call; none may be left for the cyclic collector.
+_SERVER_SIDE = ("chat.", "grpclib.server.Stream")
+
+
+async def test_calls_leave_no_reference_cycles_on_the_server() -> None:
+    backend = HoldingBackend()
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
+    async with ChatServer(config, backend=backend) as server:
+        gc.collect()
+        gc.disable()
+        try:
+            async with Channel("127.0.0.1", server.port) as channel:
+                stub = chatpb.ChatServiceStub(channel)
+                session = await stub.create_session(chatpb.CreateSessionRequest())
+                for n in range(10):
+                    async with ChatStream(stub) as stream:
+                        stream.send(chatpb.ChatRequest(type=chatpb.ChatRequestType.PING))
+                        await stream.recv()
+                        if n % 2:
+                            # A reply in flight when the client goes away.
+                            stream.message(session.session_id, "hi", f"r{n}")
+                            await stream.recv()
+                await stub.get_server_stats(chatpb.ServerStatsRequest())
+                await eventually(lambda: _no_streams(server), "the streams to close", TIMEOUT)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = sorted(
+                {
+                    f"{type(o).__module__}.{type(o).__qualname__}"
+                    for o in gc.garbage
+                    if f"{type(o).__module__}.{type(o).__qualname__}".startswith(_SERVER_SIDE)
+                }
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert left == []
+
+
+async def _no_streams(server: ChatServer) -> bool:
+    stats = server.core.stats
+    return stats.active_streams == 0 and stats.active_replies == 0
