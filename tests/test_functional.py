@@ -80,6 +80,11 @@ def test_a_grpcio_client_generated_from_chat_proto_interoperates(grpcio_stubs: P
     result = json.loads(completed.stdout)
 
     assert result["health"] == {"": "SERVING", "ChatService": "SERVING"}
+    # grpcio clients may compress their requests (gzip): the server reads them.
+    gzip = result["gzip"]
+    assert gzip["title"] == "gzip " * 30
+    assert gzip["last"] == "RESPONSE_COMPLETE"
+    assert gzip["reply"].endswith("compressed " * 20)
     reflection = result["reflection"]
     assert "ChatService" in reflection["services"]
     assert "grpc.health.v1.Health" in reflection["services"]
