@@ -543,14 +543,12 @@ class _Turn:
     #: Tokens of the prompt as counted for the context (the token budget's estimate).
     prompt_tokens: int = 0
 
-    def add(self, piece: str) -> None:
-        parts = self.parts
-        parts.append(piece)
-        if len(parts) >= _PARTS_PER_BLOCK:
-            # A long reply is thousands of small strings, each with its object overhead:
-            # joined now and then, the turn holds about its text's size.
-            self.blocks.append("".join(parts))
-            parts.clear()
+    def compact(self) -> None:
+        """Join the latest chunks into a block: a long reply is thousands of small strings,
+        each with its object overhead; joined now and then, the turn holds about its
+        text's size."""
+        self.blocks.append("".join(self.parts))
+        self.parts.clear()
 
     def text(self) -> str:
         return "".join(self.blocks) + "".join(self.parts)
@@ -1031,6 +1029,7 @@ class Conversation:
         limit = self._core.limits.max_chunk_chars
         session_id = turn.request.session_id
         request_id = turn.request.request_id
+        parts = turn.parts
         delta: Delta
         async with aclosing(self._core.backend.generate(generation)) as deltas:
             async for delta in deltas:
@@ -1048,7 +1047,9 @@ class Conversation:
                     )
                     # Only after the chunk is queued: the stored reply is exactly what the
                     # client is sent, even when a cancel lands while waiting for the client.
-                    turn.add(piece)
+                    parts.append(piece)
+                    if len(parts) >= _PARTS_PER_BLOCK:
+                        turn.compact()
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:

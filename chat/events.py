@@ -70,22 +70,26 @@ class ReplyCounter:
     #: writer then could not write): what a reply cut short keeps, so that the stored text
     #: is the text the client was sent.
     sent_chars: int = 0
-    _waiter: asyncio.Future[None] | None = None
+    #: Set by :meth:`wait_sent` while it waits (the outbox wakes it as chunks leave).
+    waiter: asyncio.Future[None] | None = None
 
     def note_sent(self, chars: int) -> None:
         self.sent_chars += chars
-        waiter = self._waiter
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def wait_sent(self, chars: int) -> None:
         """Wait until ``chars`` characters of the reply have left the outbox."""
         while self.sent_chars < chars:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await self.waiter
             finally:
-                self._waiter = None
+                self.waiter = None
 
 
 @dataclass(slots=True)

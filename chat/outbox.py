@@ -109,7 +109,10 @@ class Outbox:
             if event.kind is EventKind.CHUNK:
                 reply.chunks += 1
                 event.chunk_number = reply.chunks
-                reply.note_sent(len(event.chunk_text))
+                # ReplyCounter.note_sent, inline: this runs for every chunk.
+                reply.sent_chars += len(event.chunk_text)
+                if reply.waiter is not None:
+                    reply.wake()
                 chunks += 1
             else:
                 event.total_chunks = reply.chunks
