@@ -56,10 +56,11 @@ struct config {
     double setup_timeout;
     int max_samples;   /* probe */
     int warm;          /* throughput, relay: one reply per stream before "ready" */
+    int setup_concurrency; /* streams being set up at once (see start_setups) */
     /* chat.proto, from its descriptors */
     int f_req_type, f_req_session, f_req_message, f_req_request_id;
     int v_req_ping;
-    int f_resp_type, v_chunk, v_complete, v_error, v_pong;
+    int f_resp_type, v_chunk, v_complete, v_error, v_pong, f_resp_error_message;
     int f_create_title, f_create_resp_session;
     const char *path_chat, *path_create;
 };
@@ -80,6 +81,7 @@ static struct config cfg = {
     .setup_timeout = 60.0,
     .max_samples = 10000,
     .warm = 1,
+    .setup_concurrency = 64,
     .f_req_type = -1,
 };
 
@@ -104,8 +106,9 @@ static void parse_args(int argc, char **argv) {
 #define D(name) if (!strcmp(k, #name)) { cfg.name = atof(v); continue; }
         S(scenario) S(host) S(port) S(authority) I(streams) I(per_conn) D(duration) S(text)
         I(messages) D(interval) D(grace) D(gap) D(drain) D(setup_timeout) I(max_samples) I(warm)
+        I(setup_concurrency)
         I(f_req_type) I(f_req_session) I(f_req_message) I(f_req_request_id) I(v_req_ping)
-        I(f_resp_type) I(v_chunk) I(v_complete) I(v_error) I(v_pong) I(f_create_title)
+        I(f_resp_type) I(v_chunk) I(v_complete) I(v_error) I(v_pong) I(f_resp_error_message) I(f_create_title)
         I(f_create_resp_session) S(path_chat) S(path_create)
 #undef S
 #undef I
@@ -276,6 +279,7 @@ typedef struct stream {
     enum state state;
     uint32_t id; /* 0 until opened */
     int closed;  /* END_STREAM or RST_STREAM seen */
+    int headers_seen; /* the response's first header block came */
     /* sending */
     buf_t out;
     int64_t send_window;
@@ -342,6 +346,7 @@ static int running, measuring, opened_count;
 static double t_go, t_end, t_stop;
 
 static void fail(stream_t *s, const char *why);
+static void start_setups(void);
 
 static void mark_dirty(conn_t *c) {
     if (!c->dirty) {
@@ -561,13 +566,15 @@ static void fail(stream_t *s, const char *why) {
         return;
     }
     if (s->state == S_FAILED) return;
-    if (s->state < S_READY) ready_count++; /* setup is over for it, one way or another */
+    int in_setup = s->state < S_READY;
+    if (in_setup) ready_count++; /* setup is over for it, one way or another */
     s->why = why;
     if (failures_n < 5) {
         snprintf(failures[failures_n], sizeof failures[0], "stream %d: %s", s->index, why);
     }
     failures_n++;
     settle(s, S_FAILED);
+    if (in_setup) start_setups();
 }
 
 static void chat_opened(stream_t *s) {
@@ -586,9 +593,38 @@ static void on_setup_done(stream_t *s) {
     }
     s->state = S_READY;
     ready_count++;
+    start_setups();
 }
 
 static void start_next(stream_t *s);
+
+/*
+ * Set up streams (CreateSession, then the Chat stream, open once it answered a PING) at most
+ * setup_concurrency at a time: behind nginx every call is a new connection to a replica, and
+ * a burst of them overflows the replica's listen backlog (grpclib's is 100), which nginx
+ * answers with 502s. The setup is not measured, so it need not be a burst.
+ */
+static buf_t create_request;
+static stream_t *creates_pool;
+static int setups_started;
+
+static void start_setups(void) {
+    while (setups_started < cfg.streams &&
+           setups_started - ready_count < cfg.setup_concurrency) {
+        int i = setups_started++;
+        if (needs_session()) {
+            stream_t *u = &creates_pool[i];
+            u->c = chats[i].c;
+            u->index = i;
+            u->kind = K_CREATE;
+            u->end_after_out = 1;
+            send_message(u, &create_request);
+            open_stream(u);
+        } else {
+            chat_opened(&chats[i]);
+        }
+    }
+}
 
 static void on_chat_message(stream_t *s, int type) {
     double t = now();
@@ -596,7 +632,14 @@ static void on_chat_message(stream_t *s, int type) {
         messages_in++;
     }
     if (type == cfg.v_error) {
-        fail(s, "ERROR event");
+        /* The one field decoded besides `type`: what went wrong, for the report. */
+        static char why[120];
+        const uint8_t *text = NULL;
+        size_t n = 0;
+        pb_scan(s->msg.p, s->msg.len, -1, cfg.f_resp_error_message, &text, &n);
+        snprintf(why, sizeof why, "ERROR event: %.*s", (int)(n > 90 ? 90 : n),
+                 text ? (const char *)text : "");
+        fail(s, why);
         return;
     }
     if (s->state == S_OPENING) {
@@ -745,6 +788,30 @@ static void conn_lost(conn_t *c, const char *why) {
     c->queue_head = c->queue_len;
 }
 
+/*
+ * The :status of a response header block when it is plainly not 200, else NULL. Only the
+ * encodings a server uses for the first header are looked at: the static table's
+ * ":status: 200" (0x88) means 200; a literal with the :status name (index 8) and a plain
+ * (not Huffman-coded) value is read. Anything else is not judged.
+ */
+static const char *http_status(const uint8_t *p, uint32_t len, uint8_t flags) {
+    static char status[8];
+    if (flags & PADDED) {
+        if (len < 1) return NULL;
+        p++, len--;
+    }
+    if (flags & PRIORITY_FLAG) {
+        if (len < 5) return NULL;
+        p += 5, len -= 5;
+    }
+    if (len < 1 || p[0] == 0x88) return NULL;
+    int literal = p[0] == 0x48 || p[0] == 0x08 || p[0] == 0x18; /* name: static index 8 */
+    if (!literal || len < 5 || (p[1] & 0x80) || p[1] != 3) return NULL;
+    memcpy(status, p + 2, 3);
+    status[3] = 0;
+    return strcmp(status, "200") ? status : NULL;
+}
+
 static stream_t *lookup(conn_t *c, uint32_t sid) {
     if (sid == 0 || !(sid & 1)) return NULL;
     size_t slot = (sid - 1) / 2;
@@ -782,18 +849,29 @@ static void on_frame(conn_t *c, uint8_t type, uint8_t flags, uint32_t sid, const
         if ((flags & END_STREAM) && !s->closed) on_stream_end(s);
         return;
     }
-    case F_HEADERS:
-        /* Response headers or trailers; never decoded (see the top of this file). */
+    case F_HEADERS: {
+        /* Response headers or trailers; never decoded (see the top of this file), but for
+         * a proxy's HTTP error (nginx answers 502 when a replica refuses a connection). */
+        stream_t *s = lookup(c, sid);
+        if (s && !s->headers_seen) {
+            s->headers_seen = 1;
+            const char *status = http_status(p, len, flags);
+            if (status) {
+                static char why[64];
+                snprintf(why, sizeof why, "HTTP status %s (not a gRPC answer)", status);
+                stream_closed(s);
+                fail(s, why);
+                return;
+            }
+        }
         if (!(flags & END_HEADERS)) {
             c->continuation = sid;
             c->continuation_ends = flags & END_STREAM;
             return;
         }
-        if (flags & END_STREAM) {
-            stream_t *s = lookup(c, sid);
-            if (s) on_stream_end(s);
-        }
+        if ((flags & END_STREAM) && s) on_stream_end(s);
         return;
+    }
     case F_CONTINUATION:
         if (flags & END_HEADERS) {
             uint32_t on = c->continuation;
@@ -997,10 +1075,24 @@ static void print_samples(FILE *f, const char *name, const samples_t *s) {
     fputs("]", f);
 }
 
+static void json_string(FILE *f, const char *text) {
+    fputc('"', f);
+    for (const unsigned char *c = (const unsigned char *)text; *c; c++) {
+        if (*c == '"' || *c == '\\')
+            fprintf(f, "\\%c", *c);
+        else if (*c < 0x20)
+            fprintf(f, "\\u%04x", *c);
+        else
+            fputc(*c, f);
+    }
+    fputc('"', f);
+}
+
 static void print_failures(FILE *f) {
     fputs("\"failures\": [", f);
     for (int i = 0; i < failures_n && i < 5; i++) {
-        fprintf(f, i ? ",\"%s\"" : "\"%s\"", failures[i]);
+        if (i) fputc(',', f);
+        json_string(f, failures[i]);
     }
     fprintf(f, "], \"failed_streams\": %d", failures_n);
 }
@@ -1158,21 +1250,9 @@ int main(int argc, char **argv) {
     }
     /* Set up: a session per stream (CreateSession), then the Chat stream, open on the server
      * once it answered a PING. */
-    buf_t create_request = {0};
     pb_string(&create_request, cfg.f_create_title, "bench", 5);
-    for (int i = 0; i < cfg.streams; i++) {
-        if (needs_session()) {
-            stream_t *u = &creates[i];
-            u->c = chats[i].c;
-            u->index = i;
-            u->kind = K_CREATE;
-            u->end_after_out = 1;
-            send_message(u, &create_request);
-            open_stream(u);
-        } else {
-            chat_opened(&chats[i]);
-        }
-    }
+    creates_pool = creates;
+    start_setups();
     double setup_deadline = now() + cfg.setup_timeout;
     int said_ready = 0, said_result = 0, holding = 0, stdin_open = 1, go_said = 0;
     double cpu_start = 0, cpu_used = 0;

@@ -84,6 +84,7 @@ def wire() -> dict[str, Any]:
         "v_complete": int(response.RESPONSE_COMPLETE),
         "v_error": int(response.ERROR),
         "v_pong": int(response.PONG),
+        "f_resp_error_message": number(response, "error_message"),
         "f_create_title": number(pb.CreateSessionRequest, "title"),
         "f_create_resp_session": number(pb.CreateSessionResponse, "session_id"),
         "path_chat": path("Chat"),

@@ -618,7 +618,9 @@ async def passthrough(name: str, s: Settings, log_dir: Path) -> dict[str, Any]:
         async with fake_model(s.passthrough_tokens, pace, log_dir) as fake:
             base_url = f"http://{fake.target}/v1"
             if name == "ours":
-                result = await _through_server(base_url, streams, replies, budget, log_dir)
+                result = await _through_server(
+                    base_url, streams, replies, s.passthrough_tokens, budget, log_dir
+                )
             else:
                 result = await _direct(base_url, streams, replies, budget)
         for key, value in result.items():
@@ -634,7 +636,7 @@ async def passthrough(name: str, s: Settings, log_dir: Path) -> dict[str, Any]:
 
 
 async def _through_server(
-    base_url: str, streams: int, replies: int, budget: float, log_dir: Path
+    base_url: str, streams: int, replies: int, tokens: int, budget: float, log_dir: Path
 ) -> dict[str, float]:
     command = [
         *_chat_server(),
@@ -671,11 +673,12 @@ async def _through_server(
             (result,) = await group.results(budget + 30)
             cpu = server.cpu_seconds() - cpu0
     _failed(result, "pass-through through chat-server")
-    tokens = result["chunks"]
+    # Tokens, not chunks: the coalescing window may merge tokens that arrive together.
+    relayed = tokens * result["replies"]
     return {
         **_stream_stats(result["ttft"], result["itl"]),
-        "chunks_per_reply": tokens / max(1, result["replies"]),
-        "cpu_us_per_token": cpu / max(1, tokens) * 1e6,
+        "chunks_per_reply": result["chunks"] / max(1, result["replies"]),
+        "cpu_us_per_token": cpu / max(1, relayed) * 1e6,
     }
 
 
