@@ -54,7 +54,7 @@ from chat.client import (
 )
 from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
-from chat.core import ChatCore, Conversation, Limits, Request, RequestKind
+from chat.core import ChatCore, Conversation, Limits
 from chat.errors import (
     BackendAuthError,
     BackendBadRequest,
@@ -76,7 +76,7 @@ from chat.errors import (
     StoreUnavailable,
     Unavailable,
 )
-from chat.events import Event, EventKind
+from chat.events import Event, EventKind, Request, RequestKind
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.server import ChatServer, create_backend, serve
@@ -84,13 +84,17 @@ from chat.store import SessionPage, SessionStore, default_store_url, open_store
 from chat.store.memory import MemoryStore
 from chat.store.sqlite import SqliteStore
 from chat.types import (
+    ConcurrencyPolicy,
     ContextPolicy,
+    DisconnectPolicy,
     FinishReason,
     Message,
     MessageStatus,
     Role,
     Session,
     SessionPatch,
+    SessionUpdateKind,
+    StatusKind,
     Usage,
 )
 
@@ -108,6 +112,7 @@ __all__ = [
     "ClientConfig",
     "ClientStats",
     "CoalescingBackend",
+    "ConcurrencyPolicy",
     "ConfigurationError",
     "ConnectionLost",
     "ConnectionState",
@@ -119,6 +124,7 @@ __all__ = [
     "Conversation",
     "DeadlineExceeded",
     "Delta",
+    "DisconnectPolicy",
     "EchoBackend",
     "Event",
     "EventKind",
@@ -162,9 +168,11 @@ __all__ = [
     "SessionPage",
     "SessionPatch",
     "SessionStore",
+    "SessionUpdateKind",
     "SessionUpdated",
     "SqliteStore",
     "StatusCode",
+    "StatusKind",
     "StoreUnavailable",
     "Unavailable",
     "Usage",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
+from chat._version import __version__
 from chat.backends import Delta, GenerationRequest, ModelBackend
 from chat.context import ContextBudget
 from chat.errors import (
@@ -38,50 +38,33 @@ from chat.errors import (
     InvalidArgument,
     Unavailable,
 )
-from chat.events import Event, EventKind, Outbox, ReplyCounter
+from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
+from chat.outbox import Outbox
 from chat.retention import Retention, RetentionKeeper
-from chat.stats import ServerStats, StatsSnapshot
+from chat.stats import ServerStats, ServerStatsInfo
 from chat.store import SessionStore
 from chat.types import (
+    ConcurrencyPolicy,
     ContextPolicy,
+    DisconnectPolicy,
     FinishReason,
     Message,
     MessageStatus,
     Role,
     Session,
     SessionPatch,
+    SessionUpdateKind,
+    StatusKind,
     Usage,
     utcnow,
 )
 
-__all__ = ["ChatCore", "Conversation", "Limits", "Request", "RequestKind"]
+__all__ = ["ChatCore", "Conversation", "Limits"]
 
 log = logging.getLogger(__name__)
 
 _TICK = timedelta(microseconds=1)
 _INT32_MAX = 2**31 - 1
-
-
-class RequestKind(enum.IntEnum):
-    """The kinds of ``ChatRequest``, with their wire numbers."""
-
-    MESSAGE = 0
-    PING = 1
-    TYPING_START = 2
-    TYPING_STOP = 3
-    CANCEL = 4
-    RETRY = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One client event on a ``Chat`` stream; the fields are those of ``ChatRequest``."""
-
-    kind: int = RequestKind.MESSAGE
-    session_id: str = ""
-    message: str = ""
-    request_id: str = ""
-    timestamp: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +133,14 @@ class ChatCore:
         system_prompt: str = "",
         title: str = "",
         context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED,
+        concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.UNSPECIFIED,
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED,
+        max_reply_tokens: int = 0,
     ) -> Session:
         """Create and store a new session."""
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
+        self._check_reply_tokens(max_reply_tokens)
         await self._check_model(model)
         # Strictly increasing creation times keep "newest first" equal to creation order,
         # even for sessions created within one clock tick.
@@ -167,6 +154,9 @@ class ChatCore:
             model=model or self.backend.default_model,
             system_prompt=system_prompt,
             context_policy=context_policy,
+            concurrency_policy=concurrency_policy,
+            on_disconnect=on_disconnect,
+            max_reply_tokens=max_reply_tokens,
         )
         await self.store.create(session)
         self.stats.total_sessions_created += 1
@@ -180,6 +170,10 @@ class ChatCore:
     async def get_history(self, session_id: str) -> list[Message]:
         return await self.store.messages(self._check_id(session_id))
 
+    async def read_session(self, session_id: str) -> tuple[Session, list[Message]]:
+        """The session and its history, read at one moment (they always agree)."""
+        return await self.store.read(self._check_id(session_id))
+
     async def update_session(self, session_id: str, patch: SessionPatch) -> Session:
         """Apply ``patch`` and tell the other streams on the session."""
         self._check_id(session_id)
@@ -189,20 +183,26 @@ class ChatCore:
             self._check_text(
                 "system_prompt", patch.system_prompt, self.limits.max_system_prompt_chars
             )
+        if patch.max_reply_tokens is not None:
+            self._check_reply_tokens(patch.max_reply_tokens)
         if patch.model is not None:
             if not patch.model:
                 raise InvalidArgument("model", "must not be empty")
             await self._check_model(patch.model)
         session = await self.store.update(session_id, patch, utcnow())
         changed = ", ".join(patch.changed()) or "nothing"
-        self._publish(session, f"session updated: {changed}")
+        self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
         return session
 
     async def delete_session(self, session_id: str) -> int:
         """Delete the session; return how many messages went with it."""
         session = await self.store.get(self._check_id(session_id))
         deleted = await self.store.delete(session_id)
-        self._publish(dataclasses.replace(session, message_count=0), "session deleted")
+        self._publish(
+            dataclasses.replace(session, message_count=0),
+            SessionUpdateKind.SESSION_DELETED,
+            "session deleted",
+        )
         self._subscribers.pop(session_id, None)
         log.info("deleted session %s (%d messages)", session_id, deleted)
         return deleted
@@ -221,14 +221,27 @@ class ChatCore:
         )
         return page.sessions, page.next_cursor or "", await self.store.count()
 
-    async def stats_snapshot(self) -> tuple[StatsSnapshot, int]:
-        """The counters, and the number of sessions stored."""
-        return self.stats.snapshot(), await self.store.count()
+    async def stats_snapshot(self) -> ServerStatsInfo:
+        """The server's statistics now."""
+        return self.stats.snapshot(
+            version=__version__,
+            backend=self.backend.name,
+            model=self.backend.default_model,
+            store=self.store.kind,
+            active_sessions=await self.store.count(),
+        )
 
     def _check_id(self, session_id: str) -> str:
         if not session_id:
             raise InvalidArgument("session_id", "is required")
         return session_id
+
+    @staticmethod
+    def _check_reply_tokens(value: int) -> None:
+        if not 0 <= value <= _INT32_MAX:
+            raise InvalidArgument(
+                "max_reply_tokens", f"must be between 0 (the server's default) and {_INT32_MAX}"
+            )
 
     @staticmethod
     def _check_text(name: str, value: str, limit: int) -> None:
@@ -302,6 +315,7 @@ class ChatCore:
     def _publish(
         self,
         session: Session,
+        kind: SessionUpdateKind,
         message: str,
         *,
         exclude: Conversation | None = None,
@@ -323,6 +337,7 @@ class ChatCore:
                     status_message=message,
                     message_count=session.message_count,
                     session=session,
+                    update_kind=kind,
                 )
             )
 
@@ -441,6 +456,7 @@ class Conversation:
                         "(to another replica, if there is one) to go on"
                     ),
                     error_code=int(Unavailable.status),
+                    status_kind=StatusKind.SHUTDOWN,
                 )
             )
         if self._input_done:
@@ -454,6 +470,7 @@ class Conversation:
             request_id=request.request_id,
             error_message=error.message,
             error_code=int(error.status),
+            error_field=error.field if isinstance(error, InvalidArgument) else "",
             reply=reply,
             finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
         )
@@ -527,6 +544,7 @@ class Conversation:
                     session_id=request.session_id,
                     request_id=request.request_id,
                     status_message=f"nothing to cancel: no reply in flight or queued for {what}",
+                    status_kind=StatusKind.NOTHING_TO_CANCEL,
                 )
             )
             return
@@ -548,10 +566,11 @@ class Conversation:
             self._error(request, error)
             return
         self._follow(session.session_id)
-        started = request.kind == RequestKind.TYPING_START
-        self._core._publish(
-            session, "typing started" if started else "typing stopped", exclude=self
-        )
+        if request.kind == RequestKind.TYPING_START:
+            kind, text = SessionUpdateKind.TYPING_STARTED, "typing started"
+        else:
+            kind, text = SessionUpdateKind.TYPING_STOPPED, "typing stopped"
+        self._core._publish(session, kind, text, exclude=self)
 
     def _follow(self, session_id: str) -> None:
         if session_id not in self._sessions:
@@ -608,6 +627,7 @@ class Conversation:
                                 "for the prompt)"
                             ),
                             omitted_messages=context.omitted,
+                            status_kind=StatusKind.CONTEXT_TRUNCATED,
                         )
                     )
                 await self.outbox.put(
@@ -706,7 +726,7 @@ class Conversation:
                 reply=turn.reply,
             )
         )
-        core._publish(stored, "reply completed", exclude=self)
+        core._publish(stored, SessionUpdateKind.TURN_COMPLETED, "reply completed", exclude=self)
 
     async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
         outbox = self.outbox

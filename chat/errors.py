@@ -108,6 +108,20 @@ class InvalidArgument(ChatError):
         self.field = field
         self.problem = problem
 
+    @classmethod
+    def from_message(cls, field: str, message: str) -> InvalidArgument:
+        """The error a server reported for ``field`` with the whole text ``message``.
+
+        >>> error = InvalidArgument.from_message("title", "title: is too long")
+        >>> (error.field, str(error))
+        ('title', 'title: is too long')
+        """
+        error = cls.__new__(cls)
+        ChatError.__init__(error, message)
+        error.field = field
+        error.problem = message
+        return error
+
 
 class ContextTooLong(InvalidArgument):
     """The history does not fit the model's context window and the session rejects the turn."""

@@ -1,22 +1,51 @@
-"""Events of the ``Chat`` stream as the core produces them, and the outbox that orders them.
+"""What travels on the ``Chat`` stream, without the wire: requests in, events out.
 
-An :class:`Event` has the fields of ``ChatResponse``; the service layer only converts it.
-The :class:`Outbox` is the queue between the turns of one stream (producers) and the task
-that writes to the socket (consumer). It numbers chunks when they leave, so that chunks
-that are already waiting can be merged into one when the socket is the bottleneck.
+A :class:`Request` has the fields of ``ChatRequest`` and an :class:`Event` those of
+``ChatResponse``, by the same names (``kind`` is ``type``; the timestamp is added when an
+event is written). :mod:`chat._proto` converts them by name, and a test fails when a field
+of the wire messages has no counterpart here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 
-from chat.stats import ServerStats
-from chat.types import FinishReason, Session, Usage
+from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
 
-__all__ = ["Event", "EventKind", "Outbox", "ReplyCounter"]
+__all__ = ["Event", "EventKind", "ReplyCounter", "Request", "RequestKind"]
+
+
+class RequestKind(enum.IntEnum):
+    """The kinds of ``ChatRequest``, with their wire numbers."""
+
+    MESSAGE = 0
+    PING = 1
+    TYPING_START = 2
+    TYPING_STOP = 3
+    CANCEL = 4
+    RETRY = 5
+    RESUME = 6
+    WATCH = 7
+    UNWATCH = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client event on a ``Chat`` stream; the fields are those of ``ChatRequest``.
+
+    ``kind`` is an ``int``, not a :class:`RequestKind`: a client may send a number this
+    server does not know, which gets an ERROR rather than failing the stream.
+    """
+
+    kind: int = RequestKind.MESSAGE
+    session_id: str = ""
+    message: str = ""
+    request_id: str = ""
+    timestamp: str = ""
+    turn_id: str = ""
+    after_seq: int = 0
+    client_message_id: str = ""
 
 
 class EventKind(enum.IntEnum):
@@ -60,122 +89,11 @@ class Event:
     omitted_messages: int = 0
     retry_after: float = 0.0
     session: Session | None = None
+    update_kind: SessionUpdateKind = SessionUpdateKind.UNSPECIFIED
+    status_kind: StatusKind = StatusKind.UNSPECIFIED
+    error_field: str = ""
+    turn_id: str = ""
+    seq: int = 0
     # The reply a CHUNK, RESPONSE_COMPLETE or ERROR belongs to; numbers are filled in from
     # it when the event leaves the outbox.
     reply: ReplyCounter | None = field(default=None, repr=False, compare=False)
-
-
-class Outbox:
-    """A FIFO of events with flow control, urgent events and chunk numbering.
-
-    - :meth:`put` waits while ``high_water`` events are queued, so a fast model cannot run
-      ahead of a slow client without bound; :meth:`put_nowait` never waits (small control
-      events). PONG goes through :meth:`put_urgent`, ahead of queued chunks.
-    - :meth:`get` waits for at least one event and returns every event queued, with
-      ``chunk_number`` and ``total_chunks`` set. With ``coalesce``, consecutive chunks of one
-      reply in that batch become one chunk of at most ``max_chunk_chars`` characters.
-    - :meth:`close` wakes the consumer; :meth:`get` then returns what is left, and ``None``
-      once empty.
-    """
-
-    def __init__(
-        self,
-        *,
-        high_water: int = 64,
-        coalesce: bool = False,
-        max_chunk_chars: int = 8192,
-        stats: ServerStats | None = None,
-    ) -> None:
-        if high_water < 1:
-            raise ValueError("high_water must be >= 1")
-        self._items: deque[Event] = deque()
-        self._urgent: deque[Event] = deque()
-        self._high_water = high_water
-        self._coalesce = coalesce
-        self._max_chunk_chars = max_chunk_chars
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._closed = False
-        self._stats = stats
-
-    def __len__(self) -> int:
-        return len(self._items) + len(self._urgent)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def put_nowait(self, event: Event) -> None:
-        if self._closed:
-            return
-        self._items.append(event)
-        self._readable.set()
-
-    def put_urgent(self, event: Event) -> None:
-        if self._closed:
-            return
-        self._urgent.append(event)
-        self._readable.set()
-
-    async def put(self, event: Event) -> None:
-        while len(self._items) >= self._high_water and not self._closed:
-            self._writable.clear()
-            await self._writable.wait()
-        self.put_nowait(event)
-
-    async def wait_below(self, limit: int) -> None:
-        """Wait while ``limit`` or more events are queued (urgent ones included)."""
-        while len(self) >= limit and not self._closed:
-            self._writable.clear()
-            await self._writable.wait()
-
-    def close(self) -> None:
-        self._closed = True
-        self._readable.set()
-        self._writable.set()
-
-    async def get(self) -> list[Event] | None:
-        while not self._items and not self._urgent:
-            if self._closed:
-                return None
-            self._readable.clear()
-            await self._readable.wait()
-        batch = list(self._urgent)
-        self._urgent.clear()
-        items = list(self._items)
-        self._items.clear()
-        self._writable.set()
-        if self._coalesce and len(items) > 1:
-            items = self._merge(items)
-        chunks = 0
-        for event in items:
-            reply = event.reply
-            if reply is None:
-                continue
-            if event.kind is EventKind.CHUNK:
-                reply.chunks += 1
-                event.chunk_number = reply.chunks
-                chunks += 1
-            else:
-                event.total_chunks = reply.chunks
-        if self._stats is not None:
-            self._stats.total_chunks_sent += chunks
-        batch.extend(items)
-        return batch
-
-    def _merge(self, items: list[Event]) -> list[Event]:
-        merged: list[Event] = []
-        limit = self._max_chunk_chars
-        for event in items:
-            if event.kind is EventKind.CHUNK and merged:
-                last = merged[-1]
-                if (
-                    last.kind is EventKind.CHUNK
-                    and last.reply is event.reply
-                    and len(last.chunk_text) + len(event.chunk_text) <= limit
-                ):
-                    last.chunk_text += event.chunk_text
-                    continue
-            merged.append(event)
-        return merged

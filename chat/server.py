@@ -7,13 +7,14 @@ import logging
 import signal
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self, cast
+from typing import Self
 
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
+from chat._compat import HookedServer, listening_port
+from chat._cork import CorkedTransport, CorkingProtocol
 from chat._reflection import with_reflection
-from chat._wire import CorkingServer
 from chat.backends import ModelBackend
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
@@ -94,10 +95,16 @@ class ChatServer:
         self._store = store
         self._backend = backend
         self._core: ChatCore | None = None
-        self._server: CorkingServer | None = None
+        self._server: HookedServer | None = None
+        # Open connections, so that stop() can close them: grpclib's close() stops listening
+        # and cancels the handlers but leaves connections open, so the clients of a server
+        # stopped in its process would wait forever (and could still start calls on it).
+        self._connections: set[CorkedTransport] = set()
         self._serving = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
+        # Set to cut the grace period short (a second SIGINT or SIGTERM).
+        self._hurry = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -111,13 +118,7 @@ class ChatServer:
         """The TCP port the server listens on (useful with ``port=0``)."""
         if self._server is None:
             raise RuntimeError("the server is not started")
-        # grpclib keeps the asyncio server private; it is the only way to learn the port
-        # the kernel chose for port 0 when grpclib binds the host name itself.
-        listener = cast(asyncio.Server | None, self._server._server)
-        sockets = listener.sockets if listener is not None else ()
-        if not sockets:
-            raise RuntimeError("the server has no listening socket")
-        return int(sockets[0].getsockname()[1])
+        return listening_port(self._server)
 
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
@@ -142,7 +143,10 @@ class ChatServer:
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})
             handlers = with_reflection([service, health])
-            self._server = CorkingServer(handlers)
+            self._server = HookedServer(
+                handlers,
+                wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
+            )
             await self._server.start(config.host, config.port)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
@@ -181,7 +185,7 @@ class ChatServer:
         self._serving.set(False)
         self._core.start_draining()
         try:
-            if not await self._core.wait_idle(grace):
+            if not await self._wait_idle_or_hurry(grace):
                 log.warning(
                     "%d streams (%d replies) still open after %.1fs; cancelling them",
                     self._core.stats.active_streams,
@@ -190,7 +194,7 @@ class ChatServer:
                 )
             self._server.close()
             await self._server.wait_closed()
-            if closed := self._server.close_connections():
+            if closed := self._close_connections():
                 log.info("closed %d client connections", closed)
         finally:
             if self._sweeper is not None:
@@ -202,6 +206,30 @@ class ChatServer:
                 await self._store.aclose()
             self._closed.set()
             log.info("server stopped")
+
+    def stop_now(self) -> None:
+        """End the grace period now: replies still running are cancelled (and kept)."""
+        self._hurry.set()
+
+    async def _wait_idle_or_hurry(self, grace: float) -> bool:
+        assert self._core is not None
+        idle = asyncio.ensure_future(self._core.wait_idle(grace))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
+            if not idle.done():
+                idle.cancel()
+                log.warning("stopping at once (second signal)")
+            await asyncio.wait((idle, hurry))
+        return not idle.cancelled() and idle.result()
+
+    def _close_connections(self) -> int:
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        return len(connections)
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`stop` has finished."""
@@ -223,19 +251,32 @@ class ChatServer:
 async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | None = None) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
-    ``ready`` is called once the server listens (the CLI prints its banner there).
+    A second SIGINT or SIGTERM during the grace period stops it at once (replies still
+    running are cancelled and kept as interrupted), as uvicorn and grpclib do. ``ready`` is
+    called once the server listens (the CLI prints its banner there).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    server: ChatServer | None = None
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        elif server is not None:
+            server.stop_now()
+
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         async with ChatServer(config) as server:
             if ready is not None:
                 ready(server)
             await stop.wait()
-            log.info("shutting down (grace period %.1fs)", config.grace_period)
+            log.info(
+                "shutting down (grace period %.1fs; a second signal stops at once)",
+                config.grace_period,
+            )
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)

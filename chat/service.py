@@ -1,50 +1,78 @@
-"""The grpclib servicer: translates between ``chatpb`` messages and :mod:`chat.core`.
+"""The grpclib servicer: translates between wire messages and :mod:`chat.core`.
 
 Nothing here decides behaviour. Unary RPCs call one core method each and map
 :class:`~chat.errors.ChatError` to a gRPC status; the ``Chat`` stream runs a reader task
 that feeds a :class:`~chat.core.Conversation` while this task writes its outbox, so PINGs
 are answered while a reply streams (full duplex).
+
+Messages are protobuf's (upb) classes built from ``chat.proto``'s embedded descriptors
+(:mod:`chat._proto`); the routes are those the service descriptor declares.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpclib.const
+from google.rpc import error_details_pb2
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.exceptions import StreamTerminatedError
 
-import chatpb
-from chat._version import __version__
-from chat._wire import EncodedResponse, WireClock, encode_response, send_encoded
-from chat.core import ChatCore, Conversation, Request
-from chat.errors import ChatError, InvalidArgument
-from chat.events import Event
-from chat.types import (
-    ContextPolicy,
-    Message,
-    Session,
-    SessionPatch,
-    Usage,
-    format_timestamp,
+from chat._clock import WireClock
+from chat._compat import send_batch
+from chat._proto import (
+    CHAT_SERVICE,
+    EncodedMessage,
+    encode_event,
+    message_class,
+    patch_from_wire,
+    request_from_wire,
+    session_settings_from_wire,
+    session_to_wire,
+    stats_to_wire,
 )
+from chat.core import ChatCore, Conversation
+from chat.errors import BackendRateLimited, ChatError, InvalidArgument
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
 
-__all__ = ["ChatService", "event_to_response", "request_from_message"]
+__all__ = ["ChatService", "status_details"]
 
 log = logging.getLogger(__name__)
 
-_CHAT_ROUTE = "/ChatService/Chat"
 #: Most Chat events written in one go before the writer lets other streams run: large
 #: enough to make one socket write worth it, small enough to keep every stream's turn short.
 _WRITE_SLICE = 16
+
+_CreateSessionResponse = message_class("CreateSessionResponse")
+_ListSessionsResponse = message_class("ListSessionsResponse")
+_DeleteSessionResponse = message_class("DeleteSessionResponse")
+
+
+def status_details(error: ChatError) -> list[Any] | None:
+    """The standard error details (``google.rpc``) that go with ``error``'s status.
+
+    ``BadRequest`` names the field of an :class:`~chat.errors.InvalidArgument` and
+    ``RetryInfo`` says how long to wait after a rate limit, so clients act on data rather
+    than on the wording of the message.
+    """
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.problem
+        )
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
+    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
+        return [info]
+    return None
 
 
 @contextmanager
@@ -53,106 +81,29 @@ def _grpc_status() -> Iterator[None]:
     try:
         yield
     except ChatError as error:
-        raise GRPCError(Status(int(error.status)), error.message) from error
+        raise GRPCError(Status(int(error.status)), error.message, status_details(error)) from error
 
 
-def _context_policy(value: int, field: str) -> ContextPolicy:
-    try:
-        return ContextPolicy(int(value))
-    except ValueError:
-        raise InvalidArgument(field, f"unknown context policy {int(value)}") from None
+def _handler_name(method: str) -> str:
+    """The Python name of an RPC's handler: ``GetSessionInfo`` -> ``get_session_info``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
 
 
-def usage_to_message(usage: Usage | None) -> chatpb.TokenUsage | None:
-    if usage is None:
-        return None
-    return chatpb.TokenUsage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-    )
+def _unary(handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Stream[Any, Any]], Any]:
+    """A unary RPC's stream handler around ``handler(request) -> response``."""
+
+    async def serve(stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the request has no message")
+        with _grpc_status():
+            response = await handler(request)
+        await stream.send_message(response)
+
+    return serve
 
 
-def session_to_message(
-    session: Session, messages: list[Message] | None = None
-) -> chatpb.SessionInfo:
-    return chatpb.SessionInfo(
-        session_id=session.session_id,
-        title=session.title,
-        model=session.model,
-        message_count=session.message_count,
-        created_at=format_timestamp(session.created_at),
-        last_activity=format_timestamp(session.last_activity),
-        system_prompt=session.system_prompt,
-        context_policy=chatpb.ContextPolicy(session.context_policy),
-        messages=[message_to_message(m) for m in messages or ()],
-    )
-
-
-def message_to_message(message: Message) -> chatpb.ChatMessage:
-    return chatpb.ChatMessage(
-        role=chatpb.Role(message.role),
-        content=message.content,
-        timestamp=format_timestamp(message.created_at),
-        status=chatpb.MessageStatus(message.status),
-        request_id=message.request_id,
-        model=message.model,
-        usage=usage_to_message(message.usage),
-    )
-
-
-def request_from_message(message: chatpb.ChatRequest) -> Request:
-    return Request(
-        kind=int(message.type),
-        session_id=message.session_id,
-        message=message.message,
-        request_id=message.request_id,
-        timestamp=message.timestamp,
-    )
-
-
-def event_to_response(event: Event, timestamp: str) -> chatpb.ChatResponse:
-    """The ``ChatResponse`` for ``event``; fields at their defaults are left unset."""
-    response = chatpb.ChatResponse(
-        type=chatpb.ChatResponseType(event.kind),
-        session_id=event.session_id,
-        request_id=event.request_id,
-        timestamp=timestamp,
-    )
-    if event.chunk_text:
-        response.chunk_text = event.chunk_text
-    if event.chunk_number:
-        response.chunk_number = event.chunk_number
-    if event.status_message:
-        response.status_message = event.status_message
-    if event.context_messages:
-        response.context_messages = event.context_messages
-    if event.total_chunks:
-        response.total_chunks = event.total_chunks
-    if event.processing_time:
-        response.processing_time = event.processing_time
-    if event.message_count:
-        response.message_count = event.message_count
-    if event.error_message:
-        response.error_message = event.error_message
-    if event.error_code:
-        response.error_code = event.error_code
-    if event.finish_reason:
-        response.finish_reason = chatpb.FinishReason(event.finish_reason)
-    if event.usage is not None:
-        response.usage = usage_to_message(event.usage)
-    if event.model:
-        response.model = event.model
-    if event.omitted_messages:
-        response.omitted_messages = event.omitted_messages
-    if event.retry_after:
-        response.retry_after = event.retry_after
-    if event.session is not None:
-        response.session = session_to_message(event.session)
-    return response
-
-
-class ChatService(chatpb.ChatServiceBase):
+class ChatService:
     """``ChatService`` over a :class:`~chat.core.ChatCore`."""
 
     def __init__(self, core: ChatCore) -> None:
@@ -160,113 +111,67 @@ class ChatService(chatpb.ChatServiceBase):
         self._clock = WireClock()
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        # The generated base class runs `chat` as an async generator that it never closes;
-        # serving the stream here instead keeps the reader, the writer and their cleanup in
-        # one coroutine.
-        mapping = super().__mapping__()
-        mapping[_CHAT_ROUTE] = grpclib.const.Handler(
-            self._chat_stream,
-            grpclib.const.Cardinality.STREAM_STREAM,
-            chatpb.ChatRequest,
-            # Responses are sent pre-serialized (see _write); on the wire they are
-            # ChatResponse messages, exactly as protobuf encodes them.
-            EncodedResponse,
-        )
+        """One route per method of the service descriptor, to the method of the same name."""
+        mapping = {}
+        for method in CHAT_SERVICE.methods:
+            route = f"/{CHAT_SERVICE.full_name}/{method.name}"
+            request = message_class(method.input_type.name)
+            if method.client_streaming or method.server_streaming:
+                # The Chat stream: served by one coroutine that keeps the reader, the
+                # writer and their cleanup together; responses go out pre-serialized.
+                mapping[route] = grpclib.const.Handler(
+                    self._chat_stream,
+                    grpclib.const.Cardinality.STREAM_STREAM,
+                    request,
+                    EncodedMessage,
+                )
+            else:
+                mapping[route] = grpclib.const.Handler(
+                    _unary(getattr(self, _handler_name(method.name))),
+                    grpclib.const.Cardinality.UNARY_UNARY,
+                    request,
+                    message_class(method.output_type.name),
+                )
         return mapping
 
     # -- unary RPCs ---------------------------------------------------------------------
 
-    async def create_session(
-        self, message: chatpb.CreateSessionRequest
-    ) -> chatpb.CreateSessionResponse:
-        with _grpc_status():
-            session = await self._core.create_session(
-                model=message.model,
-                system_prompt=message.system_prompt,
-                title=message.title,
-                context_policy=_context_policy(message.context_policy, "context_policy"),
-            )
-        return chatpb.CreateSessionResponse(
-            session_id=session.session_id, session=session_to_message(session)
+    async def create_session(self, message: Any) -> Any:
+        session = await self._core.create_session(**session_settings_from_wire(message))
+        return _CreateSessionResponse(
+            session_id=session.session_id, session=session_to_wire(session)
         )
 
-    async def get_session_info(self, message: chatpb.SessionInfoRequest) -> chatpb.SessionInfo:
-        with _grpc_status():
-            session = await self._core.get_session(message.session_id)
-            history = (
-                await self._core.get_history(message.session_id)
-                if message.include_messages
-                else None
-            )
-        return session_to_message(session, history)
+    async def get_session_info(self, message: Any) -> Any:
+        if message.include_messages:
+            session, history = await self._core.read_session(message.session_id)
+            return session_to_wire(session, history)
+        return session_to_wire(await self._core.get_session(message.session_id))
 
-    async def update_session(self, message: chatpb.UpdateSessionRequest) -> chatpb.SessionInfo:
-        with _grpc_status():
-            policy = (
-                None
-                if message.context_policy is None
-                else _context_policy(message.context_policy, "context_policy")
-            )
-            patch = SessionPatch(
-                title=message.title,
-                system_prompt=message.system_prompt,
-                model=message.model,
-                context_policy=policy,
-            )
-            session = await self._core.update_session(message.session_id, patch)
-        return session_to_message(session)
+    async def update_session(self, message: Any) -> Any:
+        patch = patch_from_wire(message)
+        return session_to_wire(await self._core.update_session(message.session_id, patch))
 
-    async def list_sessions(
-        self, message: chatpb.ListSessionsRequest
-    ) -> chatpb.ListSessionsResponse:
-        with _grpc_status():
-            sessions, token, total = await self._core.list_sessions(
-                message.page_size, message.page_token
-            )
-        return chatpb.ListSessionsResponse(
-            sessions=[session_to_message(s) for s in sessions],
+    async def list_sessions(self, message: Any) -> Any:
+        sessions, token, total = await self._core.list_sessions(
+            message.page_size, message.page_token
+        )
+        return _ListSessionsResponse(
+            sessions=[session_to_wire(s) for s in sessions],
             next_page_token=token,
             total_size=total,
         )
 
-    async def delete_session(
-        self, message: chatpb.DeleteSessionRequest
-    ) -> chatpb.DeleteSessionResponse:
-        with _grpc_status():
-            deleted = await self._core.delete_session(message.session_id)
-        return chatpb.DeleteSessionResponse(session_id=message.session_id, deleted_messages=deleted)
+    async def delete_session(self, message: Any) -> Any:
+        deleted = await self._core.delete_session(message.session_id)
+        return _DeleteSessionResponse(session_id=message.session_id, deleted_messages=deleted)
 
-    async def get_server_stats(
-        self, message: chatpb.ServerStatsRequest
-    ) -> chatpb.ServerStatsResponse:
-        core = self._core
-        with _grpc_status():
-            snapshot, sessions = await core.stats_snapshot()
-        return chatpb.ServerStatsResponse(
-            uptime_seconds=snapshot.uptime_seconds,
-            total_requests=snapshot.total_requests,
-            successful_requests=snapshot.successful_requests,
-            failed_requests=snapshot.failed_requests,
-            active_sessions=sessions,
-            total_sessions_created=snapshot.total_sessions_created,
-            avg_response_time=snapshot.avg_response_time,
-            model=core.backend.default_model,
-            active_streams=snapshot.active_streams,
-            total_chunks_sent=snapshot.total_chunks_sent,
-            cancelled_requests=snapshot.cancelled_requests,
-            backend=core.backend.name,
-            store=core.store.kind,
-            version=__version__,
-            started_at=format_timestamp(snapshot.started_at),
-            expired_sessions=snapshot.expired_sessions,
-            evicted_sessions=snapshot.evicted_sessions,
-            trimmed_messages=snapshot.trimmed_messages,
-            active_replies=snapshot.active_replies,
-        )
+    async def get_server_stats(self, message: Any) -> Any:
+        return stats_to_wire(await self._core.stats_snapshot())
 
     # -- the Chat stream ------------------------------------------------------------------
 
-    async def _chat_stream(self, stream: Stream[chatpb.ChatRequest, EncodedResponse]) -> None:
+    async def _chat_stream(self, stream: Stream[Any, EncodedMessage]) -> None:
         async with self._core.open_conversation() as conversation:
             reader = asyncio.create_task(self._read(stream, conversation))
             try:
@@ -278,16 +183,12 @@ class ChatService(chatpb.ChatServiceBase):
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
 
-    async def _read(
-        self,
-        stream: Stream[chatpb.ChatRequest, EncodedResponse],
-        conversation: Conversation,
-    ) -> None:
+    async def _read(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         # grpclib swallows what goes wrong here unless we say so: anything but a clean end
         # of input closes the outbox, so the writer stops and the handler reports it.
         try:
             while (message := await stream.recv_message()) is not None:
-                await conversation.handle(request_from_message(message))
+                await conversation.handle(request_from_wire(message))
         except StreamTerminatedError:
             conversation.outbox.close()
             return
@@ -296,15 +197,8 @@ class ChatService(chatpb.ChatServiceBase):
             raise
         conversation.finish_input()
 
-    async def _write(
-        self,
-        stream: Stream[chatpb.ChatRequest, EncodedResponse],
-        conversation: Conversation,
-    ) -> None:
+    async def _write(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         outbox = conversation.outbox
-        # Events go out pre-serialized by chat._wire.encode_response: the bytes protobuf
-        # writes for event_to_response's message, at a fraction of betterproto2's cost (the
-        # handler declares EncodedResponse as its response type; see __mapping__).
         clock = self._clock
         while (batch := await outbox.get()) is not None:
             for start in range(0, len(batch), _WRITE_SLICE):
@@ -315,11 +209,11 @@ class ChatService(chatpb.ChatServiceBase):
                     await asyncio.sleep(0)
                 # One timestamp per slice: its events leave together.
                 timestamp = clock.now()
-                # A slice in one HTTP/2 write (one frame; see chat._wire.send_encoded).
-                await send_encoded(
-                    stream,
-                    [encode_response(e, timestamp) for e in batch[start : start + _WRITE_SLICE]],
-                )
+                payloads = [encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]]
+                # A slice in one HTTP/2 write; one by one where a listener must see each.
+                if not await send_batch(stream, payloads):
+                    for payload in payloads:
+                        await stream.send_message(EncodedMessage(payload))
             if len(outbox):
                 # More is waiting already (get() would return at once): others first.
                 await asyncio.sleep(0)

@@ -1,39 +1,75 @@
-"""Counters the server measures about itself (``GetServerStats``)."""
+"""The server's statistics (``GetServerStats``): counters, and the snapshot clients read.
+
+:class:`ServerStatsInfo` is the one list of statistics: the server's snapshot, the fields of
+``ServerStatsResponse`` (a test checks they agree) and what :meth:`chat.ChatClient.server_stats`
+returns are all this class, converted by name.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 from chat.types import utcnow
 
-__all__ = ["ServerStats", "StatsSnapshot"]
+__all__ = ["ServerStats", "ServerStatsInfo"]
 
 
 @dataclass(frozen=True, slots=True)
-class StatsSnapshot:
-    """The counters at one moment, plus what only the caller knows (store, backend)."""
+class ServerStatsInfo:
+    """The server's statistics at one moment (``GetServerStats``)."""
 
+    #: Server software version.
+    version: str
+    #: Model backend name (echo, openai, gemini).
+    backend: str
+    #: The server's default model.
+    model: str
+    #: Session store kind (memory, sqlite, redis).
+    store: str
+    #: When the server started (``None`` if a server did not say).
+    started_at: datetime | None
     uptime_seconds: float
-    started_at: datetime
+    #: MESSAGE and RETRY requests received on Chat streams.
     total_requests: int
+    #: Requests whose reply completed (finish reason stop or length).
     successful_requests: int
+    #: Requests answered with an ERROR, or whose reply ended with finish reason error.
     failed_requests: int
+    #: Replies that ended cancelled (CANCEL or the client going away).
     cancelled_requests: int
+    #: Sessions currently stored.
+    active_sessions: int
+    #: Sessions created through this server process.
     total_sessions_created: int
+    #: Mean processing time of completed replies, in seconds.
     avg_response_time: float
+    #: Chat streams open now.
     active_streams: int
+    #: Replies in flight now.
     active_replies: int
+    #: CHUNK events sent.
     total_chunks_sent: int
+    #: Sessions removed by retention: idle too long, over the cap, messages over the cap.
     expired_sessions: int
     evicted_sessions: int
     trimmed_messages: int
 
 
+#: What the snapshot takes from outside the counters (the core knows these).
+_CONTEXT = ("version", "backend", "model", "store", "active_sessions")
+#: What the snapshot computes from the counters.
+_COMPUTED = ("uptime_seconds", "avg_response_time")
+
+
 @dataclass(slots=True)
 class ServerStats:
-    """Mutable counters owned by one :class:`~chat.core.ChatCore` (never module-global)."""
+    """Mutable counters owned by one :class:`~chat.core.ChatCore` (never module-global).
+
+    Every field of :class:`ServerStatsInfo` that is neither context nor computed is a counter
+    of the same name here.
+    """
 
     started_at: datetime = field(default_factory=utcnow)
     started_monotonic: float = field(default_factory=time.monotonic)
@@ -54,21 +90,22 @@ class ServerStats:
         self.successful_requests += 1
         self.response_time_total += processing_time
 
-    def snapshot(self) -> StatsSnapshot:
+    def snapshot(
+        self, *, version: str, backend: str, model: str, store: str, active_sessions: int
+    ) -> ServerStatsInfo:
         done = self.successful_requests
-        return StatsSnapshot(
+        counters = {
+            f.name: getattr(self, f.name)
+            for f in fields(ServerStatsInfo)
+            if f.name not in _CONTEXT and f.name not in _COMPUTED
+        }
+        return ServerStatsInfo(
+            version=version,
+            backend=backend,
+            model=model,
+            store=store,
+            active_sessions=active_sessions,
             uptime_seconds=time.monotonic() - self.started_monotonic,
-            started_at=self.started_at,
-            total_requests=self.total_requests,
-            successful_requests=done,
-            failed_requests=self.failed_requests,
-            cancelled_requests=self.cancelled_requests,
-            total_sessions_created=self.total_sessions_created,
             avg_response_time=self.response_time_total / done if done else 0.0,
-            active_streams=self.active_streams,
-            active_replies=self.active_replies,
-            total_chunks_sent=self.total_chunks_sent,
-            expired_sessions=self.expired_sessions,
-            evicted_sessions=self.evicted_sessions,
-            trimmed_messages=self.trimmed_messages,
+            **counters,
         )

@@ -8,17 +8,22 @@ their protobuf counterparts, so converting is ``chatpb.Role(role)`` in the servi
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 
 __all__ = [
+    "ANONYMOUS",
+    "ConcurrencyPolicy",
     "ContextPolicy",
+    "DisconnectPolicy",
     "FinishReason",
     "Message",
     "MessageStatus",
     "Role",
     "Session",
     "SessionPatch",
+    "SessionUpdateKind",
+    "StatusKind",
     "Usage",
     "format_timestamp",
     "parse_timestamp",
@@ -61,6 +66,49 @@ class ContextPolicy(enum.IntEnum):
     REJECT = 2
 
 
+class ConcurrencyPolicy(enum.IntEnum):
+    """What a session does with a message that arrives while one of its turns runs."""
+
+    UNSPECIFIED = 0
+    QUEUE = 1
+    REJECT = 2
+    INTERRUPT = 3
+
+
+class DisconnectPolicy(enum.IntEnum):
+    """What happens to a reply whose client goes away before it ends."""
+
+    UNSPECIFIED = 0
+    CANCEL = 1
+    CONTINUE = 2
+
+
+class SessionUpdateKind(enum.IntEnum):
+    """What a ``SESSION_UPDATE`` event reports."""
+
+    UNSPECIFIED = 0
+    TYPING_STARTED = 1
+    TYPING_STOPPED = 2
+    TURN_COMPLETED = 3
+    SESSION_UPDATED = 4
+    SESSION_DELETED = 5
+
+
+class StatusKind(enum.IntEnum):
+    """What a ``STATUS`` event is about."""
+
+    UNSPECIFIED = 0
+    CONTEXT_TRUNCATED = 1
+    SHUTDOWN = 2
+    HEARTBEAT = 3
+    NOTHING_TO_CANCEL = 4
+
+
+#: The owner of sessions created without authentication (``--auth none``), and of sessions
+#: stored before sessions had owners.
+ANONYMOUS = "anonymous"
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one reply, as reported by the backend."""
@@ -84,11 +132,17 @@ class Message:
     request_id: str = ""
     model: str = ""
     usage: Usage | None = None
+    #: The turn that produced it; empty for turns stored before turns had ids.
+    turn_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A conversation and its settings (without its messages)."""
+    """A conversation and its settings (without its messages).
+
+    ``turn_running`` and ``watchers`` describe the session's live state; stores do not keep
+    them (they return the defaults) and the core fills them in where it knows them.
+    """
 
     session_id: str
     created_at: datetime
@@ -98,6 +152,13 @@ class Session:
     system_prompt: str = ""
     context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED
     message_count: int = 0
+    owner: str = ANONYMOUS
+    concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.UNSPECIFIED
+    on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED
+    #: Longest reply asked of the model, in tokens; 0: the server's default.
+    max_reply_tokens: int = 0
+    turn_running: bool = False
+    watchers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +169,25 @@ class SessionPatch:
     system_prompt: str | None = None
     model: str | None = None
     context_policy: ContextPolicy | None = None
+    concurrency_policy: ConcurrencyPolicy | None = None
+    on_disconnect: DisconnectPolicy | None = None
+    max_reply_tokens: int | None = None
 
     def changed(self) -> list[str]:
         """Names of the fields this patch sets."""
-        return [name for name in _PATCH_FIELDS if getattr(self, name) is not None]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-
-_PATCH_FIELDS = ("title", "system_prompt", "model", "context_policy")
+    def apply(self, session: Session, now: datetime) -> Session:
+        """``session`` with the fields this patch sets, and ``last_activity`` ``now`` when
+        anything changes (a patch that changes nothing leaves the session as it is)."""
+        changes = {
+            name: value
+            for name in self.changed()
+            if (value := getattr(self, name)) != getattr(session, name)
+        }
+        if not changes:
+            return session
+        return replace(session, last_activity=now, **changes)
 
 
 def utcnow() -> datetime:

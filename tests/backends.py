@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Sequence
 
-from chat.backends import Delta, GenerationRequest
+from chat.backends import Delta, GenerationRequest, PromptMessage
 from chat.backends.echo import EchoBackend
-from chat.types import FinishReason, Usage
+from chat.types import FinishReason, Role, Usage
 
 
 class ScriptedBackend:
@@ -110,3 +111,29 @@ class FailingBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+#: A conversation every backend test sends.
+REQUEST = GenerationRequest(
+    "fake-model",
+    [
+        PromptMessage(Role.SYSTEM, "Be brief."),
+        PromptMessage(Role.USER, "Hi"),
+        PromptMessage(Role.ASSISTANT, "Hello."),
+        PromptMessage(Role.USER, "How are you?"),
+    ],
+    "conformance",
+)
+
+
+async def collect(
+    deltas: AsyncGenerator[Delta, None], *, into: list[str] | None = None
+) -> list[Delta]:
+    """Every delta; with ``into``, their texts are appended there as they come."""
+    received: list[Delta] = []
+    async with contextlib.aclosing(deltas) as stream:
+        async for delta in stream:
+            received.append(delta)
+            if into is not None:
+                into.append(delta.text)
+    return received

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
+import typing
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import strategies as st
 
+import chatpb
 from chat.backends import PromptMessage
 from chat.client import ReconnectPolicy
-from chat.types import ContextPolicy, Message, MessageStatus, Role, SessionPatch, Usage
+from chat.events import Event
+from chat.stats import ServerStatsInfo
+from chat.types import (
+    ConcurrencyPolicy,
+    ContextPolicy,
+    DisconnectPolicy,
+    Message,
+    MessageStatus,
+    Role,
+    Session,
+    SessionPatch,
+    Usage,
+    format_timestamp,
+)
 
 #: Text as people type it, plus what breaks naive code: combining marks, emoji with
 #: zero-width joiners, astral-plane characters, CJK, RTL, control-free whitespace.
@@ -71,6 +92,9 @@ patches = st.builds(
     system_prompt=st.none() | text,
     model=st.none() | st.sampled_from(["echo", "other"]),
     context_policy=st.none() | st.sampled_from(ContextPolicy),
+    concurrency_policy=st.none() | st.sampled_from(ConcurrencyPolicy),
+    on_disconnect=st.none() | st.sampled_from(DisconnectPolicy),
+    max_reply_tokens=st.none() | st.sampled_from([0, 1, 4096]),
 )
 
 #: Any valid reconnection policy of ChatClient.
@@ -82,3 +106,166 @@ reconnect_policies = st.builds(
     multiplier=st.floats(1, 4),
     jitter=st.floats(0, 1),
 )
+
+# -- derived from the wire messages -----------------------------------------------------------
+# Each strategy below draws every field of a wire message, found in its descriptor, for the
+# domain type it converts to: a field added to chat.proto is drawn without editing this.
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_TYPE = FieldDescriptor
+_RANGES = {
+    _TYPE.TYPE_INT32: (INT32_MIN, INT32_MAX),
+    _TYPE.TYPE_INT64: (INT64_MIN, INT64_MAX),
+}
+_DESCRIPTORS = chatpb.CHAT_PROTO_DESCRIPTOR.message_types_by_name
+
+
+def _integers(field: FieldDescriptor, *, overflow: bool) -> st.SearchStrategy[int]:
+    low, high = _RANGES[field.type]
+    edges = st.sampled_from([0, 1, 127, 128, 16_383, 16_384, high, -1, low])
+    inside = edges | st.integers(low, high)
+    if not overflow:
+        return inside
+    # Now and then a value that does not fit, which must be refused rather than truncated.
+    return inside | st.sampled_from([high + 1, low - 1, 2**70])
+
+
+def _for_field(
+    owner: type, attribute: str, field: FieldDescriptor, *, overflow: bool
+) -> st.SearchStrategy[Any]:
+    hint = typing.get_type_hints(owner)[attribute]
+    optional = type(None) in typing.get_args(hint)
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = kinds[0]
+    strategy: st.SearchStrategy[Any]
+    if kind is datetime:
+        strategy = timestamps
+    elif isinstance(kind, type) and issubclass(kind, enum.IntEnum):
+        strategy = st.sampled_from(kind)
+    elif field.type == _TYPE.TYPE_MESSAGE:
+        strategy = derived(kind, field.message_type.name, overflow=overflow)
+    elif field.type == _TYPE.TYPE_STRING:
+        strategy = text
+    elif field.type == _TYPE.TYPE_BOOL:
+        strategy = st.booleans()
+    elif field.type == _TYPE.TYPE_DOUBLE:
+        strategy = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+            [0.0, -0.0, 5e-324, 1.5, math.inf]
+        )
+    elif field.type in _RANGES:
+        strategy = _integers(field, overflow=overflow)
+    else:
+        raise TypeError(f"no strategy for {field.full_name} (type {field.type})")
+    return st.none() | strategy if optional else strategy
+
+
+def derived(
+    kind: type,
+    message: str,
+    *,
+    renames: Mapping[str, str] | None = None,
+    overflow: bool = False,
+    skip: Iterable[str] = (),
+) -> st.SearchStrategy[Any]:
+    """Instances of dataclass ``kind`` with every field that wire ``message`` has drawn.
+
+    ``renames`` maps wire names to attribute names where they differ; fields of ``message``
+    in ``skip``, and wire fields ``kind`` computes (``TokenUsage.total_tokens``), are left
+    to their defaults.
+    """
+    renames = renames or {}
+    settable = {f.name for f in dataclasses.fields(kind) if f.init}
+    arguments: dict[str, st.SearchStrategy[Any]] = {}
+    for field in _DESCRIPTORS[message].fields:
+        attribute = renames.get(field.name, field.name)
+        if field.name in skip or attribute not in settable:
+            continue
+        if field.is_repeated:
+            continue  # lists of messages are drawn where they are sent (the history)
+        arguments[attribute] = _for_field(kind, attribute, field, overflow=overflow)
+    built = st.builds(kind, **arguments)
+    # Derived values (a usage's total) must fit too, unless overflow is asked for.
+    return built if overflow else built.filter(lambda value: fits_the_wire(value, message))
+
+
+#: Any event the core could make, now and then with an int32 value too large for the wire.
+events = derived(Event, "ChatResponse", renames={"type": "kind"}, overflow=True, skip={"timestamp"})
+#: Sessions and stored messages as a store returns them.
+sessions = derived(Session, "SessionInfo")
+stored_messages = st.lists(
+    derived(Message, "ChatMessage", renames={"timestamp": "created_at"}), max_size=4
+)
+#: A ChatRequest as a client sends it (the public betterproto2 type).
+requests = st.builds(
+    chatpb.ChatRequest,
+    **{
+        f.name: (
+            st.sampled_from(chatpb.ChatRequestType)
+            if f.name == "type"
+            else text
+            if f.type == _TYPE.TYPE_STRING
+            else _integers(f, overflow=False)
+        )
+        for f in _DESCRIPTORS["ChatRequest"].fields
+    },
+)
+#: Statistics snapshots.
+stats_snapshots = derived(ServerStatsInfo, "ServerStatsResponse")
+
+
+def wire_value(
+    source: object,
+    field: FieldDescriptor,
+    *,
+    timestamp: str | None = None,
+    renames: Mapping[str, str] | None = None,
+) -> Any:
+    """What field ``field`` of the wire message made from ``source`` must hold, as plain data.
+
+    Nested messages become dicts of their fields; timestamps RFC 3339; enums their number.
+    """
+    if field.name == "timestamp" and timestamp is not None:
+        return timestamp
+    value = getattr(source, (renames or {}).get(field.name, field.name))
+    if field.type == _TYPE.TYPE_MESSAGE:
+        if value is None:
+            return None
+        if field.is_repeated:
+            return [wire_value_of(item, field.message_type.name) for item in value]
+        return wire_value_of(value, field.message_type.name)
+    if isinstance(value, datetime):
+        return format_timestamp(value)
+    if value is None and field.type == _TYPE.TYPE_STRING:
+        return ""
+    if isinstance(value, enum.IntEnum | bool):
+        return int(value) if isinstance(value, enum.IntEnum) else value
+    return value
+
+
+def wire_value_of(source: object, message: str) -> dict[str, Any]:
+    """``source`` as the plain data of the wire message ``message`` made from it."""
+    descriptor = _DESCRIPTORS[message]
+    values: dict[str, Any] = {}
+    for field in descriptor.fields:
+        if field.is_repeated and not hasattr(source, field.name):
+            values[field.name] = []  # the history is sent beside a session, not in it
+        else:
+            values[field.name] = wire_value(source, field)
+    return values
+
+
+def fits_the_wire(source: object, message: str = "ChatResponse") -> bool:
+    """Whether every integer of the message made from ``source`` fits its field."""
+    for field in _DESCRIPTORS[message].fields:
+        if field.name == "type" or not hasattr(source, field.name):
+            continue
+        value = getattr(source, field.name)
+        if field.type == _TYPE.TYPE_MESSAGE and value is not None and not field.is_repeated:
+            if not fits_the_wire(value, field.message_type.name):
+                return False
+        elif field.type in _RANGES and not isinstance(value, enum.IntEnum):
+            low, high = _RANGES[field.type]
+            if not low <= value <= high:
+                return False
+    return True

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
 
-from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends import ModelBackend
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend, echo_reply
 from chat.backends.gemini import GeminiBackend
@@ -29,20 +29,10 @@ from chat.errors import (
     BackendUnavailable,
 )
 from chat.secret import Secret
-from chat.types import FinishReason, Role
+from chat.types import FinishReason
+from tests.backends import REQUEST, collect
 from tests.fake_llm import FakeLLM, Provider, Reply
 from tests.helpers import TIMEOUT
-
-REQUEST = GenerationRequest(
-    "fake-model",
-    [
-        PromptMessage(Role.SYSTEM, "Be brief."),
-        PromptMessage(Role.USER, "Hi"),
-        PromptMessage(Role.ASSISTANT, "Hello."),
-        PromptMessage(Role.USER, "How are you?"),
-    ],
-    "conformance",
-)
 
 
 def remote_backend(
@@ -101,19 +91,6 @@ async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
 
         yield Subject(remote, "Hello, world!", fake, held)
         await remote.aclose()
-
-
-async def collect(
-    deltas: AsyncGenerator[Delta, None], *, into: list[str] | None = None
-) -> list[Delta]:
-    """Every delta; with ``into``, their texts are appended there as they come."""
-    received: list[Delta] = []
-    async with contextlib.aclosing(deltas) as stream:
-        async for delta in stream:
-            received.append(delta)
-            if into is not None:
-                into.append(delta.text)
-    return received
 
 
 async def test_deltas_reassemble_to_the_full_reply(subject: Subject) -> None:

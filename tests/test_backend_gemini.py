@@ -17,8 +17,8 @@ from chat.errors import (
 )
 from chat.secret import Secret
 from chat.types import FinishReason, Role, Usage
+from tests.backends import REQUEST, collect
 from tests.fake_llm import FakeLLM, Reply, gemini_error
-from tests.test_backend_conformance import REQUEST, collect
 
 KEY = "AIza-test-0123456789"
 

@@ -17,8 +17,8 @@ from chat.errors import (
 )
 from chat.secret import Secret
 from chat.types import FinishReason, Usage
+from tests.backends import REQUEST, collect
 from tests.fake_llm import FakeLLM, Reply, openai_error
-from tests.test_backend_conformance import REQUEST, collect
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -1,24 +1,34 @@
-"""ChatClient against real servers on 127.0.0.1: conversations, cancel, reconnection, errors."""
+"""ChatClient against ChatServers: conversations, cancel, reconnection, errors, configuration.
+
+Most tests connect in memory (tests/in_memory.py) to the handlers of a server in this
+process; the ones about sockets and processes (an unreachable port, a server restarted on its
+port, a frozen or killed server process) use real servers on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import random
 import signal
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import chat
+import chat.client
 from chat import (
     BackendUnavailable,
     ChatClient,
     ChatServer,
+    ClientConfig,
     ConfigurationError,
     ConnectionLost,
     ConnectionState,
@@ -48,7 +58,9 @@ from chat import (
     StatusCode,
 )
 from chat.client import parse_target
+from chat.types import SessionUpdateKind
 from tests.helpers import TIMEOUT, running_server_process
+from tests.in_memory import MEMORY_TARGET, InMemoryConnections
 from tests.strategies import reconnect_policies
 
 #: Seconds per word of the echo backend when a test needs a reply that is still streaming.
@@ -86,6 +98,11 @@ class FailingOnceBackend(EchoBackend):
 
 def address(server: ChatServer) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+def memory_client(server: ChatServer, **options: Any) -> ChatClient:
+    """A client of ``server`` whose connections are in memory (see tests/in_memory.py)."""
+    return InMemoryConnections(server).client(**options)
 
 
 @asynccontextmanager
@@ -133,19 +150,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_CLIENT_PACKAGE = Path(chat.client.__file__).parent
+
+
 def client_tasks() -> list[asyncio.Task[object]]:
-    return [
-        t
-        for t in asyncio.all_tasks()
-        if getattr(t.get_coro(), "__qualname__", "").startswith("ChatClient.")
-    ]
+    """The running tasks that the client started (their coroutines are in chat/client/)."""
+    tasks = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and Path(code.co_filename).is_relative_to(_CLIENT_PACKAGE):
+            tasks.append(task)
+    return tasks
 
 
 # -- conversations ------------------------------------------------------------------------------
 
 
 async def test_a_multi_turn_conversation_streams_typed_events(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as client:
+    async with memory_client(server) as client:
         session = await client.create_session(title="multi", system_prompt="Be brief.")
         events = [event async for event in client.send(session.session_id, "hello world")]
 
@@ -179,7 +201,7 @@ async def test_a_multi_turn_conversation_streams_typed_events(server: ChatServer
 
 
 async def test_one_stream_carries_concurrent_replies_and_answers_pings_meanwhile() -> None:
-    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+    async with serving(pace=PACE) as server, memory_client(server) as client:
         first = await client.create_session()
         second = await client.create_session()
         async with (
@@ -207,7 +229,7 @@ async def test_one_stream_carries_concurrent_replies_and_answers_pings_meanwhile
 
 
 async def test_cancel_stops_the_reply_and_the_history_keeps_it_as_cancelled() -> None:
-    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+    async with serving(pace=PACE) as server, memory_client(server) as client:
         session = await client.create_session()
         received: list[str] = []
         async with client.send(session.session_id, LONG_TEXT) as reply:
@@ -229,7 +251,7 @@ async def test_cancel_stops_the_reply_and_the_history_keeps_it_as_cancelled() ->
 
 
 async def test_cancel_by_session_stops_every_reply_of_that_session() -> None:
-    async with serving(pace=PACE) as server, ChatClient(address(server)) as client:
+    async with serving(pace=PACE) as server, memory_client(server) as client:
         session = await client.create_session()
         one = client.send(session.session_id, LONG_TEXT)
         two = client.send(session.session_id, "queued behind the first")
@@ -244,8 +266,10 @@ async def test_cancel_by_session_stops_every_reply_of_that_session() -> None:
 async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
     async with serving(pace=PACE) as server:
         baseline = len(client_tasks())
-        client = ChatClient(address(server))
+        client = memory_client(server)
         async with client:
+            # The reader runs while connected: the count below sees the client's tasks.
+            assert len(client_tasks()) > baseline
             session = await client.create_session()
             async with client.notices():
                 async with client.send(session.session_id, LONG_TEXT) as reply:
@@ -263,7 +287,7 @@ async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
                     break
                 await client.ask(session.session_id, "after it")
                 assert client.pending_requests == 0
-            assert not client._subscribers
+            assert not client._connector.subscribers
         assert len(client_tasks()) == baseline
         assert not client.connected
 
@@ -271,7 +295,7 @@ async def test_leaving_a_reply_early_cancels_it_and_leaks_nothing() -> None:
 async def test_retry_runs_a_failed_message_again() -> None:
     async with (
         serving(backend=FailingOnceBackend()) as server,
-        ChatClient(address(server)) as client,
+        memory_client(server) as client,
     ):
         session = await client.create_session()
         events = [e async for e in client.send(session.session_id, "try me")]
@@ -294,7 +318,7 @@ async def test_retry_runs_a_failed_message_again() -> None:
 
 
 async def test_another_stream_on_the_session_pushes_session_updates(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as watcher, ChatClient(address(server)) as writer:
+    async with memory_client(server) as watcher, memory_client(server) as writer:
         session = await watcher.create_session()
         await watcher.ask(session.session_id, "I was here first")
         async with watcher.notices() as notices:
@@ -305,13 +329,66 @@ async def test_another_stream_on_the_session_pushes_session_updates(server: Chat
         assert update.message_count == 4
         assert update.session is not None
         assert update.session.message_count == 4
+        assert update.kind is SessionUpdateKind.TURN_COMPLETED
+
+
+async def test_every_session_update_says_what_happened_as_data(server: ChatServer) -> None:
+    async with memory_client(server) as watcher, memory_client(server) as other:
+        session = await watcher.create_session()
+        await watcher.ask(session.session_id, "watching")
+        sid = session.session_id
+        async with watcher.notices() as notices:
+
+            async def kind_after(action: Callable[[], Any]) -> SessionUpdateKind:
+                await action()
+                notice = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+                assert isinstance(notice, SessionUpdated)
+                return notice.kind
+
+            kinds = [
+                await kind_after(lambda: other.update_session(sid, title="renamed")),
+                await kind_after(lambda: other.ask(sid, "hello")),
+                await kind_after(lambda: other.delete_session(sid)),
+            ]
+        assert kinds == [
+            SessionUpdateKind.SESSION_UPDATED,
+            SessionUpdateKind.TURN_COMPLETED,
+            SessionUpdateKind.SESSION_DELETED,
+        ]
+
+
+async def test_a_bad_field_is_named_by_data_not_by_the_wording(server: ChatServer) -> None:
+    # The message text is for people; the field comes from google.rpc.BadRequest (unary)
+    # and error_field (Chat), so it survives any rewording.
+    async with memory_client(server) as client:
+        session = await client.create_session()
+        with pytest.raises(InvalidArgument) as error:
+            await client.create_session(max_reply_tokens=-1)
+        assert error.value.field == "max_reply_tokens"
+        assert error.value.problem.startswith("must be between 0")
+        events = [e async for e in client.send(session.session_id, "")]
+        assert isinstance(events[-1], ReplyFailed)
+        assert events[-1].field == "message"
+        assert events[-1].error().field == "message"  # type: ignore[attr-defined]
+
+
+async def test_the_server_statistics_reach_the_client_field_by_field(server: ChatServer) -> None:
+    async with memory_client(server) as client:
+        session = await client.create_session()
+        await client.ask(session.session_id, "count me")
+        seen = await client.server_stats()
+        snapshot = await server.core.stats_snapshot()
+    for field in dataclasses.fields(snapshot):
+        if field.name in ("uptime_seconds", "active_streams"):
+            continue  # moves on its own; the client's stream is closed by now
+        assert getattr(seen, field.name) == getattr(snapshot, field.name), field.name
 
 
 # -- sessions, stats, health -------------------------------------------------------------------
 
 
 async def test_session_crud_and_paging(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as client:
+    async with memory_client(server) as client:
         created = [await client.create_session(title=f"s{i}") for i in range(5)]
         first = await client.list_sessions(page_size=2)
         assert first.total == 5
@@ -345,7 +422,7 @@ async def test_session_crud_and_paging(server: ChatServer) -> None:
 
 
 async def test_find_session_rejects_an_ambiguous_prefix(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as client:
+    async with memory_client(server) as client:
         for _ in range(40):
             await client.create_session()
         # 40 random UUIDs: two share their first hex digit (pigeonhole over 16).
@@ -359,7 +436,7 @@ async def test_find_session_rejects_an_ambiguous_prefix(server: ChatServer) -> N
 
 
 async def test_stats_and_health(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as client:
+    async with memory_client(server) as client:
         session = await client.create_session()
         await client.ask(session.session_id, "count me")
         stats = await client.server_stats()
@@ -382,7 +459,7 @@ async def test_stats_and_health(server: ChatServer) -> None:
 
 
 async def test_server_statuses_become_typed_errors(server: ChatServer) -> None:
-    async with ChatClient(address(server)) as client:
+    async with memory_client(server) as client:
         session = await client.create_session()
         with pytest.raises(SessionNotFound):
             await client.get_session("no-such-session")
@@ -417,7 +494,7 @@ async def test_a_unary_call_past_its_deadline_raises_deadline_exceeded() -> None
     store = StallingStore()
     async with (
         serving(store=store) as server,
-        ChatClient(address(server), timeout=0.2) as client,
+        memory_client(server, timeout=0.2) as client,
     ):
         try:
             with pytest.raises(DeadlineExceeded, match="GetServerStats"):
@@ -434,6 +511,45 @@ async def test_a_client_that_is_not_connected_says_so() -> None:
 
 
 # -- connection loss and reconnection -----------------------------------------------------------
+
+
+async def test_each_connection_gets_a_new_channel_from_the_factory(server: ChatServer) -> None:
+    connections = InMemoryConnections(server)
+    async with connections.client() as client:
+        session = await client.create_session()
+        assert (connections.opened, connections.open) == (1, 1)
+        await client.disconnect()
+        assert not client.connected
+        assert connections.open == 0
+        await client.connect()
+        assert (connections.opened, connections.open) == (2, 1)
+        reply = await client.ask(session.session_id, "still there?")
+        assert reply.text.endswith("still there?")
+        assert client.stats.reconnections == 1
+    assert connections.open == 0
+
+
+async def test_a_cut_connection_fails_the_reply_and_the_policy_reconnects() -> None:
+    async with serving(pace=PACE) as server:
+        connections = InMemoryConnections(server)
+        async with connections.client(reconnect=FAST_RECONNECT) as client:
+            session = await client.create_session()
+            # Paced: the reply is still streaming when the connection is cut.
+            reply = client.send(session.session_id, LONG_TEXT)
+            async with client.notices() as notices, reply:
+                assert isinstance(await anext(reply), ReplyStarted)
+                assert connections.drop() == 1
+                await next_notice(notices, state_is(ConnectionState.LOST))
+                assert not client.connected
+                with pytest.raises(ConnectionLost):
+                    async for _ in reply:
+                        pass
+            assert client.pending_requests == 0
+            assert client.stats.replies_failed == 1
+            again = await client.ask(session.session_id, "and now?")
+            assert again.text.endswith("and now?")
+            assert connections.opened == 2
+            assert client.stats.reconnections == 1
 
 
 async def test_reconnects_after_the_server_restarts_and_keeps_the_session(
@@ -519,7 +635,7 @@ async def test_without_a_policy_a_lost_connection_raises_until_connect(tmp_path:
 
 async def test_a_silent_stream_is_detected_by_keepalive_pings() -> None:
     async with serving(pace=PACE) as server:
-        client = ChatClient(address(server), keepalive=0.1, timeout=0.5)
+        client = memory_client(server, keepalive=0.1, timeout=0.5)
         async with client:
             session = await client.create_session()
             # Slower than the keepalive between chunks: the PINGs are answered, all is well.
@@ -624,11 +740,35 @@ def test_policies_and_configs_are_validated() -> None:
         ChatClient("localhost:1", timeout=0)
 
 
+def test_the_constructor_takes_every_config_field_with_its_default() -> None:
+    fields = {f.name: f for f in dataclasses.fields(ClientConfig) if f.init}
+    parameters = dict(inspect.signature(ChatClient).parameters)
+    assert parameters.pop("channel_factory").default is None
+    assert parameters.keys() == fields.keys()
+    for name, parameter in parameters.items():
+        assert parameter.default == fields[name].default, name
+
+
+async def test_from_config_keeps_the_config_and_takes_a_channel_factory(
+    server: ChatServer,
+) -> None:
+    config = ClientConfig(
+        target=MEMORY_TARGET,
+        timeout=3.0,
+        connect_timeout=2.0,
+        reconnect=FAST_RECONNECT,
+        keepalive=None,
+    )
+    connections = InMemoryConnections(server)
+    async with ChatClient.from_config(config, channel_factory=connections) as client:
+        assert client.config == config
+        assert await client.ping() > 0
+    assert connections.opened == 1
+
+
 def test_the_client_api_is_exported() -> None:
     import chat.client
     import chat.errors
 
     missing = (set(chat.client.__all__) | set(chat.errors.__all__)) - set(chat.__all__)
     assert missing <= {"DEFAULT_TARGET", "parse_target"}
-    for name in chat.__all__:
-        assert hasattr(chat, name), name

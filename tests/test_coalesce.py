@@ -14,8 +14,8 @@ from chat.backends import Delta
 from chat.backends.coalesce import coalesce
 from chat.errors import BackendUnavailable
 from chat.types import FinishReason, Usage
+from tests.backends import collect
 from tests.helpers import TIMEOUT
-from tests.test_backend_conformance import collect
 
 
 async def scripted(

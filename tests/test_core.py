@@ -27,7 +27,7 @@ from chat import (
     StatusCode,
     Usage,
 )
-from chat._wire import encode_response
+from chat._proto import encode_event
 from chat.backends.echo import echo_reply
 from chat.core import Conversation
 from chat.errors import BackendRateLimited, BackendUnavailable
@@ -719,6 +719,6 @@ async def test_token_counts_that_do_not_fit_the_wire_are_dropped_not_fatal(
     assert events[-1].usage is None
     # The writer encodes each event; one that cannot be encoded would end the stream.
     for event in events:
-        encode_response(event, "")
+        encode_event(event, "")
     history = await core.get_history(session.session_id)
     assert history[-1].usage is None

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import chat.cli.server as cli
 import chatpb
 from chat import ChatServer, ServerConfig
-from chat._wire import EncodedResponse, WireClock
+from chat._clock import WireClock
+from chat._proto import EncodedMessage
 from chat.context import estimate_tokens
 from chat.errors import ConfigurationError
 from chat.server import event_loop_factory
@@ -73,7 +74,7 @@ async def test_a_send_message_listener_sees_every_message(server: ChatServer) ->
     seen: list[bytes] = []
 
     async def on_send(event: SendMessage) -> None:
-        if isinstance(event.message, EncodedResponse):
+        if isinstance(event.message, EncodedMessage):
             seen.append(bytes(event.message))
 
     listen(server._server, SendMessage, on_send)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from chat import (
     MessageStatus,
     Role,
     ServerConfig,
+    open_store,
 )
 from scripts.generate import PROTO, ROOT
 from tests.backends import GatedBackend
@@ -257,6 +258,46 @@ async def test_chat_server_process_finishes_a_reply_in_flight_on_a_signal(
         assert reply_text(events).endswith("word word")
         assert server.process.wait(TIMEOUT) == 0
     assert any("shutting down" in line for line in server.output)
+
+
+async def test_a_second_signal_stops_the_server_at_once_keeping_the_partial_reply(
+    tmp_path: Path,
+) -> None:
+    # A reply of about 20 s and a grace period of 60 s: only the second signal can make the
+    # server exit within the test's bound.
+    store = f"sqlite:///{tmp_path / 'chat.db'}"
+    with running_server_process(
+        "--pace", "0.05", "--grace-period", "60", "--store", store
+    ) as server:
+        async with Channel(server.host, server.port) as channel:
+            stub = chatpb.ChatServiceStub(channel)
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            async with ChatStream(stub) as stream:
+                stream.message(session.session_id, " ".join(["word"] * 400), "r1")
+                await stream.until("r1", [T.CHUNK])
+                server.process.send_signal(signal.SIGINT)
+                await eventually(
+                    lambda: _said(server.output, "shutting down"), "the first signal's log line"
+                )
+                assert server.process.poll() is None  # still draining
+                server.process.send_signal(signal.SIGINT)
+                assert await asyncio.to_thread(server.process.wait, TIMEOUT) == 0
+    assert any("stopping at once" in line for line in server.output)
+    opened = open_store(store)
+    await opened.open()
+    try:
+        history = await opened.messages(session.session_id)
+    finally:
+        await opened.aclose()
+    assert [m.status for m in history] == [MessageStatus.COMPLETE, MessageStatus.INTERRUPTED]
+    # Cut short (the echo backend repeats all 400 words when it is left to finish), and
+    # kept: the reply had started.
+    assert history[1].content.startswith("Echo")
+    assert history[1].content.count("word") < 400
+
+
+async def _said(output: list[str], text: str) -> bool:
+    return any(text in line for line in output)
 
 
 async def test_environment_variables_configure_the_server() -> None:

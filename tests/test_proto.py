@@ -7,7 +7,6 @@ import filecmp
 from pathlib import Path
 from typing import Any
 
-import pytest
 from google.protobuf import descriptor_pb2
 
 import chatpb
@@ -156,7 +155,19 @@ def test_every_message_field_enum_and_rpc_is_documented() -> None:
     assert not missing, f"undocumented in chat.proto: {missing}"
 
 
-@pytest.mark.parametrize("name", ["ChatRequest", "ChatResponse", "ChatServiceStub"])
-def test_generated_package_reads_well(name: str) -> None:
-    assert hasattr(chatpb, name)
-    assert chatpb.__name__ == "chatpb"
+def test_every_message_and_enum_has_its_generated_class() -> None:
+    # betterproto2 names nested types Parent + Name (ChatRequest.Type -> ChatRequestType).
+    file = chatpb.CHAT_PROTO_DESCRIPTOR
+    expected = {
+        **{name: m for name, m in file.message_types_by_name.items()},
+        **{name: e for name, e in file.enum_types_by_name.items()},
+        **{
+            m.name + nested.name: nested
+            for m in file.message_types_by_name.values()
+            for nested in m.enum_types
+        },
+    }
+    for name, descriptor in expected.items():
+        generated = getattr(chatpb, name)
+        assert generated.DESCRIPTOR.full_name == descriptor.full_name, name
+    assert set(chatpb.__all__) == {*expected, "ChatServiceBase", "ChatServiceStub"}

@@ -67,7 +67,7 @@ async def test_nothing_is_dropped_without_limits() -> None:
     await core.retention.sweep(utcnow() + timedelta(days=3650))
     assert await core.store.count() == 5
     assert len(await core.get_history(sessions[0].session_id)) == 20
-    snapshot = core.stats.snapshot()
+    snapshot = await core.stats_snapshot()
     assert (snapshot.expired_sessions, snapshot.evicted_sessions, snapshot.trimmed_messages) == (
         0,
         0,
@@ -128,7 +128,9 @@ async def test_idle_sessions_expire_on_a_sweep_counted_and_logged(
     core = make_core(session_ttl=60)
     idle = await core.create_session()
     active = await core.create_session()
-    await core.store.update(idle.session_id, SessionPatch(), utcnow() - timedelta(hours=1))
+    await core.store.update(
+        idle.session_id, SessionPatch(title="idle"), utcnow() - timedelta(hours=1)
+    )
     with caplog.at_level(logging.INFO, logger="chat.retention"):
         await core.retention.sweep()
     assert core.stats.expired_sessions == 1
@@ -143,7 +145,9 @@ async def test_idle_sessions_expire_on_a_sweep_counted_and_logged(
 async def test_a_turn_marks_its_session_active_before_the_reply() -> None:
     core = make_core(session_ttl=60)
     session = await core.create_session()
-    await core.store.update(session.session_id, SessionPatch(), utcnow() - timedelta(hours=1))
+    await core.store.update(
+        session.session_id, SessionPatch(title="idle"), utcnow() - timedelta(hours=1)
+    )
     started = utcnow()
     await converse(core, session.session_id, "hello")
     assert (await core.get_session(session.session_id)).last_activity >= started

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import enum
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from chat.errors import InvalidArgument, SessionNotFound
 from chat.store import SessionStore, open_store
+from chat.store._codec import SESSION_FIELDS
 from chat.store._cursor import encode_cursor
 from chat.types import (
     ContextPolicy,
@@ -118,8 +120,70 @@ async def test_update_changes_only_the_patched_fields_and_the_activity(
     updated = await store.update("s", every, at(61))
     assert (updated.title, updated.system_prompt, updated.model) == ("", "other", "m2")
     assert updated.context_policy is ContextPolicy.TRUNCATE
-    touched = await store.update("s", SessionPatch(), at(62))
-    assert touched == dataclasses.replace(updated, last_activity=at(62))
+    assert updated.last_activity == at(61)
+
+
+async def test_an_update_that_changes_nothing_keeps_the_activity(store: SessionStore) -> None:
+    # Otherwise any client could keep a session from expiring with empty updates.
+    await store.create(session("s", title="same", model="echo"))
+    for patch in (SessionPatch(), SessionPatch(title="same", model="echo")):
+        assert await store.update("s", patch, at(60)) == session("s", title="same", model="echo")
+    assert (await store.get("s")).last_activity == at(0)
+    changed = await store.update("s", SessionPatch(title="same", model="other"), at(61))
+    assert (changed.model, changed.last_activity) == ("other", at(61))
+
+
+def _non_default(value: Any) -> Any:
+    """A value of the same type as ``value`` that differs from it."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, enum.IntEnum):
+        return next(member for member in type(value) if member != value)
+    if isinstance(value, int):
+        return value + 7
+    if isinstance(value, str):
+        return value + "-set ✓"
+    if isinstance(value, datetime):
+        return value + timedelta(seconds=3)
+    raise TypeError(value)
+
+
+async def test_every_stored_session_field_round_trips(store: SessionStore) -> None:
+    # Derived from the Session fields: a field added to Session is covered here, and fails
+    # until every store keeps it.
+    base = session("s")
+    values = {name: _non_default(getattr(base, name)) for name in SESSION_FIELDS}
+    created = dataclasses.replace(base, **values)
+    await store.create(created)
+    assert await store.get("s") == created
+    patch_fields = {f.name for f in dataclasses.fields(SessionPatch)}
+    reverted = {name: getattr(base, name) for name in patch_fields}
+    updated = await store.update("s", SessionPatch(**reverted), at(90))
+    assert updated == dataclasses.replace(created, last_activity=at(90), **reverted)
+    assert await store.get("s") == updated
+
+
+async def test_read_gives_the_session_and_its_history_at_one_moment(store: SessionStore) -> None:
+    await store.create(session("s"))
+
+    async def writer() -> None:
+        for n in range(20):
+            await store.append("s", turn(n, when=n))
+
+    task = asyncio.create_task(writer())
+    try:
+        while not task.done():
+            found, history = await store.read("s")
+            assert found.message_count == len(history)
+            assert history == [m for n in range(len(history) // 2) for m in turn(n, when=n)]
+            await asyncio.sleep(0)
+    finally:
+        await task
+    found, history = await store.read("s")
+    assert (found.message_count, len(history)) == (40, 40)
+    assert found == await store.get("s")
+    with pytest.raises(SessionNotFound):
+        await store.read("nope")
 
 
 async def test_delete_removes_the_session_and_its_messages(store: SessionStore) -> None:
@@ -374,7 +438,7 @@ async def test_evict_drops_the_least_recently_active_sessions(store: SessionStor
     for n in range(6):
         await store.create(session(f"s{n}", created=n))
     await store.append("s0", turn(1, when=50))  # the oldest session, recently active
-    await store.update("s2", SessionPatch(), at(40))
+    await store.update("s2", SessionPatch(title="touched"), at(40))
     await store.create(session("t3", created=3))  # same activity as s3: id breaks the tie
     assert await store.evict(10) == []
     assert await store.evict(4) == ["s1", "s3", "t3"]

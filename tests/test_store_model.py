@@ -75,14 +75,26 @@ class StoreModel(RuleBasedStateMachine):
             return
         assert self.run(self.store.get(session_id)) == self.sessions[session_id]
         assert self.run(self.store.messages(session_id)) == self.histories[session_id]
+        assert self.run(self.store.read(session_id)) == (
+            self.sessions[session_id],
+            self.histories[session_id],
+        )
 
     @rule(session_id=session_ids, patch=patches, now=moments)
     def update(self, session_id: str, patch: SessionPatch, now: datetime) -> None:
         if session_id not in self.sessions:
             self.expect_missing(self.store.update(session_id, patch, now))
             return
-        changes = {name: getattr(patch, name) for name in patch.changed()}
-        expected = dataclasses.replace(self.sessions[session_id], last_activity=now, **changes)
+        current = self.sessions[session_id]
+        changes = {
+            name: getattr(patch, name)
+            for name in patch.changed()
+            if getattr(patch, name) != getattr(current, name)
+        }
+        # The activity moves only when something changes.
+        expected = (
+            dataclasses.replace(current, last_activity=now, **changes) if changes else current
+        )
         assert self.run(self.store.update(session_id, patch, now)) == expected
         self.sessions[session_id] = expected
 

@@ -24,7 +24,7 @@ from chat.errors import ConfigurationError, MissingExtra, StatusCode, StoreUnava
 from chat.service import ChatService
 from chat.store import open_store
 from chat.store.redis import RedisStore
-from chat.types import Message, Role, Session
+from chat.types import ANONYMOUS, Message, Role, Session, SessionPatch, Usage
 from tests.helpers import TIMEOUT
 from tests.stores import REDIS_URL, delete_prefix, redis_store_url, unique_prefix
 
@@ -139,6 +139,46 @@ async def test_prefixes_keep_deployments_apart(prefix: str) -> None:
             assert (await first.get("s")).title == "first"
     finally:
         await delete_prefix(other)
+
+
+async def test_records_written_before_new_fields_existed_read_as_their_defaults(
+    prefix: str,
+) -> None:
+    # What the first release wrote: six hash fields, and messages as 7-element arrays.
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await client.hset(
+            f"{prefix}:session:old",
+            mapping={
+                "created_at": "2025-01-01T00:00:00.000000Z",
+                "last_activity": "2025-01-02T00:00:00.000000Z",
+                "title": "kept",
+                "model": "echo",
+                "system_prompt": "",
+                "context_policy": 0,
+            },
+        )
+        await client.rpush(
+            f"{prefix}:messages:old",
+            '[2,"hello","2025-01-02T00:00:00.000000Z",1,"r1","",null]',
+            '[3,"hi","2025-01-02T00:00:00.000000Z",1,"r1","echo",[3,4]]',
+        )
+        await client.zadd(f"{prefix}:by-created", {"2025-01-01T00:00:00.000000Z|old": 0})
+        await client.zadd(f"{prefix}:by-activity", {"old": 1})
+    finally:
+        await client.aclose()
+    async with redis_store(redis_store_url(prefix)) as store:
+        old, history = await store.read("old")
+        assert (old.title, old.owner, old.message_count) == ("kept", ANONYMOUS, 2)
+        assert (old.concurrency_policy, old.max_reply_tokens) == (0, 0)
+        assert [(m.content, m.usage, m.turn_id) for m in history] == [
+            ("hello", None, ""),
+            ("hi", Usage(3, 4), ""),
+        ]
+        # An update to a field's default value changes nothing, even where the record has
+        # no such field yet.
+        assert await store.update("old", SessionPatch(max_reply_tokens=0), T0) == old
+        assert (await store.get("old")).last_activity == old.last_activity
 
 
 async def test_an_unreachable_redis_is_unavailable_with_a_clear_message() -> None:

@@ -12,8 +12,9 @@ import pytest
 
 from chat.errors import ConfigurationError
 from chat.store import default_store_path, default_store_url, open_store
+from chat.store._codec import MESSAGE_FIELDS, SESSION_FIELDS
 from chat.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, connect, migrate
-from chat.types import Message, Role, Session
+from chat.types import ANONYMOUS, Message, Role, Session, parse_timestamp
 from tests.helpers import TIMEOUT
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
@@ -127,6 +128,48 @@ async def test_a_version_1_database_is_upgraded_with_its_data(tmp_path: Path) ->
     with sqlite3.connect(path) as db:
         applied = [row[0] for row in db.execute("SELECT version FROM schema_migrations")]
     assert applied == [m.version for m in MIGRATIONS]
+
+
+async def test_a_version_2_database_gets_owners_policies_and_turn_ids(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    db = connect(path)
+    assert migrate(db, target=2) == (0, 2)
+    db.execute(
+        "INSERT INTO sessions (session_id, created_at, last_activity, title, message_count) "
+        "VALUES ('old', '2025-01-01T00:00:00.000000Z', '2025-01-02T00:00:00.000000Z', 'kept', 1)"
+    )
+    db.execute(
+        "INSERT INTO messages (session_id, seq, role, content, created_at, status, request_id) "
+        "VALUES ('old', 0, 2, 'hello', '2025-01-02T00:00:00.000000Z', 1, 'r1')"
+    )
+    db.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        old, history = await store.read("old")
+    finally:
+        await store.aclose()
+    # Sessions from before owners existed belong to the anonymous identity, not to everyone.
+    assert old == Session(
+        "old",
+        parse_timestamp("2025-01-01T00:00:00.000000Z"),
+        parse_timestamp("2025-01-02T00:00:00.000000Z"),
+        title="kept",
+        message_count=1,
+        owner=ANONYMOUS,
+    )
+    assert [(m.content, m.request_id, m.turn_id) for m in history] == [("hello", "r1", "")]
+
+
+def test_the_schema_has_a_column_for_every_stored_field(tmp_path: Path) -> None:
+    # A field added to Session or Message needs a migration: this names the missing column.
+    db = connect(tmp_path / "columns.db")
+    migrate(db)
+    sessions = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+    messages = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    db.close()
+    assert set(SESSION_FIELDS) - sessions == set(), "add a migration for these session fields"
+    assert set(MESSAGE_FIELDS) - messages == set(), "add a migration for these message fields"
 
 
 async def test_a_database_from_a_newer_version_is_refused_untouched(tmp_path: Path) -> None:

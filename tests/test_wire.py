@@ -1,118 +1,140 @@
-"""The fast ChatResponse encoder writes exactly the bytes protobuf's own encoder writes."""
+"""The wire messages and the core's types carry the same fields, and events encode exactly.
+
+Guards: every field of a message the server reads or writes has its counterpart in the
+domain type it converts to (by name, with the renames :mod:`chat._proto` declares), so a
+field added to ``chat.proto`` fails here until the core carries it. The property tests draw
+events from strategies derived from the message descriptors (``tests/strategies.py``), so a
+new field is covered without editing them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from datetime import UTC, datetime
 from typing import Any
 
-import betterproto2
 import pytest
-from google.protobuf import descriptor_pool, message_factory
 from grpclib.encoding.proto import ProtoCodec
 from hypothesis import given
-from hypothesis import strategies as st
 
 import chatpb
-from chat._wire import EncodedResponse, encode_response
-from chat.events import Event, EventKind
-from chat.service import event_to_response
-from chat.types import ContextPolicy, FinishReason, Session, Usage
-from tests.strategies import text
-
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-
-def _protobuf_classes() -> dict[str, Any]:
-    """Classes built by google.protobuf itself from chatpb's descriptor (a private pool)."""
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(chatpb.CHAT_PROTO_DESCRIPTOR.serialized_pb)
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
-        for name in ("ChatResponse", "SessionInfo", "TokenUsage", "ChatMessage")
-    }
-
-
-PB = _protobuf_classes()
-
-
-def to_protobuf(message: betterproto2.Message) -> Any:
-    """The same message as a google.protobuf object, copied field by field (no encoding)."""
-    target = PB[type(message).__name__]()
-    for field in target.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        if field.message_type is not None:
-            if field.is_repeated:
-                getattr(target, field.name).extend(to_protobuf(v) for v in value)
-            elif value is not None:
-                getattr(target, field.name).CopyFrom(to_protobuf(value))
-        else:
-            setattr(target, field.name, int(value) if field.enum_type is not None else value)
-    return target
-
-
-int32 = st.one_of(
-    st.sampled_from([0, 1, 127, 128, 16_383, 16_384, INT32_MAX, -1, INT32_MIN]),
-    st.integers(INT32_MIN, INT32_MAX),
+from chat._proto import (
+    EVENT_RENAMES,
+    MESSAGE_RENAMES,
+    REQUEST_RENAMES,
+    EncodedMessage,
+    encode_event,
+    message_class,
+    patch_from_wire,
+    request_from_wire,
+    session_settings_from_wire,
+    session_to_wire,
+    stats_to_wire,
 )
-doubles = st.one_of(
-    st.sampled_from([0.0, -0.0, 1e-300, 5e-324, 1.5, math.inf, -math.inf, math.nan]),
-    st.floats(allow_nan=True, allow_infinity=True),
-)
-moments = st.datetimes(
-    min_value=datetime(1970, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)
-)
-sessions = st.builds(
-    Session,
-    session_id=text,
-    created_at=moments,
-    last_activity=moments,
-    title=text,
-    model=text,
-    system_prompt=text,
-    context_policy=st.sampled_from(ContextPolicy),
-    message_count=int32,
-)
-events = st.builds(
-    Event,
-    kind=st.sampled_from(EventKind),
-    session_id=text,
-    request_id=text,
-    status_message=text,
-    context_messages=int32,
-    chunk_text=text,
-    chunk_number=int32,
-    total_chunks=int32,
-    processing_time=doubles,
-    message_count=int32,
-    error_message=text,
-    error_code=int32,
-    finish_reason=st.sampled_from(FinishReason),
-    usage=st.none() | st.builds(Usage, int32.map(lambda n: n // 2), int32.map(lambda n: n // 2)),
-    model=text,
-    omitted_messages=int32,
-    retry_after=doubles,
-    session=st.none() | sessions,
+from chat.core import ChatCore
+from chat.errors import InvalidArgument
+from chat.events import Event, EventKind, Request
+from chat.stats import ServerStatsInfo
+from chat.types import Message, Session, SessionPatch, Usage, format_timestamp
+from tests.strategies import (
+    INT32_MAX,
+    events,
+    fits_the_wire,
+    requests,
+    sessions,
+    stats_snapshots,
+    stored_messages,
+    wire_value,
 )
 
+DESCRIPTORS = chatpb.CHAT_PROTO_DESCRIPTOR.message_types_by_name
 
-@given(events, text)
-def test_encode_response_matches_protobufs_encoder(event: Event, timestamp: str) -> None:
-    expected = to_protobuf(event_to_response(event, timestamp)).SerializeToString(
-        deterministic=True
+
+def wire_fields(message: str, *, renames: dict[str, str] | None = None) -> set[str]:
+    renames = renames or {}
+    return {renames.get(f.name, f.name) for f in DESCRIPTORS[message].fields}
+
+
+def domain_fields(kind: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def test_every_chat_response_field_is_an_event_field() -> None:
+    wire = wire_fields("ChatResponse", renames=dict(EVENT_RENAMES)) - {"timestamp"}
+    internal = {"reply"}  # the reply a chunk belongs to, never sent
+    assert wire ^ (domain_fields(Event) - internal) == set(), (
+        "ChatResponse and chat.events.Event must have the same fields (see chat._proto)"
     )
-    assert encode_response(event, timestamp) == expected
 
 
-@given(events.filter(lambda e: not (math.isnan(e.processing_time) or math.isnan(e.retry_after))))
-def test_encoded_response_parses_back_to_the_same_message(event: Event) -> None:
-    response = event_to_response(event, "2026-11-26T13:33:32.123456Z")
-    assert chatpb.ChatResponse.parse(encode_response(event, response.timestamp)) == response
+def test_every_chat_request_field_is_a_request_field() -> None:
+    assert wire_fields("ChatRequest", renames=dict(REQUEST_RENAMES)) == domain_fields(Request)
+
+
+def test_every_session_info_field_is_a_session_field() -> None:
+    # The history is sent beside the session, not part of it.
+    assert wire_fields("SessionInfo") - {"messages"} == domain_fields(Session)
+
+
+def test_every_chat_message_field_is_a_message_field() -> None:
+    assert wire_fields("ChatMessage", renames=dict(MESSAGE_RENAMES)) == domain_fields(Message)
+
+
+def test_every_token_usage_field_is_a_usage_attribute() -> None:
+    for name in wire_fields("TokenUsage"):
+        assert isinstance(getattr(Usage(3, 4), name), int), name
+
+
+def test_every_stats_field_is_in_the_one_statistics_list() -> None:
+    assert wire_fields("ServerStatsResponse") == domain_fields(ServerStatsInfo)
+
+
+def test_session_settings_are_session_fields_the_core_takes() -> None:
+    create = wire_fields("CreateSessionRequest")
+    parameters = set(inspect.signature(ChatCore.create_session).parameters) - {"self"}
+    assert create <= domain_fields(Session)
+    assert create == parameters
+    assert wire_fields("UpdateSessionRequest") - {"session_id"} == domain_fields(SessionPatch)
+
+
+# -- events: encoded exactly, out-of-range values refused ----------------------------------
+
+
+@given(events, sessions.map(lambda s: format_timestamp(s.created_at)))
+def test_an_event_encodes_to_exactly_its_fields(event: Event, timestamp: str) -> None:
+    try:
+        data = encode_event(event, timestamp)
+    except ValueError:
+        # protobuf refuses an int32 out of range rather than truncate it; the core never
+        # sends one (its counts are checked where they come from outside).
+        assert not fits_the_wire(event)
+        return
+    assert fits_the_wire(event)
+    parsed = chatpb.ChatResponse.parse(data)  # betterproto2: an independent decoder
+    for field in DESCRIPTORS["ChatResponse"].fields:
+        expected = wire_value(event, field, timestamp=timestamp, renames=EVENT_RENAMES)
+        actual = getattr(parsed, field.name)
+        if isinstance(expected, float) and math.isnan(expected):
+            assert math.isnan(actual), field.name
+        else:
+            assert _plain(actual) == expected, field.name
+
+
+def _plain(value: Any) -> Any:
+    """A betterproto2 value as wire_value writes expectations: messages as field dicts."""
+    if value is None or isinstance(value, str | bool | float):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return {f.name: _plain(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
 
 
 def test_a_chunk_is_encoded_field_by_field() -> None:
     event = Event(EventKind.CHUNK, session_id="s", request_id="r", chunk_text="é🙂", chunk_number=3)
-    assert encode_response(event, "t") == (
+    assert encode_event(event, "t") == (
         b"\x08\x02"  # type = CHUNK
         b"\x12\x01s"  # session_id
         b"*\x06\xc3\xa9\xf0\x9f\x99\x82"  # chunk_text, 6 bytes of UTF-8
@@ -122,15 +144,74 @@ def test_a_chunk_is_encoded_field_by_field() -> None:
     )
 
 
-@pytest.mark.parametrize("value", [INT32_MAX + 1, INT32_MIN - 1, 2**40])
+@pytest.mark.parametrize("value", [INT32_MAX + 1, -(2**31) - 1, 2**40])
 def test_numbers_outside_int32_are_refused_not_truncated(value: int) -> None:
-    with pytest.raises(ValueError, match="int32"):
-        encode_response(Event(EventKind.CHUNK, chunk_number=value), "")
+    with pytest.raises(ValueError, match=str(value)):
+        encode_event(Event(EventKind.CHUNK, chunk_number=value), "")
 
 
-def test_grpclibs_codec_sends_an_encoded_response_as_it_is() -> None:
-    encoded = EncodedResponse(encode_response(Event(EventKind.PONG, request_id="p"), "t"))
-    assert ProtoCodec().encode(encoded, EncodedResponse) == bytes(encoded)
+def test_grpclibs_codec_sends_an_encoded_message_as_it_is() -> None:
+    encoded = EncodedMessage(encode_event(Event(EventKind.PONG, request_id="p"), "t"))
+    assert ProtoCodec().encode(encoded, EncodedMessage) == bytes(encoded)
     assert chatpb.ChatResponse.parse(encoded) == chatpb.ChatResponse(
         type=chatpb.ChatResponseType.PONG, request_id="p", timestamp="t"
+    )
+
+
+# -- requests and unary messages -------------------------------------------------------------
+
+
+@given(requests)
+def test_a_chat_request_converts_to_the_request_it_carries(request: chatpb.ChatRequest) -> None:
+    wire = message_class("ChatRequest").FromString(bytes(request))
+    converted = request_from_wire(wire)
+    for field in DESCRIPTORS["ChatRequest"].fields:
+        name = REQUEST_RENAMES.get(field.name, field.name)
+        assert getattr(converted, name) == getattr(request, field.name), field.name
+
+
+@given(sessions, stored_messages)
+def test_a_session_and_its_history_convert_field_by_field(
+    session: Session, history: list[Message]
+) -> None:
+    parsed = chatpb.SessionInfo.parse(session_to_wire(session, history).SerializeToString())
+    for field in DESCRIPTORS["SessionInfo"].fields:
+        if field.name == "messages":
+            continue
+        assert _plain(getattr(parsed, field.name)) == wire_value(session, field), field.name
+    assert len(parsed.messages) == len(history)
+    for wire, message in zip(parsed.messages, history, strict=True):
+        for field in DESCRIPTORS["ChatMessage"].fields:
+            expected = wire_value(message, field, renames=MESSAGE_RENAMES)
+            assert _plain(getattr(wire, field.name)) == expected, field.name
+
+
+@given(stats_snapshots)
+def test_stats_convert_field_by_field(stats: ServerStatsInfo) -> None:
+    parsed = chatpb.ServerStatsResponse.parse(stats_to_wire(stats).SerializeToString())
+    for field in DESCRIPTORS["ServerStatsResponse"].fields:
+        expected = wire_value(stats, field)
+        actual = getattr(parsed, field.name)
+        if isinstance(expected, float) and math.isnan(expected):
+            assert math.isnan(actual), field.name
+        else:
+            assert actual == expected, field.name
+
+
+def test_session_settings_and_patches_refuse_unknown_enum_values() -> None:
+    create = message_class("CreateSessionRequest")(concurrency_policy=77)
+    with pytest.raises(InvalidArgument) as error:
+        session_settings_from_wire(create)
+    assert error.value.field == "concurrency_policy"
+    update = message_class("UpdateSessionRequest")(session_id="s", on_disconnect=9)
+    with pytest.raises(InvalidArgument) as error:
+        patch_from_wire(update)
+    assert error.value.field == "on_disconnect"
+
+
+def test_a_patch_sets_only_the_fields_the_request_sets() -> None:
+    update = message_class("UpdateSessionRequest")(session_id="s", title="", max_reply_tokens=5)
+    assert patch_from_wire(update) == SessionPatch(title="", max_reply_tokens=5)
+    assert patch_from_wire(message_class("UpdateSessionRequest")(session_id="s")) == (
+        SessionPatch()
     )

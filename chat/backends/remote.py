@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from chat.backends import Delta
+from chat.backoff import backoff
 from chat.errors import (
     BackendAuthError,
     BackendBadRequest,
@@ -53,8 +54,9 @@ class RetryPolicy:
     Only transient failures are retried (the server cannot be reached, answers 5xx, or rate
     limits with 429), and only while nothing has been forwarded to the client: a retry after
     the first token would repeat words the person already read. The pause before attempt
-    ``n + 1`` is ``initial_backoff * 2**(n-1)`` capped at ``max_backoff``, of which a random
-    half is jitter (so that many servers hitting one upstream do not retry in step). A
+    ``n + 1`` is ``initial_backoff * 2**(n-1)`` capped at ``max_backoff``, scaled by a random
+    factor between 0.5 and 1.5 (so that many servers hitting one upstream do not retry in
+    step; :func:`chat.backoff.backoff`). A
     ``Retry-After`` given by the upstream is honoured when it is at most ``max_retry_after``;
     a longer one is not waited for: the client gets ``RESOURCE_EXHAUSTED`` with it.
 
@@ -82,8 +84,9 @@ class RetryPolicy:
         """
         if attempt >= self.attempts or not is_transient(error):
             return None
-        base = min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1))
-        pause = base / 2 + rng.uniform(0, base / 2)
+        pause = backoff(
+            attempt, initial=self.initial_backoff, maximum=self.max_backoff, jitter=0.5, rng=rng
+        )
         if isinstance(error, BackendRateLimited) and error.retry_after is not None:
             if error.retry_after > self.max_retry_after:
                 return None

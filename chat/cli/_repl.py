@@ -68,7 +68,7 @@ from chat.errors import (
     SessionNotFound,
     StatusCode,
 )
-from chat.types import FinishReason, Session
+from chat.types import FinishReason, Session, SessionUpdateKind
 
 __all__ = ["InteractiveOptions", "run_interactive"]
 
@@ -84,6 +84,8 @@ _RETRYABLE = frozenset(
     }
 )
 
+#: Another client typing: not worth a line of its own.
+_TYPING = frozenset({SessionUpdateKind.TYPING_STARTED, SessionUpdateKind.TYPING_STOPPED})
 _STYLE = Style.from_dict({"you": "bold ansigreen", "session": "ansicyan", "offline": "ansired"})
 
 
@@ -452,12 +454,12 @@ class _Repl:
             if self.session is None or notice.session_id != self.session.session_id:
                 return None
             sid = short_id(notice.session_id)
-            if notice.message == "session deleted":
+            if notice.kind is SessionUpdateKind.SESSION_DELETED:
                 self.session = None
                 return f"· session {sid} was deleted; your next message starts a new one"
             if notice.session is not None:
                 self.session = notice.session
-            if notice.message.startswith("typing"):
+            if notice.kind in _TYPING:
                 return None
             return f"· session {sid}: {notice.message} ({notice.message_count} messages)"
         if isinstance(notice, ServerNotice):

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from chat._defaults import default_of
 from chat._version import __version__
 from chat.cli._render import (
     make_console,
@@ -130,7 +131,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 )
 @click.option(
     "--timeout",
-    default=10.0,
+    default=default_of(ClientConfig, "timeout"),
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds each call may take (not counting a streaming reply).",

@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from chat._defaults import default_of
 from chat._version import __version__
 from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, ServerConfig
 from chat.context import ContextSettings
@@ -23,6 +24,11 @@ from chat.types import ContextPolicy
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _server_default(name: str) -> object:
+    """The default of ``ServerConfig.<name>``: the options show what the config uses."""
+    return default_of(ServerConfig, name)
+
+
 def _banner(server: ChatServer) -> None:
     config = server.config
     core = server.core
@@ -35,7 +41,10 @@ def _banner(server: ChatServer) -> None:
     click.echo(f"  sessions in: {core.store.location}")
     click.echo(f"  talk to it:  chat-client --target {address}")
     click.echo(f"  inspect it:  grpcurl -plaintext {address} describe ChatService")
-    click.echo("  stop it:     Ctrl-C (replies in flight get the grace period to finish)")
+    click.echo(
+        "  stop it:     Ctrl-C (replies in flight get the grace period to finish; "
+        "Ctrl-C again stops at once)"
+    )
     sys.stdout.flush()
 
 
@@ -54,18 +63,30 @@ def _tune_gc() -> None:
 
 
 @click.command(context_settings={"auto_envvar_prefix": "CHAT", "show_default": True})
-@click.option("--host", default="localhost", help="Interface to listen on (0.0.0.0 for all).")
-@click.option("--port", default=50051, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--backend", default="echo", type=click.Choice(BACKENDS), help="Model backend.")
+@click.option(
+    "--host", default=_server_default("host"), help="Interface to listen on (0.0.0.0 for all)."
+)
+@click.option(
+    "--port",
+    default=_server_default("port"),
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
+@click.option(
+    "--backend",
+    default=_server_default("backend"),
+    type=click.Choice(BACKENDS),
+    help="Model backend.",
+)
 @click.option(
     "--model",
-    default="",
+    default=_server_default("model"),
     help="Default model for new sessions [default: echo, gpt-4o-mini or gemini-2.0-flash]",
     show_default=False,
 )
 @click.option(
     "--base-url",
-    default="",
+    default=_server_default("base_url"),
     help="OpenAI-compatible or Gemini endpoint, e.g. http://localhost:11434/v1 for Ollama "
     "[default: the provider's public endpoint]",
     show_default=False,
@@ -79,19 +100,19 @@ def _tune_gc() -> None:
 )
 @click.option(
     "--connect-timeout",
-    default=10.0,
+    default=_server_default("connect_timeout"),
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for a connection to the model server.",
 )
 @click.option(
     "--read-timeout",
-    default=120.0,
+    default=_server_default("read_timeout"),
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for each read from the model server (the first token included).",
 )
 @click.option(
     "--retries",
-    default=2,
+    default=_server_default("retries"),
     type=click.IntRange(0, 10),
     help="Retries of a transient model server failure before the first token.",
 )
@@ -113,13 +134,13 @@ def _tune_gc() -> None:
 )
 @click.option(
     "--reply-reserve",
-    default=ContextSettings().reply_reserve,
+    default=default_of(ContextSettings, "reply_reserve"),
     type=click.IntRange(min=0),
     help="Tokens of the context window kept free for the reply.",
 )
 @click.option(
     "--context-policy",
-    default="truncate",
+    default=default_of(ContextSettings, "default_policy").name.lower(),
     type=click.Choice(["truncate", "reject"]),
     help="When history outgrows the context window, for sessions that choose no policy: "
     "leave the oldest messages out, or refuse the turn.",
@@ -149,23 +170,26 @@ def _tune_gc() -> None:
     help="Keep at most this many messages per session, dropping the oldest (0: no cap).",
 )
 @click.option(
-    "--pace", default=0.0, type=click.FloatRange(min=0), help="Echo backend: seconds per word."
+    "--pace",
+    default=_server_default("pace"),
+    type=click.FloatRange(min=0),
+    help="Echo backend: seconds per word.",
 )
 @click.option(
     "--max-message-chars",
-    default=Limits().max_message_chars,
+    default=default_of(Limits, "max_message_chars"),
     type=click.IntRange(min=1),
     help="Longest message accepted.",
 )
 @click.option(
     "--grace-period",
-    default=10.0,
+    default=_server_default("grace_period"),
     type=click.FloatRange(min=0),
     help="Seconds replies in flight get to finish on shutdown.",
 )
 @click.option(
     "--event-loop",
-    default="auto",
+    default=_server_default("event_loop"),
     type=click.Choice(EVENT_LOOPS),
     help="asyncio event loop: uvloop (faster) when installed with auto.",
 )

@@ -82,7 +82,11 @@ class SessionStore(Protocol):
         ...
 
     async def update(self, session_id: str, patch: SessionPatch, now: datetime) -> Session:
-        """Apply ``patch``, set ``last_activity`` to ``now`` and return the new session."""
+        """Apply ``patch`` and return the new session (:meth:`SessionPatch.apply`).
+
+        ``last_activity`` becomes ``now`` only when a field changes: a patch that changes
+        nothing cannot keep a session from expiring.
+        """
         ...
 
     async def delete(self, session_id: str) -> int:
@@ -105,6 +109,11 @@ class SessionStore(Protocol):
 
     async def messages(self, session_id: str) -> list[Message]:
         """The history of the session, oldest first."""
+        ...
+
+    async def read(self, session_id: str) -> tuple[Session, list[Message]]:
+        """The session and its history, read at one moment: ``message_count`` is the number
+        of messages returned, even while turns are being stored."""
         ...
 
     async def append(self, session_id: str, messages: Sequence[Message]) -> Session:

@@ -52,8 +52,7 @@ class MemoryStore:
 
     async def update(self, session_id: str, patch: SessionPatch, now: datetime) -> Session:
         entry = self._entry(session_id)
-        changes = {name: getattr(patch, name) for name in patch.changed()}
-        entry.session = dataclasses.replace(entry.session, last_activity=now, **changes)
+        entry.session = patch.apply(entry.session, now)
         return entry.session
 
     async def delete(self, session_id: str) -> int:
@@ -80,6 +79,10 @@ class MemoryStore:
 
     async def messages(self, session_id: str) -> list[Message]:
         return list(self._entry(session_id).messages)
+
+    async def read(self, session_id: str) -> tuple[Session, list[Message]]:
+        entry = self._entry(session_id)
+        return entry.session, list(entry.messages)
 
     async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
         entry = self._entry(session_id)

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -44,21 +42,20 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from chat.backoff import backoff
 from chat.errors import ConfigurationError, MissingExtra, SessionNotFound, StoreUnavailable
 from chat.store import SessionPage
+from chat.store._codec import (
+    STORED_DEFAULTS,
+    decode_message,
+    encode_message,
+    patch_values,
+    session_from_values,
+    session_values,
+)
 from chat.store._cursor import decode_cursor, encode_cursor
 from chat.store._locks import LocalLocks
-from chat.types import (
-    ContextPolicy,
-    Message,
-    MessageStatus,
-    Role,
-    Session,
-    SessionPatch,
-    Usage,
-    format_timestamp,
-    parse_timestamp,
-)
+from chat.types import Message, Session, SessionPatch, format_timestamp, parse_timestamp
 
 try:
     import redis.asyncio as aioredis
@@ -80,7 +77,6 @@ DEFAULT_PREFIX = "grpc-chat"
 DEFAULT_LOCK_LEASE = 10.0
 
 _ATTEMPTS = 3
-_RETRY_DELAYS = (0.05, 0.25)
 #: Seconds an append's operation id is remembered (far longer than any retry takes).
 _APPEND_MEMORY = 600
 _BATCH = 500
@@ -113,16 +109,35 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: session, messages, by-activity; ARGV: id, activity_score, then field/value pairs
+# KEYS: session, messages, by-activity
+# ARGV: id, activity_score, last_activity, then field/value/default triples. The activity
+# moves only when a field changes (a record written before a field existed holds its
+# default).
 _UPDATE = (
     _SESSION_STATE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+local changed = false
+for i = 4, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i]) or ARGV[i + 2]
+  if current ~= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    changed = true
+  end
+end
+if changed then
+  redis.call('HSET', KEYS[1], 'last_activity', ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+end
 return state(KEYS[1], KEYS[2])
 """
 )
+
+# KEYS: session, messages: the session and its whole history at one moment.
+_READ = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
 
 # KEYS: session, messages, by-created, by-activity; ARGV: id
 _DELETE = """
@@ -245,47 +260,8 @@ def _created_member(session: Session) -> str:
 
 def _session(session_id: str, state: Sequence[Any]) -> Session:
     flat, count = state
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    return Session(
-        session_id=session_id,
-        created_at=parse_timestamp(fields["created_at"]),
-        last_activity=parse_timestamp(fields["last_activity"]),
-        title=fields.get("title", ""),
-        model=fields.get("model", ""),
-        system_prompt=fields.get("system_prompt", ""),
-        context_policy=ContextPolicy(int(fields.get("context_policy", 0))),
-        message_count=int(count),
-    )
-
-
-def _encode_message(message: Message) -> str:
-    usage = message.usage
-    return json.dumps(
-        [
-            int(message.role),
-            message.content,
-            format_timestamp(message.created_at),
-            int(message.status),
-            message.request_id,
-            message.model,
-            None if usage is None else [usage.prompt_tokens, usage.completion_tokens],
-        ],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _decode_message(raw: str) -> Message:
-    role, content, created_at, status, request_id, model, usage = json.loads(raw)
-    return Message(
-        role=Role(role),
-        content=content,
-        created_at=parse_timestamp(created_at),
-        status=MessageStatus(status),
-        request_id=request_id,
-        model=model,
-        usage=None if usage is None else Usage(*usage),
-    )
+    values = dict(zip(flat[::2], flat[1::2], strict=True))
+    return session_from_values(session_id, values, int(count))
 
 
 def _parse_url(url: str) -> tuple[str, str, float, str]:
@@ -341,6 +317,7 @@ class RedisStore:
                 "get": _GET,
                 "create": _CREATE,
                 "update": _UPDATE,
+                "read": _READ,
                 "delete": _DELETE,
                 "append": _APPEND,
                 "trim": _TRIM,
@@ -374,7 +351,9 @@ class RedisStore:
             except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 if attempt + 1 < attempts:
                     log.warning("Redis %s failed (%s); retrying", what, error)
-                    await asyncio.sleep(_RETRY_DELAYS[attempt])
+                    await asyncio.sleep(
+                        backoff(attempt + 1, initial=0.05, maximum=0.25, multiplier=5)
+                    )
                     continue
                 reason = str(error).rstrip(".") or type(error).__name__
                 raise StoreUnavailable(
@@ -405,14 +384,7 @@ class RedisStore:
         return [self._key("session", session_id), self._key("messages", session_id)]
 
     async def create(self, session: Session) -> None:
-        fields = {
-            "created_at": format_timestamp(session.created_at),
-            "last_activity": format_timestamp(session.last_activity),
-            "title": session.title,
-            "model": session.model,
-            "system_prompt": session.system_prompt,
-            "context_policy": int(session.context_policy),
-        }
+        fields = session_values(session)
         created = await self._script(
             "create",
             [*self._session_keys(session.session_id), self._created_key, self._activity_key],
@@ -434,14 +406,19 @@ class RedisStore:
         return _session(session_id, state)
 
     async def update(self, session_id: str, patch: SessionPatch, now: datetime) -> Session:
-        fields: dict[str, str | int] = {"last_activity": format_timestamp(now)}
-        for name in patch.changed():
-            value = getattr(patch, name)
-            fields[name] = int(value) if name == "context_policy" else value
+        triples = [
+            (name, value, STORED_DEFAULTS.get(name, ""))
+            for name, value in patch_values(patch).items()
+        ]
         state = await self._script(
             "update",
             [*self._session_keys(session_id), self._activity_key],
-            [session_id, _micros(now), *(item for pair in fields.items() for item in pair)],
+            [
+                session_id,
+                _micros(now),
+                format_timestamp(now),
+                *(item for triple in triples for item in triple),
+            ],
             retry=True,
         )
         if state is None:
@@ -488,19 +465,16 @@ class RedisStore:
         )
 
     async def messages(self, session_id: str) -> list[Message]:
-        session_key, messages_key = self._session_keys(session_id)
+        _session, history = await self.read(session_id)
+        return history
 
-        async def read() -> tuple[int, list[str]]:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.exists(session_key)
-                pipe.lrange(messages_key, 0, -1)
-                exists, raw = await pipe.execute()
-            return int(exists), list(raw)
-
-        exists, raw = await self._call("messages", read, retry=True)
-        if not exists:
+    async def read(self, session_id: str) -> tuple[Session, list[Message]]:
+        found = await self._script("read", self._session_keys(session_id), [], retry=True)
+        if found is None:
             raise SessionNotFound(session_id)
-        return [_decode_message(item) for item in raw]
+        flat, raw = found
+        history = [decode_message(item) for item in raw]
+        return _session(session_id, (flat, len(history))), history
 
     async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
         last_activity = messages[-1].created_at if messages else None
@@ -513,7 +487,7 @@ class RedisStore:
                 "" if last_activity is None else format_timestamp(last_activity),
                 0 if last_activity is None else _micros(last_activity),
                 _APPEND_MEMORY,
-                *(_encode_message(message) for message in messages),
+                *(encode_message(message) for message in messages),
             ],
             # Safe: the script remembers the operation id, so a retry of an append that did
             # happen (its reply lost with the connection) only reads the session back.
@@ -597,16 +571,14 @@ class RedisStore:
         return round(self.lock_lease * 1000)
 
     async def _acquire(self, session_id: str, key: str, token: str) -> None:
-        delay = 0.005
-        waited = False
+        polls = 0
         while not await self._script("acquire", [key], [token, self._lease_ms], retry=True):
-            if not waited:
+            if not polls:
                 log.debug("session %s is locked by another server; waiting", session_id)
-                waited = True
+            polls += 1
             # Polling: the holder is another process, which may also die without releasing;
             # the lease bounds the wait in that case.
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.1)
+            await asyncio.sleep(backoff(polls, initial=0.005, maximum=0.1, jitter=0.5))
 
     async def _renew(self, session_id: str, key: str, token: str) -> None:
         while True:

@@ -32,20 +32,17 @@ from urllib.parse import parse_qsl
 
 from chat.errors import ConfigurationError, SessionNotFound, StoreUnavailable
 from chat.store import SessionPage
+from chat.store._codec import (
+    MESSAGE_FIELDS,
+    SESSION_FIELDS,
+    message_from_values,
+    message_values,
+    session_from_values,
+    session_values,
+)
 from chat.store._cursor import decode_cursor, encode_cursor
 from chat.store._locks import LocalLocks
-from chat.types import (
-    ContextPolicy,
-    Message,
-    MessageStatus,
-    Role,
-    Session,
-    SessionPatch,
-    Usage,
-    format_timestamp,
-    parse_timestamp,
-    utcnow,
-)
+from chat.types import Message, Session, SessionPatch, format_timestamp, utcnow
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "SqliteStore"]
 
@@ -108,61 +105,46 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX sessions_by_activity ON sessions (last_activity, session_id)",
         ),
     ),
+    Migration(
+        3,
+        "owners, per-session policies and reply limits, turn ids",
+        (
+            # Sessions stored before owners existed belong to the anonymous identity (that of
+            # --auth none), never to everyone.
+            "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT 'anonymous'",
+            "ALTER TABLE sessions ADD COLUMN concurrency_policy INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN on_disconnect INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE sessions ADD COLUMN max_reply_tokens INTEGER NOT NULL DEFAULT 0",
+            # Listing one identity's sessions, newest first.
+            "CREATE INDEX sessions_by_owner ON sessions (owner, created_at, session_id)",
+            "ALTER TABLE messages ADD COLUMN turn_id TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
-_SESSION_COLUMNS = (
-    "session_id, created_at, last_activity, title, model, system_prompt, context_policy, "
-    "message_count"
-)
-_MESSAGE_COLUMNS = (
-    "role, content, created_at, status, request_id, model, prompt_tokens, completion_tokens"
-)
+# Column names are those of chat.store._codec (the Session and Message fields), never
+# anything a caller sends.
+_SESSION_COLUMNS = ", ".join(("session_id", "message_count", *SESSION_FIELDS))
+_MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS)
 _SYNCHRONOUS = ("full", "normal")
 
 
 def _session(row: Sequence[Any]) -> Session:
-    return Session(
-        session_id=row[0],
-        created_at=parse_timestamp(row[1]),
-        last_activity=parse_timestamp(row[2]),
-        title=row[3],
-        model=row[4],
-        system_prompt=row[5],
-        context_policy=ContextPolicy(row[6]),
-        message_count=row[7],
+    session_id, message_count, *values = row
+    return session_from_values(
+        session_id, dict(zip(SESSION_FIELDS, values, strict=True)), message_count
     )
 
 
 def _message(row: Sequence[Any]) -> Message:
-    usage = None if row[6] is None else Usage(row[6], row[7])
-    return Message(
-        role=Role(row[0]),
-        content=row[1],
-        created_at=parse_timestamp(row[2]),
-        status=MessageStatus(row[3]),
-        request_id=row[4],
-        model=row[5],
-        usage=usage,
-    )
+    return message_from_values(row)
 
 
 def _message_row(session_id: str, seq: int, message: Message) -> tuple[object, ...]:
-    usage = message.usage
-    return (
-        session_id,
-        seq,
-        int(message.role),
-        message.content,
-        format_timestamp(message.created_at),
-        int(message.status),
-        message.request_id,
-        message.model,
-        None if usage is None else usage.prompt_tokens,
-        None if usage is None else usage.completion_tokens,
-    )
+    return (session_id, seq, *message_values(message))
 
 
 def migrate(db: sqlite3.Connection, target: int = SCHEMA_VERSION) -> tuple[int, int]:
@@ -357,19 +339,12 @@ class SqliteStore:
 
     @classmethod
     def _create_sync(cls, db: sqlite3.Connection, session: Session) -> None:
+        values = (session.session_id, 0, *session_values(session).values())
+        placeholders = ", ".join("?" * len(values))
         with cls._transaction(db):
             try:
                 db.execute(
-                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                    (
-                        session.session_id,
-                        format_timestamp(session.created_at),
-                        format_timestamp(session.last_activity),
-                        session.title,
-                        session.model,
-                        session.system_prompt,
-                        int(session.context_policy),
-                    ),
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({placeholders})", values
                 )
             except sqlite3.IntegrityError:
                 raise ValueError(f"session {session.session_id!r} already exists") from None
@@ -384,20 +359,20 @@ class SqliteStore:
     def _update_sync(
         cls, db: sqlite3.Connection, session_id: str, patch: SessionPatch, now: datetime
     ) -> Session:
-        changes: dict[str, object] = {name: getattr(patch, name) for name in patch.changed()}
-        if "context_policy" in changes:
-            changes["context_policy"] = int(patch.context_policy or 0)
-        changes["last_activity"] = format_timestamp(now)
-        # Column names come from SessionPatch's fixed field list, never from the caller.
-        assignments = ", ".join(f"{name} = ?" for name in changes)
         with cls._transaction(db):
-            cursor = db.execute(
+            current = cls._get(db, session_id)
+            updated = patch.apply(current, now)
+            if updated == current:
+                return current
+            before, after = session_values(current), session_values(updated)
+            # Column names come from SESSION_FIELDS, never from the caller.
+            changes = {name: value for name, value in after.items() if before[name] != value}
+            assignments = ", ".join(f"{name} = ?" for name in changes)
+            db.execute(
                 f"UPDATE sessions SET {assignments} WHERE session_id = ?",
                 (*changes.values(), session_id),
             )
-            if cursor.rowcount == 0:
-                raise SessionNotFound(session_id)
-            return cls._get(db, session_id)
+            return updated
 
     async def delete(self, session_id: str) -> int:
         return await self._run(self._delete_sync, session_id)
@@ -448,21 +423,25 @@ class SqliteStore:
         return int(count)
 
     async def messages(self, session_id: str) -> list[Message]:
-        return await self._run(self._messages_sync, session_id)
+        _session, history = await self._run(self._read_sync, session_id)
+        return history
+
+    async def read(self, session_id: str) -> tuple[Session, list[Message]]:
+        return await self._run(self._read_sync, session_id)
 
     @classmethod
-    def _messages_sync(cls, db: sqlite3.Connection, session_id: str) -> list[Message]:
-        # One read transaction: the session check and the rows see the same snapshot.
+    def _read_sync(cls, db: sqlite3.Connection, session_id: str) -> tuple[Session, list[Message]]:
+        # One read transaction: the session and the rows see the same snapshot.
         db.execute("BEGIN")
         try:
-            cls._get(db, session_id)
+            session = cls._get(db, session_id)
             rows = db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
                 (session_id,),
             ).fetchall()
         finally:
             db.execute("COMMIT")
-        return [_message(row) for row in rows]
+        return session, [_message(row) for row in rows]
 
     async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
         return await self._run(self._append_sync, session_id, list(messages))
@@ -480,8 +459,8 @@ class SqliteStore:
                 (session_id,),
             ).fetchone()
             db.executemany(
-                "INSERT INTO messages (session_id, seq, "
-                f"{_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO messages (session_id, seq, {_MESSAGE_COLUMNS}) "
+                f"VALUES ({', '.join('?' * (2 + len(MESSAGE_FIELDS)))})",
                 [
                     _message_row(session_id, next_seq + offset, message)
                     for offset, message in enumerate(messages)

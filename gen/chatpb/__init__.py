@@ -11,11 +11,13 @@ __all__ = (
     "ChatResponseType",
     "ChatServiceBase",
     "ChatServiceStub",
+    "ConcurrencyPolicy",
     "ContextPolicy",
     "CreateSessionRequest",
     "CreateSessionResponse",
     "DeleteSessionRequest",
     "DeleteSessionResponse",
+    "DisconnectPolicy",
     "FinishReason",
     "ListSessionsRequest",
     "ListSessionsResponse",
@@ -25,6 +27,8 @@ __all__ = (
     "ServerStatsResponse",
     "SessionInfo",
     "SessionInfoRequest",
+    "SessionUpdateKind",
+    "StatusKind",
     "TokenUsage",
     "UpdateSessionRequest",
 )
@@ -92,6 +96,24 @@ class ChatRequestType(betterproto2.Enum):
     Run the session's last user message again after it failed (its reply was an ERROR).
     """
 
+    RESUME = 6
+    """
+    Send the events of turn `turn_id` of `session_id` after `after_seq`, then follow the
+    turn live to its end. ERROR with OUT_OF_RANGE when the turn is no longer in the replay
+    window, NOT_FOUND when it is unknown.
+    """
+
+    WATCH = 7
+    """
+    Receive the live events of every turn of `session_id` (from any client), typing and
+    session updates, until UNWATCH or the end of the stream.
+    """
+
+    UNWATCH = 8
+    """
+    Stop watching `session_id`.
+    """
+
 
 class ChatResponseType(betterproto2.Enum):
     """
@@ -144,6 +166,55 @@ class ChatResponseType(betterproto2.Enum):
     """
 
 
+class ConcurrencyPolicy(betterproto2.Enum):
+    """
+    What a session does with a MESSAGE that arrives while one of its turns is running.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return CHAT_PROTO_DESCRIPTOR.enum_types_by_name["ConcurrencyPolicy"]
+
+    UNSPECIFIED = 0
+    """
+    The server's default (queue).
+    """
+
+    QUEUE = 1
+    """
+    Wait for the running turn to end, then answer the new message.
+    """
+
+    REJECT = 2
+    """
+    Refuse the new message with ABORTED; nothing is stored.
+    """
+
+    INTERRUPT = 3
+    """
+    Cancel the running turn (its partial reply is kept) and answer the new message.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "CONCURRENCY_POLICY_UNSPECIFIED",
+            1: "CONCURRENCY_POLICY_QUEUE",
+            2: "CONCURRENCY_POLICY_REJECT",
+            3: "CONCURRENCY_POLICY_INTERRUPT",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "CONCURRENCY_POLICY_UNSPECIFIED": 0,
+            "CONCURRENCY_POLICY_QUEUE": 1,
+            "CONCURRENCY_POLICY_REJECT": 2,
+            "CONCURRENCY_POLICY_INTERRUPT": 3,
+        }
+
+
 class ContextPolicy(betterproto2.Enum):
     """
     How a session handles a history longer than the model's context window.
@@ -184,6 +255,49 @@ class ContextPolicy(betterproto2.Enum):
             "CONTEXT_POLICY_UNSPECIFIED": 0,
             "CONTEXT_POLICY_TRUNCATE": 1,
             "CONTEXT_POLICY_REJECT": 2,
+        }
+
+
+class DisconnectPolicy(betterproto2.Enum):
+    """
+    What happens to a reply whose client goes away before it ends.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return CHAT_PROTO_DESCRIPTOR.enum_types_by_name["DisconnectPolicy"]
+
+    UNSPECIFIED = 0
+    """
+    The server's default (`--on-disconnect`).
+    """
+
+    CANCEL = 1
+    """
+    Stop the model at once and keep the partial reply, marked cancelled.
+    """
+
+    CONTINUE = 2
+    """
+    Let the reply run to its end and store it, so that a client that comes back (RESUME)
+    gets all of it.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "DISCONNECT_POLICY_UNSPECIFIED",
+            1: "DISCONNECT_POLICY_CANCEL",
+            2: "DISCONNECT_POLICY_CONTINUE",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "DISCONNECT_POLICY_UNSPECIFIED": 0,
+            "DISCONNECT_POLICY_CANCEL": 1,
+            "DISCONNECT_POLICY_CONTINUE": 2,
         }
 
 
@@ -349,6 +463,126 @@ class Role(betterproto2.Enum):
         }
 
 
+class SessionUpdateKind(betterproto2.Enum):
+    """
+    What a SESSION_UPDATE event reports.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return CHAT_PROTO_DESCRIPTOR.enum_types_by_name["SessionUpdateKind"]
+
+    UNSPECIFIED = 0
+    """
+    Not a SESSION_UPDATE (or sent by an older server).
+    """
+
+    TYPING_STARTED = 1
+    """
+    A client on another stream started typing in the session.
+    """
+
+    TYPING_STOPPED = 2
+    """
+    A client on another stream stopped typing in the session.
+    """
+
+    TURN_COMPLETED = 3
+    """
+    A turn of the session was stored (its reply completed, was cancelled or failed).
+    """
+
+    SESSION_UPDATED = 4
+    """
+    The session's settings changed (UpdateSession).
+    """
+
+    SESSION_DELETED = 5
+    """
+    The session was deleted (or expired).
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "SESSION_UPDATE_KIND_UNSPECIFIED",
+            1: "SESSION_UPDATE_KIND_TYPING_STARTED",
+            2: "SESSION_UPDATE_KIND_TYPING_STOPPED",
+            3: "SESSION_UPDATE_KIND_TURN_COMPLETED",
+            4: "SESSION_UPDATE_KIND_SESSION_UPDATED",
+            5: "SESSION_UPDATE_KIND_SESSION_DELETED",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "SESSION_UPDATE_KIND_UNSPECIFIED": 0,
+            "SESSION_UPDATE_KIND_TYPING_STARTED": 1,
+            "SESSION_UPDATE_KIND_TYPING_STOPPED": 2,
+            "SESSION_UPDATE_KIND_TURN_COMPLETED": 3,
+            "SESSION_UPDATE_KIND_SESSION_UPDATED": 4,
+            "SESSION_UPDATE_KIND_SESSION_DELETED": 5,
+        }
+
+
+class StatusKind(betterproto2.Enum):
+    """
+    What a STATUS event is about.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return CHAT_PROTO_DESCRIPTOR.enum_types_by_name["StatusKind"]
+
+    UNSPECIFIED = 0
+    """
+    Other information (or sent by an older server).
+    """
+
+    CONTEXT_TRUNCATED = 1
+    """
+    The context budget left older messages out of this turn's prompt (`omitted_messages`).
+    """
+
+    SHUTDOWN = 2
+    """
+    The server is shutting down (`error_code` 14): end this stream and reconnect.
+    """
+
+    HEARTBEAT = 3
+    """
+    Nothing happened: the stream is alive (sent on a stream that has been silent for a
+    while, so that proxies keep it open). Clients ignore it.
+    """
+
+    NOTHING_TO_CANCEL = 4
+    """
+    A CANCEL found no reply in flight or queued to stop.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "STATUS_KIND_UNSPECIFIED",
+            1: "STATUS_KIND_CONTEXT_TRUNCATED",
+            2: "STATUS_KIND_SHUTDOWN",
+            3: "STATUS_KIND_HEARTBEAT",
+            4: "STATUS_KIND_NOTHING_TO_CANCEL",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "STATUS_KIND_UNSPECIFIED": 0,
+            "STATUS_KIND_CONTEXT_TRUNCATED": 1,
+            "STATUS_KIND_SHUTDOWN": 2,
+            "STATUS_KIND_HEARTBEAT": 3,
+            "STATUS_KIND_NOTHING_TO_CANCEL": 4,
+        }
+
+
 @dataclass(eq=False, repr=False)
 class ChatMessage(betterproto2.Message):
     """
@@ -397,6 +631,12 @@ class ChatMessage(betterproto2.Message):
     Assistant messages: token counts, when the backend reported them.
     """
 
+    turn_id: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    The turn that produced it (`ChatResponse.turn_id`); empty for turns stored before turn
+    ids existed.
+    """
+
 
 default_message_pool.register_message("", "ChatMessage", ChatMessage)
 
@@ -438,6 +678,23 @@ class ChatRequest(betterproto2.Message):
     """
     Client-chosen id, echoed on every response event to this request. The server does not
     require it to be unique, but correlation is only reliable when it is.
+    """
+
+    turn_id: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    RESUME: the turn to resume (`ChatResponse.turn_id`).
+    """
+
+    after_seq: "int" = betterproto2.field(7, betterproto2.TYPE_INT32)
+    """
+    RESUME: the `seq` of the last event the client has of that turn (0: from its start).
+    """
+
+    client_message_id: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    MESSAGE, optional: a client-chosen id of this message. A MESSAGE whose id the session has
+    already seen (a resend after a reconnect, a double send) attaches to the turn it started
+    instead of starting a second one.
     """
 
 
@@ -558,6 +815,36 @@ class ChatResponse(betterproto2.Message):
     SESSION_UPDATE: the session as it is now (without messages).
     """
 
+    update_kind: "SessionUpdateKind" = betterproto2.field(
+        20, betterproto2.TYPE_ENUM, default_factory=lambda: SessionUpdateKind(0)
+    )
+    """
+    SESSION_UPDATE: what changed. Clients act on this, never on `status_message`.
+    """
+
+    status_kind: "StatusKind" = betterproto2.field(
+        21, betterproto2.TYPE_ENUM, default_factory=lambda: StatusKind(0)
+    )
+    """
+    STATUS: what the status is about. Clients act on this, never on `status_message`.
+    """
+
+    error_field: "str" = betterproto2.field(22, betterproto2.TYPE_STRING)
+    """
+    ERROR with error_code 3 (INVALID_ARGUMENT): the request field that is wrong, when one is.
+    """
+
+    turn_id: "str" = betterproto2.field(23, betterproto2.TYPE_STRING)
+    """
+    Every event of a turn: the server-assigned id of the turn (also stored with its messages).
+    """
+
+    seq: "int" = betterproto2.field(24, betterproto2.TYPE_INT32)
+    """
+    Every event of a turn: its position in the turn, 1..n, contiguous across all the turn's
+    events (STATUS, RESPONSE_START, CHUNK..., RESPONSE_COMPLETE or ERROR).
+    """
+
 
 default_message_pool.register_message("", "ChatResponse", ChatResponse)
 
@@ -593,6 +880,25 @@ class CreateSessionRequest(betterproto2.Message):
     )
     """
     What to do when the history outgrows the model's context window.
+    """
+
+    concurrency_policy: "ConcurrencyPolicy" = betterproto2.field(
+        5, betterproto2.TYPE_ENUM, default_factory=lambda: ConcurrencyPolicy(0)
+    )
+    """
+    What to do with a MESSAGE that arrives while a turn runs.
+    """
+
+    on_disconnect: "DisconnectPolicy" = betterproto2.field(
+        6, betterproto2.TYPE_ENUM, default_factory=lambda: DisconnectPolicy(0)
+    )
+    """
+    What happens to a reply whose client goes away.
+    """
+
+    max_reply_tokens: "int" = betterproto2.field(7, betterproto2.TYPE_INT32)
+    """
+    Longest reply, in tokens, asked of the model; 0: the server's default.
     """
 
 
@@ -688,6 +994,12 @@ class ListSessionsRequest(betterproto2.Message):
     page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
     """
     `next_page_token` of the previous page; empty for the first page.
+    """
+
+    all_identities: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+    """
+    List the sessions of every identity, not only the caller's (admins only:
+    PERMISSION_DENIED for others).
     """
 
 
@@ -909,6 +1221,40 @@ class SessionInfo(betterproto2.Message):
     The history, oldest first; only filled when asked for (`include_messages`).
     """
 
+    owner: "str" = betterproto2.field(10, betterproto2.TYPE_STRING)
+    """
+    The identity that owns the session. Filled in for admins only.
+    """
+
+    turn_running: "bool" = betterproto2.field(11, betterproto2.TYPE_BOOL)
+    """
+    Whether a turn of the session is running right now.
+    """
+
+    watchers: "int" = betterproto2.field(12, betterproto2.TYPE_INT32)
+    """
+    Number of streams watching the session (WATCH).
+    """
+
+    concurrency_policy: "ConcurrencyPolicy" = betterproto2.field(
+        13, betterproto2.TYPE_ENUM, default_factory=lambda: ConcurrencyPolicy(0)
+    )
+    """
+    What to do with a MESSAGE that arrives while a turn runs.
+    """
+
+    on_disconnect: "DisconnectPolicy" = betterproto2.field(
+        14, betterproto2.TYPE_ENUM, default_factory=lambda: DisconnectPolicy(0)
+    )
+    """
+    What happens to a reply whose client goes away.
+    """
+
+    max_reply_tokens: "int" = betterproto2.field(15, betterproto2.TYPE_INT32)
+    """
+    Longest reply, in tokens, asked of the model; 0: the server's default.
+    """
+
 
 default_message_pool.register_message("", "SessionInfo", SessionInfo)
 
@@ -1004,6 +1350,25 @@ class UpdateSessionRequest(betterproto2.Message):
     )
     """
     New context policy.
+    """
+
+    concurrency_policy: "ConcurrencyPolicy | None" = betterproto2.field(
+        6, betterproto2.TYPE_ENUM, optional=True
+    )
+    """
+    New concurrency policy.
+    """
+
+    on_disconnect: "DisconnectPolicy | None" = betterproto2.field(
+        7, betterproto2.TYPE_ENUM, optional=True
+    )
+    """
+    New disconnect policy.
+    """
+
+    max_reply_tokens: "int | None" = betterproto2.field(8, betterproto2.TYPE_INT32, optional=True)
+    """
+    New longest reply in tokens (0: the server's default).
     """
 
 
@@ -1173,7 +1538,7 @@ class ChatServiceStub(betterproto2_grpclib.ServiceStub):
 
 
 CHAT_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\nchat.proto"\x81\x02\n\x0bChatRequest\x12%\n\x04type\x18\x01 \x01(\x0e2\x11.ChatRequest.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x1c\n\ttimestamp\x18\x04 \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId"U\n\x04Type\x12\t\n\x07MESSAGE\x12\x08\n\x04PING\x10\x01\x12\x10\n\x0cTYPING_START\x10\x02\x12\x0f\n\x0bTYPING_STOP\x10\x03\x12\n\n\x06CANCEL\x10\x04\x12\t\n\x05RETRY\x10\x05"\xad\x06\n\x0cChatResponse\x12&\n\x04type\x18\x01 \x01(\x0e2\x12.ChatResponse.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12%\n\x0estatus_message\x18\x03 \x01(\tR\rstatusMessage\x12)\n\x10context_messages\x18\x04 \x01(\x05R\x0fcontextMessages\x12\x1d\n\nchunk_text\x18\x05 \x01(\tR\tchunkText\x12!\n\x0cchunk_number\x18\x06 \x01(\x05R\x0bchunkNumber\x12!\n\x0ctotal_chunks\x18\x07 \x01(\x05R\x0btotalChunks\x12\'\n\x0fprocessing_time\x18\x08 \x01(\x01R\x0eprocessingTime\x12#\n\rmessage_count\x18\t \x01(\x05R\x0cmessageCount\x12#\n\rerror_message\x18\n \x01(\tR\x0cerrorMessage\x12\x1c\n\ttimestamp\x18\x0b \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x0c \x01(\tR\trequestId\x122\n\rfinish_reason\x18\r \x01(\x0e2\r.FinishReasonR\x0cfinishReason\x12!\n\x05usage\x18\x0e \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x0f \x01(\tR\x05model\x12\x1d\n\nerror_code\x18\x10 \x01(\x05R\terrorCode\x12)\n\x10omitted_messages\x18\x11 \x01(\x05R\x0fomittedMessages\x12\x1f\n\x0bretry_after\x18\x12 \x01(\x01R\nretryAfter\x12&\n\x07session\x18\x13 \x01(\x0b2\x0c.SessionInfoR\x07session"o\n\x04Type\x12\x08\n\x06STATUS\x12\x12\n\x0eRESPONSE_START\x10\x01\x12\t\n\x05CHUNK\x10\x02\x12\x15\n\x11RESPONSE_COMPLETE\x10\x03\x12\t\n\x05ERROR\x10\x04\x12\x08\n\x04PONG\x10\x05\x12\x12\n\x0eSESSION_UPDATE\x10\x06"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens"\xe0\x01\n\x0bChatMessage\x12\x19\n\x04role\x18\x01 \x01(\x0e2\x05.RoleR\x04role\x12\x18\n\x07content\x18\x02 \x01(\tR\x07content\x12\x1c\n\ttimestamp\x18\x03 \x01(\tR\ttimestamp\x12&\n\x06status\x18\x04 \x01(\x0e2\x0e.MessageStatusR\x06status\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12!\n\x05usage\x18\x07 \x01(\x0b2\x0b.TokenUsageR\x05usage"\xc7\x02\n\x0bSessionInfo\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\x12#\n\rmessage_count\x18\x04 \x01(\x05R\x0cmessageCount\x12\x1d\n\ncreated_at\x18\x05 \x01(\tR\tcreatedAt\x12#\n\rlast_activity\x18\x06 \x01(\tR\x0clastActivity\x12#\n\rsystem_prompt\x18\x07 \x01(\tR\x0csystemPrompt\x125\n\x0econtext_policy\x18\x08 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12(\n\x08messages\x18\t \x03(\x0b2\x0c.ChatMessageR\x08messages"\x9e\x01\n\x14CreateSessionRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rsystem_prompt\x18\x02 \x01(\tR\x0csystemPrompt\x12\x14\n\x05title\x18\x03 \x01(\tR\x05title\x125\n\x0econtext_policy\x18\x04 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy"^\n\x15CreateSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12&\n\x07session\x18\x02 \x01(\x0b2\x0c.SessionInfoR\x07session"^\n\x12SessionInfoRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10include_messages\x18\x02 \x01(\x08R\x0fincludeMessages"\x8a\x02\n\x14UpdateSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x19\n\x05title\x18\x02 \x01(\tH\x00R\x05title\x88\x01\x01\x12(\n\rsystem_prompt\x18\x03 \x01(\tH\x01R\x0csystemPrompt\x88\x01\x01\x12\x19\n\x05model\x18\x04 \x01(\tH\x02R\x05model\x88\x01\x01\x12:\n\x0econtext_policy\x18\x05 \x01(\x0e2\x0e.ContextPolicyH\x03R\rcontextPolicy\x88\x01\x01B\x08\n\x06_titleB\x10\n\x0e_system_promptB\x08\n\x06_modelB\x11\n\x0f_context_policy"Q\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken"\x87\x01\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b2\x0c.SessionInfoR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize"5\n\x14DeleteSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"a\n\x15DeleteSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10deleted_messages\x18\x02 \x01(\x05R\x0fdeletedMessages"\x14\n\x12ServerStatsRequest"\xf1\x05\n\x13ServerStatsResponse\x12%\n\x0euptime_seconds\x18\x01 \x01(\x01R\ruptimeSeconds\x12%\n\x0etotal_requests\x18\x02 \x01(\x03R\rtotalRequests\x12/\n\x13successful_requests\x18\x03 \x01(\x03R\x12successfulRequests\x12\'\n\x0ffailed_requests\x18\x04 \x01(\x03R\x0efailedRequests\x12\'\n\x0factive_sessions\x18\x05 \x01(\x05R\x0eactiveSessions\x124\n\x16total_sessions_created\x18\x06 \x01(\x03R\x14totalSessionsCreated\x12*\n\x11avg_response_time\x18\x07 \x01(\x01R\x0favgResponseTime\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12%\n\x0eactive_streams\x18\t \x01(\x05R\ractiveStreams\x12*\n\x11total_chunks_sent\x18\n \x01(\x03R\x0ftotalChunksSent\x12-\n\x12cancelled_requests\x18\x0b \x01(\x03R\x11cancelledRequests\x12\x18\n\x07backend\x18\x0c \x01(\tR\x07backend\x12\x14\n\x05store\x18\r \x01(\tR\x05store\x12\x18\n\x07version\x18\x0e \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x0f \x01(\tR\tstartedAt\x12)\n\x10expired_sessions\x18\x10 \x01(\x03R\x0fexpiredSessions\x12)\n\x10evicted_sessions\x18\x11 \x01(\x03R\x0fevictedSessions\x12)\n\x10trimmed_messages\x18\x12 \x01(\x03R\x0ftrimmedMessages\x12%\n\x0eactive_replies\x18\x13 \x01(\x05R\ractiveReplies*\x93\x01\n\x0cFinishReason\x12\x1b\n\x19FINISH_REASON_UNSPECIFIED\x12\x16\n\x12FINISH_REASON_STOP\x10\x01\x12\x18\n\x14FINISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17FINISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13FINISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x12\n\x10ROLE_UNSPECIFIED\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xa3\x01\n\rMessageStatus\x12\x1c\n\x1aMESSAGE_STATUS_UNSPECIFIED\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x04*e\n\rContextPolicy\x12\x1c\n\x1aCONTEXT_POLICY_UNSPECIFIED\x12\x1b\n\x17CONTEXT_POLICY_TRUNCATE\x10\x01\x12\x19\n\x15CONTEXT_POLICY_REJECT\x10\x022\x9b\x03\n\x0bChatService\x12>\n\rCreateSession\x12\x15.CreateSessionRequest\x1a\x16.CreateSessionResponse\x123\n\x0eGetSessionInfo\x12\x13.SessionInfoRequest\x1a\x0c.SessionInfo\x124\n\rUpdateSession\x12\x15.UpdateSessionRequest\x1a\x0c.SessionInfo\x12;\n\x0cListSessions\x12\x14.ListSessionsRequest\x1a\x15.ListSessionsResponse\x12>\n\rDeleteSession\x12\x15.DeleteSessionRequest\x1a\x16.DeleteSessionResponse\x12;\n\x0eGetServerStats\x12\x13.ServerStatsRequest\x1a\x14.ServerStatsResponse\x12\'\n\x04Chat\x12\x0c.ChatRequest\x1a\r.ChatResponse(\x010\x01b\x06proto3'
+    b'\n\nchat.proto"\x87\x03\n\x0bChatRequest\x12%\n\x04type\x18\x01 \x01(\x0e2\x11.ChatRequest.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x1c\n\ttimestamp\x18\x04 \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x17\n\x07turn_id\x18\x06 \x01(\tR\x06turnId\x12\x1b\n\tafter_seq\x18\x07 \x01(\x05R\x08afterSeq\x12*\n\x11client_message_id\x18\x08 \x01(\tR\x0fclientMessageId"y\n\x04Type\x12\t\n\x07MESSAGE\x12\x08\n\x04PING\x10\x01\x12\x10\n\x0cTYPING_START\x10\x02\x12\x0f\n\x0bTYPING_STOP\x10\x03\x12\n\n\x06CANCEL\x10\x04\x12\t\n\x05RETRY\x10\x05\x12\n\n\x06RESUME\x10\x06\x12\t\n\x05WATCH\x10\x07\x12\x0b\n\x07UNWATCH\x10\x08"\xdc\x07\n\x0cChatResponse\x12&\n\x04type\x18\x01 \x01(\x0e2\x12.ChatResponse.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12%\n\x0estatus_message\x18\x03 \x01(\tR\rstatusMessage\x12)\n\x10context_messages\x18\x04 \x01(\x05R\x0fcontextMessages\x12\x1d\n\nchunk_text\x18\x05 \x01(\tR\tchunkText\x12!\n\x0cchunk_number\x18\x06 \x01(\x05R\x0bchunkNumber\x12!\n\x0ctotal_chunks\x18\x07 \x01(\x05R\x0btotalChunks\x12\'\n\x0fprocessing_time\x18\x08 \x01(\x01R\x0eprocessingTime\x12#\n\rmessage_count\x18\t \x01(\x05R\x0cmessageCount\x12#\n\rerror_message\x18\n \x01(\tR\x0cerrorMessage\x12\x1c\n\ttimestamp\x18\x0b \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x0c \x01(\tR\trequestId\x122\n\rfinish_reason\x18\r \x01(\x0e2\r.FinishReasonR\x0cfinishReason\x12!\n\x05usage\x18\x0e \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x0f \x01(\tR\x05model\x12\x1d\n\nerror_code\x18\x10 \x01(\x05R\terrorCode\x12)\n\x10omitted_messages\x18\x11 \x01(\x05R\x0fomittedMessages\x12\x1f\n\x0bretry_after\x18\x12 \x01(\x01R\nretryAfter\x12&\n\x07session\x18\x13 \x01(\x0b2\x0c.SessionInfoR\x07session\x123\n\x0bupdate_kind\x18\x14 \x01(\x0e2\x12.SessionUpdateKindR\nupdateKind\x12,\n\x0bstatus_kind\x18\x15 \x01(\x0e2\x0b.StatusKindR\nstatusKind\x12\x1f\n\x0berror_field\x18\x16 \x01(\tR\nerrorField\x12\x17\n\x07turn_id\x18\x17 \x01(\tR\x06turnId\x12\x10\n\x03seq\x18\x18 \x01(\x05R\x03seq"o\n\x04Type\x12\x08\n\x06STATUS\x12\x12\n\x0eRESPONSE_START\x10\x01\x12\t\n\x05CHUNK\x10\x02\x12\x15\n\x11RESPONSE_COMPLETE\x10\x03\x12\t\n\x05ERROR\x10\x04\x12\x08\n\x04PONG\x10\x05\x12\x12\n\x0eSESSION_UPDATE\x10\x06"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens"\xf9\x01\n\x0bChatMessage\x12\x19\n\x04role\x18\x01 \x01(\x0e2\x05.RoleR\x04role\x12\x18\n\x07content\x18\x02 \x01(\tR\x07content\x12\x1c\n\ttimestamp\x18\x03 \x01(\tR\ttimestamp\x12&\n\x06status\x18\x04 \x01(\x0e2\x0e.MessageStatusR\x06status\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12!\n\x05usage\x18\x07 \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x17\n\x07turn_id\x18\x08 \x01(\tR\x06turnId"\xc1\x04\n\x0bSessionInfo\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\x12#\n\rmessage_count\x18\x04 \x01(\x05R\x0cmessageCount\x12\x1d\n\ncreated_at\x18\x05 \x01(\tR\tcreatedAt\x12#\n\rlast_activity\x18\x06 \x01(\tR\x0clastActivity\x12#\n\rsystem_prompt\x18\x07 \x01(\tR\x0csystemPrompt\x125\n\x0econtext_policy\x18\x08 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12(\n\x08messages\x18\t \x03(\x0b2\x0c.ChatMessageR\x08messages\x12\x14\n\x05owner\x18\n \x01(\tR\x05owner\x12!\n\x0cturn_running\x18\x0b \x01(\x08R\x0bturnRunning\x12\x1a\n\x08watchers\x18\x0c \x01(\x05R\x08watchers\x12A\n\x12concurrency_policy\x18\r \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x0e \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x0f \x01(\x05R\x0emaxReplyTokens"\xc3\x02\n\x14CreateSessionRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rsystem_prompt\x18\x02 \x01(\tR\x0csystemPrompt\x12\x14\n\x05title\x18\x03 \x01(\tR\x05title\x125\n\x0econtext_policy\x18\x04 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12A\n\x12concurrency_policy\x18\x05 \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x06 \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x07 \x01(\x05R\x0emaxReplyTokens"^\n\x15CreateSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12&\n\x07session\x18\x02 \x01(\x0b2\x0c.SessionInfoR\x07session"^\n\x12SessionInfoRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10include_messages\x18\x02 \x01(\x08R\x0fincludeMessages"\xfc\x03\n\x14UpdateSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x19\n\x05title\x18\x02 \x01(\tH\x00R\x05title\x88\x01\x01\x12(\n\rsystem_prompt\x18\x03 \x01(\tH\x01R\x0csystemPrompt\x88\x01\x01\x12\x19\n\x05model\x18\x04 \x01(\tH\x02R\x05model\x88\x01\x01\x12:\n\x0econtext_policy\x18\x05 \x01(\x0e2\x0e.ContextPolicyH\x03R\rcontextPolicy\x88\x01\x01\x12F\n\x12concurrency_policy\x18\x06 \x01(\x0e2\x12.ConcurrencyPolicyH\x04R\x11concurrencyPolicy\x88\x01\x01\x12;\n\ron_disconnect\x18\x07 \x01(\x0e2\x11.DisconnectPolicyH\x05R\x0conDisconnect\x88\x01\x01\x12-\n\x10max_reply_tokens\x18\x08 \x01(\x05H\x06R\x0emaxReplyTokens\x88\x01\x01B\x08\n\x06_titleB\x10\n\x0e_system_promptB\x08\n\x06_modelB\x11\n\x0f_context_policyB\x15\n\x13_concurrency_policyB\x10\n\x0e_on_disconnectB\x13\n\x11_max_reply_tokens"x\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12%\n\x0eall_identities\x18\x03 \x01(\x08R\rallIdentities"\x87\x01\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b2\x0c.SessionInfoR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize"5\n\x14DeleteSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"a\n\x15DeleteSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10deleted_messages\x18\x02 \x01(\x05R\x0fdeletedMessages"\x14\n\x12ServerStatsRequest"\xf1\x05\n\x13ServerStatsResponse\x12%\n\x0euptime_seconds\x18\x01 \x01(\x01R\ruptimeSeconds\x12%\n\x0etotal_requests\x18\x02 \x01(\x03R\rtotalRequests\x12/\n\x13successful_requests\x18\x03 \x01(\x03R\x12successfulRequests\x12\'\n\x0ffailed_requests\x18\x04 \x01(\x03R\x0efailedRequests\x12\'\n\x0factive_sessions\x18\x05 \x01(\x05R\x0eactiveSessions\x124\n\x16total_sessions_created\x18\x06 \x01(\x03R\x14totalSessionsCreated\x12*\n\x11avg_response_time\x18\x07 \x01(\x01R\x0favgResponseTime\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12%\n\x0eactive_streams\x18\t \x01(\x05R\ractiveStreams\x12*\n\x11total_chunks_sent\x18\n \x01(\x03R\x0ftotalChunksSent\x12-\n\x12cancelled_requests\x18\x0b \x01(\x03R\x11cancelledRequests\x12\x18\n\x07backend\x18\x0c \x01(\tR\x07backend\x12\x14\n\x05store\x18\r \x01(\tR\x05store\x12\x18\n\x07version\x18\x0e \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x0f \x01(\tR\tstartedAt\x12)\n\x10expired_sessions\x18\x10 \x01(\x03R\x0fexpiredSessions\x12)\n\x10evicted_sessions\x18\x11 \x01(\x03R\x0fevictedSessions\x12)\n\x10trimmed_messages\x18\x12 \x01(\x03R\x0ftrimmedMessages\x12%\n\x0eactive_replies\x18\x13 \x01(\x05R\ractiveReplies*\x80\x02\n\x11SessionUpdateKind\x12!\n\x1fSESSION_UPDATE_KIND_UNSPECIFIED\x12&\n"SESSION_UPDATE_KIND_TYPING_STARTED\x10\x01\x12&\n"SESSION_UPDATE_KIND_TYPING_STOPPED\x10\x02\x12&\n"SESSION_UPDATE_KIND_TURN_COMPLETED\x10\x03\x12\'\n#SESSION_UPDATE_KIND_SESSION_UPDATED\x10\x04\x12\'\n#SESSION_UPDATE_KIND_SESSION_DELETED\x10\x05*\xa2\x01\n\nStatusKind\x12\x19\n\x17STATUS_KIND_UNSPECIFIED\x12!\n\x1dSTATUS_KIND_CONTEXT_TRUNCATED\x10\x01\x12\x18\n\x14STATUS_KIND_SHUTDOWN\x10\x02\x12\x19\n\x15STATUS_KIND_HEARTBEAT\x10\x03\x12!\n\x1dSTATUS_KIND_NOTHING_TO_CANCEL\x10\x04*\x93\x01\n\x0cFinishReason\x12\x1b\n\x19FINISH_REASON_UNSPECIFIED\x12\x16\n\x12FINISH_REASON_STOP\x10\x01\x12\x18\n\x14FINISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17FINISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13FINISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x12\n\x10ROLE_UNSPECIFIED\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xa3\x01\n\rMessageStatus\x12\x1c\n\x1aMESSAGE_STATUS_UNSPECIFIED\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x04*e\n\rContextPolicy\x12\x1c\n\x1aCONTEXT_POLICY_UNSPECIFIED\x12\x1b\n\x17CONTEXT_POLICY_TRUNCATE\x10\x01\x12\x19\n\x15CONTEXT_POLICY_REJECT\x10\x02*\x94\x01\n\x11ConcurrencyPolicy\x12 \n\x1eCONCURRENCY_POLICY_UNSPECIFIED\x12\x1c\n\x18CONCURRENCY_POLICY_QUEUE\x10\x01\x12\x1d\n\x19CONCURRENCY_POLICY_REJECT\x10\x02\x12 \n\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*q\n\x10DisconnectPolicy\x12\x1f\n\x1dDISCONNECT_POLICY_UNSPECIFIED\x12\x1c\n\x18DISCONNECT_POLICY_CANCEL\x10\x01\x12\x1e\n\x1aDISCONNECT_POLICY_CONTINUE\x10\x022\x9b\x03\n\x0bChatService\x12>\n\rCreateSession\x12\x15.CreateSessionRequest\x1a\x16.CreateSessionResponse\x123\n\x0eGetSessionInfo\x12\x13.SessionInfoRequest\x1a\x0c.SessionInfo\x124\n\rUpdateSession\x12\x15.UpdateSessionRequest\x1a\x0c.SessionInfo\x12;\n\x0cListSessions\x12\x14.ListSessionsRequest\x1a\x15.ListSessionsResponse\x12>\n\rDeleteSession\x12\x15.DeleteSessionRequest\x1a\x16.DeleteSessionResponse\x12;\n\x0eGetServerStats\x12\x13.ServerStatsRequest\x1a\x14.ServerStatsResponse\x12\'\n\x04Chat\x12\x0c.ChatRequest\x1a\r.ChatResponse(\x010\x01b\x06proto3'
 )
 
 

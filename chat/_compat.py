@@ -1,0 +1,205 @@
+"""Everything grpc-chat takes from grpclib's private API, in one room.
+
+grpclib is pinned to :data:`GRPCLIB_SUPPORTED` (``pyproject.toml`` says the same, and
+``tests/test_compat.py`` checks both, and every attribute listed in :data:`RELIED_ON`, with a
+message that names what changed). Nothing outside this module touches a grpclib name that
+starts with an underscore.
+
+What is used, and why:
+
+- :func:`send_batch`: several serialized messages in one HTTP/2 write (the public
+  ``Stream.send_message`` costs one DATA frame and one socket write per message);
+- :class:`HookedServer`: wraps each connection's asyncio protocol (grpclib builds it in the
+  private ``Server._protocol_factory``), so that writes can be corked and connections closed;
+- :func:`listening_port`: the port the kernel chose for port 0 (the asyncio server is
+  private);
+- reflection: the v1alpha service (a private module), the hook that builds file-descriptor
+  responses, and how grpclib names a service;
+- in-memory connections (tests, embedding): :class:`ConnectorChannel` makes a channel's
+  connections without a socket, :func:`accept_protocol` a server's side of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import grpclib
+import grpclib.server
+from grpclib._typing import IServable
+from grpclib.client import Channel
+from grpclib.protocol import H2Protocol
+from grpclib.reflection import _deprecated as reflection_v1alpha
+from grpclib.reflection import service as reflection_v1
+from grpclib.utils import _service_name
+
+if TYPE_CHECKING:
+    from grpclib.server import Stream
+
+__all__ = [
+    "GRPCLIB_SUPPORTED",
+    "RELIED_ON",
+    "ConnectorChannel",
+    "HookedServer",
+    "IServable",
+    "ReflectionV1",
+    "ReflectionV1Alpha",
+    "accept_protocol",
+    "listening_port",
+    "send_batch",
+    "service_name",
+]
+
+#: The grpclib releases this module is written for: ``(major, minor)``, any patch release.
+GRPCLIB_SUPPORTED = (0, 4)
+
+#: Each private attribute relied on, by the object that has it (checked by a test).
+RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
+    "grpclib.server.Stream": (
+        grpclib.server.Stream,
+        (
+            "_send_initial_metadata_done",
+            "_send_message_done",
+            "_messages_sent",
+            "_stream",
+            "_dispatch",
+        ),
+    ),
+    "grpclib.server.Server": (grpclib.server.Server, ("_protocol_factory", "_server")),
+    "grpclib.client.Channel": (Channel, ("_protocol_factory", "_create_connection")),
+    "grpclib.reflection.service.ServerReflection": (
+        reflection_v1.ServerReflection,
+        ("_file_descriptor_response",),
+    ),
+}
+
+
+def grpclib_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed grpclib."""
+    major, minor, *_ = grpclib.__version__.split(".")
+    return int(major), int(minor)
+
+
+def _dispatch_is_plain(stream: Stream[Any, Any]) -> bool:
+    # grpclib replaces Stream._dispatch.send_message when a SendMessage listener is added:
+    # then every message must go through it, one by one.
+    return "send_message" in vars(stream._dispatch)
+
+
+async def send_batch(stream: Stream[Any, Any], payloads: Sequence[bytes]) -> bool:
+    """Send serialized messages on a server stream in one HTTP/2 write; ``False`` if not done.
+
+    The gRPC framing (a flag byte and a 4-byte length before each message) does not care how
+    messages are split into DATA frames, so a batch goes out as one write and the client reads
+    the same messages. Does nothing and returns ``False`` when a ``SendMessage`` listener must
+    see each message: the caller then sends them one by one.
+    """
+    if not _dispatch_is_plain(stream):
+        return False
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    data = b"".join([b"\x00" + len(p).to_bytes(4, "big") + p for p in payloads])
+    h2_stream = stream._stream
+    await h2_stream.send_data(data)
+    # What Stream.send_message records after each message.
+    count = len(payloads)
+    stream._send_message_done = True
+    stream._messages_sent += count
+    h2_stream.connection.messages_sent += count
+    h2_stream.connection.last_message_sent = time.monotonic()
+    return True
+
+
+class HookedServer(grpclib.server.Server):
+    """A grpclib server whose connections' protocols pass through ``wrap_protocol``.
+
+    ``wrap_protocol(inner)`` returns the asyncio protocol to use in place of grpclib's own
+    ``inner`` (which it must drive).
+    """
+
+    def __init__(
+        self,
+        handlers: Collection[IServable],
+        *,
+        wrap_protocol: Callable[[asyncio.Protocol], asyncio.Protocol],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handlers, **kwargs)
+        self._wrap_protocol = wrap_protocol
+
+    def _protocol_factory(self) -> Any:
+        return self._wrap_protocol(cast(asyncio.Protocol, super()._protocol_factory()))
+
+
+def listening_port(server: grpclib.server.Server) -> int:
+    """The TCP port ``server`` listens on (what the kernel chose for port 0)."""
+    listener = cast(asyncio.Server | None, server._server)
+    sockets = listener.sockets if listener is not None else ()
+    if not sockets:
+        raise RuntimeError("the server has no listening socket")
+    return int(sockets[0].getsockname()[1])
+
+
+def accept_protocol(server: grpclib.server.Server) -> asyncio.Protocol:
+    """The protocol ``server`` makes for a connection it accepts (``ConnectionRefusedError``
+    when it is not listening), to be driven by a transport of the caller's."""
+    listener = cast(asyncio.Server | None, server._server)
+    if listener is None or not listener.is_serving():
+        raise ConnectionRefusedError("the server is not listening")
+    return cast(asyncio.Protocol, server._protocol_factory())
+
+
+class ConnectorChannel(Channel):
+    """A grpclib channel whose connections are made by ``connect`` instead of a socket.
+
+    ``connect(protocol)`` must give ``protocol`` (grpclib's, for the new connection) a
+    transport, calling its ``connection_made``.
+    """
+
+    def __init__(self, connect: Callable[[H2Protocol], None], **kwargs: Any) -> None:
+        super().__init__("in-memory", 1, **kwargs)
+        self._connect = connect
+
+    async def _create_connection(self) -> H2Protocol:
+        # Channel.__connect__ calls this for each new connection; the default opens a socket.
+        protocol = self._protocol_factory()
+        self._connect(protocol)
+        return protocol
+
+
+def service_name(service: IServable) -> str:
+    """The full name of the gRPC service ``service`` serves, as grpclib derives it."""
+    return _service_name(service)
+
+
+class _Documented:
+    """Replaces the bytes of documented files in file-descriptor responses."""
+
+    _documented: dict[str, bytes]
+
+    def _file_descriptor_response(self, file_descriptor: Any) -> Any:
+        response = super()._file_descriptor_response(file_descriptor)  # type: ignore[misc]
+        documented = self._documented.get(file_descriptor.name)
+        if documented is not None:
+            protos = response.file_descriptor_response.file_descriptor_proto
+            del protos[:]
+            protos.append(documented)
+        return response
+
+
+class ReflectionV1(_Documented, reflection_v1.ServerReflection):
+    """Reflection v1 over ``pool``, answering with ``documented`` files where it has them."""
+
+    def __init__(self, names: Collection[str], pool: Any, documented: dict[str, bytes]) -> None:
+        super().__init__(_service_names=names, _pool=pool)
+        self._documented = documented
+
+
+class ReflectionV1Alpha(_Documented, reflection_v1alpha.ServerReflection):
+    """The same for reflection v1alpha (older clients, grpcio's reflection client)."""
+
+    def __init__(self, names: Collection[str], pool: Any, documented: dict[str, bytes]) -> None:
+        super().__init__(_service_names=names, _pool=pool)
+        self._documented = documented

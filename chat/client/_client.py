@@ -1,0 +1,596 @@
+"""The facade: :class:`ChatClient`, and the :class:`ReplyStream` and :class:`Notices` it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import TracebackType
+from typing import Self, TypeVar
+
+from grpclib import GRPCError
+from grpclib.client import Channel
+from grpclib.const import Status as GrpcStatus
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest
+
+import chatpb
+from chat._defaults import default_of
+from chat.client import _convert
+from chat.client._config import ClientConfig, ReconnectPolicy
+from chat.client._connection import (
+    TRANSPORT_ERRORS,
+    ChannelFactory,
+    Connection,
+    Connector,
+    Pending,
+    describe,
+)
+from chat.client._results import (
+    ClientStats,
+    Notice,
+    Reply,
+    ReplyChunk,
+    ReplyCompleted,
+    ReplyEvent,
+    ReplyFailed,
+    ServingStatus,
+    SessionList,
+)
+from chat.errors import (
+    ChatError,
+    ConnectionLost,
+    DeadlineExceeded,
+    InvalidArgument,
+    SessionNotFound,
+)
+from chat.stats import ServerStatsInfo
+from chat.types import ConcurrencyPolicy, ContextPolicy, DisconnectPolicy, Message, Session
+
+_T = TypeVar("_T")
+
+
+class ReplyStream:
+    """The events of one reply; made by :meth:`ChatClient.send` and :meth:`ChatClient.retry`.
+
+    The request is sent when iteration starts (or on ``async with``). Iterating yields
+    :data:`ReplyEvent`\\ s and stops after the terminal one; a lost connection raises
+    :class:`~chat.errors.ConnectionLost`. Leaving an ``async with`` block before the reply
+    ended cancels it.
+
+    >>> async def demo(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
+    ...     async with client.send(session_id, "Write a long story") as reply:
+    ...         async for event in reply:
+    ...             if isinstance(event, ReplyChunk) and event.number == 10:
+    ...                 await reply.cancel()
+    ...     print(reply.text, reply.result)
+
+    :attr:`text` is what the chunks read so far say; :attr:`result` is the whole
+    :class:`Reply` once a ``ReplyCompleted`` was read.
+    """
+
+    def __init__(
+        self, connector: Connector, kind: chatpb.ChatRequestType, session_id: str, text: str
+    ) -> None:
+        self._connector = connector
+        self._kind = kind
+        self._text = text
+        self.session_id = session_id
+        self.request_id = str(uuid.uuid4())
+        self._pending: Pending | None = None
+        self._conn: Connection | None = None
+        self._done = False
+        self._parts: list[str] = []
+        self._result: Reply | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the terminal event was delivered (or the connection was lost)."""
+        return self._done
+
+    @property
+    def text(self) -> str:
+        """The reply's text as far as it was read."""
+        return "".join(self._parts)
+
+    @property
+    def result(self) -> Reply | None:
+        """The whole reply, once its ``ReplyCompleted`` was read; ``None`` before or on failure."""
+        return self._result
+
+    async def start(self) -> None:
+        """Send the request (done by the first iteration if not called)."""
+        if self._pending is None:
+            self._conn, self._pending = await self._connector.submit(
+                chatpb.ChatRequest(
+                    type=self._kind,
+                    session_id=self.session_id,
+                    message=self._text,
+                    request_id=self.request_id,
+                )
+            )
+
+    async def cancel(self) -> None:
+        """Ask the server to stop this reply; it then ends with ``ReplyCompleted(CANCELLED)``.
+
+        Nothing to do once the reply ended, or if its connection is gone (the reply went
+        with it): the CANCEL only means something on the stream that carries the reply.
+        """
+        if self._conn is not None and not self._done:
+            await self._connector.write(
+                self._conn,
+                chatpb.ChatRequest(
+                    type=chatpb.ChatRequestType.CANCEL,
+                    session_id=self.session_id,
+                    request_id=self.request_id,
+                ),
+            )
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ReplyEvent:
+        if self._done:
+            raise StopAsyncIteration
+        await self.start()
+        assert self._pending is not None
+        assert self._conn is not None
+        while True:
+            try:
+                async with asyncio.timeout(self._connector.config.keepalive):
+                    item = await self._pending.queue.get()
+                break
+            except TimeoutError:
+                # Silent for a while: a loss is queued here if the stream is dead.
+                await self._connector.check_alive(self._conn)
+        if isinstance(item, ChatError):
+            self._done = True
+            raise item
+        if item.type in _convert.TERMINAL:
+            self._done = True
+        event = _convert.to_reply_event(item)
+        if isinstance(event, ReplyChunk):
+            self._parts.append(event.text)
+        elif isinstance(event, ReplyCompleted):
+            self._result = Reply(
+                request_id=self.request_id,
+                session_id=event.session_id or self.session_id,
+                text=self.text,
+                finish_reason=event.finish_reason,
+                model=event.model,
+                usage=event.usage,
+                message_count=event.message_count,
+                total_chunks=event.total_chunks,
+                processing_time=event.processing_time,
+                response_time=time.monotonic() - self._pending.sent_at,
+            )
+        return event
+
+    async def collect(self) -> Reply:
+        """Read the reply to its end; raise its typed error if it failed."""
+        async for event in self:
+            if isinstance(event, ReplyFailed):
+                raise event.error()
+        if self._result is None:
+            raise ConnectionLost(
+                self._connector.config.target, "the reply ended without completing"
+            )
+        return self._result
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            # Abandoned mid-reply (break, error, cancellation): stop the model. The request
+            # stays registered until its terminal event arrives, so nothing leaks.
+            with contextlib.suppress(ChatError, RuntimeError):
+                await self.cancel()
+
+
+class Notices:
+    """A subscription to unsolicited events; use ``async with client.notices() as notices``."""
+
+    def __init__(self, connector: Connector) -> None:
+        self._connector = connector
+        self._queue: asyncio.Queue[Notice] = asyncio.Queue()
+
+    async def __aenter__(self) -> Self:
+        self._connector.subscribers.add(self._queue)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._connector.subscribers.discard(self._queue)
+
+    async def get(self) -> Notice:
+        """The next notice (waits)."""
+        return await self._queue.get()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Notice:
+        return await self._queue.get()
+
+
+class ChatClient:
+    """An asyncio client for a grpc-chat server.
+
+    >>> async def main() -> None:                                # doctest: +SKIP
+    ...     policy = ReconnectPolicy(max_attempts=10)
+    ...     async with ChatClient("localhost:50051", reconnect=policy) as client:
+    ...         print(f"round trip {await client.ping() * 1000:.1f} ms")
+    ...         session = await client.create_session(system_prompt="Be brief.")
+    ...         reply = await client.ask(session.session_id, "What is gRPC?")
+    ...         print(reply.text)
+
+    ``async with`` connects (:meth:`connect`) and closes (:meth:`aclose`). All methods must be
+    called from the event loop that connected.
+
+    The keyword arguments are those of :class:`ClientConfig`. ``channel_factory`` makes the
+    grpclib :class:`~grpclib.client.Channel` of each connection the client opens (the first
+    one, and each one after a loss or :meth:`disconnect`): it is called with no arguments and
+    must return a new channel every time; the client closes it. By default it is
+    ``Channel(host, port)`` of ``target``. Pass one for TLS (to a proxy in front of the
+    server), or to run the client in memory in tests::
+
+        ChatClient("chat.example.org:443", channel_factory=lambda: Channel(
+            "chat.example.org", 443, ssl=True
+        ))
+    """
+
+    def __init__(
+        self,
+        target: str = default_of(ClientConfig, "target"),
+        *,
+        timeout: float = default_of(ClientConfig, "timeout"),
+        connect_timeout: float = default_of(ClientConfig, "connect_timeout"),
+        reconnect: ReconnectPolicy | None = None,
+        keepalive: float | None = default_of(ClientConfig, "keepalive"),
+        channel_factory: ChannelFactory | None = None,
+    ) -> None:
+        self.config = config = ClientConfig(
+            target=target,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            reconnect=reconnect,
+            keepalive=keepalive,
+        )
+        if channel_factory is None:
+
+            def channel_factory() -> Channel:
+                return Channel(config.host, config.port)
+
+        self._connector = Connector(config, channel_factory)
+
+    @classmethod
+    def from_config(
+        cls, config: ClientConfig, *, channel_factory: ChannelFactory | None = None
+    ) -> ChatClient:
+        """A client for ``config`` (what the CLI builds)."""
+        return cls(
+            config.target,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            reconnect=config.reconnect,
+            keepalive=config.keepalive,
+            channel_factory=channel_factory,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the Chat stream is open right now."""
+        return self._connector.connected
+
+    @property
+    def stats(self) -> ClientStats:
+        """What this client measured so far."""
+        return self._connector.counters.snapshot()
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests on the Chat stream still waiting for their last event."""
+        return self._connector.pending_requests
+
+    async def connect(self) -> None:
+        """Open the connection (again) and check it with a PING.
+
+        A no-op when connected. Retries with backoff when the client has a
+        :class:`ReconnectPolicy` and connected before; raises
+        :class:`~chat.errors.ServerUnreachable` when the server cannot be reached.
+        """
+        await self._connector.connect()
+
+    async def disconnect(self) -> None:
+        """Close the connection; replies in flight are cancelled. :meth:`connect` reopens it."""
+        await self._connector.disconnect()
+
+    async def aclose(self) -> None:
+        """Close the connection for good."""
+        await self._connector.aclose()
+
+    def notices(self) -> Notices:
+        """Subscribe to unsolicited events: session updates, server notices, connection states.
+
+        >>> async def watch(client: ChatClient) -> None:           # doctest: +SKIP
+        ...     async with client.notices() as notices:
+        ...         async for notice in notices:
+        ...             print(notice)
+        """
+        return Notices(self._connector)
+
+    # -- conversation ------------------------------------------------------------------------
+
+    def send(self, session_id: str, text: str) -> ReplyStream:
+        """Send ``text`` to session ``session_id``; iterate the result for the reply's events.
+
+        >>> async def demo(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
+        ...     async for event in client.send(session_id, "Hello"):
+        ...         print(event)
+        """
+        return ReplyStream(self._connector, chatpb.ChatRequestType.MESSAGE, session_id, text)
+
+    def retry(self, session_id: str) -> ReplyStream:
+        """Run the session's last user message again, after its turn failed.
+
+        The reply fails with :class:`~chat.errors.FailedPrecondition` when the last message
+        did not fail.
+        """
+        return ReplyStream(self._connector, chatpb.ChatRequestType.RETRY, session_id, "")
+
+    async def ask(self, session_id: str, text: str) -> Reply:
+        """Send ``text`` and return the whole reply; raise its typed error if it failed."""
+        async with self.send(session_id, text) as reply:
+            return await reply.collect()
+
+    async def cancel(self, request_id: str = "", *, session_id: str = "") -> None:
+        """Stop the reply to ``request_id``, or every reply of ``session_id`` on this connection.
+
+        The replies then end with :class:`ReplyCompleted` whose ``finish_reason`` is
+        ``CANCELLED``; the server keeps what was said so far. Without a connection there is
+        nothing to cancel (replies end with the connection that carried them), and nothing
+        is done.
+        """
+        if not request_id and not session_id:
+            raise InvalidArgument("request_id", "cancel needs a request_id or a session_id")
+        conn = self._connector.current
+        if conn is None:
+            if not self._connector.ever_connected:
+                raise RuntimeError("the client is not connected: use `async with` or connect()")
+            return
+        await self._connector.write(
+            conn,
+            chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.CANCEL, session_id=session_id, request_id=request_id
+            ),
+        )
+
+    async def ping(self) -> float:
+        """Round-trip time of a PING on the Chat stream, in seconds."""
+        return await self._connector.ping_on(await self._connector.ready())
+
+    # -- unary RPCs ----------------------------------------------------------------------------
+
+    async def _unary(
+        self,
+        what: str,
+        call: Callable[[Connection], Awaitable[_T]],
+        *,
+        session_id: str = "",
+    ) -> _T:
+        conn = await self._connector.ready()
+        try:
+            return await call(conn)
+        except GRPCError as error:
+            raise _convert.error_from_grpc(error, session_id=session_id) from error
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{what}: no answer from {self.config.target} within {self.config.timeout:g}s"
+            ) from None
+        except TRANSPORT_ERRORS as error:
+            raise ConnectionLost(self.config.target, describe(error)) from error
+
+    async def create_session(
+        self,
+        *,
+        title: str = "",
+        system_prompt: str = "",
+        model: str = "",
+        context_policy: ContextPolicy = ContextPolicy.UNSPECIFIED,
+        concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.UNSPECIFIED,
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED,
+        max_reply_tokens: int = 0,
+    ) -> Session:
+        """Create a session; empty ``model`` (and every default) means the server's default.
+
+        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default);
+        ``concurrency_policy`` says what a message sent while a reply runs does (queue,
+        reject, interrupt); ``on_disconnect`` whether a reply goes on when its client leaves.
+        """
+        request = chatpb.CreateSessionRequest(
+            title=title,
+            system_prompt=system_prompt,
+            model=model,
+            context_policy=chatpb.ContextPolicy(context_policy),
+            concurrency_policy=chatpb.ConcurrencyPolicy(concurrency_policy),
+            on_disconnect=chatpb.DisconnectPolicy(on_disconnect),
+            max_reply_tokens=max_reply_tokens,
+        )
+        response = await self._unary(
+            "CreateSession", lambda conn: conn.stub.create_session(request)
+        )
+        self._connector.counters.sessions_created += 1
+        if response.session is not None:
+            return _convert.to_session(response.session)
+        return await self.get_session(response.session_id)
+
+    async def get_session(self, session_id: str) -> Session:
+        """The session (without its messages); :class:`~chat.errors.SessionNotFound` if none."""
+        info = await self._unary(
+            "GetSessionInfo",
+            lambda conn: conn.stub.get_session_info(
+                chatpb.SessionInfoRequest(session_id=session_id)
+            ),
+            session_id=session_id,
+        )
+        return _convert.to_session(info)
+
+    async def history(self, session_id: str) -> list[Message]:
+        """The session's messages, oldest first."""
+        info = await self._unary(
+            "GetSessionInfo",
+            lambda conn: conn.stub.get_session_info(
+                chatpb.SessionInfoRequest(session_id=session_id, include_messages=True)
+            ),
+            session_id=session_id,
+        )
+        return [_convert.to_message(m) for m in info.messages]
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        model: str | None = None,
+        context_policy: ContextPolicy | None = None,
+        concurrency_policy: ConcurrencyPolicy | None = None,
+        on_disconnect: DisconnectPolicy | None = None,
+        max_reply_tokens: int | None = None,
+    ) -> Session:
+        """Change the fields given (``None`` leaves a field as it is); return the session."""
+        request = chatpb.UpdateSessionRequest(
+            session_id=session_id,
+            title=title,
+            system_prompt=system_prompt,
+            model=model,
+            context_policy=None if context_policy is None else chatpb.ContextPolicy(context_policy),
+            concurrency_policy=(
+                None if concurrency_policy is None else chatpb.ConcurrencyPolicy(concurrency_policy)
+            ),
+            on_disconnect=None if on_disconnect is None else chatpb.DisconnectPolicy(on_disconnect),
+            max_reply_tokens=max_reply_tokens,
+        )
+        info = await self._unary(
+            "UpdateSession",
+            lambda conn: conn.stub.update_session(request),
+            session_id=session_id,
+        )
+        return _convert.to_session(info)
+
+    async def delete_session(self, session_id: str) -> int:
+        """Delete the session and its history; return how many messages were deleted."""
+        response = await self._unary(
+            "DeleteSession",
+            lambda conn: conn.stub.delete_session(
+                chatpb.DeleteSessionRequest(session_id=session_id)
+            ),
+            session_id=session_id,
+        )
+        return response.deleted_messages
+
+    async def list_sessions(self, *, page_size: int = 0, page_token: str = "") -> SessionList:
+        """One page of sessions, newest first (``page_size`` 0: the server's default)."""
+        if not 0 <= page_size <= 2**31 - 1:
+            raise InvalidArgument("page_size", f"must be >= 0, not {page_size}")
+        response = await self._unary(
+            "ListSessions",
+            lambda conn: conn.stub.list_sessions(
+                chatpb.ListSessionsRequest(page_size=page_size, page_token=page_token)
+            ),
+        )
+        return SessionList(
+            [_convert.to_session(s) for s in response.sessions],
+            response.next_page_token,
+            response.total_size,
+        )
+
+    async def iter_sessions(self, *, page_size: int = 100) -> AsyncGenerator[Session, None]:
+        """Every session, newest first, page by page (close it with ``aclosing``)."""
+        token = ""
+        while True:
+            page = await self.list_sessions(page_size=page_size, page_token=token)
+            for session in page.sessions:
+                yield session
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def find_session(self, id_or_prefix: str) -> Session:
+        """The session whose id is ``id_or_prefix`` or, failing that, starts with it.
+
+        Raises :class:`~chat.errors.SessionNotFound` when none matches and
+        :class:`~chat.errors.InvalidArgument` when the prefix matches several sessions.
+        """
+        wanted = id_or_prefix.strip().lower()
+        if not wanted:
+            raise InvalidArgument("session_id", "is required")
+        with contextlib.suppress(SessionNotFound):
+            return await self.get_session(wanted)
+        matches: list[Session] = []
+        async with contextlib.aclosing(self.iter_sessions(page_size=500)) as sessions:
+            async for session in sessions:
+                if session.session_id.startswith(wanted):
+                    matches.append(session)
+        if not matches:
+            raise SessionNotFound(id_or_prefix)
+        if len(matches) > 1:
+            ids = ", ".join(s.session_id[:13] for s in matches[:5])
+            raise InvalidArgument(
+                "session_id",
+                f"{id_or_prefix!r} matches {len(matches)} sessions ({ids}); give more characters",
+            )
+        return matches[0]
+
+    async def server_stats(self) -> ServerStatsInfo:
+        """The server's counters."""
+        response = await self._unary("GetServerStats", lambda conn: conn.stub.get_server_stats())
+        return _convert.to_server_stats(response)
+
+    async def health(self, service: str = "") -> ServingStatus:
+        """The standard health check: ``""`` for the whole server, or a service name.
+
+        ``ChatService`` turns ``NOT_SERVING`` while the server drains on shutdown.
+        """
+
+        async def check(conn: Connection) -> ServingStatus:
+            try:
+                response = await HealthStub(conn.channel).Check(
+                    HealthCheckRequest(service=service), timeout=self.config.timeout
+                )
+            except GRPCError as error:
+                if error.status is GrpcStatus.NOT_FOUND:
+                    return ServingStatus.SERVICE_UNKNOWN
+                raise
+            if response is None:
+                return ServingStatus.UNKNOWN
+            return _convert.to_serving_status(response)
+
+        return await self._unary("Health.Check", check)

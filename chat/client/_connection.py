@@ -1,0 +1,437 @@
+"""The client's connection: one channel and its shared Chat stream, the reader, reconnection.
+
+A :class:`Connector` owns the current :class:`Connection` and replaces it as a whole when it
+is lost. Its reader task hands each server event to the request it answers (a
+:class:`Pending` queue, by ``request_id``) and turns the others into notices; when the
+stream breaks, every request in flight gets the :class:`~chat.errors.ConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h2.exceptions
+from grpclib import GRPCError
+from grpclib.client import Channel
+from grpclib.client import Stream as ClientStream
+from grpclib.const import Cardinality
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
+
+import chatpb
+from chat.client import _convert
+from chat.client._config import ClientConfig, ReconnectPolicy
+from chat.client._results import (
+    ConnectionState,
+    ConnectionStateChanged,
+    Counters,
+    Notice,
+)
+from chat.errors import (
+    ChatError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ServerUnreachable,
+)
+from chat.types import format_timestamp, utcnow
+
+log = logging.getLogger(__name__)
+
+_CHAT_ROUTE = "/ChatService/Chat"
+
+#: What grpclib raises when the transport under a call goes away.
+TRANSPORT_ERRORS = (
+    StreamTerminatedError,
+    ProtocolError,
+    h2.exceptions.ProtocolError,
+    OSError,
+    EOFError,
+)
+
+#: Makes the channel of each new connection.
+ChannelFactory = Callable[[], Channel]
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A request waiting for its answer on the Chat stream."""
+
+    request_id: str
+    is_turn: bool
+    sent_at: float = field(default_factory=time.monotonic)
+    first_chunk: bool = False
+    queue: asyncio.Queue[chatpb.ChatResponse | ChatError] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(slots=True, eq=False)
+class Connection:
+    """One channel and its Chat stream; replaced as a whole on reconnection."""
+
+    channel: Channel
+    stub: chatpb.ChatServiceStub
+    stream: ClientStream[chatpb.ChatRequest, chatpb.ChatResponse]
+    #: The stream's ``async with`` was entered and not yet left.
+    stream_open: bool = True
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+    lost: ChatError | None = None
+    closing: bool = False
+
+
+class Connector:
+    """Opens, watches and reopens the connection of one client; routes the stream's events."""
+
+    def __init__(self, config: ClientConfig, channel_factory: ChannelFactory) -> None:
+        self.config = config
+        self._channel_factory = channel_factory
+        #: The connection in use, or the lost one until it is replaced.
+        self.current: Connection | None = None
+        # Why the last connection ended, while the client should come back by itself.
+        self._lost: ChatError | None = None
+        self.ever_connected = False
+        self._closed = False
+        self._connect_lock = asyncio.Lock()
+        self.subscribers: set[asyncio.Queue[Notice]] = set()
+        self.counters = Counters()
+        self._rng = random.Random()
+
+    @property
+    def connected(self) -> bool:
+        return self.current is not None and self.current.lost is None
+
+    @property
+    def pending_requests(self) -> int:
+        return 0 if self.current is None else len(self.current.pending)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        async with self._connect_lock:
+            if self.connected:
+                return
+            if self.ever_connected and self.config.reconnect is not None:
+                await self._reconnect(self.config.reconnect)
+            else:
+                await self._open()
+
+    async def disconnect(self) -> None:
+        conn, self.current, self._lost = self.current, None, None
+        if conn is not None:
+            await self._close_connection(conn, "the client disconnected")
+            self.publish(ConnectionStateChanged(ConnectionState.CLOSED, self.config.target))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self.disconnect()
+
+    async def _open(self) -> Connection:
+        """One attempt to open the channel and the Chat stream, checked with a PING."""
+        config = self.config
+        self.counters.connection_attempts += 1
+        channel = self._channel_factory()
+        # The stream is entered and left by hand (not `async with`): it outlives this call,
+        # and leaving it after a failure must see that failure (see _leave_stream).
+        stream = await channel.request(
+            _CHAT_ROUTE, Cardinality.STREAM_STREAM, chatpb.ChatRequest, chatpb.ChatResponse
+        ).__aenter__()
+        conn = Connection(
+            channel=channel,
+            stub=chatpb.ChatServiceStub(channel, timeout=config.timeout),
+            stream=stream,
+        )
+        try:
+            async with asyncio.timeout(config.connect_timeout):
+                await stream.send_request()
+                conn.reader = asyncio.create_task(self._read(conn))
+                await self.ping_on(conn)
+        except BaseException as error:
+            await self._close_connection(conn, "connection attempt failed")
+            if isinstance(error, TimeoutError | DeadlineExceeded):
+                raise ServerUnreachable(
+                    config.target, f"no answer within {config.connect_timeout:g}s"
+                ) from error
+            if isinstance(error, ConnectionLost):
+                raise ServerUnreachable(config.target, error.reason) from error
+            if isinstance(error, TRANSPORT_ERRORS):
+                raise ServerUnreachable(config.target, describe(error)) from error
+            raise
+        reconnected = self.ever_connected
+        if reconnected:
+            self.counters.reconnections += 1
+        self.ever_connected = True
+        previous, self.current, self._lost = self.current, conn, None
+        if previous is not None:
+            # The lost connection was kept until now so that `connected` stays False.
+            await self._close_connection(previous, "replaced by a new connection")
+        log.info("connected to %s", config.target)
+        state = ConnectionState.RECONNECTED if reconnected else ConnectionState.CONNECTED
+        self.publish(ConnectionStateChanged(state, config.target))
+        return conn
+
+    async def _reconnect(self, policy: ReconnectPolicy) -> Connection:
+        target = self.config.target
+        for attempt in range(1, policy.max_attempts + 1):
+            delay = policy.delay(attempt, self._rng)
+            reason = "" if self._lost is None else self._lost.message
+            self.publish(
+                ConnectionStateChanged(
+                    ConnectionState.RECONNECTING, target, reason, attempt=attempt, delay=delay
+                )
+            )
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                return await self._open()
+            except ServerUnreachable as error:
+                log.info("reconnection attempt %d to %s failed: %s", attempt, target, error)
+                self._lost = error
+                if attempt == policy.max_attempts:
+                    raise ServerUnreachable(
+                        target, f"{error.reason} (gave up after {attempt} attempts)"
+                    ) from error
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def ready(self) -> Connection:
+        """The open connection; reconnect first if it was lost and the policy allows."""
+        conn = self.current
+        if conn is not None and conn.lost is None:
+            return conn
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        lost = self._lost
+        if lost is None:
+            raise RuntimeError("the client is not connected: use `async with` or connect()")
+        policy = self.config.reconnect
+        if policy is None:
+            reason = lost.reason if isinstance(lost, ServerUnreachable) else lost.message
+            raise ConnectionLost(self.config.target, f"{reason}; call connect() to reconnect")
+        async with self._connect_lock:
+            conn = self.current
+            if conn is not None and conn.lost is None:
+                return conn
+            return await self._reconnect(policy)
+
+    async def _close_connection(self, conn: Connection, reason: str) -> None:
+        conn.closing = True
+        if conn.lost is None:
+            # RST_STREAM: the server cancels this stream's turns and keeps partial replies.
+            with contextlib.suppress(*TRANSPORT_ERRORS):
+                await conn.stream.cancel()
+        if conn.reader is not None:
+            conn.reader.cancel()
+            await asyncio.wait((conn.reader,))
+        self._fail_pending(conn, ConnectionLost(self.config.target, reason))
+        await _leave_stream(conn, None)
+        conn.channel.close()
+
+    # -- the Chat stream ---------------------------------------------------------------------
+
+    async def _read(self, conn: Connection) -> None:
+        target = self.config.target
+        error: ChatError
+        try:
+            while (response := await conn.stream.recv_message()) is not None:
+                if _convert.is_goaway(response):
+                    await self._goaway(conn, response.status_message)
+                else:
+                    self._dispatch(conn, response)
+            error = ConnectionLost(target, "the server ended the conversation stream")
+        except GRPCError as failure:
+            error = ConnectionLost(target, _describe_status(failure))
+        except TRANSPORT_ERRORS as failure:
+            # The server may have sent a status (e.g. UNAVAILABLE on shutdown) before it reset
+            # the stream; leaving the stream with the failure reads it.
+            status = await _leave_stream(conn, failure)
+            reason = describe(failure) if status is None else _describe_status(status)
+            error = ConnectionLost(target, reason)
+        except Exception as failure:
+            log.exception("the reader of the Chat stream failed")
+            error = ConnectionLost(target, f"client error: {failure!r}")
+        if conn.closing:
+            return
+        # Reported to callers and notice subscribers; no louder than info here.
+        log.info("%s", error.message)
+        self._connection_lost(conn, error)
+
+    async def _goaway(self, conn: Connection, message: str) -> None:
+        """The server is shutting down: stop using this stream, and end our side of it.
+
+        The server answered everything it had (it says goodbye once its queued turns are
+        done) and ends the stream with OK once we end ours; reading goes on until then.
+        """
+        reason = message or "the server is shutting down"
+        self._connection_lost(conn, ConnectionLost(self.config.target, reason))
+        async with conn.send_lock:
+            with contextlib.suppress(*TRANSPORT_ERRORS):
+                await conn.stream.end()
+
+    def _connection_lost(self, conn: Connection, error: ChatError) -> None:
+        if conn.lost is not None:
+            return
+        conn.lost = error
+        self._fail_pending(conn, error)
+        if self.current is conn:
+            self._lost = error
+            self.publish(
+                ConnectionStateChanged(ConnectionState.LOST, self.config.target, error.message)
+            )
+
+    def _fail_pending(self, conn: Connection, error: ChatError) -> None:
+        for pending in conn.pending.values():
+            if pending.is_turn:
+                self.counters.replies_failed += 1
+            pending.queue.put_nowait(error)
+        conn.pending.clear()
+
+    def _dispatch(self, conn: Connection, response: chatpb.ChatResponse) -> None:
+        kind = response.type
+        pending = conn.pending.get(response.request_id) if response.request_id else None
+        if pending is None:
+            notice = _convert.to_notice(response)
+            if notice is None:
+                log.debug("dropping %s for %r", kind, response.request_id)
+            else:
+                self.publish(notice)
+            return
+        counters = self.counters
+        if kind == chatpb.ChatResponseType.CHUNK:
+            counters.chunks_received += 1
+            if not pending.first_chunk:
+                pending.first_chunk = True
+                counters.first_chunks += 1
+                counters.first_chunk_time_total += time.monotonic() - pending.sent_at
+        elif kind in _convert.TERMINAL:
+            del conn.pending[response.request_id]
+            if kind == chatpb.ChatResponseType.ERROR:
+                counters.replies_failed += 1
+            elif kind == chatpb.ChatResponseType.RESPONSE_COMPLETE:
+                if response.finish_reason == chatpb.FinishReason.CANCELLED:
+                    counters.replies_cancelled += 1
+                else:
+                    counters.replies_succeeded += 1
+                    counters.response_time_total += time.monotonic() - pending.sent_at
+        pending.queue.put_nowait(response)
+
+    def publish(self, notice: Notice) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(notice)
+
+    # -- requests on the stream --------------------------------------------------------------
+
+    async def submit(self, request: chatpb.ChatRequest) -> tuple[Connection, Pending]:
+        """Send a request that expects answers; return where it went and its queue."""
+        pending = Pending(
+            request.request_id,
+            is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
+        )
+        for _ in range(3):
+            conn = await self.ready()
+            conn.pending[request.request_id] = pending
+            try:
+                sent = await self.write(conn, request)
+            except BaseException:
+                conn.pending.pop(request.request_id, None)
+                raise
+            if sent:
+                if pending.is_turn:
+                    self.counters.messages_sent += 1
+                return conn, pending
+            # The connection went away while this request waited to be written (the server
+            # said goodbye): nothing was sent, so it can go out on the next connection.
+            conn.pending.pop(request.request_id, None)
+        raise ConnectionLost(self.config.target, "the server kept closing the connection")
+
+    async def write(self, conn: Connection, request: chatpb.ChatRequest) -> bool:
+        """Write ``request`` on ``conn``'s stream; ``False`` if the connection is gone."""
+        request.timestamp = format_timestamp(utcnow())
+        try:
+            # grpclib writes a message in several frames; two writers must not interleave.
+            async with conn.send_lock:
+                if conn.lost is not None:
+                    return False
+                await conn.stream.send_message(request)
+        except TRANSPORT_ERRORS as error:
+            lost = ConnectionLost(self.config.target, describe(error))
+            self._connection_lost(conn, lost)
+            raise lost from error
+        return True
+
+    async def check_alive(self, conn: Connection) -> None:
+        """PING ``conn``; without a PONG in time, declare it lost (failing its requests).
+
+        A connection can die without a word: a stopped server that leaves the socket open,
+        a network partition, a handler cancelled on the other side.
+        """
+        if conn.lost is not None:
+            return
+        try:
+            await self.ping_on(conn)
+        except DeadlineExceeded:
+            reason = f"the server stopped answering (no PONG within {self.config.timeout:g}s)"
+            self._connection_lost(conn, ConnectionLost(self.config.target, reason))
+        except ChatError:
+            pass  # lost meanwhile: its requests already have the error
+
+    async def ping_on(self, conn: Connection) -> float:
+        """Round-trip time of a PING on ``conn``, in seconds."""
+        request_id = str(uuid.uuid4())
+        pending = Pending(request_id, is_turn=False)
+        conn.pending[request_id] = pending
+        started = time.perf_counter()
+        try:
+            request = chatpb.ChatRequest(type=chatpb.ChatRequestType.PING, request_id=request_id)
+            if not await self.write(conn, request):
+                raise ConnectionLost(self.config.target, "the connection closed before the PING")
+            async with asyncio.timeout(self.config.timeout):
+                item = await pending.queue.get()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no PONG from {self.config.target} within {self.config.timeout:g}s"
+            ) from None
+        finally:
+            conn.pending.pop(request_id, None)
+        if isinstance(item, ChatError):
+            raise item
+        return time.perf_counter() - started
+
+
+async def _leave_stream(conn: Connection, failure: BaseException | None) -> GRPCError | None:
+    """Leave the stream's ``async with`` once; return the status the server ended it with.
+
+    Leaving it as if with ``failure`` (a stream error, whatever happened) makes grpclib
+    report the status the server sent, if any, and never wait for trailers that may not come.
+    """
+    if not conn.stream_open:
+        return None
+    conn.stream_open = False
+    error = failure if failure is not None else StreamTerminatedError("closed by the client")
+    try:
+        await conn.stream.__aexit__(type(error), error, error.__traceback__)
+    except GRPCError as status:
+        return status
+    except TRANSPORT_ERRORS:
+        pass
+    return None
+
+
+def _describe_status(error: GRPCError) -> str:
+    status = _convert.status_name(error.status.value)
+    return f"the server ended the stream with {status}: {error.message or 'no details'}"
+
+
+def describe(error: BaseException) -> str:
+    """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error) or type(error).__name__
