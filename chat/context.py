@@ -14,12 +14,15 @@ is estimated (:func:`estimate_tokens`), erring on the high side.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import logging
 import math
+import operator
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chat.backends import PromptMessage
@@ -186,22 +189,85 @@ class Context:
     @property
     def conversation_messages(self) -> int:
         """Messages sent, not counting the system prompt (``context_messages`` on the wire)."""
-        return sum(1 for m in self.messages if m.role is not Role.SYSTEM)
+        # Only the first message can be the system prompt (history never holds one), so this
+        # is O(1): it is read on every turn, and histories run to hundreds of messages.
+        messages = self.messages
+        return len(messages) - (1 if messages and messages[0].role is Role.SYSTEM else 0)
 
 
-def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
-    """The history the model sees.
+def _seen_by_model(m: Message) -> bool:
+    """Whether a history message is part of what the model sees.
 
     Failed messages (a user message whose reply failed, and the partial reply of a failed
     turn) are history for the person but not for the model: they are left out, so that a
     retried message is not sent twice. Empty messages (a reply cancelled before its first
     word) are left out too.
     """
-    return [
-        PromptMessage(m.role, m.content)
-        for m in history
-        if m.content and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
-    ]
+    return bool(m.content) and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
+
+
+def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
+    """The history the model sees (see :func:`_seen_by_model`)."""
+    return [PromptMessage(m.role, m.content) for m in history if _seen_by_model(m)]
+
+
+#: Sessions whose prepared history a :class:`ContextBudget` keeps (least recently used go).
+PREPARED_SESSIONS = 256
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A session's history as the model sees it, with running token totals.
+
+    Histories only grow between turns, so each turn converts and counts only the messages
+    added since the last one: building a prompt was O(history) in Python objects on every
+    turn (hundreds of microseconds at a few hundred messages, before the first chunk).
+    """
+
+    count: TokenCounter
+    #: The history it was made from (checked message by message, by identity, for reuse).
+    source: list[Message] = field(default_factory=list)
+    #: The messages the model sees, oldest first.
+    prompts: list[PromptMessage] = field(default_factory=list)
+    #: ``totals[i]``: tokens of ``prompts[:i]`` (``cost`` of each, as fit_messages counts).
+    totals: list[int] = field(default_factory=lambda: [0])
+
+    def extends(self, history: Sequence[Message], count: TokenCounter) -> bool:
+        source = self.source
+        return (
+            count is self.count
+            and len(source) <= len(history)
+            and all(map(operator.is_, source, history))
+        )
+
+    def add(self, messages: Sequence[Message]) -> None:
+        count, prompts, totals = self.count, self.prompts, self.totals
+        for m in messages:
+            if _seen_by_model(m):
+                prompts.append(PromptMessage(m.role, m.content))
+                totals.append(totals[-1] + count(m.content) + MESSAGE_OVERHEAD_TOKENS)
+        self.source.extend(messages)
+
+    def fit(
+        self, system: PromptMessage | None, newest: PromptMessage, budget: int
+    ) -> tuple[list[PromptMessage], int, int] | None:
+        """What :func:`fit_messages` returns for these prompts, in O(log n + kept)."""
+        count, prompts, totals = self.count, self.prompts, self.totals
+        used = count(newest.content) + MESSAGE_OVERHEAD_TOKENS
+        if system is not None:
+            used += count(system.content) + MESSAGE_OVERHEAD_TOKENS
+        if used > budget:
+            return None
+        # Every message costs at least MESSAGE_OVERHEAD_TOKENS, so the newest-first walk of
+        # fit_messages stops exactly where the newest suffix stops fitting.
+        total = totals[-1]
+        start = bisect.bisect_left(totals, total - (budget - used))
+        used += total - totals[start]
+        while start < len(prompts) and prompts[start].role is Role.ASSISTANT and start > 0:
+            used -= totals[start + 1] - totals[start]
+            start += 1
+        messages = ([system] if system is not None else []) + prompts[start:] + [newest]
+        return messages, start, used
 
 
 def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
@@ -273,6 +339,38 @@ class ContextBudget:
         self.settings = settings or ContextSettings()
         self._counters: dict[str, TokenCounter] = {}
         self._encodings: dict[str, TokenCounter | None] = {}
+        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
+        self._reuse = True
+
+    def _prepare(
+        self, session_id: str, history: Sequence[Message], count: TokenCounter
+    ) -> _Prepared:
+        """The session's history as the model sees it, reusing the last turn's work.
+
+        Reused only while the history read now starts with the very messages (the same
+        objects) read last time, as the memory store returns them; a trimmed history or
+        another token counter starts afresh. A store that decodes its messages anew on every
+        read (SQLite, Redis) hands out equal but new objects: then nothing is kept at all,
+        rather than holding the histories of hundreds of sessions for nothing.
+        """
+        prepared = self._prepared.get(session_id)
+        if prepared is not None:
+            if prepared.extends(history, count):
+                self._prepared.move_to_end(session_id)
+                prepared.add(history[len(prepared.source) :])
+                return prepared
+            first = prepared.source[0] if prepared.source else None
+            if first is not None and history and first is not history[0] and first == history[0]:
+                self._reuse = False
+                self._prepared.clear()
+        prepared = _Prepared(count)
+        prepared.add(history)
+        if self._reuse:
+            self._prepared[session_id] = prepared
+            self._prepared.move_to_end(session_id)
+            if len(self._prepared) > PREPARED_SESSIONS:
+                self._prepared.popitem(last=False)
+        return prepared
 
     def policy_for(self, session: Session) -> ContextPolicy:
         if session.context_policy is ContextPolicy.UNSPECIFIED:
@@ -337,9 +435,9 @@ class ContextBudget:
         system = (
             PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
         )
-        history_messages = _history(session, history)
         newest = PromptMessage(Role.USER, text)
-        fitted = fit_messages(system, history_messages, newest, budget, count)
+        prepared = self._prepare(session.session_id, history, count)
+        fitted = prepared.fit(system, newest, budget)
         window = settings.window_for(model)
         if fitted is None:
             what = "the message with the system prompt" if system is not None else "the message"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -198,3 +199,82 @@ def test_the_estimate_errs_on_the_high_side_for_english(model: str) -> None:
     exact = ContextBudget().counter_for(model)
     assert exact is not estimate_tokens
     assert estimate_tokens(ENGLISH) >= exact(ENGLISH)
+
+
+# -- reuse across turns: the same prompts as fitting the whole history afresh ---------------
+
+stored_messages = st.builds(
+    Message,
+    st.sampled_from([Role.USER, Role.ASSISTANT]),
+    st.text("ab ", max_size=40),
+    st.just(utcnow()),
+    st.sampled_from(list(MessageStatus)),
+)
+#: What happens to a session's history between two turns.
+changes = st.one_of(
+    st.tuples(st.just("append"), st.lists(stored_messages, max_size=4)),
+    st.tuples(st.just("trim"), st.integers(1, 5)),
+    # A store that decodes its messages anew on each read (equal messages, new objects).
+    st.tuples(st.just("decode"), st.none()),
+)
+
+
+def fitted_afresh(
+    session: Session, history: list[Message], text: str, budget: ContextBudget
+) -> tuple[list[PromptMessage], int, int] | None:
+    """The specification: fit_messages over the history the model sees."""
+    seen = [
+        PromptMessage(m.role, m.content)
+        for m in history
+        if m.content and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
+    ]
+    system = PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
+    count = budget.counter_for("m")
+    limit = budget.settings.prompt_budget("m")
+    return fit_messages(system, seen, PromptMessage(Role.USER, text), limit, count)
+
+
+@given(
+    turns=st.lists(st.tuples(changes, prompt_text), min_size=1, max_size=12),
+    window=st.integers(16, 400),
+    system_prompt=st.sampled_from(["", "be brief"]),
+)
+def test_a_prompt_built_from_the_last_turns_work_is_the_one_built_afresh(
+    turns: list[tuple[tuple[str, object], str]], window: int, system_prompt: str
+) -> None:
+    budget = ContextBudget(ContextSettings(context_window=window, reply_reserve=0))
+    the_session = session(system_prompt=system_prompt)
+    history: list[Message] = []
+    for (change, argument), text in turns:
+        if change == "append":
+            assert isinstance(argument, list)
+            history = [*history, *argument]
+        elif change == "trim":
+            assert isinstance(argument, int)
+            history = history[argument:]
+        else:
+            history = [dataclasses.replace(m) for m in history]
+        expected = fitted_afresh(the_session, history, text, budget)
+        if expected is None:
+            with pytest.raises(ContextTooLong):
+                budget.build(the_session, list(history), text, model="m")
+            continue
+        context = budget.build(the_session, list(history), text, model="m")
+        assert (context.messages, context.omitted, context.tokens) == expected
+        assert context.conversation_messages == len(expected[0]) - (1 if system_prompt else 0)
+
+
+def test_a_history_that_fits_exactly_is_kept_whole() -> None:
+    now = utcnow()
+    # Each message costs 1 token of text ("abc", estimated) and the per-message overhead.
+    history = [Message(role, "abc", now) for role in (Role.USER, Role.ASSISTANT, Role.USER)]
+    exact = 4 * (1 + MESSAGE_OVERHEAD_TOKENS)
+    context = ContextBudget(ContextSettings(context_window=exact, reply_reserve=0)).build(
+        session(), history, "abc", model="m"
+    )
+    assert (context.omitted, context.tokens) == (0, exact)
+    # One token less: the oldest question goes, and with it its answer.
+    context = ContextBudget(ContextSettings(context_window=exact - 1, reply_reserve=0)).build(
+        session(), history, "abc", model="m"
+    )
+    assert (context.omitted, [m.content for m in context.messages]) == (2, ["abc", "abc"])
