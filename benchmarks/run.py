@@ -443,10 +443,15 @@ def _latencies(result: dict[str, Any], prefix: str) -> dict[str, float]:
 
 async def idle_latency(server: Server, s: Settings) -> dict[str, float]:
     async with generator(_probe_params(server, s), 30) as group:
+        cpu0 = server.cpu_seconds()
         group.go()
         (result,) = await group.results(s.probe_seconds + 30)
+        cpu = server.cpu_seconds() - cpu0
     _failed(result, f"idle probe on {server.name}")
-    return _latencies(result, "idle_")
+    # Less noisy than the latencies on a shared machine: what one PING and one message
+    # (with its reply) cost the server.
+    cycles = max(1, len(result["first_chunk"]))
+    return {**_latencies(result, "idle_"), "idle_cpu_us_per_cycle": cpu / cycles * 1e6}
 
 
 async def loaded_latency(server: Server, s: Settings) -> dict[str, float]:
@@ -1023,6 +1028,18 @@ def metrics(s: Settings) -> list[Metric]:
             continue
         # Idle latency: the phase-2 goal of issue 16 (target 1.0x), not yet met.
         found += [
+            *(
+                [
+                    Metric(
+                        "idle_cpu_us_per_cycle",
+                        "server CPU per idle PING + message (with its reply)",
+                        "µs",
+                        "lower",
+                    )
+                ]
+                if prefix == "idle_"
+                else []
+            ),
             Metric(f"{prefix}ping_p50_ms", f"PING p50, {when}", "ms", "lower"),
             Metric(f"{prefix}ping_p99_ms", f"PING p99, {when}", "ms", "lower", target_ratio=1.0),
             Metric(f"{prefix}first_chunk_p50_ms", f"first chunk p50, {when}", "ms", "lower"),
