@@ -52,6 +52,7 @@ struct config {
     double interval;   /* paced: seconds between a stream's messages */
     double grace;      /* paced: seconds answers still due may take after the last send */
     double gap;        /* probe: pause between requests */
+    double stagger;    /* relay: streams start over this many seconds (0: all at once) */
     double drain;      /* throughput: seconds replies in flight get after the window */
     double setup_timeout;
     int max_samples;   /* probe */
@@ -105,7 +106,7 @@ static void parse_args(int argc, char **argv) {
 #define I(name) if (!strcmp(k, #name)) { cfg.name = atoi(v); continue; }
 #define D(name) if (!strcmp(k, #name)) { cfg.name = atof(v); continue; }
         S(scenario) S(host) S(port) S(authority) I(streams) I(per_conn) D(duration) S(text)
-        I(messages) D(interval) D(grace) D(gap) D(drain) D(setup_timeout) I(max_samples) I(warm)
+        I(messages) D(interval) D(grace) D(gap) D(stagger) D(drain) D(setup_timeout) I(max_samples) I(warm)
         I(setup_concurrency)
         I(f_req_type) I(f_req_session) I(f_req_message) I(f_req_request_id) I(v_req_ping)
         I(f_resp_type) I(v_chunk) I(v_complete) I(v_error) I(v_pong) I(f_resp_error_message) I(f_create_title)
@@ -1157,7 +1158,9 @@ static void go(void) {
             continue;
         }
         s->answered = s->sent = 0;
-        if (is_scenario("throughput") || is_scenario("relay")) {
+        if (is_scenario("relay") && cfg.stagger > 0) {
+            s->state = S_BUSY; /* its first message on its schedule, see tick() */
+        } else if (is_scenario("throughput") || is_scenario("relay")) {
             s->state = S_BUSY;
             start_next(s);
         } else if (is_scenario("idle")) {
@@ -1175,7 +1178,7 @@ static void go(void) {
 }
 
 /* Timed work; returns seconds until it next has something to do. */
-static int paced_k, paced_i;
+static int paced_k, paced_i, relay_i;
 
 static double tick(double t) {
     if (is_scenario("paced")) {
@@ -1215,6 +1218,16 @@ static double tick(double t) {
             send_ping(s);
         }
         return 1.0;
+    }
+    if (is_scenario("relay") && cfg.stagger > 0) {
+        /* Stream i starts at stagger * i / streams: a steady arrival of requests rather
+         * than a burst of them at "go". */
+        while (relay_i < cfg.streams) {
+            double due = t_go + cfg.stagger * relay_i / (double)cfg.streams;
+            if (due > t) return due - t;
+            stream_t *s = &chats[relay_i++];
+            if (s->state == S_BUSY) start_next(s);
+        }
     }
     return t_end > t ? t_end - t : 1.0;
 }

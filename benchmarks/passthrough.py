@@ -6,8 +6,9 @@
 - ``python -m benchmarks.passthrough direct '{"base_url": ..., "streams": 100, ...}'`` is the
   floor: the ``openai`` SDK reading that server itself, configured as the openai backend
   configures it. It prints ``ready``, waits for ``go``, runs ``streams`` concurrent streams of
-  ``replies`` replies each, and prints one JSON line: time to first token and the gaps
-  between tokens (seconds), as h2gen's ``relay`` scenario reports them through ``chat-server``.
+  ``replies`` replies each (starting one after the other over ``stagger`` seconds), and prints
+  one JSON line: time to first token and the gaps between tokens (seconds), as h2gen's
+  ``relay`` scenario reports them through ``chat-server``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ async def direct(p: dict[str, Any]) -> dict[str, Any]:
     itl: list[float] = []
     tokens = 0
 
-    async def one_stream() -> None:
+    async def one_stream(index: int) -> None:
         nonlocal tokens
+        # Stream i starts at stagger * i / streams, as h2gen's relay streams do.
+        await asyncio.sleep(p.get("stagger", 0.0) * index / p["streams"])
         for _ in range(p["replies"]):
             sent = time.perf_counter()
             last = None
@@ -88,7 +91,7 @@ async def direct(p: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"expected 'go', got {line!r}")
     cpu0 = time.process_time()
     async with asyncio.timeout(p["timeout"]):
-        await asyncio.gather(*(one_stream() for _ in range(p["streams"])))
+        await asyncio.gather(*(one_stream(i) for i in range(p["streams"])))
     cpu = time.process_time() - cpu0
     await client.close()
     return {"ttft": ttft, "itl": itl, "tokens": tokens, "client_cpu_s": cpu}

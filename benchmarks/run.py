@@ -112,6 +112,9 @@ class Settings:
     #: half a millisecond of CPU per token it parses (on either side), so 100 streams at
     #: 50 tokens/s would need more than two cores for the SDK alone.
     passthrough_pace: tuple[float, ...]
+    #: Seconds over which the streams of a level start (one after the other, evenly): time to
+    #: first token then measures a steady arrival of requests, not the queue of a burst.
+    passthrough_stagger: tuple[float, ...]
     store_turns: int
     replica_steps: tuple[int, ...]
     scenarios: tuple[str, ...]
@@ -138,6 +141,7 @@ class Settings:
                 answer_limit=1.2,
                 passthrough_streams=(1, 4),
                 passthrough_replies=(1, 1),
+                passthrough_stagger=(0.0, 0.2),
                 passthrough_tokens=10,
                 passthrough_pace=(0.02, 0.05),
                 store_turns=30,
@@ -161,6 +165,7 @@ class Settings:
             answer_limit=1.2,
             passthrough_streams=(1, 100),
             passthrough_replies=(3, 1),
+            passthrough_stagger=(0.0, 1.0),
             passthrough_tokens=50,
             passthrough_pace=(0.02, 0.1),
             store_turns=500,
@@ -617,17 +622,23 @@ def _stream_stats(ttft: Sequence[float], itl: Sequence[float]) -> dict[str, floa
 async def passthrough(name: str, s: Settings, log_dir: Path) -> dict[str, Any]:
     """ours: h2gen through chat-server --backend openai; reference: the openai SDK direct."""
     out: dict[str, Any] = {}
-    levels = zip(s.passthrough_streams, s.passthrough_replies, s.passthrough_pace, strict=True)
-    for streams, replies, pace in levels:
-        budget = replies * (s.passthrough_tokens * pace + 5) + 30
+    levels = zip(
+        s.passthrough_streams,
+        s.passthrough_replies,
+        s.passthrough_pace,
+        s.passthrough_stagger,
+        strict=True,
+    )
+    for streams, replies, pace, stagger in levels:
+        budget = replies * (s.passthrough_tokens * pace + 5) + stagger + 30
         async with fake_model(s.passthrough_tokens, pace, log_dir) as fake:
             base_url = f"http://{fake.target}/v1"
             if name == "ours":
                 result = await _through_server(
-                    base_url, streams, replies, s.passthrough_tokens, budget, log_dir
+                    base_url, streams, replies, stagger, s.passthrough_tokens, budget, log_dir
                 )
             else:
-                result = await _direct(base_url, streams, replies, budget)
+                result = await _direct(base_url, streams, replies, stagger, budget)
         for key, value in result.items():
             out[f"pt_{key}_{streams}"] = value
         log(
@@ -641,7 +652,13 @@ async def passthrough(name: str, s: Settings, log_dir: Path) -> dict[str, Any]:
 
 
 async def _through_server(
-    base_url: str, streams: int, replies: int, tokens: int, budget: float, log_dir: Path
+    base_url: str,
+    streams: int,
+    replies: int,
+    stagger: float,
+    tokens: int,
+    budget: float,
+    log_dir: Path,
 ) -> dict[str, float]:
     command = [
         *_chat_server(),
@@ -668,6 +685,7 @@ async def _through_server(
             "target": server.target,
             "streams": streams,
             "messages": replies,
+            "stagger": stagger,
             "text": "go",
             "duration": budget,
             "setup_timeout": _setup_timeout(streams),
@@ -687,8 +705,16 @@ async def _through_server(
     }
 
 
-async def _direct(base_url: str, streams: int, replies: int, budget: float) -> dict[str, float]:
-    params = {"base_url": base_url, "streams": streams, "replies": replies, "timeout": budget}
+async def _direct(
+    base_url: str, streams: int, replies: int, stagger: float, budget: float
+) -> dict[str, float]:
+    params = {
+        "base_url": base_url,
+        "streams": streams,
+        "replies": replies,
+        "stagger": stagger,
+        "timeout": budget,
+    }
     command = [sys.executable, "-m", "benchmarks.passthrough", "direct", json.dumps(params)]
     async with clients([command], budget) as group:
         group.go()
@@ -1026,7 +1052,8 @@ def metrics(s: Settings) -> list[Metric]:
     ):
         if scenario not in wanted:
             continue
-        # Idle latency: the phase-2 goal of issue 16 (target 1.0x), not yet met.
+        # Idle, issue 16 asks for p50 and p99 at most the reference's; under load, p99.
+        p50_target = 1.0 if prefix == "idle_" else None
         found += [
             *(
                 [
@@ -1040,9 +1067,17 @@ def metrics(s: Settings) -> list[Metric]:
                 if prefix == "idle_"
                 else []
             ),
-            Metric(f"{prefix}ping_p50_ms", f"PING p50, {when}", "ms", "lower"),
+            Metric(
+                f"{prefix}ping_p50_ms", f"PING p50, {when}", "ms", "lower", target_ratio=p50_target
+            ),
             Metric(f"{prefix}ping_p99_ms", f"PING p99, {when}", "ms", "lower", target_ratio=1.0),
-            Metric(f"{prefix}first_chunk_p50_ms", f"first chunk p50, {when}", "ms", "lower"),
+            Metric(
+                f"{prefix}first_chunk_p50_ms",
+                f"first chunk p50, {when}",
+                "ms",
+                "lower",
+                target_ratio=p50_target,
+            ),
             Metric(
                 f"{prefix}first_chunk_p99_ms",
                 f"first chunk p99, {when}",
@@ -1238,6 +1273,85 @@ def _target(entry: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+#: The rows of the README's summary (``python -m benchmarks --table``), by section.
+README_ROWS = (
+    "cpu_us_per_chunk_100",
+    "generator_cpu_us_per_message_100",
+    "chunks_per_s_1",
+    "chunks_per_s_100",
+    "chunks_per_s_1000",
+    "idle_ping_p50_ms",
+    "idle_ping_p99_ms",
+    "idle_first_chunk_p50_ms",
+    "idle_first_chunk_p99_ms",
+    "loaded_ping_p99_ms",
+    "loaded_first_chunk_p99_ms",
+    "paced_capacity_streams",
+    "paced_server_cpu_us_per_message",
+    "paced_generator_cpu_us_per_message",
+    "idle_rss_kib_per_stream",
+    "hold_streams_held",
+    "pt_ttft_p50_ms_1",
+    "pt_ttft_p99_ms_100",
+    "pt_itl_p99_ms_1",
+    "pt_itl_p99_ms_100",
+    "pt_cpu_us_per_token_100",
+    "store_sqlite_full_turns_per_s",
+    "store_sqlite_full_commit_p99_ms",
+    "store_sqlite_normal_turns_per_s",
+    "store_sqlite_normal_commit_p99_ms",
+    "store_redis_turns_per_s",
+    "store_redis_commit_p99_ms",
+    "replicas_paced_capacity_streams",
+)
+
+
+def section_tables(
+    report: dict[str, Any], heading: str, keys: Sequence[str] | None = None
+) -> list[str]:
+    """One markdown table per section of the report (only ``keys``, if given)."""
+    lines: list[str] = []
+    for section, (title, ours_label, ref_label) in SECTIONS.items():
+        entries = {
+            k: e
+            for k, e in report["metrics"].items()
+            if e["section"] == section and (keys is None or k in keys)
+        }
+        if not entries:
+            continue
+        lines += [
+            "",
+            f"{heading} {title}",
+            "",
+            f"| metric | {ours_label} | {ref_label} | ratio | target | met |",
+            "|---|---:|---:|---:|---:|:-:|",
+        ]
+        for key, entry in entries.items():
+            ratio = entry[f"{key}_ratio"]
+            met = {True: "yes", False: "**no**", None: ""}[entry["target_met"]]
+            unit = entry["unit"]
+            shown = "–" if ratio is None else f"{ratio:.2f}×"
+            if entry["target_added"] is not None and entry["added"] is not None:
+                shown += f" (adds {entry['added']:.2f} {unit})"
+            lines.append(
+                f"| {entry['label']} ({unit}) | {_fmt(entry['ours'], unit)} "
+                f"| {_fmt(entry['reference'], unit)} | {shown} | {_target(entry)} | {met} |"
+            )
+    return lines
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's summary of a report: its headline rows, one table per section."""
+    m = report["machine"]
+    lines = [
+        f"Latest run ({report['finished']}, `{report['command']}`, {report['rounds']} rounds, "
+        f"{report['seconds'] / 60:.0f} minutes; {m['cpu']}, {m['cores']} cores, load average "
+        f"{m['load_average_at_start'][0]} at the start; medians, ratios from the same run):",
+    ]
+    lines += section_tables(report, "####", README_ROWS)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     settings = report["settings"]
@@ -1249,25 +1363,7 @@ def markdown(report: dict[str, Any]) -> str:
         "for the reference; each figure is the median of the rounds, the ratio is "
         "ours / reference from the same run.",
     ]
-    for section, (title, ours_label, ref_label) in SECTIONS.items():
-        entries = {k: e for k, e in report["metrics"].items() if e["section"] == section}
-        if not entries:
-            continue
-        lines += [
-            "",
-            f"## {title}",
-            "",
-            f"| metric | {ours_label} | {ref_label} | ratio | target | met |",
-            "|---|---:|---:|---:|---:|:-:|",
-        ]
-        for key, entry in entries.items():
-            ratio = entry[f"{key}_ratio"]
-            met = {True: "yes", False: "**no**", None: ""}[entry["target_met"]]
-            lines.append(
-                f"| {entry['label']} ({entry['unit']}) | {_fmt(entry['ours'], entry['unit'])} "
-                f"| {_fmt(entry['reference'], entry['unit'])} "
-                f"| {'–' if ratio is None else f'{ratio:.2f}×'} | {_target(entry)} | {met} |"
-            )
+    lines += section_tables(report, "##")
     lines += [
         "",
         "## Spread of the rounds (min–max), a measure of the noise",
@@ -1430,12 +1526,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--paced-steps", help="comma-separated stream counts of the paced (and replicas) ladder"
     )
     parser.add_argument(
+        "--table",
+        nargs="?",
+        const=ROOT / "docs" / "benchmarks" / "latest.json",
+        type=Path,
+        metavar="JSON",
+        help="print the README's summary tables of a finished run (default: "
+        "docs/benchmarks/latest.json) and exit, running nothing",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         help="directory for latest.{md,json,png} (default: docs/benchmarks, "
         "or benchmarks/results/quick with --quick)",
     )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(readme_table(json.loads(args.table.read_text())), end="")
+        return
     scenarios = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
@@ -1484,6 +1592,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "passthrough_streams": list(settings.passthrough_streams),
             "passthrough_tokens": settings.passthrough_tokens,
             "passthrough_pace": list(settings.passthrough_pace),
+            "passthrough_stagger": list(settings.passthrough_stagger),
             "store_turns": settings.store_turns,
             "client": "h2gen (benchmarks/h2gen.c): raw HTTP/2 frames, gcc -O2",
         },
