@@ -1352,6 +1352,24 @@ def readme_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README = ROOT / "README.md"
+_README_TABLE = re.compile(
+    r"(<!-- benchmark-table: python -m benchmarks --table -->\n).*?(<!-- /benchmark-table -->)",
+    re.DOTALL,
+)
+
+
+def update_readme(report: dict[str, Any], readme: Path = README) -> bool:
+    """Put the report's summary tables between the README's benchmark-table markers."""
+    text = readme.read_text()
+    table = readme_table(report)
+    updated, count = _README_TABLE.subn(lambda m: m[1] + table + m[2], text)
+    if count != 1:
+        return False
+    readme.write_text(updated)
+    return True
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     settings = report["settings"]
@@ -1606,6 +1624,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "raw": rounds,
     }
     write_report(report, output)
+    # The full run into docs/benchmarks: the README shows its tables.
+    full = args.output is None and not args.quick and set(scenarios) == set(SCENARIOS)
+    if full and not update_readme(report):
+        log(f"{README} has no benchmark-table markers: its tables were not updated")
     print_table(report)
     print(f"\nwrote {output}/latest.md, latest.json, latest.png in {report['seconds']} s")
 

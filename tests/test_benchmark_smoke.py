@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks import run
 from scripts.generate import ROOT
-
-pytestmark = pytest.mark.slow
 
 
 def run_quick(output: Path, scenarios: str) -> dict[str, Any]:
@@ -39,6 +38,7 @@ def assert_compared(report: dict[str, Any], key: str) -> None:
     assert report["ratios"][f"{key}_ratio"] == entry[f"{key}_ratio"]
 
 
+@pytest.mark.slow
 def test_the_benchmark_quick_mode_compares_both_servers(tmp_path: Path) -> None:
     report = run_quick(tmp_path, "latency,throughput")
     for key in (
@@ -57,6 +57,7 @@ def test_the_benchmark_quick_mode_compares_both_servers(tmp_path: Path) -> None:
     assert "grpc.aio reference" in (tmp_path / "latest.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_benchmark_measures_pass_through_stores_and_replicas(tmp_path: Path) -> None:
     report = run_quick(tmp_path, "passthrough,stores,replicas")
     for key in (
@@ -81,3 +82,44 @@ def test_the_benchmark_measures_pass_through_stores_and_replicas(tmp_path: Path)
     markdown = (tmp_path / "latest.md").read_text()
     for title in ("Pass-through", "Session stores", "Replicas behind nginx"):
         assert title in markdown
+
+
+def test_a_finished_run_updates_the_readme_between_its_markers(tmp_path: Path) -> None:
+    entry = {
+        "label": "server CPU per chunk, 100 streams",
+        "unit": "µs",
+        "better": "lower",
+        "section": "servers",
+        "ours": 20.0,
+        "reference": 80.0,
+        "cpu_us_per_chunk_100_ratio": 0.25,
+        "added": -60.0,
+        "target_ratio": 1.0,
+        "target_value": None,
+        "target_added": None,
+        "target_met": True,
+        "rounds": {"ours": [20.0], "reference": [80.0]},
+    }
+    report = {
+        "finished": "2026-12-01 12:00 UTC",
+        "command": "python -m benchmarks",
+        "rounds": 3,
+        "seconds": 900.0,
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "load_average_at_start": [0.1, 0.1, 0.1]},
+        "metrics": {"cpu_us_per_chunk_100": entry},
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "before\n<!-- benchmark-table: python -m benchmarks --table -->\nold\n"
+        "<!-- /benchmark-table -->\nafter\n"
+    )
+    assert run.update_readme(report, readme)
+    text = readme.read_text()
+    assert "old" not in text
+    assert text.startswith("before\n")
+    assert text.endswith("<!-- /benchmark-table -->\nafter\n")
+    assert "| server CPU per chunk, 100 streams (µs) | 20.0 | 80.0 | 0.25× | ≤ 1.0× | yes |" in text
+    # Without the markers nothing is written.
+    readme.write_text("no markers\n")
+    assert not run.update_readme(report, readme)
+    assert readme.read_text() == "no markers\n"
