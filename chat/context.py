@@ -420,7 +420,12 @@ class Calibration:
 
     def budget(self, budget: int) -> int:
         """The most the server may count for a prompt whose real size must fit ``budget``."""
-        return math.floor((budget - self.overhead) / self.scale)
+        allowed = math.floor((budget - self.overhead) / self.scale)
+        # The division can round up to a whole number that tokens() then rounds past the
+        # budget (123 / 3.41666... is 36.0, and 36 * 3.41666... is 123.00000000000001).
+        while allowed > 0 and self.tokens(allowed) > budget:
+            allowed -= 1
+        return allowed
 
 
 #: Reported prompt sizes a calibration remembers (the newest).
