@@ -123,3 +123,35 @@ def test_a_finished_run_updates_the_readme_between_its_markers(tmp_path: Path) -
     readme.write_text("no markers\n")
     assert not run.update_readme(report, readme)
     assert readme.read_text() == "no markers\n"
+
+
+@pytest.mark.slow
+def test_the_secured_benchmark_compares_three_servers(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.secured",
+            "--quick",
+            "--streams",
+            "4",
+            "--seconds",
+            "1",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "secured.json").read_text())
+    median = report["summary"]["median"]
+    assert set(median) == {"ours-secured", "reference-secured", "ours-plain"}
+    for values in median.values():
+        assert values["cpu_us_per_chunk"] > 0
+        assert values["loaded_ping_p99_ms"] > 0
+    assert report["summary"]["ratios"]["cpu_us_per_chunk_vs_plain"] > 0
+    assert "ours, secured" in (tmp_path / "secured.md").read_text()

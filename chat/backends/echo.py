@@ -45,23 +45,33 @@ class EchoBackend:
     ``pace`` is the pause in seconds between deltas (0 for tests and benchmarks; a small
     value makes streaming visible in a terminal). Usage is reported in words, as an
     estimate of tokens, and ``max_output_tokens`` counts words too.
+
+    ``models`` are the names it serves, checked like a remote backend's model list (a
+    session asking for another is refused with ``INVALID_ARGUMENT``); ``None`` answers
+    under any name. ``chat-server`` serves its default model only.
     """
 
     name = "echo"
 
-    def __init__(self, *, pace: float = 0.0, default_model: str = "echo") -> None:
+    def __init__(
+        self,
+        *,
+        pace: float = 0.0,
+        default_model: str = "echo",
+        models: Sequence[str] | None = None,
+    ) -> None:
         if pace < 0:
             raise ValueError("pace must be >= 0")
         self._pace = pace
         self._default_model = default_model
+        self._models = None if models is None else tuple(models)
 
     @property
     def default_model(self) -> str:
         return self._default_model
 
     async def list_models(self) -> Sequence[str] | None:
-        # The echo backend answers under any model name.
-        return None
+        return self._models
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         words = split_words(echo_reply(request))
