@@ -887,17 +887,14 @@ class Conversation:
                             status_kind=StatusKind.CONTEXT_TRUNCATED,
                         )
                     )
-                await self.outbox.put(
-                    Event(
-                        EventKind.RESPONSE_START,
-                        session_id=session_id,
-                        request_id=request.request_id,
-                        context_messages=context.conversation_messages,
-                        omitted_messages=context.omitted,
-                        model=model,
-                    )
+                start = Event(
+                    EventKind.RESPONSE_START,
+                    session_id=session_id,
+                    request_id=request.request_id,
+                    context_messages=context.conversation_messages,
+                    omitted_messages=context.omitted,
+                    model=model,
                 )
-                turn.started = True
                 turn.prompt_tokens = context.tokens
                 generation = GenerationRequest(
                     model,
@@ -905,7 +902,7 @@ class Conversation:
                     request.request_id,
                     max_output_tokens=context.max_output_tokens,
                 )
-                await self._generate(turn, session, text, generation)
+                await self._generate(turn, session, text, generation, start)
                 if turn.usage is not None:
                     # What the model counted corrects the server's count for later turns.
                     core.context.observe(model, context, turn.usage.prompt_tokens)
@@ -938,12 +935,26 @@ class Conversation:
         )
 
     async def _generate(
-        self, turn: _Turn, session: Session, text: str, generation: GenerationRequest
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        generation: GenerationRequest,
+        start: Event,
     ) -> None:
-        """Stream the model's reply, store the turn, and end it with COMPLETE or ERROR."""
+        """Send ``start`` (RESPONSE_START), stream the model's reply, store the turn, and end
+        it with COMPLETE or ERROR."""
         core = self._core
+        await self.outbox.wait_below(core.limits.outbox_high_water)
         core.stats.active_replies += 1
         task = turn.generation = asyncio.create_task(self._pump(turn, generation))
+        # RESPONSE_START is queued once the pump task exists (nothing runs in between, so it
+        # still leaves first): the pump then takes its first step before the writer wakes.
+        # A model that answers at once (echo) has its first chunks queued by then, and they
+        # leave with RESPONSE_START in one write; a remote model suspends on its request, and
+        # the writer sends RESPONSE_START in the same pass of the loop as before.
+        self.outbox.put_nowait(start)
+        turn.started = True
         if turn.cancelled:
             task.cancel()
         try:

@@ -30,11 +30,13 @@ def echo_reply(request: GenerationRequest) -> str:
     >>> echo_reply(GenerationRequest("echo", [PromptMessage(Role.USER, "hi there")]))
     'Echo #1 (1 message in context): hi there'
     """
-    conversation = [m for m in request.messages if m.role is not Role.SYSTEM]
-    turn = sum(1 for m in conversation if m.role is Role.USER)
-    last = next((m.content for m in reversed(conversation) if m.role is Role.USER), "")
-    plural = "" if len(conversation) == 1 else "s"
-    return f"Echo #{turn} ({len(conversation)} message{plural} in context): {last}"
+    # Counted with list.count: this runs over the whole context on every turn.
+    roles = [m.role for m in request.messages]
+    conversation = len(roles) - roles.count(Role.SYSTEM)
+    turn = roles.count(Role.USER)
+    last = next((m.content for m in reversed(request.messages) if m.role is Role.USER), "")
+    plural = "" if conversation == 1 else "s"
+    return f"Echo #{turn} ({conversation} message{plural} in context): {last}"
 
 
 class EchoBackend:
@@ -86,7 +88,8 @@ class EchoBackend:
                 await asyncio.sleep(self._pace)
             count += 1
             yield Delta(match.group())
-        prompt_words = sum(len(m.content.split()) for m in request.messages)
+        # The words of all messages: split once, joined by a space (no word spans two).
+        prompt_words = len(" ".join([m.content for m in request.messages]).split())
         yield Delta(
             finish_reason=finish,
             usage=Usage(prompt_tokens=prompt_words, completion_tokens=count),
