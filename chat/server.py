@@ -267,7 +267,7 @@ class ChatServer:
                 health=StoreHealth(
                     store,
                     interval=config.store_check_interval,
-                    timeout=max(1.0, config.store_check_interval),
+                    timeout=max(2.0, config.store_check_interval),
                     on_change=self._store_reachable.set,
                 ),
             )
