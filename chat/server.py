@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
-from chat._compat import HookedServer, listening_port
+from chat._compat import (
+    HookedServer,
+    demote_client_gone_logs,
+    listening_port,
+    open_streams,
+    send_goaway,
+    server_configuration,
+)
 from chat._cork import CorkedTransport, CorkingProtocol
 from chat._reflection import with_reflection
 from chat.backends import ModelBackend
@@ -21,30 +29,38 @@ from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
 from chat.context import ContextBudget
 from chat.core import ChatCore
-from chat.errors import ConfigurationError
+from chat.errors import BackendError, ConfigurationError
+from chat.metrics import Metrics
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
+from chat.telemetry import Telemetry, provider_name
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["ChatServer", "create_backend", "event_loop_factory", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def create_backend(config: ServerConfig) -> ModelBackend:
+def create_backend(
+    config: ServerConfig, *, on_retry: Callable[[BackendError], None] | None = None
+) -> ModelBackend:
     """The model backend that ``config`` names, with its coalescing window.
 
     The SDK-based backends are imported here, so that the server runs without their extras
     until one is chosen; then a missing extra is a :class:`~chat.errors.MissingExtra`.
+    ``on_retry`` is told about each retry of a model call (metrics).
     """
     backend: ModelBackend
     if config.backend == "openai":
         from chat.backends.openai import OpenAIBackend
 
-        backend = OpenAIBackend(config.remote_settings())
+        backend = OpenAIBackend(config.remote_settings(), on_retry=on_retry)
     elif config.backend == "gemini":
         from chat.backends.gemini import GeminiBackend
 
-        backend = GeminiBackend(config.remote_settings())
+        backend = GeminiBackend(config.remote_settings(), on_retry=on_retry)
     else:
         backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
     window = config.effective_coalesce_window
@@ -81,7 +97,9 @@ class ChatServer:
     ...         await server.wait_closed()
 
     ``store`` and ``backend`` replace the ones the config names (for tests and embedding);
-    the server closes them when it stops.
+    the server closes them when it stops. ``tracer_provider`` (an OpenTelemetry SDK
+    provider) turns traces on with it, instead of the one ``config.otel`` builds from the
+    ``OTEL_*`` variables; the caller shuts it down.
     """
 
     def __init__(
@@ -90,10 +108,17 @@ class ChatServer:
         *,
         store: SessionStore | None = None,
         backend: ModelBackend | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
         self._store = store
         self._backend = backend
+        self._tracer_provider = tracer_provider
+        # The provider built from the environment (config.otel), shut down on stop.
+        self._own_tracer_provider: TracerProvider | None = None
+        self._telemetry: Telemetry | None = None
+        # The heartbeat and connection-age loops.
+        self._tasks: list[asyncio.Task[None]] = []
         self._core: ChatCore | None = None
         self._server: HookedServer | None = None
         # Open connections, so that stop() can close them: grpclib's close() stops listening
@@ -114,6 +139,24 @@ class ChatServer:
         return self._core
 
     @property
+    def telemetry(self) -> Telemetry:
+        """The server's metrics, traces and access logs."""
+        if self._telemetry is None:
+            raise RuntimeError("the server is not started")
+        return self._telemetry
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The server's Prometheus metrics (``None`` when ``metrics_port`` is not set)."""
+        return self.telemetry.metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (useful with ``metrics_port=0``)."""
+        metrics = self.telemetry.metrics
+        return None if metrics is None else metrics.port
+
+    @property
     def port(self) -> int:
         """The TCP port the server listens on (useful with ``port=0``)."""
         if self._server is None:
@@ -123,40 +166,71 @@ class ChatServer:
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
         config = self.config
+        demote_client_gone_logs()
+        telemetry = self._telemetry = self._make_telemetry()
         # The backend first: a configuration error there should not leave a store open.
-        backend = self._backend if self._backend is not None else create_backend(config)
+        backend = (
+            self._backend
+            if self._backend is not None
+            else create_backend(config, on_retry=telemetry.backend_retry)
+        )
+        telemetry.provider = provider_name(backend.name)
         try:
             store = self._store if self._store is not None else open_store(config.store)
         except BaseException:
             await backend.aclose()
+            await self._close_telemetry()
             raise
         self._store, self._backend = store, backend
         try:
             await store.open()
             core = self._core = ChatCore(
-                store,
-                backend,
+                telemetry.wrap_store(store),
+                telemetry.wrap_backend(backend, base_url=config.base_url),
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),
+                observer=telemetry,
             )
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})
             handlers = with_reflection([service, health])
+            keepalive = config.keepalive_time or None
             self._server = HookedServer(
                 handlers,
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
+                config=server_configuration(
+                    keepalive_time=keepalive, keepalive_timeout=config.keepalive_timeout
+                ),
             )
+            # Before any other RecvRequest listener: calls another refuses are counted too.
+            telemetry.install(self._server, handlers)
             await self._server.start(config.host, config.port)
+            telemetry.bind(core)
+            if telemetry.metrics is not None and config.metrics_port is not None:
+                metrics_host = config.metrics_host or config.host
+                port = telemetry.metrics.serve(metrics_host, config.metrics_port)
+                log.info("metrics at http://%s:%d/metrics", metrics_host, port)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
             self._server = None
             await store.aclose()
             await backend.aclose()
+            await self._close_telemetry()
             raise
         retention = config.retention
         if retention.session_ttl is not None or retention.max_sessions is not None:
             self._sweeper = asyncio.create_task(core.retention.run())
+        if config.heartbeat:
+            self._tasks.append(asyncio.create_task(self._send_heartbeats(core, config.heartbeat)))
+        if config.max_connection_age:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._retire_connections(
+                        config.max_connection_age, config.max_connection_age_grace
+                    )
+                )
+            )
         self._serving.set(True)
         log.info(
             "serving on %s:%d (backend %s, model %s, store %s at %s)",
@@ -197,15 +271,68 @@ class ChatServer:
             if closed := self._close_connections():
                 log.info("closed %d client connections", closed)
         finally:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-                await asyncio.wait((self._sweeper,))
+            tasks = [*self._tasks, *([self._sweeper] if self._sweeper is not None else [])]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            self._tasks.clear()
+            await self._close_telemetry()
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:
                 await self._store.aclose()
             self._closed.set()
             log.info("server stopped")
+
+    def _make_telemetry(self) -> Telemetry:
+        config = self.config
+        provider = self._tracer_provider
+        if provider is None and config.otel:
+            from chat.tracing import tracer_provider_from_environment
+
+            provider = self._own_tracer_provider = tracer_provider_from_environment()
+        metrics = Metrics() if config.metrics_port is not None else None
+        return Telemetry(metrics=metrics, tracer_provider=provider)
+
+    async def _close_telemetry(self) -> None:
+        telemetry = self._telemetry
+        if telemetry is not None and telemetry.metrics is not None:
+            await telemetry.metrics.stop_serving()
+        provider, self._own_tracer_provider = self._own_tracer_provider, None
+        if provider is not None:
+            # Exports what is left: network I/O, not on the event loop.
+            await asyncio.to_thread(provider.shutdown)
+
+    async def _send_heartbeats(self, core: ChatCore, silent_for: float) -> None:
+        """Every stream silent for ``silent_for`` seconds gets a heartbeat (checked four
+        times as often, so that none is silent for more than 1.25 times as long)."""
+        while True:
+            await asyncio.sleep(silent_for / 4)
+            core.send_heartbeats(silent_for)
+
+    async def _retire_connections(self, age: float, grace: float) -> None:
+        """Close connections older than ``age`` (plus up to 10% at random) once their open
+        streams have ended, or ``grace`` seconds later anyway, with a GOAWAY first."""
+        loop = asyncio.get_running_loop()
+        rng = random.Random()
+        retire_at: dict[CorkedTransport, float] = {}
+        while True:
+            await asyncio.sleep(min(age / 4, grace / 4 or age, 5.0))
+            now = loop.time()
+            for connection in list(self._connections):
+                due = retire_at.get(connection)
+                if due is None:
+                    due = retire_at[connection] = connection.opened + age * (1 + rng.random() / 10)
+                if now < due or connection.protocol is None:
+                    continue
+                if open_streams(connection.protocol) and now < due + grace:
+                    continue
+                log.debug("retiring a connection after %.0fs", now - connection.opened)
+                send_goaway(connection.protocol)
+                connection.close()
+            for connection in [c for c in retire_at if c not in self._connections]:
+                del retire_at[connection]
 
     def stop_now(self) -> None:
         """End the grace period now: replies still running are cancelled (and kept)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import sys
 
 import click
@@ -15,6 +14,8 @@ from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, ServerConfig
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
+from chat.logs import LOG_FORMATS
+from chat.logs import configure as configure_logging
 from chat.retention import Retention
 from chat.secret import read_api_key
 from chat.server import ChatServer, event_loop_factory, serve
@@ -41,6 +42,9 @@ def _banner(server: ChatServer) -> None:
     click.echo(f"  sessions in: {core.store.location}")
     click.echo(f"  talk to it:  chat-client --target {address}")
     click.echo(f"  inspect it:  grpcurl -plaintext {address} describe ChatService")
+    if server.metrics_port is not None:
+        metrics = ServerConfig(host=config.metrics_host or config.host, port=server.metrics_port)
+        click.echo(f"  metrics:     http://{metrics.address}/metrics")
     click.echo(
         "  stop it:     Ctrl-C (replies in flight get the grace period to finish; "
         "Ctrl-C again stops at once)"
@@ -193,7 +197,65 @@ def _tune_gc() -> None:
     type=click.Choice(EVENT_LOOPS),
     help="asyncio event loop: uvloop (faster) when installed with auto.",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port) "
+    "[default: no metrics]",
+    show_default=False,
+)
+@click.option(
+    "--metrics-host",
+    default=_server_default("metrics_host"),
+    help="Interface of the metrics endpoint [default: the same as --host]",
+    show_default=False,
+)
+@click.option(
+    "--otel/--no-otel",
+    default=_server_default("otel"),
+    help="Record OpenTelemetry traces, exported as the standard OTEL_* variables say "
+    "(OTEL_EXPORTER_OTLP_ENDPOINT...); needs grpc-chat[otel].",
+)
+@click.option(
+    "--keepalive-time",
+    default=_server_default("keepalive_time"),
+    type=click.FloatRange(min=0),
+    help="Seconds between HTTP/2 PINGs on connections with open streams (0: none).",
+)
+@click.option(
+    "--keepalive-timeout",
+    default=_server_default("keepalive_timeout"),
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a PING may go unanswered before the connection is closed.",
+)
+@click.option(
+    "--max-connection-age",
+    default=_server_default("max_connection_age"),
+    type=click.FloatRange(min=0),
+    help="Retire connections after this many seconds, so that clients reconnect and a load "
+    "balancer spreads them again (0: never).",
+)
+@click.option(
+    "--max-connection-age-grace",
+    default=_server_default("max_connection_age_grace"),
+    type=click.FloatRange(min=0),
+    help="Seconds a retired connection keeps its open streams.",
+)
+@click.option(
+    "--heartbeat",
+    default=_server_default("heartbeat"),
+    type=click.FloatRange(min=0),
+    help="Send a heartbeat on Chat streams silent for this many seconds, for proxies that "
+    "close silent streams (0: never).",
+)
 @click.option("--log-level", default="info", type=click.Choice(_LOG_LEVELS))
+@click.option(
+    "--log-format",
+    default="text",
+    type=click.Choice(LOG_FORMATS),
+    help="text: one line per record; json: one JSON object per line.",
+)
 @click.version_option(__version__, prog_name="chat-server")
 def main(
     host: str,
@@ -217,7 +279,16 @@ def main(
     max_messages_per_session: int,
     grace_period: float,
     event_loop: str,
+    metrics_port: int | None,
+    metrics_host: str,
+    otel: bool,
+    keepalive_time: float,
+    keepalive_timeout: float,
+    max_connection_age: float,
+    max_connection_age_grace: float,
+    heartbeat: float,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the grpc-chat server (gRPC service ChatService, with health and reflection).
 
@@ -225,11 +296,7 @@ def main(
     CHAT_MODEL, CHAT_BASE_URL, CHAT_STORE, and so on. API keys are read from a file
     (--api-key-file) or the environment, never from the command line.
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, log_format, sys.stderr)
     try:
         api_key = (
             read_api_key(key_file=api_key_file, env_vars=API_KEY_ENV_VARS[backend])
@@ -262,6 +329,14 @@ def main(
                 max_sessions=max_sessions or None,
                 max_messages_per_session=max_messages_per_session or None,
             ),
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            otel=otel,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            max_connection_age=max_connection_age,
+            max_connection_age_grace=max_connection_age_grace,
+            heartbeat=heartbeat,
         )
         _tune_gc()
         with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:

@@ -33,6 +33,7 @@ from chat.client._results import (
     Counters,
     Notice,
 )
+from chat.client._tracing import current_traceparent, send_trace_context
 from chat.errors import (
     ChatError,
     ConnectionLost,
@@ -138,6 +139,7 @@ class Connector:
         config = self.config
         self.counters.connection_attempts += 1
         channel = self._channel_factory()
+        send_trace_context(channel)
         # The stream is entered and left by hand (not `async with`): it outlives this call,
         # and leaving it after a failure must see that failure (see _leave_stream).
         stream = await channel.request(
@@ -333,6 +335,8 @@ class Connector:
             request.request_id,
             is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
         )
+        if pending.is_turn and not request.traceparent:
+            request.traceparent = current_traceparent()
         for _ in range(3):
             conn = await self.ready()
             conn.pending[request.request_id] = pending
