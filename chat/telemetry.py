@@ -102,8 +102,8 @@ def grpc_code_name(status: Status | int) -> str:
     ('NotFound', 'Canceled')
     """
     name = (status if isinstance(status, Status) else Status(status)).name
-    if name == "CANCELLED":
-        return "Canceled"
+    if name in ("OK", "CANCELLED"):
+        return "OK" if name == "OK" else "Canceled"
     return "".join(word.capitalize() for word in name.split("_"))
 
 
@@ -615,8 +615,8 @@ class _ObservedTurn:
 # -- the store and the backend, observed ------------------------------------------------------
 
 
-#: Errors that answer a request rather than say the store failed.
-_STORE_ANSWERS = (SessionNotFound, InvalidArgument, ValueError)
+#: Errors that answer a request rather than say the store failed (and cancellation).
+_STORE_ANSWERS = (SessionNotFound, InvalidArgument, ValueError, asyncio.CancelledError)
 
 
 class TimedStore:
@@ -650,7 +650,7 @@ class TimedStore:
                 self._kind, operation
             )
         timer.observe(time.perf_counter() - started)
-        if error is not None and not isinstance(error, _STORE_ANSWERS | asyncio.CancelledError):
+        if error is not None and not isinstance(error, _STORE_ANSWERS):
             self._metrics.store_errors.labels(self._kind, operation, type(error).__name__).inc()
 
     async def _timed(self, operation: str, call: Any) -> Any:
