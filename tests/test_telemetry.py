@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from chat import ChatClient, ChatServer, ServerConfig
-from chat.backends import ModelBackend
+from chat.backends import Delta, ModelBackend
 from chat.backends.remote import RetryPolicy, retry_before_first_delta
 from chat.client import ReplyStatus
 from chat.context import ContextSettings
@@ -280,7 +280,7 @@ async def test_retries_are_reported_before_they_happen() -> None:
         attempts += 1
         if attempts == 1:
             raise BackendUnavailable("down")
-        yield FinishReason.STOP
+        yield Delta("after the retry")
 
     async def no_sleep(_: float) -> None:
         return None
@@ -292,7 +292,7 @@ async def test_retries_are_reported_before_they_happen() -> None:
         sleep=no_sleep,
         on_retry=lambda error: seen.append(type(error).__name__),
     )
-    assert [d async for d in deltas] == [FinishReason.STOP]
+    assert [d.text async for d in deltas] == ["after the retry"]
     assert seen == ["BackendUnavailable"]
 
 
