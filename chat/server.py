@@ -38,7 +38,7 @@ from chat.telemetry import Telemetry, provider_name
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-__all__ = ["ChatServer", "create_backend", "event_loop_factory", "serve"]
+__all__ = ["ChatServer", "ConnectionRetirer", "create_backend", "event_loop_factory", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,60 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
+class ConnectionRetirer:
+    """Retires connections older than ``age`` seconds (each gets up to 10% more, at random,
+    so that clients do not all reconnect at once): once a connection's streams have ended,
+    or ``grace`` seconds after its time anyway, it is sent a GOAWAY and closed.
+
+    A connection past its age is not told to stop opening streams first: hyper-h2 sends
+    nothing after a GOAWAY, and grpclib's clients end their open streams when they get one.
+    """
+
+    def __init__(
+        self,
+        connections: set[CorkedTransport],
+        age: float,
+        grace: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._connections = connections
+        self._age = age
+        self._grace = grace
+        self._rng = rng or random.Random()
+        self._due: dict[CorkedTransport, float] = {}
+        #: Seconds between sweeps.
+        self.interval = min(age / 4, grace / 4 or age, 5.0)
+        #: Connections retired so far.
+        self.retired = 0
+
+    def due(self, connection: CorkedTransport) -> float:
+        """When ``connection`` is to be retired (``loop.time()``)."""
+        due = self._due.get(connection)
+        if due is None:
+            due = connection.opened + self._age * (1 + self._rng.random() / 10)
+            self._due[connection] = due
+        return due
+
+    def sweep(self, now: float) -> int:
+        """Retire what is due at ``now``; return how many connections were closed."""
+        closed = 0
+        for connection in list(self._connections):
+            due = self.due(connection)
+            protocol = connection.protocol
+            if now < due or protocol is None or connection.is_closing():
+                continue
+            if open_streams(protocol) and now < due + self._grace:
+                continue
+            log.debug("retiring a connection after %.0fs", now - connection.opened)
+            send_goaway(protocol)
+            connection.close()
+            closed += 1
+        self.retired += closed
+        for connection in [c for c in self._due if c not in self._connections]:
+            del self._due[connection]
+        return closed
+
+
 class ChatServer:
     """A grpc-chat server: the chat service, health checking and server reflection.
 
@@ -119,6 +173,8 @@ class ChatServer:
         self._telemetry: Telemetry | None = None
         # The heartbeat and connection-age loops.
         self._tasks: list[asyncio.Task[None]] = []
+        #: Retires connections past ``config.max_connection_age`` (when it is set).
+        self.retirer: ConnectionRetirer | None = None
         self._core: ChatCore | None = None
         self._server: HookedServer | None = None
         # Open connections, so that stop() can close them: grpclib's close() stops listening
@@ -224,13 +280,10 @@ class ChatServer:
         if config.heartbeat:
             self._tasks.append(asyncio.create_task(self._send_heartbeats(core, config.heartbeat)))
         if config.max_connection_age:
-            self._tasks.append(
-                asyncio.create_task(
-                    self._retire_connections(
-                        config.max_connection_age, config.max_connection_age_grace
-                    )
-                )
+            self.retirer = ConnectionRetirer(
+                self._connections, config.max_connection_age, config.max_connection_age_grace
             )
+            self._tasks.append(asyncio.create_task(self._retire_connections(self.retirer)))
         self._serving.set(True)
         log.info(
             "serving on %s:%d (backend %s, model %s, store %s at %s)",
@@ -311,28 +364,11 @@ class ChatServer:
             await asyncio.sleep(silent_for / 4)
             core.send_heartbeats(silent_for)
 
-    async def _retire_connections(self, age: float, grace: float) -> None:
-        """Close connections older than ``age`` (plus up to 10% at random) once their open
-        streams have ended, or ``grace`` seconds later anyway, with a GOAWAY first."""
+    async def _retire_connections(self, retirer: ConnectionRetirer) -> None:
         loop = asyncio.get_running_loop()
-        rng = random.Random()
-        retire_at: dict[CorkedTransport, float] = {}
         while True:
-            await asyncio.sleep(min(age / 4, grace / 4 or age, 5.0))
-            now = loop.time()
-            for connection in list(self._connections):
-                due = retire_at.get(connection)
-                if due is None:
-                    due = retire_at[connection] = connection.opened + age * (1 + rng.random() / 10)
-                if now < due or connection.protocol is None:
-                    continue
-                if open_streams(connection.protocol) and now < due + grace:
-                    continue
-                log.debug("retiring a connection after %.0fs", now - connection.opened)
-                send_goaway(connection.protocol)
-                connection.close()
-            for connection in [c for c in retire_at if c not in self._connections]:
-                del retire_at[connection]
+            await asyncio.sleep(retirer.interval)
+            retirer.sweep(loop.time())
 
     def stop_now(self) -> None:
         """End the grace period now: replies still running are cancelled (and kept)."""
