@@ -25,7 +25,14 @@ The generated message types and stubs are in the ``chatpb`` package
 """
 
 from chat._version import __version__
-from chat.backends import Delta, GenerationRequest, ModelBackend, PromptMessage
+from chat.backends import (
+    Delta,
+    GenerationRequest,
+    ModelBackend,
+    ModelCheck,
+    ModelChecker,
+    PromptMessage,
+)
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
 from chat.backends.remote import RemoteSettings, RetryPolicy
@@ -138,6 +145,8 @@ __all__ = [
     "MessageStatus",
     "MissingExtra",
     "ModelBackend",
+    "ModelCheck",
+    "ModelChecker",
     "Notice",
     "Notices",
     "PromptMessage",

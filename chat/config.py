@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+from chat.backends import ModelCheck
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.context import ContextSettings
 from chat.core import Limits
@@ -19,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_COALESCE_WINDOW",
     "EVENT_LOOPS",
+    "MODEL_CHECKS",
     "ServerConfig",
 ]
 
@@ -27,6 +30,9 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 #: Backend names ``--backend`` accepts.
 BACKENDS = ("echo", "openai", "gemini")
+
+#: What ``--model-check`` accepts (see :class:`~chat.backends.ModelCheck`).
+MODEL_CHECKS = tuple(check.value for check in ModelCheck)
 
 #: Environment variables an API key is read from, per backend, first match wins.
 API_KEY_ENV_VARS: Mapping[str, tuple[str, ...]] = {
@@ -76,6 +82,9 @@ class ServerConfig:
     grace_period: float = 10.0
     #: The asyncio event loop that ``chat-server`` runs on (see :data:`EVENT_LOOPS`).
     event_loop: str = "auto"
+    #: How model names are checked against the backend's list (:data:`MODEL_CHECKS`), for
+    #: ``model`` at start-up and for each session; ``None``: see :attr:`effective_model_check`.
+    model_check: str | None = None
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
     #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (``None``:
@@ -112,6 +121,10 @@ class ServerConfig:
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigurationError(
                 f"unknown event loop {self.event_loop!r}; choose one of {', '.join(EVENT_LOOPS)}"
+            )
+        if self.model_check is not None and self.model_check not in MODEL_CHECKS:
+            raise ConfigurationError(
+                f"unknown model check {self.model_check!r}; choose one of {', '.join(MODEL_CHECKS)}"
             )
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")
@@ -156,6 +169,24 @@ class ServerConfig:
             read_timeout=self.read_timeout,
             retry=RetryPolicy(attempts=self.retries + 1),
         )
+
+    @property
+    def effective_model_check(self) -> ModelCheck:
+        """The model check, with the default applied.
+
+        ``strict`` where the backend's list is complete: OpenAI's own API and Gemini.
+        ``warn`` for any other OpenAI-compatible server, which may list only the models it
+        has loaded (``transformers serve``, LM Studio, proxies) and still serve others.
+
+        >>> ServerConfig(backend="openai", base_url="http://localhost:8000/v1").effective_model_check
+        <ModelCheck.WARN: 'warn'>
+        """
+        if self.model_check is not None:
+            return ModelCheck(self.model_check)
+        if self.backend == "openai":
+            host = urlsplit(self.base_url).hostname if self.base_url else "api.openai.com"
+            return ModelCheck.STRICT if host == "api.openai.com" else ModelCheck.WARN
+        return ModelCheck.STRICT
 
     @property
     def effective_coalesce_window(self) -> float:

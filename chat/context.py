@@ -9,17 +9,24 @@ newest messages, and drops the oldest (policy ``TRUNCATE``), or refuses the turn
 Tokens are counted with the model's own tokenizer where one is available offline: OpenAI's
 ``o200k_base``/``cl100k_base`` encodings for OpenAI models when the ``tokenizer`` extra
 (``bpe-openai``, which ships the encodings inside the package) is installed. Everything else
-is estimated (:func:`estimate_tokens`), erring on the high side.
+is estimated (:func:`estimate_tokens`), erring on the high side. Where a model reports the
+real size of its prompts, :class:`Calibration` corrects the count per model, so that a count
+that runs under the model's own (a small vocabulary, a chat template's tokens) still keeps
+prompts within the window.
+
+The reply limit (a session's, else the reply reserve) is kept free of prompt and sent to the
+model (``Context.max_output_tokens``), so a reply cannot overflow the room kept for it.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chat.backends import PromptMessage
@@ -27,8 +34,11 @@ from chat.errors import ConfigurationError, ContextTooLong
 from chat.types import ContextPolicy, Message, MessageStatus, Role, Session
 
 __all__ = [
+    "CALIBRATION_MARGIN",
+    "CALIBRATION_SAMPLES",
     "KNOWN_CONTEXT_WINDOWS",
     "MESSAGE_OVERHEAD_TOKENS",
+    "Calibration",
     "Context",
     "ContextBudget",
     "ContextSettings",
@@ -132,7 +142,8 @@ class ContextSettings:
     context_window: int | None = None
     #: The window of a model neither configured nor in :data:`KNOWN_CONTEXT_WINDOWS`.
     default_context_window: int = 8_192
-    #: Tokens kept free for the reply (at most half the window).
+    #: Tokens kept free for the reply (at most half the window), and the longest reply the
+    #: model is asked for when the session sets no limit (0: none is sent).
     reply_reserve: int = 1_024
     #: The policy of sessions that choose none (``ContextPolicy.UNSPECIFIED``).
     default_policy: ContextPolicy = ContextPolicy.TRUNCATE
@@ -163,10 +174,21 @@ class ContextSettings:
                 best, window = prefix, tokens
         return window
 
-    def prompt_budget(self, model: str) -> int:
-        """Tokens the prompt may use: the window less the reply reserve."""
+    def reply_limit(self, requested: int = 0) -> int:
+        """The longest reply, in tokens: ``requested`` (a session's), else the reply reserve.
+
+        0 means no limit is sent (the upstream's default applies).
+        """
+        return requested if requested > 0 else self.reply_reserve
+
+    def prompt_budget(self, model: str, reply_limit: int | None = None) -> int:
+        """Tokens the prompt may use: the window less the room kept for the reply.
+
+        The room is the reply limit (:meth:`reply_limit`), at most half the window.
+        """
         window = self.window_for(model)
-        return window - min(self.reply_reserve, window // 2)
+        limit = self.reply_reserve if reply_limit is None else reply_limit
+        return window - min(limit, window // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +197,18 @@ class Context:
 
     ``messages`` starts with the system prompt (if the session has one) and ends with the
     user's new message. ``omitted`` counts history messages left out to fit the budget;
-    ``tokens`` is the prompt's size as counted, ``budget`` what it was allowed.
+    ``tokens`` is the prompt's size in the model's tokens as far as the server can tell (its
+    count, calibrated by what the model reported before), ``counted`` the raw count, and
+    ``budget`` what the prompt was allowed. ``max_output_tokens`` is the longest reply to ask
+    for (``None``: no limit is sent).
     """
 
     messages: list[PromptMessage]
     omitted: int = 0
     tokens: int = 0
     budget: int = 0
+    counted: int = 0
+    max_output_tokens: int | None = None
 
     @property
     def conversation_messages(self) -> int:
@@ -190,18 +217,31 @@ class Context:
 
 
 def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
-    """The history the model sees.
+    """The history the model sees: the session's *answered turns*, as user/assistant pairs.
 
-    Failed messages (a user message whose reply failed, and the partial reply of a failed
-    turn) are history for the person but not for the model: they are left out, so that a
-    retried message is not sent twice. Empty messages (a reply cancelled before its first
-    word) are left out too.
+    Chat templates of many models (Llama 2, Mistral, Gemma...) refuse a conversation whose
+    roles do not alternate, so the prompt is built from whole turns only. A turn is sent
+    when its reply has text and did not fail: a reply cut short by CANCEL or a shutdown is
+    sent as far as it got. An *unanswered* turn is left out as a whole, the user message with
+    it: a reply cancelled or interrupted before its first word, a model that said nothing,
+    and a failed turn (which RETRY sends again as the new message, so it is not sent twice).
+    The person still sees those messages in the history; the model does not.
+
+    Whatever the stored history holds (a trimmed one may start with an answer), the result
+    alternates user, assistant, starting with a user message.
     """
-    return [
-        PromptMessage(m.role, m.content)
-        for m in history
-        if m.content and m.status is not MessageStatus.FAILED and m.role is not Role.SYSTEM
-    ]
+    turns: list[PromptMessage] = []
+    for question, answer in itertools.pairwise(history):
+        if (
+            question.role is Role.USER
+            and answer.role is Role.ASSISTANT
+            and question.content
+            and answer.content
+            and MessageStatus.FAILED not in (question.status, answer.status)
+        ):
+            turns.append(PromptMessage(Role.USER, question.content))
+            turns.append(PromptMessage(Role.ASSISTANT, answer.content))
+    return turns
 
 
 def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
@@ -225,8 +265,8 @@ def fit_messages(
 
     The system prompt and ``newest`` are always kept; history is taken newest first while it
     fits, and the first message that does not fit ends it (the kept history is the most
-    recent, contiguous part). A kept history never starts with an assistant message whose
-    question was dropped. ``None`` when the system prompt and ``newest`` alone exceed the
+    recent, contiguous part). A kept history never starts with an assistant message.
+    ``None`` when the system prompt and ``newest`` alone exceed the
     budget.
 
     >>> m = [PromptMessage(Role.USER, "x" * 30), PromptMessage(Role.ASSISTANT, "y" * 30)]
@@ -248,12 +288,69 @@ def fit_messages(
             break
         used += needed
         start -= 1
-    # The dropped question of a kept answer would leave the answer without its context.
-    while start < len(history) and history[start].role is Role.ASSISTANT and start > 0:
+    # The dropped question of a kept answer would leave the answer without its context (and
+    # a prompt starting with an answer breaks templates that require alternating roles).
+    while start < len(history) and history[start].role is Role.ASSISTANT:
         used -= cost(history[start])
         start += 1
     messages = ([system] if system is not None else []) + list(history[start:]) + [newest]
     return messages, start, used
+
+
+@dataclass(slots=True)
+class Calibration:
+    """How a model's real prompt sizes relate to the server's count of them.
+
+    The count (a tokenizer-free estimate, or even an exact tokenizer, which does not see the
+    chat template's own tokens) can run under what the model reports in ``usage``: a small
+    vocabulary needs more tokens per character than the estimate assumes, and templates add
+    markers and preambles. From each reported prompt size the calibration keeps an upper
+    bound ``real <= scale * counted + overhead`` that holds for every prompt it has seen
+    (the last :data:`CALIBRATION_SAMPLES`), with a margin on the scale; the budget is then
+    applied to that bound, so what fits by the count fits for real.
+
+    It only ever makes the count larger (scale >= 1, overhead >= 0): a model whose real
+    counts run lower keeps the plain count, which errs high already.
+
+    >>> c = Calibration()
+    >>> c.observe(counted=100, reported=120)
+    >>> c.scale > 1.2, c.tokens(100) >= 120
+    (True, True)
+    """
+
+    samples: list[tuple[int, int]] = field(default_factory=list)
+    scale: float = 1.0
+    overhead: int = 0
+
+    def observe(self, *, counted: int, reported: int) -> None:
+        if counted <= 0 or reported <= 0:
+            return
+        self.samples.append((counted, reported))
+        del self.samples[:-CALIBRATION_SAMPLES]
+        # The scale from prompts large enough that a template's fixed tokens matter little;
+        # the overhead then covers whatever the scale leaves over on any prompt seen.
+        ratios = [real / count for count, real in self.samples if count >= _MIN_SCALE_SAMPLE]
+        ratio = max(ratios, default=1.0)
+        self.scale = ratio * CALIBRATION_MARGIN if ratio > 1.0 else 1.0
+        self.overhead = max(
+            0, max(math.ceil(real - self.scale * count) for count, real in self.samples)
+        )
+
+    def tokens(self, counted: int) -> int:
+        """The real size of a prompt the server counts ``counted`` tokens, at most."""
+        return math.ceil(self.scale * counted) + self.overhead
+
+    def budget(self, budget: int) -> int:
+        """The most the server may count for a prompt whose real size must fit ``budget``."""
+        return math.floor((budget - self.overhead) / self.scale)
+
+
+#: Reported prompt sizes a calibration remembers (the newest).
+CALIBRATION_SAMPLES = 64
+#: Headroom on the largest ratio seen, for prompts unlike the ones seen so far.
+CALIBRATION_MARGIN = 1.05
+#: Counted size from which a prompt's ratio sets the scale.
+_MIN_SCALE_SAMPLE = 32
 
 
 class ContextBudget:
@@ -273,6 +370,18 @@ class ContextBudget:
         self.settings = settings or ContextSettings()
         self._counters: dict[str, TokenCounter] = {}
         self._encodings: dict[str, TokenCounter | None] = {}
+        self._calibrations: dict[str, Calibration] = {}
+
+    def calibration(self, model: str) -> Calibration:
+        """What the reports of ``model`` taught about its prompt sizes (see :meth:`observe`)."""
+        calibration = self._calibrations.get(model)
+        if calibration is None:
+            calibration = self._calibrations[model] = Calibration()
+        return calibration
+
+    def observe(self, model: str, context: Context, prompt_tokens: int) -> None:
+        """Learn from the prompt size ``model`` reported for a prompt built by :meth:`build`."""
+        self.calibration(model).observe(counted=context.counted, reported=prompt_tokens)
 
     def policy_for(self, session: Session) -> ContextPolicy:
         if session.context_policy is ContextPolicy.UNSPECIFIED:
@@ -327,19 +436,25 @@ class ContextBudget:
     ) -> Context:
         """The prompt for ``text`` on ``session``, fitted to ``model``'s budget.
 
+        The session's ``max_reply_tokens`` (0: the server's reply reserve) is kept free of
+        prompt, and is what the model is asked for at most (``Context.max_output_tokens``),
+        no more than the window has left.
+
         Raises :class:`~chat.errors.ContextTooLong` when the new message (with the system
         prompt) does not fit at all, or when history must be left out and the session's
         policy is ``REJECT``.
         """
         settings = self.settings
-        budget = settings.prompt_budget(model)
+        limit = settings.reply_limit(session.max_reply_tokens)
+        budget = settings.prompt_budget(model, limit)
         count = self.counter_for(model)
+        calibration = self.calibration(model)
         system = (
             PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
         )
         history_messages = _history(session, history)
         newest = PromptMessage(Role.USER, text)
-        fitted = fit_messages(system, history_messages, newest, budget, count)
+        fitted = fit_messages(system, history_messages, newest, calibration.budget(budget), count)
         window = settings.window_for(model)
         if fitted is None:
             what = "the message with the system prompt" if system is not None else "the message"
@@ -349,7 +464,7 @@ class ContextBudget:
                 f"({budget} of its {window}-token context window; the rest is kept for the "
                 "reply): shorten it",
             )
-        messages, omitted, tokens = fitted
+        messages, omitted, counted = fitted
         if omitted and self.policy_for(session) is ContextPolicy.REJECT:
             raise ContextTooLong(
                 "history",
@@ -358,4 +473,14 @@ class ContextBudget:
                 "policy is REJECT: set the policy to TRUNCATE to leave the oldest messages "
                 "out, or start a new session; the message is kept and can be retried",
             )
-        return Context(messages, omitted=omitted, tokens=tokens, budget=budget)
+        tokens = calibration.tokens(counted)
+        # A limit larger than the room kept may use what the window has left, no more.
+        reply = min(limit, window - tokens) if limit > 0 else None
+        return Context(
+            messages,
+            omitted=omitted,
+            tokens=tokens,
+            budget=budget,
+            counted=counted,
+            max_output_tokens=max(1, reply) if reply is not None else None,
+        )

@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Self
 
 from chat._version import __version__
-from chat.backends import Delta, GenerationRequest, ModelBackend
+from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
 from chat.context import ContextBudget
 from chat.errors import (
     BackendError,
@@ -111,10 +111,12 @@ class ChatCore:
         stats: ServerStats | None = None,
         context: ContextBudget | None = None,
         retention: Retention | None = None,
+        model_check: ModelCheck = ModelCheck.STRICT,
         observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
+        self.models = ModelChecker(backend, model_check)
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
@@ -256,13 +258,8 @@ class ChatCore:
         if not model:
             return
         self._check_text("model", model, self.limits.max_model_chars)
-        served = await self.backend.list_models()
-        if served is not None and model not in served:
-            names = ", ".join(sorted(served)[:20])
-            raise InvalidArgument(
-                "model",
-                f"{model!r} is not served by the {self.backend.name} backend; available: {names}",
-            )
+        if (problem := await self.models.problem(model)) is not None:
+            raise InvalidArgument("model", problem)
 
     # -- streams and lifecycle ------------------------------------------------------------
 
@@ -684,8 +681,16 @@ class Conversation:
                 )
                 turn.observed.started(model, context.omitted)
                 turn.started = True
-                generation = GenerationRequest(model, context.messages, request.request_id)
+                generation = GenerationRequest(
+                    model,
+                    context.messages,
+                    request.request_id,
+                    max_output_tokens=context.max_output_tokens,
+                )
                 await self._generate(turn, session, text, generation)
+                if turn.usage is not None:
+                    # What the model counted corrects the server's count for later turns.
+                    core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
             turn.observed.finished(

@@ -97,14 +97,18 @@ class ChatError(Exception):
 class InvalidArgument(ChatError):
     """A request field has a value the server cannot accept.
 
+    ``field`` is empty when the request as a whole was refused (say, by the model backend).
+
     >>> str(InvalidArgument("message", "must not be empty"))
     'message: must not be empty'
+    >>> str(InvalidArgument("", "the model refused the request"))
+    'the model refused the request'
     """
 
     status = StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+        super().__init__(f"{field}: {problem}" if field else problem)
         self.field = field
         self.problem = problem
 

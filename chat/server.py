@@ -246,8 +246,16 @@ class ChatServer:
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),
+                model_check=config.effective_model_check,
                 observer=telemetry,
             )
+            # The default model is checked now, not at the first turn of every session
+            # (a strict check refuses to start; a listing that fails checks nothing).
+            if (problem := await core.models.problem(backend.default_model)) is not None:
+                raise ConfigurationError(
+                    f"--model {backend.default_model}: {problem} "
+                    "(--model-check off or warn to use it anyway)"
+                )
             service = ChatService(core)
             health = Health({service: [self._serving], OVERALL: [self._serving]})
             handlers = with_reflection([service, health])

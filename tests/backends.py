@@ -1,4 +1,5 @@
-"""Model backends for tests: scripted, gated step by step, recording, failing."""
+"""Model backends for tests: scripted, gated step by step, recording, failing; and what the
+backend tests share (:data:`REQUEST`, :func:`collect`)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,22 @@
-"""Shared fixtures: a core without sockets, an in-process server, and Hypothesis profiles."""
+"""Shared fixtures: a core without sockets, an in-process server, and Hypothesis profiles.
+
+Tests marked ``upstream`` need a real OpenAI-compatible server (``transformers serve``, with
+torch): they run with ``--upstream`` (``tox -e upstream``) and are deselected without it, so
+the normal suite needs neither. With it they must pass: a server that cannot start fails them.
+"""
 
 from __future__ import annotations
 
 import gc
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
+from tests.upstream import Upstream, running_upstream
 
 settings.register_profile(
     "ci",
@@ -20,6 +27,33 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=20, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("CHAT_TEST_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--upstream",
+        action="store_true",
+        help="also run the tests marked upstream, against transformers serve (tox -e upstream)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--upstream"):
+        return
+    # Deselected (and counted as such), not skipped: they cannot fail here, and must not
+    # look as if they passed.
+    deselected = [item for item in items if item.get_closest_marker("upstream")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("upstream")]
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """transformers serve on tiny models built now (see tests/upstream.py)."""
+    home: Path = tmp_path_factory.mktemp("upstream")
+    with running_upstream(home) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

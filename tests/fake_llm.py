@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections import deque
 from collections.abc import Sequence
@@ -66,6 +67,8 @@ class Reply:
     stall: bool = False
     #: After the pieces, send an error event inside the stream (HTTP 200 already sent).
     stream_error: str | None = None
+    #: Send this as the in-stream error event instead of a provider-style one.
+    stream_error_body: Any = None
     #: Gemini: refuse the prompt with this ``promptFeedback.blockReason`` (no candidates).
     blocked: str | None = None
 
@@ -255,6 +258,13 @@ class FakeLLM:
     ) -> bool:
         if reply.stall and not await self._wait_release_or_leave(reader):
             return False
+        limit = self.reply_limit(request)
+        if limit is not None and limit < len(reply.pieces):
+            # One piece counts as one token: the reply stops at the limit, as a model's does.
+            usage = (reply.usage[0], limit) if reply.usage is not None else None
+            reply = dataclasses.replace(
+                reply, pieces=reply.pieces[:limit], finish="length", usage=usage
+            )
         if reply.status != 200:
             body = reply.error_body if reply.error_body is not None else self._error(reply.status)
             await self._send_json(writer, reply.status, body, reply.headers)
@@ -282,7 +292,9 @@ class FakeLLM:
             ):
                 return False
             await self._event(writer, self._piece(piece, request))
-        if reply.stream_error is not None:
+        if reply.stream_error_body is not None:
+            await self._event(writer, reply.stream_error_body)
+        elif reply.stream_error is not None:
             await self._event(writer, self._error(500, reply.stream_error))
         else:
             for event in self._ending(reply, request, include_usage):
@@ -290,6 +302,15 @@ class FakeLLM:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+    def reply_limit(self, request: Any) -> int | None:
+        """The reply length limit a generation request asked for, in the provider's field."""
+        body = request or {}
+        if self.provider == "openai":
+            value = body.get("max_completion_tokens", body.get("max_tokens"))
+        else:
+            value = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        return int(value) if value is not None else None
 
     async def _event(self, writer: asyncio.StreamWriter, event: Any) -> None:
         payload = event if isinstance(event, str) else json.dumps(event)

@@ -269,3 +269,40 @@ def fits_the_wire(source: object, message: str = "ChatResponse") -> bool:
             if not low <= value <= high:
                 return False
     return True
+
+
+# -- stored turns, as the core writes them ----------------------------------------------------
+
+_NOW = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+def _turn(kind: str, question: str, reply: str) -> list[Message]:
+    """The messages one turn leaves in a history (see ``Conversation._write_turn``)."""
+    asked = Message(Role.USER, question, _NOW)
+    failed = Message(Role.USER, question, _NOW, MessageStatus.FAILED)
+    if kind == "completed":
+        return [asked, Message(Role.ASSISTANT, reply or "ok", _NOW)]
+    if kind == "empty":  # the model said nothing
+        return [asked, Message(Role.ASSISTANT, "", _NOW)]
+    if kind == "cancelled":  # partial, or before the first word when reply is empty
+        return [asked, Message(Role.ASSISTANT, reply, _NOW, MessageStatus.CANCELLED)]
+    if kind == "interrupted":
+        return [asked, Message(Role.ASSISTANT, reply, _NOW, MessageStatus.INTERRUPTED)]
+    if kind == "failed":  # the model failed, after some words or none
+        return (
+            [failed, Message(Role.ASSISTANT, reply, _NOW, MessageStatus.FAILED)]
+            if reply
+            else [failed]
+        )
+    raise AssertionError(kind)
+
+
+TURN_KINDS = ("completed", "empty", "cancelled", "interrupted", "failed")
+
+#: Histories of completed, empty, cancelled, interrupted and failed turns, as stored; cut at a
+#: random point at the start, as a per-session message cap leaves them.
+turn_histories = st.builds(
+    lambda turns, cut: [m for turn in turns for m in _turn(*turn)][cut:],
+    st.lists(st.tuples(st.sampled_from(TURN_KINDS), user_message, text), max_size=12),
+    st.integers(0, 2),
+)

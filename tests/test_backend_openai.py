@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
 
-from chat.backends.openai import OpenAIBackend
+from chat.backends.openai import OpenAIBackend, reply_limit_field
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.errors import (
     BackendBadRequest,
@@ -62,6 +63,32 @@ async def test_the_request_carries_the_conversation_and_asks_for_usage(
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "How are you?"},
     ]
+
+
+async def test_the_reply_limit_is_sent_as_max_tokens_to_compatible_servers(
+    fake: FakeLLM, backend: OpenAIBackend
+) -> None:
+    await collect(backend.generate(dataclasses.replace(REQUEST, max_output_tokens=50)))
+    await collect(backend.generate(REQUEST))
+    limited, unlimited = (r.body for r in fake.generations)
+    assert limited["max_tokens"] == 50
+    assert "max_completion_tokens" not in limited
+    assert "max_tokens" not in unlimited
+    assert "max_completion_tokens" not in unlimited
+
+
+@pytest.mark.parametrize(
+    ("base_url", "field"),
+    [
+        ("https://api.openai.com/v1", "max_completion_tokens"),
+        ("https://my-deployment.openai.azure.com/openai/v1", "max_completion_tokens"),
+        ("http://localhost:11434/v1", "max_tokens"),
+        ("http://127.0.0.1:8000/v1", "max_tokens"),
+    ],
+)
+def test_openai_itself_gets_max_completion_tokens(base_url: str, field: str) -> None:
+    # OpenAI's reasoning models refuse max_tokens; other servers may ignore the newer field.
+    assert reply_limit_field(base_url) == field
 
 
 async def test_each_event_is_forwarded_as_one_delta(fake: FakeLLM, backend: OpenAIBackend) -> None:
@@ -168,6 +195,49 @@ async def test_bad_requests_are_not_retried_and_quote_the_upstream(fake: FakeLLM
         await backend.aclose()
     assert len(fake.generations) == 1
     assert "'fake-model'" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "quoted"),
+    [
+        # transformers serve, pinned to one model (FastAPI's HTTPException).
+        (400, {"detail": "Server is pinned to 'a'; requested 'b'."}, "Server is pinned to 'a'"),
+        (404, {"detail": "Not Found"}, "Not Found"),
+        # FastAPI's request validation.
+        (
+            422,
+            {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]},
+            "messages: Field required",
+        ),
+        (503, {"error": "the batching worker died"}, "the batching worker died"),
+        (500, "Internal Server Error", "Internal Server Error"),
+    ],
+)
+async def test_upstream_error_text_in_other_shapes_is_quoted(
+    fake: FakeLLM, backend: OpenAIBackend, status: int, body: object, quoted: str
+) -> None:
+    """Issue 15, defect 2: not just OpenAI's {"error": {"message": ...}}."""
+    fake.replies.append(Reply(status=status, error_body=body))
+    with pytest.raises(BackendError) as raised:
+        await collect(backend.generate(REQUEST))
+    assert quoted in str(raised.value)
+    assert f"HTTP {status}" in str(raised.value)
+
+
+async def test_an_html_error_page_is_not_quoted(fake: FakeLLM, backend: OpenAIBackend) -> None:
+    fake.replies.append(Reply(status=502, error_body="<html><body>Bad Gateway</body></html>"))
+    with pytest.raises(BackendUnavailable) as raised:
+        await collect(backend.generate(REQUEST))
+    assert str(raised.value).endswith("failed (HTTP 502); try again later")
+
+
+async def test_a_plain_error_event_inside_the_stream_is_quoted(
+    fake: FakeLLM, backend: OpenAIBackend
+) -> None:
+    # transformers serve streams {"error": "..."} when generation fails mid-reply.
+    fake.replies.append(Reply(pieces=("partial",), stream_error_body={"error": "out of memory"}))
+    with pytest.raises(BackendError, match="out of memory"):
+        await collect(backend.generate(REQUEST))
 
 
 async def test_an_error_event_inside_the_stream_is_a_backend_error(

@@ -7,6 +7,8 @@ A :class:`~chat.server.ChatServer` on 127.0.0.1 runs the OpenAI-compatible backe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,11 +17,13 @@ from grpclib.client import Channel
 from grpclib.const import Status
 
 import chatpb
+from chat.backends import ModelCheck
 from chat.backends.echo import EchoBackend
 from chat.backends.openai import OpenAIBackend
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.config import ServerConfig
 from chat.context import ContextSettings
+from chat.errors import ConfigurationError
 from chat.secret import Secret
 from chat.server import ChatServer
 from tests.fake_llm import FakeLLM, Reply
@@ -304,3 +308,89 @@ async def test_reject_policy_fails_the_turn_keeps_the_message_and_allows_retry(
     assert events[-1].type == T.RESPONSE_COMPLETE
     assert any(e.type == T.STATUS and e.omitted_messages > 0 for e in events)
     assert f"message number {turn} with some words" in reply_text(events)
+
+
+# -- which models: --model-check (issue 15, defects 3 and 6) ---------------------------------
+
+
+def openai_config(fake: FakeLLM, **fields: object) -> ServerConfig:
+    return ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        store="memory://",
+        backend="openai",
+        base_url=fake.base_url,
+        grace_period=1.0,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_model_the_upstream_does_not_list_stops_a_strict_server_at_start_up(
+    fake: FakeLLM,
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"--model nope: 'nope' is not served"):
+        async with ChatServer(openai_config(fake, model="nope", model_check="strict")):
+            pass
+    # A served one starts.
+    async with ChatServer(openai_config(fake, model="fake-model", model_check="strict")):
+        pass
+
+
+async def test_a_server_that_may_load_models_on_demand_gets_a_warning_not_a_refusal(
+    fake: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default for servers other than OpenAI's own: their list may be partial."""
+    config = openai_config(fake, model="loaded-on-demand")
+    assert config.effective_model_check is ModelCheck.WARN
+    with caplog.at_level(logging.WARNING, logger="chat.backends"):
+        async with (
+            ChatServer(config) as server,
+            Channel("127.0.0.1", server.port) as channel,
+        ):
+            assert any("'loaded-on-demand' is not served" in r.getMessage() for r in caplog.records)
+            stub = chatpb.ChatServiceStub(channel)
+            # Sessions may name another unlisted model; the upstream has the last word.
+            session_id = await new_session(stub, model="another-one")
+            async with ChatStream(stub) as stream:
+                stream.message(session_id, "hello", "r1")
+                events = await stream.until_complete("r1")
+    assert events[-1].type == T.RESPONSE_COMPLETE
+    assert fake.generations[-1].body["model"] == "another-one"
+    warned = [r for r in caplog.records if "'another-one' is not served" in r.getMessage()]
+    assert len(warned) == 1
+
+
+async def test_model_check_off_lists_nothing(fake: FakeLLM) -> None:
+    config = openai_config(fake, model="anything", model_check="off")
+    async with ChatServer(config) as server, Channel("127.0.0.1", server.port) as channel:
+        await new_session(chatpb.ChatServiceStub(channel), model="whatever")
+    assert [r for r in fake.requests if r.method == "GET"] == []
+
+
+async def test_a_listing_that_fails_does_not_stop_the_server() -> None:
+    async with FakeLLM("openai", models_status=503) as fake:
+        config = openai_config(fake, model="nope", model_check="strict")
+        async with ChatServer(config) as server, Channel("127.0.0.1", server.port) as channel:
+            await new_session(chatpb.ChatServiceStub(channel), model="also-unchecked")
+
+
+async def test_a_base_url_without_v1_stops_the_server_with_the_fix(fake: FakeLLM) -> None:
+    """Issue 15, defect 7: not a warning followed by 404 on every turn."""
+    root = fake.base_url.removesuffix("/v1")
+    config = dataclasses.replace(openai_config(fake, model="fake-model"), base_url=root)
+    with pytest.raises(ConfigurationError, match=r"add /v1 to --base-url"):
+        async with ChatServer(config):
+            pass
+
+
+def test_the_model_check_default_follows_whether_the_list_is_complete() -> None:
+    def check(**fields: object) -> ModelCheck:
+        return ServerConfig(**fields).effective_model_check  # type: ignore[arg-type]
+
+    assert check(backend="openai", api_key=Secret("k")) is ModelCheck.STRICT
+    assert check(backend="openai", base_url="https://api.openai.com/v1") is ModelCheck.STRICT
+    assert check(backend="gemini") is ModelCheck.STRICT
+    assert check(backend="openai", base_url="http://localhost:11434/v1") is ModelCheck.WARN
+    assert check(backend="openai", base_url="http://x/v1", model_check="off") is ModelCheck.OFF
+    with pytest.raises(ConfigurationError, match="unknown model check"):
+        ServerConfig(model_check="sometimes")

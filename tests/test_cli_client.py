@@ -187,3 +187,17 @@ def test_interactive_mode_says_how_to_start_a_missing_server() -> None:
     assert result.exit_code == 0
     assert "cannot reach a chat server" in result.stdout
     assert f"chat-server --port {port}" in result.stdout
+
+
+def test_a_session_with_a_reply_limit(server: ServerProcess) -> None:
+    created = run(server, "sessions", "create", "--max-reply-tokens", "3", "--json")
+    assert created.exit_code == 0, created.output
+    session = json.loads(created.stdout)
+    assert session["max_reply_tokens"] == 3
+    answer = json.loads(
+        run(server, "ask", "--json", "--session", session["session_id"], "hi").stdout
+    )
+    # The echo backend counts words as tokens.
+    assert (answer["text"], answer["finish_reason"]) == ("Echo #1 (1 ", "length")
+    shown = run(server, "sessions", "show", session["session_id"])
+    assert "3 tokens" in shown.stdout

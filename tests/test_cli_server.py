@@ -73,3 +73,12 @@ def test_an_address_in_use_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     assert result.exit_code == 1
     assert "cannot listen on localhost:50051" in result.output
     assert "Address already in use" in result.output
+
+
+def test_model_check_is_an_option_and_a_variable(captured: list[ServerConfig]) -> None:
+    assert CliRunner().invoke(cli.main, ["--model-check", "off"]).exit_code == 0
+    assert CliRunner().invoke(cli.main, [], env={"CHAT_MODEL_CHECK": "warn"}).exit_code == 0
+    assert CliRunner().invoke(cli.main, []).exit_code == 0
+    assert [c.model_check for c in captured] == ["off", "warn", None]
+    refused = CliRunner().invoke(cli.main, ["--model-check", "sometimes"])
+    assert refused.exit_code == 2

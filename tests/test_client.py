@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import chat
 import chat.client
 from chat import (
+    BackendBadRequest,
     BackendUnavailable,
     ChatClient,
     ChatServer,
@@ -480,6 +481,41 @@ async def test_server_statuses_become_typed_errors(server: ChatServer) -> None:
         # The stream survived every error.
         assert client.connected
         assert await client.ping() > 0
+
+
+class RefusingBackend(EchoBackend):
+    """Refuses every request the way a model server answering HTTP 400 does."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        raise BackendBadRequest("the model server refused the request (HTTP 400): too long")
+        yield Delta()  # pragma: no cover - makes this an async generator
+
+
+async def test_a_refused_request_reads_as_the_server_said_it() -> None:
+    """Issue 15, defect 7: not "request: the model server refused ..."."""
+    async with serving(backend=RefusingBackend()) as server, ChatClient(address(server)) as client:
+        session = await client.create_session()
+        with pytest.raises(InvalidArgument) as refused:
+            await client.ask(session.session_id, "hello")
+    assert str(refused.value) == "the model server refused the request (HTTP 400): too long"
+
+
+async def test_a_session_reply_limit_is_set_changed_and_honoured(server: ChatServer) -> None:
+    """Issue 15, defect 4: a per-session maximum reply length."""
+    async with ChatClient(address(server)) as client:
+        session = await client.create_session(max_reply_tokens=2)
+        assert session.max_reply_tokens == 2
+        reply = await client.ask(session.session_id, "count my words please")
+        assert (reply.text, reply.finish_reason) == ("Echo #1 ", FinishReason.LENGTH)
+        # 0: back to the server's default (the reply reserve, 1024 tokens).
+        changed = await client.update_session(session.session_id, max_reply_tokens=0)
+        assert changed.max_reply_tokens == 0
+        reply = await client.ask(session.session_id, "and now?")
+        assert reply.finish_reason is FinishReason.STOP
+        assert (await client.get_session(session.session_id)).max_reply_tokens == 0
+        with pytest.raises(InvalidArgument) as too_large:
+            await client.create_session(max_reply_tokens=2**31)
+        assert too_large.value.field == "max_reply_tokens"
 
 
 async def test_an_unreachable_server_is_a_typed_error() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -10,15 +12,18 @@ from hypothesis import strategies as st
 
 from chat.backends import PromptMessage
 from chat.context import (
+    CALIBRATION_SAMPLES,
     MESSAGE_OVERHEAD_TOKENS,
+    Calibration,
     ContextBudget,
     ContextSettings,
+    build_context,
     estimate_tokens,
     fit_messages,
 )
 from chat.errors import ConfigurationError, ContextTooLong
 from chat.types import ContextPolicy, Message, MessageStatus, Role, Session, utcnow
-from tests.strategies import histories, prompt_text
+from tests.strategies import histories, messages, prompt_text, turn_histories, user_message
 
 counters: st.SearchStrategy[Callable[[str], int]] = st.sampled_from([estimate_tokens, len])
 
@@ -111,6 +116,91 @@ def test_failed_messages_are_not_history_for_the_model() -> None:
     assert [m.content for m in context.messages] == ["asked again", "answer", "next"]
 
 
+def answered_turns(history: list[Message]) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of a stored history that a model may see."""
+    return [
+        (question.content, answer.content)
+        for question, answer in itertools.pairwise(history)
+        if question.role is Role.USER
+        and answer.role is Role.ASSISTANT
+        and question.content
+        and answer.content
+        and MessageStatus.FAILED not in (question.status, answer.status)
+    ]
+
+
+def assert_alternates(
+    messages: list[PromptMessage], system_prompt: str, newest: str, history: list[Message]
+) -> None:
+    """The prompt invariant chat templates rely on (issue 15, defect 1)."""
+    if system_prompt:
+        assert messages[0] == PromptMessage(Role.SYSTEM, system_prompt)
+        messages = messages[1:]
+    roles = [m.role for m in messages]
+    # user, assistant, user, assistant, ..., and the new user message last.
+    assert roles == [Role.USER, Role.ASSISTANT] * (len(roles) // 2) + [Role.USER]
+    assert messages[-1] == PromptMessage(Role.USER, newest)
+    # Every answer goes with its own question, and the turns sent are the newest answered
+    # ones, in order.
+    pairs = [(q.content, a.content) for q, a in zip(messages[:-1:2], messages[1::2], strict=True)]
+    answered = answered_turns(history)
+    assert pairs == answered[len(answered) - len(pairs) :]
+
+
+@given(
+    history=turn_histories | st.lists(messages, max_size=20),
+    system_prompt=st.sampled_from(["", "Be brief."]),
+    newest=user_message,
+    room=st.integers(0, 400),
+    count=counters,
+)
+def test_the_prompt_alternates_user_and_assistant_whatever_the_history(
+    history: list[Message],
+    system_prompt: str,
+    newest: str,
+    room: int,
+    count: Callable[[str], int],
+) -> None:
+    """Cancelled, failed and empty turns never leave two user messages in a row."""
+    subject = session(system_prompt=system_prompt)
+    assert_alternates(
+        build_context(subject, history, newest).messages, system_prompt, newest, history
+    )
+    # A window where the new message always fits, and ``room`` tokens for history.
+    required = sum(
+        count(text) + MESSAGE_OVERHEAD_TOKENS for text in (newest, system_prompt) if text
+    )
+    window = max(16, required + room + 8)
+    budget = ContextBudget(ContextSettings(context_window=window, reply_reserve=8))
+
+    def counter(text: str) -> int:
+        return count(text)
+
+    budget._counters["m"] = counter
+    context = budget.build(subject, history, newest, model="m")
+    assert_alternates(context.messages, system_prompt, newest, history)
+    sent = context.conversation_messages - 1
+    assert context.omitted == 2 * len(answered_turns(history)) - sent
+
+
+def test_an_unanswered_turn_is_left_out_with_its_question() -> None:
+    now = utcnow()
+    history = [
+        Message(Role.USER, "cancelled at once", now),
+        Message(Role.ASSISTANT, "", now, MessageStatus.CANCELLED),
+        Message(Role.USER, "nothing said", now),
+        Message(Role.ASSISTANT, "", now),
+        Message(Role.USER, "cut short", now),
+        Message(Role.ASSISTANT, "Once upon", now, MessageStatus.INTERRUPTED),
+    ]
+    context = ContextBudget().build(session(), history, "next", model="m")
+    assert [(m.role, m.content) for m in context.messages] == [
+        (Role.USER, "cut short"),
+        (Role.ASSISTANT, "Once upon"),
+        (Role.USER, "next"),
+    ]
+
+
 def test_reject_policy_refuses_a_turn_that_needs_truncation() -> None:
     budget = ContextBudget(ContextSettings(context_window=200, reply_reserve=50))
     with pytest.raises(ContextTooLong, match="REJECT") as raised:
@@ -198,3 +288,90 @@ def test_the_estimate_errs_on_the_high_side_for_english(model: str) -> None:
     exact = ContextBudget().counter_for(model)
     assert exact is not estimate_tokens
     assert estimate_tokens(ENGLISH) >= exact(ENGLISH)
+
+
+# -- the reply limit (issue 15, defect 4) -----------------------------------------------------
+
+
+def test_the_reply_reserve_is_the_reply_limit_sent_to_the_model() -> None:
+    settings = ContextSettings(context_window=1000, reply_reserve=100)
+    context = ContextBudget(settings).build(session(), history_of(2), "hi", model="m")
+    assert context.max_output_tokens == 100
+    assert context.budget == 900
+
+
+def test_a_session_limit_replaces_the_reserve_and_is_kept_free_of_prompt() -> None:
+    budget = ContextBudget(ContextSettings(context_window=1000, reply_reserve=100))
+    limited = dataclasses.replace(session(), max_reply_tokens=300)
+    context = budget.build(limited, history_of(2), "hi", model="m")
+    assert (context.max_output_tokens, context.budget) == (300, 700)
+    # Beyond half the window the prompt keeps its half, and the reply may use the rest.
+    limited = dataclasses.replace(session(), max_reply_tokens=5000)
+    context = budget.build(limited, history_of(2), "hi", model="m")
+    assert context.budget == 500
+    assert context.max_output_tokens == 1000 - context.tokens
+
+
+def test_a_reply_reserve_of_0_sends_no_limit() -> None:
+    context = ContextBudget(ContextSettings(reply_reserve=0)).build(session(), [], "hi", model="m")
+    assert context.max_output_tokens is None
+
+
+# -- calibration from reported usage (issue 15, defect 5) -------------------------------------
+
+
+def true_prompt_tokens(messages: list[PromptMessage]) -> int:
+    """A model whose tokenizer needs more tokens than the estimate: 2.5 characters a token,
+    3 template tokens a message and a 5-token preamble (a small vocabulary, as in the issue)."""
+    return 5 + sum(-(-len(m.content) * 2 // 5) + 3 for m in messages)
+
+
+def grow_conversation(budget: ContextBudget, *, learn: bool) -> list[int]:
+    """The true prompt size of each turn of a conversation that outgrows the window."""
+    now = utcnow()
+    history: list[Message] = []
+    sizes = []
+    for n in range(30):
+        text = f"question {n}: " + "how does this work, and why? " * (1 + n % 4)
+        context = budget.build(session(system_prompt="Be brief."), history, text, model="m")
+        real = true_prompt_tokens(context.messages)
+        sizes.append(real)
+        if learn:
+            budget.observe("m", context, real)
+        answer = f"answer {n}: " + "it works because it does. " * (2 + n % 3)
+        history += [Message(Role.USER, text, now), Message(Role.ASSISTANT, answer, now)]
+    return sizes
+
+
+def test_the_estimate_is_calibrated_so_that_what_fits_by_it_fits_for_real() -> None:
+    settings = ContextSettings(context_window=1000, reply_reserve=200)
+    uncalibrated = grow_conversation(ContextBudget(settings), learn=False)
+    assert max(uncalibrated) > 800, "the estimate alone runs under this model's count"
+    calibrated = grow_conversation(ContextBudget(settings), learn=True)
+    # From the first report on, every prompt fits the 800 tokens the reply leaves free.
+    assert max(calibrated[1:]) <= 800
+    # And the calibration does not throw history away: the window stays well used.
+    assert max(calibrated[1:]) > 700
+
+
+def test_a_model_whose_count_runs_lower_keeps_the_plain_estimate() -> None:
+    budget = ContextBudget(ContextSettings(context_window=1000, reply_reserve=200))
+    context = budget.build(session(), history_of(4), "hi", model="m")
+    budget.observe("m", context, context.counted // 2)
+    calibration = budget.calibration("m")
+    assert (calibration.scale, calibration.overhead) == (1.0, 0)
+    # Per model: another model's reports teach nothing about this one.
+    assert budget.calibration("other").samples == []
+
+
+@given(
+    samples=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 20000)), min_size=1),
+)
+def test_a_calibration_covers_every_prompt_it_has_seen(samples: list[tuple[int, int]]) -> None:
+    calibration = Calibration()
+    for counted, reported in samples:
+        calibration.observe(counted=counted, reported=reported)
+    for counted, reported in samples[-CALIBRATION_SAMPLES:]:
+        assert calibration.tokens(counted) >= reported
+        # The count a budget allows is one whose bound is within that budget.
+        assert calibration.tokens(calibration.budget(reported)) <= reported

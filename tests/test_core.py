@@ -29,6 +29,7 @@ from chat import (
 )
 from chat._proto import encode_event
 from chat.backends.echo import echo_reply
+from chat.context import ContextBudget, ContextSettings
 from chat.core import Conversation
 from chat.errors import BackendRateLimited, BackendUnavailable
 from tests.backends import FailingBackend, GatedBackend, ScriptedBackend
@@ -140,6 +141,17 @@ async def test_message_streams_start_chunks_complete_and_stores_the_reply(
 
 
 # 2. chunks are forwarded as the backend produces them ------------------------------------
+
+
+async def test_an_empty_reply_has_no_chunks() -> None:
+    """The README's promise: CHUNK 1..n, or none at all (total_chunks 0)."""
+    core = ChatCore(MemoryStore(), ScriptedBackend([]))
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "say nothing", "r1"))
+        events = await Reader(conversation).reply("r1")
+    assert [e.kind for e in events] == [EventKind.RESPONSE_START, EventKind.RESPONSE_COMPLETE]
+    assert events[-1].total_chunks == 0
 
 
 async def test_each_delta_is_forwarded_before_the_backend_produces_the_next(
@@ -315,6 +327,36 @@ async def test_cancel_stops_the_reply_and_keeps_the_partial_reply(
     assert gated_core.stats.cancelled_requests == 1
 
 
+async def test_a_reply_cancelled_before_its_first_word_leaves_the_next_prompt_alternating(
+    gated: GatedBackend, gated_core: ChatCore, gated_chat: tuple[Conversation, Reader]
+) -> None:
+    """Issue 15, defect 1: an unanswered turn is left out of later prompts, question and all."""
+    conversation, reader = gated_chat
+    session = await gated_core.create_session(system_prompt="Be brief.")
+    await conversation.handle(message(session.session_id, "never mind", "r1"))
+    await asyncio.wait_for(gated.started.wait(), TIMEOUT)
+    await conversation.handle(Request(RequestKind.CANCEL, request_id="r1"))
+    complete = (await reader.reply("r1"))[-1]
+    assert (complete.finish_reason, complete.total_chunks) == (FinishReason.CANCELLED, 0)
+    # The person's history keeps the turn.
+    history = await gated_core.get_history(session.session_id)
+    assert [(m.role, m.content, m.status) for m in history] == [
+        (Role.USER, "never mind", MessageStatus.COMPLETE),
+        (Role.ASSISTANT, "", MessageStatus.CANCELLED),
+    ]
+
+    await conversation.handle(message(session.session_id, "hello", "r2"))
+    await asyncio.wait_for(gated.started.wait(), TIMEOUT)
+    gated.release("Hi.")
+    gated.finish()
+    start = (await reader.reply("r2"))[0]
+    assert [(m.role, m.content) for m in gated.requests[-1].messages] == [
+        (Role.SYSTEM, "Be brief."),
+        (Role.USER, "hello"),
+    ]
+    assert start.context_messages == 1
+
+
 async def test_cancel_of_a_queued_message_answers_it_and_stores_nothing(
     gated: GatedBackend, gated_core: ChatCore, gated_chat: tuple[Conversation, Reader]
 ) -> None:
@@ -449,6 +491,42 @@ async def test_each_turn_sends_the_system_prompt_and_the_history_to_the_backend(
     ]
     assert [len(c) for c in contexts] == [2, 4, 6]
     assert backend.requests[0].model == "scripted-model"
+
+
+async def test_the_reply_reserve_reaches_the_backend_as_the_reply_limit() -> None:
+    """Issue 15, defect 4: the limit is asked for, and a reply cut by it says LENGTH."""
+    backend = ScriptedBackend(["ok"])
+    core = ChatCore(
+        MemoryStore(), backend, context=ContextBudget(ContextSettings(reply_reserve=50))
+    )
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "hi", "r1"))
+        await Reader(conversation).until("r1")
+    assert backend.requests[0].max_output_tokens == 50
+
+    echo = ChatCore(
+        MemoryStore(), EchoBackend(), context=ContextBudget(ContextSettings(reply_reserve=3))
+    )
+    session = await echo.create_session()
+    async with echo.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "a long question", "r2"))
+        events = await Reader(conversation).reply("r2")
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert "".join(e.chunk_text for e in events if e.kind is EventKind.CHUNK) == "Echo #1 (1 "
+
+
+async def test_reported_usage_calibrates_the_models_token_count() -> None:
+    """Issue 15, defect 5: the model's own prompt size is learnt from."""
+    backend = ScriptedBackend(["ok"], usage=Usage(prompt_tokens=500, completion_tokens=1))
+    core = ChatCore(MemoryStore(), backend)
+    session = await core.create_session()
+    async with core.open_conversation() as conversation:
+        await conversation.handle(message(session.session_id, "x" * 300, "r1"))
+        await Reader(conversation).until("r1")
+    calibration = core.context.calibration("scripted-model")
+    assert calibration.samples == [(104, 500)]
+    assert calibration.tokens(104) >= 500
 
 
 async def test_echo_backend_shows_the_turn_and_context_it_received(core: ChatCore) -> None:

@@ -95,6 +95,21 @@ async def test_a_scrape_after_real_turns_counts_them_and_passes_promtool() -> No
                 stream.message("no-such-session", "lost", "bad")
                 await stream.until_complete("bad")
                 open_scrape = samples(await scrape(url))
+            chat = {
+                "grpc_type": "bidi_stream",
+                "grpc_service": "ChatService",
+                "grpc_method": "Chat",
+            }
+
+            async def stream_handled() -> bool:
+                scraped = samples(await scrape(url))
+                # The test client ends its stream by resetting it: the client's doing.
+                return any(
+                    value(scraped, "grpc_server_handled_total", **chat, grpc_code=code) == 1
+                    for code in ("OK", "Canceled")
+                )
+
+            await eventually(stream_handled, "the end of the stream to be counted")
             text = await scrape(url)
         scraped = samples(text)
 
@@ -126,11 +141,10 @@ async def test_a_scrape_after_real_turns_counts_them_and_passes_promtool() -> No
         assert value(
             scraped, "grpc_server_msg_received_total", **unary, grpc_method="CreateSession"
         ) == 1  # fmt: skip
-        chat = {"grpc_type": "bidi_stream", "grpc_service": "ChatService", "grpc_method": "Chat"}
         assert value(open_scrape, "chat_streams_open") == 1
         assert value(open_scrape, "grpc_server_msg_received_total", **chat) == 4
         assert value(open_scrape, "grpc_server_msg_sent_total", **chat) == len(stream.received)
-        assert value(scraped, "grpc_server_handled_total", **chat, grpc_code="OK") == 1
+        assert value(scraped, "grpc_server_handling_seconds_count", **chat) == 1
         assert value(scraped, "chat_streams_open") == 0
         # Bounded labels: no ids.
         assert session.session_id not in text

@@ -92,7 +92,11 @@ async def test_the_key_is_in_no_log_error_or_stats(
             ]
         fake.replies.extend(echoes)
         settings = RemoteSettings(
-            base_url=fake.base_url, api_key=Secret(KEY), retry=RetryPolicy(attempts=1)
+            base_url=fake.base_url,
+            api_key=Secret(KEY),
+            # A model the fake lists: the server checks its default model at start-up.
+            default_model="fake-model",
+            retry=RetryPolicy(attempts=1),
         )
         backend = OpenAIBackend(settings) if provider == "openai" else GeminiBackend(settings)
         config = ServerConfig(host="127.0.0.1", port=0, store="memory://")

@@ -11,13 +11,24 @@ arrive close together.
 
 from __future__ import annotations
 
+import enum
+import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from chat.types import FinishReason, Role, Usage
 
-__all__ = ["Delta", "GenerationRequest", "ModelBackend", "PromptMessage"]
+__all__ = [
+    "Delta",
+    "GenerationRequest",
+    "ModelBackend",
+    "ModelCheck",
+    "ModelChecker",
+    "PromptMessage",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +41,21 @@ class PromptMessage:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What the model is asked: the conversation so far, ending with the user's new message."""
+    """What the model is asked: the conversation so far, ending with the user's new message.
+
+    ``max_output_tokens`` is the longest reply the model may write, sent upstream in the
+    field its API uses; a reply that reaches it ends with ``FinishReason.LENGTH``. ``None``
+    leaves it to the upstream's default.
+    """
 
     model: str
     messages: Sequence[PromptMessage]
     request_id: str = ""
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, not {self.max_output_tokens}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +102,56 @@ class ModelBackend(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+class ModelCheck(enum.StrEnum):
+    """What to do with a model name the backend does not list (``--model-check``).
+
+    A list is complete for OpenAI's and Gemini's own APIs; a server that loads models on
+    demand (``transformers serve``, LM Studio, proxies) lists only what it has loaded, so a
+    model it would serve can be missing from its list.
+    """
+
+    #: Refuse it: ``INVALID_ARGUMENT`` for a session, no start for ``--model``.
+    STRICT = "strict"
+    #: Accept it, and log a warning (once per name); the model server has the last word.
+    WARN = "warn"
+    #: Do not list models at all.
+    OFF = "off"
+
+
+class ModelChecker:
+    """Checks model names against :meth:`ModelBackend.list_models` as a :class:`ModelCheck` says.
+
+    A backend that cannot tell (``None``: no list, or listing failed) accepts every name.
+
+    >>> import asyncio
+    >>> from chat.backends.echo import EchoBackend
+    >>> asyncio.run(ModelChecker(EchoBackend(), ModelCheck.STRICT).problem("any")) is None
+    True
+    """
+
+    def __init__(self, backend: ModelBackend, mode: ModelCheck = ModelCheck.STRICT) -> None:
+        self.backend = backend
+        self.mode = mode
+        self._warned: set[str] = set()
+
+    async def problem(self, model: str) -> str | None:
+        """Why ``model`` is refused, or ``None`` when it may be used."""
+        if self.mode is ModelCheck.OFF or not model:
+            return None
+        served = await self.backend.list_models()
+        if served is None or model in served:
+            return None
+        names = ", ".join(sorted(served)[:20])
+        problem = f"{model!r} is not served by the {self.backend.name} backend; available: {names}"
+        if self.mode is ModelCheck.STRICT:
+            return problem
+        if model not in self._warned:
+            self._warned.add(model)
+            log.warning(
+                "%s; using it anyway (--model-check warn: a server that loads models on "
+                "demand lists only those it has loaded)",
+                problem,
+            )
+        return None

@@ -42,7 +42,7 @@ class EchoBackend:
 
     ``pace`` is the pause in seconds between deltas (0 for tests and benchmarks; a small
     value makes streaming visible in a terminal). Usage is reported in words, as an
-    estimate of tokens.
+    estimate of tokens, and ``max_output_tokens`` counts words too.
     """
 
     name = "echo"
@@ -63,13 +63,18 @@ class EchoBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         words = split_words(echo_reply(request))
+        finish = FinishReason.STOP
+        limit = request.max_output_tokens
+        if limit is not None and len(words) > limit:
+            # A word counts as a token here, as in the usage reported.
+            words, finish = words[:limit], FinishReason.LENGTH
         for index, word in enumerate(words):
             if self._pace and index:
                 await asyncio.sleep(self._pace)
             yield Delta(word)
         prompt_words = sum(len(m.content.split()) for m in request.messages)
         yield Delta(
-            finish_reason=FinishReason.STOP,
+            finish_reason=finish,
             usage=Usage(prompt_tokens=prompt_words, completion_tokens=len(words)),
         )
 

@@ -156,7 +156,9 @@ class GeminiBackend:
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         system, contents = _to_gemini(request.messages)
-        config = genai_types.GenerateContentConfig(system_instruction=system or None)
+        config = genai_types.GenerateContentConfig(
+            system_instruction=system or None, max_output_tokens=request.max_output_tokens
+        )
         opened: list[httpx2.Response] = []
         stream: AsyncIterator[genai_types.GenerateContentResponse] | None = None
         finish: FinishReason | None = None
@@ -271,6 +273,12 @@ class GeminiBackend:
             return BackendTimeout(
                 f"the gemini backend at {where} sent nothing for "
                 f"{settings.read_timeout:g}s (the read timeout)"
+            )
+        if not isinstance(error, httpx2.ConnectError):
+            # Connected, then the connection broke (before the answer, or in the middle).
+            return BackendUnavailable(
+                f"lost the connection to the gemini backend at {where} before the reply "
+                f"ended ({type(error).__name__})"
             )
         return BackendUnavailable(
             f"cannot reach the gemini backend at {where} ({type(error).__name__}); "

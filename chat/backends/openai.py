@@ -7,8 +7,10 @@ Streams chat completions with the ``openai`` SDK (``pip install 'grpc-chat[opena
                                            default_model="llama3.2"))
 
 Usage is asked for with ``stream_options={"include_usage": True}``; servers that ignore the
-option simply report none. The SDK's own retries are turned off: :mod:`chat.backends.remote`
-retries transient failures before the first token, the same way for every backend.
+option simply report none. The reply limit is sent as ``max_completion_tokens`` to OpenAI
+and as ``max_tokens`` to other servers (:func:`reply_limit_field`). The SDK's own retries
+are turned off: :mod:`chat.backends.remote` retries transient failures before the first
+token, the same way for every backend.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from chat.backends import Delta, GenerationRequest
 from chat.backends.remote import (
@@ -46,7 +50,7 @@ except ImportError as error:  # pragma: no cover - exercised by the MissingExtra
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "OpenAIBackend"]
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_MODEL", "OpenAIBackend", "reply_limit_field"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class OpenAIBackend:
             timeout=httpx2.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             max_retries=0,
         )
+        self._limit_field = reply_limit_field(self._settings.base_url)
         self._models = ModelListCache(
             self._fetch_models,
             what=f"the openai backend at {self._settings.host_for_messages}",
@@ -114,8 +119,33 @@ class OpenAIBackend:
         return await self._models.get()
 
     async def _fetch_models(self) -> Iterable[str]:
-        page = await self._client.models.list()
+        try:
+            page = await self._client.models.list()
+        except openai.NotFoundError:
+            await self._check_base_url()
+            raise
         return _with_aliases(model.id for model in page.data)
+
+    async def _check_base_url(self) -> None:
+        """After a 404 for ``/models``: raise if the base URL only lacks its ``/v1``.
+
+        OpenAI-compatible servers answer under ``/v1``; a base URL without it gets 404 for
+        every request. Only a server that does answer ``/v1/models`` is taken as proof (some
+        serve chat completions without listing models at all).
+        """
+        base = self._settings.base_url.rstrip("/")
+        if urlsplit(base).path.endswith("/v1"):
+            return
+        try:
+            await self._client.with_options(base_url=base + "/v1").models.list()
+        except openai.APIError:
+            return
+        path = urlsplit(base).path
+        raise ConfigurationError(
+            f"the openai backend's base URL {self._settings.host_for_messages}{path} answers "
+            f"404 for /models, but {self._settings.host_for_messages}{path}/v1 lists models: "
+            "add /v1 to --base-url"
+        )
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         return retry_before_first_delta(
@@ -131,12 +161,18 @@ class OpenAIBackend:
             {"role": _ROLES[m.role], "content": m.content}  # type: ignore[misc]
             for m in request.messages
         ]
+        limit = request.max_output_tokens
+        # The field this upstream reads; the other one is left out of the request.
+        max_tokens = limit if limit is not None and self._limit_field == "max_tokens" else None
+        max_completion = limit if max_tokens is None else None
         try:
             stream = await self._client.chat.completions.create(
                 model=request.model,
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
+                max_tokens=openai.omit if max_tokens is None else max_tokens,
+                max_completion_tokens=openai.omit if max_completion is None else max_completion,
             )
         except openai.APIError as error:
             raise self._error(error, request.model) from None
@@ -162,11 +198,16 @@ class OpenAIBackend:
                         if choice.finish_reason is not None:
                             finish = _finish_reason(choice.finish_reason)
             except openai.APIError as error:
-                raise self._error(error, request.model) from None
+                raise self._error(error, request.model, streaming=True) from None
         yield Delta(finish_reason=finish, usage=usage)
 
-    def _error(self, error: openai.APIError, model: str) -> BackendError:
-        """The :class:`BackendError` for an SDK error; the upstream's text is redacted."""
+    def _error(
+        self, error: openai.APIError, model: str, *, streaming: bool = False
+    ) -> BackendError:
+        """The :class:`BackendError` for an SDK error; the upstream's text is redacted.
+
+        ``streaming``: the error came while reading the reply, so the upstream was reached.
+        """
         settings = self._settings
         where = settings.host_for_messages
         if isinstance(error, openai.APITimeoutError):
@@ -181,6 +222,17 @@ class OpenAIBackend:
             )
         if isinstance(error, openai.APIConnectionError):
             cause = type(error.__cause__).__name__ if error.__cause__ else "connection error"
+            if streaming:
+                return BackendUnavailable(
+                    f"lost the connection to the openai backend at {where} before the reply "
+                    f"ended ({cause})"
+                )
+            if not isinstance(error.__cause__, httpx2.ConnectError):
+                # Connected, then the upstream closed the connection without an answer.
+                return BackendUnavailable(
+                    f"the openai backend at {where} closed the connection without answering "
+                    f"({cause})"
+                )
             return BackendUnavailable(
                 f"cannot reach the openai backend at {where} ({cause}); is it running?"
             )
@@ -206,15 +258,54 @@ class OpenAIBackend:
         await self._client.close()
 
 
+def reply_limit_field(base_url: str) -> Literal["max_completion_tokens", "max_tokens"]:
+    """The request field that limits the reply's length at ``base_url``.
+
+    OpenAI (and Azure OpenAI) deprecated ``max_tokens`` for ``max_completion_tokens``, and
+    their reasoning models refuse ``max_tokens``. Other OpenAI-compatible servers (vLLM,
+    Ollama, llama.cpp, LM Studio, transformers serve...) all take ``max_tokens``, and some
+    ignore ``max_completion_tokens``, which would leave the reply unlimited.
+
+    >>> reply_limit_field("https://api.openai.com/v1")
+    'max_completion_tokens'
+    >>> reply_limit_field("http://localhost:11434/v1")
+    'max_tokens'
+    """
+    host = (urlsplit(base_url).hostname or "").lower()
+    if host == "api.openai.com" or host.endswith(".openai.azure.com"):
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
 def _upstream_message(error: openai.APIError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
-        if isinstance(inner, str):
-            return inner
-    return error.message
+    """The upstream's own words about the error, else the SDK's ("Error code: 400").
+
+    The SDK finds OpenAI's ``{"error": {"message": ...}}`` only; OpenAI-compatible servers
+    use other shapes too: FastAPI-based ones (``transformers serve``, many proxies) answer
+    ``{"detail": "..."}``, or a list of validation problems under ``detail``; some stream
+    ``{"error": "..."}`` or answer with plain text.
+    """
+    text = _message_in(error.body) or error.message
+    # Nothing but the status, which the error names anyway.
+    return "" if re.fullmatch(r"Error code: \d+", text) else text
+
+
+def _message_in(body: object, depth: int = 0) -> str:
+    if isinstance(body, str):
+        text = body.strip()
+        # An HTML error page (a proxy's) says nothing the status does not.
+        return "" if text.startswith("<") else text
+    if isinstance(body, list) and depth < 3:
+        return "; ".join(filter(None, (_message_in(item, depth + 1) for item in body[:5])))
+    if isinstance(body, dict) and depth < 3:
+        if isinstance(body.get("msg"), str):
+            # A FastAPI validation problem: {"loc": ["body", "model"], "msg": "...", ...}.
+            where = ".".join(str(part) for part in body.get("loc") or () if part != "body")
+            return f"{where}: {body['msg']}" if where else str(body["msg"])
+        for key in ("message", "detail", "error"):
+            if key in body and (text := _message_in(body[key], depth + 1)):
+                return text
+    return ""
 
 
 def _finish_reason(value: str) -> FinishReason:

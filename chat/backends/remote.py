@@ -193,6 +193,8 @@ class ModelListCache:
 
     A listing that fails, times out or comes back empty means "cannot tell" (``None``): a
     session's model is then not checked, so a flaky listing never blocks creating a session.
+    A :class:`~chat.errors.ConfigurationError` from ``fetch`` (a listing that shows the
+    server misconfigured) is raised, every time.
     Failures are remembered for ``failure_ttl`` so that an unreachable upstream does not make
     every ``CreateSession`` wait for the timeout.
     """
@@ -227,6 +229,10 @@ class ModelListCache:
             try:
                 async with asyncio.timeout(self._timeout):
                     value = tuple(sorted(set(await self._fetch())))
+            except ConfigurationError:
+                # The listing proved the server's configuration wrong (say, a base URL
+                # without /v1): that is for the operator to fix, not to work around.
+                raise
             # Any failure only means the models cannot be checked now; the error text is not
             # logged because an upstream may echo credentials in it.
             except Exception as error:  # noqa: BLE001

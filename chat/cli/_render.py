@@ -121,6 +121,12 @@ def session_details(session: Session) -> Table:
             ("messages", str(session.message_count)),
             ("system prompt", session.system_prompt or Text("(none)", style="dim")),
             ("context policy", _policy(session.context_policy)),
+            (
+                "reply limit",
+                f"{session.max_reply_tokens} tokens"
+                if session.max_reply_tokens
+                else Text("(server default)", style="dim"),
+            ),
             ("created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC"),
             ("last activity", f"{session.last_activity:%Y-%m-%d %H:%M:%S} UTC"),
         ]
@@ -225,6 +231,7 @@ def session_json(session: Session, messages: Sequence[Message] | None = None) ->
         "message_count": session.message_count,
         "system_prompt": session.system_prompt,
         "context_policy": session.context_policy.name.lower(),
+        "max_reply_tokens": session.max_reply_tokens,
         "created_at": _time(session.created_at),
         "last_activity": _time(session.last_activity),
     }

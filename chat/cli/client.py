@@ -414,6 +414,12 @@ def sessions_delete(config: ClientConfig, session_id: str, as_json: bool) -> Non
     default=None,
     help="What to do when the history outgrows the model's context (server default: truncate).",
 )
+@click.option(
+    "--max-reply-tokens",
+    type=click.IntRange(0, 2**31 - 1),
+    default=0,
+    help="Longest reply the model is asked for, in tokens (0: the server's default).",
+)
 @json_option
 @click.pass_obj
 def sessions_create(
@@ -422,6 +428,7 @@ def sessions_create(
     system: str,
     model: str,
     context_policy: str | None,
+    max_reply_tokens: int,
     as_json: bool,
 ) -> None:
     """Create a session and print its id."""
@@ -430,7 +437,11 @@ def sessions_create(
     async def work() -> Session:
         async with ChatClient.from_config(config) as client:
             return await client.create_session(
-                title=title, system_prompt=system, model=model, context_policy=policy
+                title=title,
+                system_prompt=system,
+                model=model,
+                context_policy=policy,
+                max_reply_tokens=max_reply_tokens,
             )
 
     session = _run(config, work())

@@ -10,7 +10,7 @@ import click
 
 from chat._defaults import default_of
 from chat._version import __version__
-from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, ServerConfig
+from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, MODEL_CHECKS, ServerConfig
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
@@ -89,6 +89,16 @@ def _tune_gc() -> None:
     show_default=False,
 )
 @click.option(
+    "--model-check",
+    default=None,
+    type=click.Choice(MODEL_CHECKS),
+    help="Model names (--model at start-up, and each session's) that the backend does not "
+    "list: refuse them, accept them with a warning, or do not list models at all "
+    "[default: strict for OpenAI's and Gemini's own APIs, warn for other servers, which "
+    "may list only the models they have loaded]",
+    show_default=False,
+)
+@click.option(
     "--base-url",
     default=_server_default("base_url"),
     help="OpenAI-compatible or Gemini endpoint, e.g. http://localhost:11434/v1 for Ollama "
@@ -140,7 +150,8 @@ def _tune_gc() -> None:
     "--reply-reserve",
     default=default_of(ContextSettings, "reply_reserve"),
     type=click.IntRange(min=0),
-    help="Tokens of the context window kept free for the reply.",
+    help="Tokens of the context window kept free for the reply, and the longest reply "
+    "the model is asked for (0: no limit is sent).",
 )
 @click.option(
     "--context-policy",
@@ -262,6 +273,7 @@ def main(
     port: int,
     backend: str,
     model: str,
+    model_check: str | None,
     base_url: str,
     api_key_file: str | None,
     connect_timeout: float,
@@ -308,6 +320,7 @@ def main(
             port=port,
             backend=backend,
             model=model,
+            model_check=model_check,
             base_url=base_url,
             api_key=api_key,
             connect_timeout=connect_timeout,

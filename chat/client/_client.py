@@ -430,10 +430,12 @@ class ChatClient:
     ) -> Session:
         """Create a session; empty ``model`` (and every default) means the server's default.
 
-        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default);
+        ``max_reply_tokens`` caps each reply asked of the model (0: the server's default, its
+        ``--reply-reserve``; a reply cut by it ends with finish reason ``LENGTH``);
         ``concurrency_policy`` says what a message sent while a reply runs does (queue,
         reject, interrupt); ``on_disconnect`` whether a reply goes on when its client leaves.
         """
+        _check_reply_tokens(max_reply_tokens)
         request = chatpb.CreateSessionRequest(
             title=title,
             system_prompt=system_prompt,
@@ -485,7 +487,12 @@ class ChatClient:
         on_disconnect: DisconnectPolicy | None = None,
         max_reply_tokens: int | None = None,
     ) -> Session:
-        """Change the fields given (``None`` leaves a field as it is); return the session."""
+        """Change the fields given (``None`` leaves a field as it is); return the session.
+
+        ``max_reply_tokens=0`` goes back to the server's default reply limit.
+        """
+        if max_reply_tokens is not None:
+            _check_reply_tokens(max_reply_tokens)
         request = chatpb.UpdateSessionRequest(
             session_id=session_id,
             title=title,
@@ -594,3 +601,11 @@ class ChatClient:
             return _convert.to_serving_status(response)
 
         return await self._unary("Health.Check", check)
+
+
+def _check_reply_tokens(value: int) -> None:
+    # An int32 on the wire: a larger number would be sent silently wrapped.
+    if not 0 <= value <= 2**31 - 1:
+        raise InvalidArgument(
+            "max_reply_tokens", f"must be between 0 (the server's default) and {2**31 - 1}"
+        )

@@ -93,7 +93,8 @@ class ReplyFailed:
 
 
 #: The events of one reply, in order: optional ``ReplyStatus``, ``ReplyStarted``,
-#: ``ReplyChunk`` 1..n, then exactly one ``ReplyCompleted`` or ``ReplyFailed``.
+#: ``ReplyChunk`` 1..n (none for an empty reply), then exactly one ``ReplyCompleted`` or
+#: ``ReplyFailed``.
 ReplyEvent = ReplyStarted | ReplyChunk | ReplyStatus | ReplyCompleted | ReplyFailed
 
 

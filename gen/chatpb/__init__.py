@@ -1527,9 +1527,9 @@ class ChatServiceStub(betterproto2_grpclib.ServiceStub):
         """
         The conversation stream. The client sends `ChatRequest`s at any time; the server answers
         each with one or more `ChatResponse`s, correlated by `request_id`. A `MESSAGE` is answered
-        with RESPONSE_START, CHUNK 1..n, RESPONSE_COMPLETE (or a single ERROR); a `PING` with a
-        PONG at once, even while a reply is streaming. Bad requests get an ERROR event and the
-        stream stays open.
+        with RESPONSE_START, CHUNK 1..n (none for an empty reply), RESPONSE_COMPLETE (or a single
+        ERROR); a `PING` with a PONG at once, even while a reply is streaming. Bad requests get an
+        ERROR event and the stream stays open.
         """
 
         async for response in self._stream_stream(
@@ -1600,9 +1600,9 @@ class ChatServiceBase(betterproto2_grpclib.ServiceBase):
         """
         The conversation stream. The client sends `ChatRequest`s at any time; the server answers
         each with one or more `ChatResponse`s, correlated by `request_id`. A `MESSAGE` is answered
-        with RESPONSE_START, CHUNK 1..n, RESPONSE_COMPLETE (or a single ERROR); a `PING` with a
-        PONG at once, even while a reply is streaming. Bad requests get an ERROR event and the
-        stream stays open.
+        with RESPONSE_START, CHUNK 1..n (none for an empty reply), RESPONSE_COMPLETE (or a single
+        ERROR); a `PING` with a PONG at once, even while a reply is streaming. Bad requests get an
+        ERROR event and the stream stays open.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
