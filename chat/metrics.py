@@ -22,7 +22,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -242,10 +242,20 @@ class Metrics:
             ("scope",),
             registry=registry,
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._live = _LiveCollector()
         registry.register(self._live)
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the server records a few per turn, and
+        looking a child up in ``prometheus_client`` costs more than the recording itself."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def bind(self, read: Callable[[], LiveCounts]) -> None:
         """Read the running server's state with ``read()``, on this event loop, at each scrape."""

@@ -231,6 +231,7 @@ class ChatServer:
             else create_backend(config, on_retry=telemetry.backend_retry)
         )
         telemetry.provider = provider_name(backend.name)
+        telemetry.model_server(config.base_url)
         try:
             store = self._store if self._store is not None else open_store(config.store)
         except BaseException:
@@ -242,7 +243,7 @@ class ChatServer:
             await store.open()
             core = self._core = ChatCore(
                 telemetry.wrap_store(store),
-                telemetry.wrap_backend(backend, base_url=config.base_url),
+                backend,
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),

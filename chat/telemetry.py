@@ -9,9 +9,10 @@ the call's task ends it (``grpc_server_handled_total``, the access line). Messag
 read from grpclib's streams at scrape time, so that no listener sits on the path of each
 message sent (which would stop replies from being written in batches).
 
-Store operations are timed by :class:`TimedStore` and model calls observed by
-:class:`ObservedBackend`, wrappers the server puts around its store and backend when metrics
-or traces are on. With both off, only access lines are written (at INFO, by the
+Store operations are timed by :class:`TimedStore`, a wrapper the server puts around its store
+when metrics are on. Model calls are observed from the turn (the model is called when the
+reply starts, and its last delta ends the turn), so nothing sits between the backend and each
+delta. With both off, only access lines are written (at INFO, by the
 ``chat.access`` logger), so a server at ``--log-level warning`` pays close to nothing.
 """
 
@@ -19,14 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Collection, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, aclosing
+from collections.abc import AsyncGenerator, Collection, Hashable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from grpclib.const import Cardinality, Status
@@ -35,7 +37,6 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from chat import logs
 from chat._compat import IServable, message_counts
-from chat.backends import Delta, GenerationRequest, ModelBackend
 from chat.errors import BackendError, ChatError, InvalidArgument, SessionNotFound
 from chat.events import Request
 from chat.metrics import Metrics
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from chat.core import ChatCore
 
 __all__ = [
-    "ObservedBackend",
     "Telemetry",
     "TimedStore",
     "grpc_code_name",
@@ -86,6 +86,16 @@ _SERVER_ERRORS = frozenset(
 )
 
 
+@functools.cache
+def _otel() -> Any:
+    """OpenTelemetry's API modules, imported once (only when traces are on)."""
+    import opentelemetry.context
+    import opentelemetry.propagate
+    import opentelemetry.trace
+
+    return opentelemetry
+
+
 def provider_name(backend: str) -> str:
     """``gen_ai.provider.name`` for a backend name.
 
@@ -112,6 +122,15 @@ _CODE_NAMES = {status: grpc_code_name(status) for status in Status}
 
 #: The call the running task handles (set by ``RecvRequest``, read by the other listeners).
 _CALL: ContextVar[_Call | None] = ContextVar("chat_grpc_call", default=None)
+
+
+@functools.cache
+def _has_session_id(message_type: Hashable) -> bool:
+    """Whether a request message has a ``session_id`` field (asking a upb message for an
+    attribute it lacks costs tens of microseconds)."""
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None)
+    return fields is not None and "session_id" in fields
 
 
 def _wall_ns(monotonic: float) -> int:
@@ -172,10 +191,13 @@ class Telemetry:
             from chat._version import __version__
 
             self.tracer = tracer_provider.get_tracer("chat", __version__)
+            _otel()  # imported now (its propagators load entry points), not in the first call
         self._keys: dict[str, tuple[tuple[str, str, str], bool]] = {}
         self._open_calls: set[_Call] = set()
         #: Messages (received, sent) of the calls that ended, by method.
         self._closed_messages: dict[tuple[str, str, str], list[int]] = {}
+        self._address = ""
+        self._port: int | None = None
 
     @property
     def active(self) -> bool:
@@ -212,11 +234,11 @@ class Telemetry:
             return store
         return TimedStore(store, self.metrics)
 
-    def wrap_backend(self, backend: ModelBackend, *, base_url: str = "") -> ModelBackend:
-        """``backend``, observed (client metrics, the model call's span) when either is on."""
-        if not self.active:
-            return backend
-        return ObservedBackend(backend, self, base_url=base_url)
+    def model_server(self, base_url: str) -> None:
+        """Where model calls go (``server.address`` and ``server.port`` of their spans)."""
+        parts = urlsplit(base_url) if base_url else None
+        self._address = (parts.hostname or "") if parts is not None else ""
+        self._port = parts.port if parts is not None else None
 
     def install(self, server: Server, handlers: Collection[IServable]) -> None:
         """Watch the calls of ``server`` (add its listeners before any other ``RecvRequest``
@@ -261,7 +283,7 @@ class Telemetry:
             request_id = str(metadata.get("x-request-id", "")) or uuid.uuid4().hex[:16]
         call = _Call(key, unary, request_id)
         if self.metrics is not None:
-            self.metrics.grpc_started.labels(*key).inc()
+            self.metrics.child(self.metrics.grpc_started, *key).inc()
         # The rest of this task (the handler) logs with the call's context and runs in its
         # span: both are context variables, set here for the handler's task.
         logs.bind(method=call.method, request_id=request_id)
@@ -296,10 +318,10 @@ class Telemetry:
         event.method_func = observed
 
     def _start_span(self, call: _Call, event: RecvRequest) -> None:
-        from opentelemetry import context, propagate, trace
-
+        otel = _otel()
+        trace = otel.trace
         assert self.tracer is not None
-        parent = propagate.extract(event.metadata)
+        parent = otel.propagate.extract(event.metadata)
         _, service, method = call.key
         span = self.tracer.start_span(
             f"{service}/{method}",
@@ -308,13 +330,16 @@ class Telemetry:
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         )
         call.span = span
-        context.attach(trace.set_span_in_context(span, parent))
+        otel.context.attach(trace.set_span_in_context(span, parent))
 
     async def _on_message(self, event: RecvMessage) -> None:
         call = _CALL.get()
         if call is None or not call.unary or call.session_id:
             return
-        session_id = getattr(event.message, "session_id", "")
+        message = event.message
+        if not _has_session_id(cast(Hashable, type(message))):
+            return
+        session_id = message.session_id
         if isinstance(session_id, str) and session_id:
             call.session_id = session_id
             logs.bind(session_id=session_id)
@@ -342,16 +367,14 @@ class Telemetry:
         code_name = _CODE_NAMES[code]
         metrics = self.metrics
         if metrics is not None:
-            metrics.grpc_handled.labels(*call.key, code_name).inc()
-            metrics.grpc_handling.labels(*call.key).observe(seconds)
+            metrics.child(metrics.grpc_handled, *call.key, code_name).inc()
+            metrics.child(metrics.grpc_handling, *call.key).observe(seconds)
         span = call.span
         if span is not None:
-            from opentelemetry.trace import Status as SpanStatus
-            from opentelemetry.trace import StatusCode
-
+            trace = _otel().trace
             span.set_attribute("rpc.grpc.status_code", code.value)
             if code in _SERVER_ERRORS:
-                span.set_status(SpanStatus(StatusCode.ERROR, code_name))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code_name))
             span.end()
         level = logging.INFO if call.unary else logging.DEBUG
         if access_log.isEnabledFor(level):
@@ -386,6 +409,9 @@ class Telemetry:
     ) -> None:
         now = time.monotonic()
         duration = now - turn.received
+        if turn.call_started is not None:
+            call_error = error if isinstance(error, BackendError) else None
+            self._client_call_ended(turn, now - turn.call_started, usage, call_error)
         if error is not None or finish_reason is FinishReason.ERROR:
             outcome = TurnOutcome.ERROR
         elif finish_reason is FinishReason.CANCELLED:
@@ -397,28 +423,34 @@ class Telemetry:
         metrics = self.metrics
         if metrics is not None:
             model = metrics.model(turn.model)
-            labels = (_OPERATION, self.provider, model)
-            metrics.turns.labels(outcome.value, reason, model).inc()
-            metrics.request_duration.labels(*labels, error_type).observe(duration)
+            child = metrics.child
+            provider = self.provider
+            child(metrics.turns, outcome.value, reason, model).inc()
+            child(metrics.request_duration, _OPERATION, provider, model, error_type).observe(
+                duration
+            )
             if outcome is TurnOutcome.SUCCESS and turn.first_at is not None:
-                metrics.time_to_first_token.labels(*labels).observe(turn.first_at - turn.received)
+                child(metrics.time_to_first_token, _OPERATION, provider, model).observe(
+                    turn.first_at - turn.received
+                )
                 tokens = usage.completion_tokens if usage is not None else chunks
                 if tokens > 1:
-                    metrics.time_per_output_token.labels(*labels).observe(
+                    child(metrics.time_per_output_token, _OPERATION, provider, model).observe(
                         (now - turn.first_at) / (tokens - 1)
                     )
         span = turn.span
+        if span is None and self.tracer is not None:
+            span = turn.span = self._turn_span(turn, "", 0)
         if span is not None:
-            from opentelemetry.trace import Status as SpanStatus
-            from opentelemetry.trace import StatusCode
-
-            span.set_attribute("gen_ai.response.finish_reasons", (reason,))
+            attributes: dict[str, Any] = {"gen_ai.response.finish_reasons": (reason,)}
             if usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+                attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+                attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
             if error is not None:
-                span.set_attribute("error.type", error_type)
-                span.set_status(SpanStatus(StatusCode.ERROR, error.message))
+                attributes["error.type"] = error_type
+                trace = _otel().trace
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+            span.set_attributes(attributes)
             span.end()
         if access_log.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
@@ -454,94 +486,100 @@ class Telemetry:
             )
 
     def _turn_started(self, turn: _ObservedTurn, model: str, omitted: int) -> None:
+        # The model is called right after this: the call is timed (and traced) from here to
+        # the end of the turn, so that no wrapper sits between the backend and each delta.
+        turn.call_started = time.monotonic()
         metrics = self.metrics
         if metrics is not None and omitted:
             metrics.context_truncated.inc()
             metrics.context_omitted.inc(omitted)
-        span = turn.span
-        if span is not None:
-            span.update_name(f"{_OPERATION} {model}")
-            span.set_attribute("gen_ai.request.model", model)
-            if omitted:
-                span.set_attribute("chat.context.omitted_messages", omitted)
+        if self.tracer is not None:
+            span = turn.span = self._turn_span(turn, model, omitted)
+            turn.call_span = self._client_span(span, model)
 
-    def _turn_span(self, turn: _ObservedTurn, traceparent: str) -> Span | None:
-        if self.tracer is None:
-            return None
-        from opentelemetry import propagate
-        from opentelemetry.trace import SpanKind
-
+    def _turn_span(self, turn: _ObservedTurn, model: str, omitted: int) -> Span:
+        """The turn's span, from when it was received. Made once the model is known (or
+        when the turn ends without reaching one), in one go: renaming a span, or setting
+        attributes one by one, costs more than a turn's metrics."""
+        assert self.tracer is not None
+        otel = _otel()
         # The client's context for this message, if it sent one; else the stream's span.
-        parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+        parent = (
+            otel.propagate.extract({"traceparent": turn.traceparent}) if turn.traceparent else None
+        )
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": _OPERATION,
+            "gen_ai.provider.name": self.provider,
+            "gen_ai.conversation.id": turn.session_id,
+            "chat.request_id": turn.request_id,
+        }
+        if model:
+            attributes["gen_ai.request.model"] = model
+        if omitted:
+            attributes["chat.context.omitted_messages"] = omitted
         return self.tracer.start_span(
-            _OPERATION,
+            f"{_OPERATION} {model}" if model else _OPERATION,
             context=parent,
-            kind=SpanKind.INTERNAL,
+            kind=otel.trace.SpanKind.INTERNAL,
             start_time=_wall_ns(turn.received),
-            attributes={
-                "gen_ai.operation.name": _OPERATION,
-                "gen_ai.provider.name": self.provider,
-                "gen_ai.conversation.id": turn.session_id,
-                "chat.request_id": turn.request_id,
-            },
+            attributes=attributes,
         )
 
     # -- model calls -----------------------------------------------------------------------------
 
-    def _client_span(self, request: GenerationRequest, address: str, port: int | None) -> Any:
-        if self.tracer is None:
-            return None
-        from opentelemetry.trace import SpanKind
-
+    def _client_span(self, turn_span: Span, model: str) -> Span:
+        """The span of the model call: a ``CLIENT`` child of the turn's."""
+        assert self.tracer is not None
+        otel = _otel()
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": _OPERATION,
             "gen_ai.provider.name": self.provider,
-            "gen_ai.request.model": request.model,
+            "gen_ai.request.model": model,
         }
-        if address:
-            attributes["server.address"] = address
-            if port is not None:
-                attributes["server.port"] = port
+        if self._address:
+            attributes["server.address"] = self._address
+            if self._port is not None:
+                attributes["server.port"] = self._port
         return self.tracer.start_span(
-            f"{_OPERATION} {request.model}", kind=SpanKind.CLIENT, attributes=attributes
+            f"{_OPERATION} {model}",
+            context=otel.trace.set_span_in_context(turn_span),
+            kind=otel.trace.SpanKind.CLIENT,
+            attributes=attributes,
         )
 
     def _client_call_ended(
         self,
-        request: GenerationRequest,
+        turn: _ObservedTurn,
         seconds: float,
         usage: Usage | None,
-        finish: FinishReason | None,
-        error: BaseException | None,
-        span: Any,
+        error: BackendError | None,
     ) -> None:
         error_type = "" if error is None else type(error).__name__
         metrics = self.metrics
         if metrics is not None:
-            labels = (_OPERATION, self.provider, metrics.model(request.model))
-            metrics.client_operation_duration.labels(*labels, error_type).observe(seconds)
+            child = metrics.child
+            model = metrics.model(turn.model)
+            provider = self.provider
+            child(
+                metrics.client_operation_duration, _OPERATION, provider, model, error_type
+            ).observe(seconds)
             if usage is not None:
-                metrics.client_token_usage.labels(*labels, "input").observe(usage.prompt_tokens)
-                metrics.client_token_usage.labels(*labels, "output").observe(
+                tokens = metrics.client_token_usage
+                child(tokens, _OPERATION, provider, model, "input").observe(usage.prompt_tokens)
+                child(tokens, _OPERATION, provider, model, "output").observe(
                     usage.completion_tokens
                 )
             if error is not None:
-                status = (
-                    Status(int(error.status)) if isinstance(error, ChatError) else Status.UNKNOWN
-                )
-                metrics.backend_errors.labels(self.provider, error_type, _CODE_NAMES[status]).inc()
+                status = _CODE_NAMES[Status(int(error.status))]
+                child(metrics.backend_errors, provider, error_type, status).inc()
+        span = turn.call_span
         if span is not None:
-            from opentelemetry.trace import Status as SpanStatus
-            from opentelemetry.trace import StatusCode
-
-            if finish is not None:
-                span.set_attribute("gen_ai.response.finish_reasons", (finish.name.lower(),))
-            if usage is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
-                span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+            # Usage and the finish reason are on the turn's span: setting attributes on an
+            # open span costs more than the turn's metrics, so this one only says if it failed.
             if error is not None:
+                trace = _otel().trace
                 span.set_attribute("error.type", error_type)
-                span.set_status(SpanStatus(StatusCode.ERROR, str(error)))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
             span.end()
 
 
@@ -550,6 +588,8 @@ class _ObservedTurn:
 
     __slots__ = (
         "_telemetry",
+        "call_span",
+        "call_started",
         "done",
         "first_at",
         "model",
@@ -557,6 +597,7 @@ class _ObservedTurn:
         "request_id",
         "session_id",
         "span",
+        "traceparent",
     )
 
     def __init__(self, telemetry: Telemetry, request: Request, received: float) -> None:
@@ -567,7 +608,11 @@ class _ObservedTurn:
         self.model = ""
         self.first_at: float | None = None
         self.done = False
-        self.span = telemetry._turn_span(self, request.traceparent)
+        self.traceparent = request.traceparent
+        self.span: Span | None = None
+        #: When the model was called, and its span.
+        self.call_started: float | None = None
+        self.call_span: Span | None = None
 
     def running(self) -> AbstractContextManager[None]:
         return self._running()
@@ -575,21 +620,11 @@ class _ObservedTurn:
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         with logs.bound(session_id=self.session_id, request_id=self.request_id):
-            token = None
-            if self.span is not None:
-                from opentelemetry import context, trace
-
-                token = context.attach(trace.set_span_in_context(self.span))
             try:
                 yield
             except asyncio.CancelledError:
                 self.finished(FinishReason.CANCELLED, None, chunks=0)
                 raise
-            finally:
-                if token is not None:
-                    from opentelemetry import context
-
-                    context.detach(token)
 
     def started(self, model: str, omitted: int) -> None:
         self.model = model
@@ -740,59 +775,3 @@ class TimedStore:
                 raise
         else:
             await lock.__aexit__(None, None, None)
-
-
-class ObservedBackend:
-    """A :class:`~chat.backends.ModelBackend` whose calls are measured and traced: the GenAI
-    client metrics (operation duration, token usage), backend errors, and a ``CLIENT`` span
-    for each call, a child of the turn's."""
-
-    def __init__(self, backend: ModelBackend, telemetry: Telemetry, *, base_url: str = "") -> None:
-        self._backend = backend
-        self._telemetry = telemetry
-        parts = urlsplit(base_url) if base_url else None
-        self._address = (parts.hostname or "") if parts is not None else ""
-        self._port = parts.port if parts is not None else None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    @property
-    def name(self) -> str:
-        return self._backend.name
-
-    @property
-    def default_model(self) -> str:
-        return self._backend.default_model
-
-    async def list_models(self) -> Sequence[str] | None:
-        return await self._backend.list_models()
-
-    async def aclose(self) -> None:
-        await self._backend.aclose()
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        telemetry = self._telemetry
-        span = telemetry._client_span(request, self._address, self._port)
-        started = time.perf_counter()
-        usage: Usage | None = None
-        finish: FinishReason | None = None
-        failure: BaseException | None = None
-        try:
-            async with aclosing(self._backend.generate(request)) as deltas:
-                async for delta in deltas:
-                    if delta.usage is not None:
-                        usage = delta.usage
-                    if delta.finish_reason is not None:
-                        finish = delta.finish_reason
-                    yield delta
-        except (GeneratorExit, asyncio.CancelledError):
-            # Closed by the turn (a CANCEL, the client going away): not the model's failure.
-            raise
-        except Exception as error:
-            failure = error
-            raise
-        finally:
-            telemetry._client_call_ended(
-                request, time.perf_counter() - started, usage, finish, failure, span
-            )

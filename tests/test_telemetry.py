@@ -329,8 +329,6 @@ async def test_the_default_observer_and_an_idle_telemetry_do_nothing() -> None:
     assert not telemetry.active
     store = MemoryStore()
     assert telemetry.wrap_store(store) is store
-    backend = ScriptedBackend([])
-    assert telemetry.wrap_backend(backend) is backend
     telemetry.watchers_changed(1)
     telemetry.rate_limited("messages")
     telemetry.replay_evicted(3)
