@@ -33,7 +33,7 @@ from chat.errors import BackendError, ConfigurationError
 from chat.metrics import Metrics
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
-from chat.telemetry import Telemetry, provider_name
+from chat.telemetry import PROVIDERS, Telemetry, provider_name
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -231,7 +231,8 @@ class ChatServer:
             else create_backend(config, on_retry=telemetry.backend_retry)
         )
         telemetry.provider = provider_name(backend.name)
-        telemetry.model_server(config.base_url)
+        if backend.name in PROVIDERS:
+            telemetry.model_server(config.base_url)
         try:
             store = self._store if self._store is not None else open_store(config.store)
         except BaseException:

@@ -62,6 +62,11 @@ access_log = logging.getLogger("chat.access")
 
 #: ``gen_ai.provider.name`` of each backend (the GenAI conventions' well-known values).
 PROVIDERS = {"openai": "openai", "gemini": "gcp.gemini"}
+#: Where each provider's calls go when no base URL is configured.
+PUBLIC_ENDPOINTS = {
+    "openai": "https://api.openai.com",
+    "gcp.gemini": "https://generativelanguage.googleapis.com",
+}
 
 _OPERATION = "chat"
 
@@ -196,6 +201,7 @@ class Telemetry:
         self._open_calls: set[_Call] = set()
         #: Messages (received, sent) of the calls that ended, by method.
         self._closed_messages: dict[tuple[str, str, str], list[int]] = {}
+        self._remote = False
         self._address = ""
         self._port: int | None = None
 
@@ -234,11 +240,17 @@ class Telemetry:
             return store
         return TimedStore(store, self.metrics)
 
-    def model_server(self, base_url: str) -> None:
-        """Where model calls go (``server.address`` and ``server.port`` of their spans)."""
-        parts = urlsplit(base_url) if base_url else None
-        self._address = (parts.hostname or "") if parts is not None else ""
-        self._port = parts.port if parts is not None else None
+    def model_server(self, base_url: str = "") -> None:
+        """Model calls go over the network, to ``base_url`` (empty: the provider's public
+        endpoint): each gets a ``CLIENT`` span, with ``server.address`` and ``server.port``.
+
+        Without this (the echo backend, a backend in the process), a turn has no such span:
+        there is no call to trace, and a span costs more than a short reply's metrics.
+        """
+        self._remote = True
+        parts = urlsplit(base_url or PUBLIC_ENDPOINTS.get(self.provider, ""))
+        self._address = parts.hostname or ""
+        self._port = parts.port
 
     def install(self, server: Server, handlers: Collection[IServable]) -> None:
         """Watch the calls of ``server`` (add its listeners before any other ``RecvRequest``
@@ -495,7 +507,8 @@ class Telemetry:
             metrics.context_omitted.inc(omitted)
         if self.tracer is not None:
             span = turn.span = self._turn_span(turn, model, omitted)
-            turn.call_span = self._client_span(span, model)
+            if self._remote:
+                turn.call_span = self._client_span(span, model)
 
     def _turn_span(self, turn: _ObservedTurn, model: str, omitted: int) -> Span:
         """The turn's span, from when it was received. Made once the model is known (or

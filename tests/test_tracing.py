@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from grpclib.client import Channel
@@ -17,8 +18,8 @@ from chat import ChatClient, ChatServer, ServerConfig
 from chat.backends import ModelBackend
 from chat.errors import BackendUnavailable, ChatError, ConfigurationError
 from chat.tracing import tracer_provider_from_environment
-from chat.types import Usage
 from tests.backends import FailingBackend, ScriptedBackend
+from tests.fake_llm import FakeLLM, Reply
 from tests.in_memory import InMemoryConnections
 
 
@@ -31,14 +32,14 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 @contextlib.asynccontextmanager
 async def traced(
-    exporter: InMemorySpanExporter, backend: ModelBackend
+    exporter: InMemorySpanExporter, in_process: ModelBackend | None = None, **settings: Any
 ) -> AsyncIterator[tuple[ChatServer, ChatClient]]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=0.5)
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=0.5, **settings)
     try:
         async with (
-            ChatServer(config, backend=backend, tracer_provider=provider) as server,
+            ChatServer(config, backend=in_process, tracer_provider=provider) as server,
             InMemoryConnections(server).client() as client,
         ):
             yield server, client
@@ -55,31 +56,43 @@ def by_name(
 async def test_a_turn_is_a_genai_span_with_the_model_call_as_its_child(
     exporter: InMemorySpanExporter,
 ) -> None:
-    backend = ScriptedBackend(["Hi", "!"], usage=Usage(prompt_tokens=5, completion_tokens=2))
-    async with traced(exporter, backend) as (_, client):
-        session = await client.create_session()
+    async with (
+        FakeLLM("openai") as fake,
+        traced(exporter, backend="openai", base_url=fake.base_url, model="fake-model") as (
+            _,
+            client,
+        ),
+    ):
+        session = await client.create_session(model="fake-model")
         await client.ask(session.session_id, "hello")
         await client.disconnect()
+        fake_port = fake.port
     spans = exporter.get_finished_spans()
-    (turn,) = by_name(spans, "chat scripted-model", SpanKind.INTERNAL)
+    (turn,) = by_name(spans, "chat fake-model", SpanKind.INTERNAL)
     (call,) = [s for s in spans if s.kind is SpanKind.CLIENT]
     (stream,) = by_name(spans, "ChatService/Chat")
     (create,) = by_name(spans, "ChatService/CreateSession")
     attributes = dict(turn.attributes or {})
     assert attributes["gen_ai.operation.name"] == "chat"
     assert attributes["gen_ai.conversation.id"] == session.session_id
-    assert attributes["gen_ai.request.model"] == "scripted-model"
-    assert attributes["gen_ai.provider.name"] == "scripted"
-    assert attributes["gen_ai.usage.input_tokens"] == 5
-    assert attributes["gen_ai.usage.output_tokens"] == 2
+    assert attributes["gen_ai.request.model"] == "fake-model"
+    assert attributes["gen_ai.provider.name"] == "openai"
+    # What the fake model server reported.
+    assert attributes["gen_ai.usage.input_tokens"] == 11
+    assert attributes["gen_ai.usage.output_tokens"] == 4
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
     # The stream's span is the turn's parent, and the turn the model call's.
     assert turn.parent is not None
     assert turn.parent.span_id == stream.context.span_id
     assert call.parent is not None
     assert call.parent.span_id == turn.context.span_id
-    assert call.name == "chat scripted-model"
-    assert dict(call.attributes or {})["gen_ai.request.model"] == "scripted-model"
+    assert call.name == "chat fake-model"
+    call_attributes = dict(call.attributes or {})
+    assert call_attributes["gen_ai.request.model"] == "fake-model"
+    assert (call_attributes["server.address"], call_attributes["server.port"]) == (
+        "127.0.0.1",
+        fake_port,
+    )
     assert stream.kind is SpanKind.SERVER
     assert dict(stream.attributes or {})["rpc.grpc.status_code"] == 1  # the client left
     assert dict(create.attributes or {})["rpc.method"] == "CreateSession"
@@ -130,17 +143,36 @@ async def test_a_traceparent_sent_as_metadata_is_continued(
 
 
 async def test_a_failed_model_call_marks_both_spans_failed(exporter: InMemorySpanExporter) -> None:
-    backend = FailingBackend(BackendUnavailable("the model server is down"))
+    async with (
+        FakeLLM("openai") as fake,
+        traced(
+            exporter, backend="openai", base_url=fake.base_url, retries=0, model="fake-model"
+        ) as (_, client),
+    ):
+        fake.replies.append(Reply(status=503))
+        session = await client.create_session(model="fake-model")
+        with pytest.raises(ChatError, match="503"):
+            await client.ask(session.session_id, "hello")
+    spans = exporter.get_finished_spans()
+    (turn,) = by_name(spans, "chat fake-model", SpanKind.INTERNAL)
+    (call,) = [s for s in spans if s.kind is SpanKind.CLIENT]
+    for span in (turn, call):
+        assert span.status.status_code is StatusCode.ERROR
+        assert dict(span.attributes or {})["error.type"] == "BackendUnavailable"
+
+
+async def test_a_backend_in_the_process_makes_no_call_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    backend = FailingBackend(BackendUnavailable("the model is down"))
     async with traced(exporter, backend) as (_, client):
         session = await client.create_session()
         with pytest.raises(ChatError, match="down"):
             await client.ask(session.session_id, "hello")
     spans = exporter.get_finished_spans()
     (turn,) = by_name(spans, "chat failing-model", SpanKind.INTERNAL)
-    (call,) = [s for s in spans if s.kind is SpanKind.CLIENT]
-    for span in (turn, call):
-        assert span.status.status_code is StatusCode.ERROR
-        assert dict(span.attributes or {})["error.type"] == "BackendUnavailable"
+    assert turn.status.status_code is StatusCode.ERROR
+    assert not [s for s in spans if s.kind is SpanKind.CLIENT]
 
 
 def test_the_provider_follows_the_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
