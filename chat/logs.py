@@ -21,13 +21,12 @@ JSON object per line, with the fields of access lines (``record.access``) at the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -93,16 +92,28 @@ def _check(fields: dict[str, str]) -> None:
         raise TypeError(f"unknown log context fields: {unknown}")
 
 
-@contextlib.contextmanager
-def bound(**fields: str) -> Iterator[LogContext]:
-    """Bind ``fields`` (over what is bound already) for the duration of the block."""
-    _check(fields)
-    context = _with(_CONTEXT.get(), fields)
-    token = _CONTEXT.set(context)
-    try:
-        yield context
-    finally:
-        _CONTEXT.reset(token)
+class bound:
+    """Bind ``fields`` (over what is bound already) for the duration of the block.
+
+    A class rather than a generator: it is entered for every call and turn.
+    """
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, **fields: str) -> None:
+        _check(fields)
+        self._fields = fields
+        self._token: Token[LogContext] | None = None
+
+    def __enter__(self) -> LogContext:
+        context = _with(_CONTEXT.get(), self._fields)
+        self._token = _CONTEXT.set(context)
+        return context
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _CONTEXT.reset(self._token)
+            self._token = None
 
 
 def bind(**fields: str) -> LogContext:

@@ -19,15 +19,15 @@ delta. With both off, only access lines are written (at INFO, by the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Collection, Hashable, Iterator, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from contextvars import ContextVar
 from datetime import datetime
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -524,7 +524,6 @@ class Telemetry:
             "gen_ai.operation.name": _OPERATION,
             "gen_ai.provider.name": self.provider,
             "gen_ai.conversation.id": turn.session_id,
-            "chat.request_id": turn.request_id,
         }
         if model:
             attributes["gen_ai.request.model"] = model
@@ -628,16 +627,7 @@ class _ObservedTurn:
         self.call_span: Span | None = None
 
     def running(self) -> AbstractContextManager[None]:
-        return self._running()
-
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        with logs.bound(session_id=self.session_id, request_id=self.request_id):
-            try:
-                yield
-            except asyncio.CancelledError:
-                self.finished(FinishReason.CANCELLED, None, chunks=0)
-                raise
+        return _Running(self)
 
     def started(self, model: str, omitted: int) -> None:
         self.model = model
@@ -660,6 +650,29 @@ class _ObservedTurn:
         self._telemetry._turn_finished(self, finish_reason, usage, chunks, error)
 
 
+class _Running:
+    """While a turn runs: its log context; a cancellation ends it as cancelled."""
+
+    __slots__ = ("_bound", "_turn")
+
+    def __init__(self, turn: _ObservedTurn) -> None:
+        self._turn = turn
+        self._bound = logs.bound(session_id=turn.session_id, request_id=turn.request_id)
+
+    def __enter__(self) -> None:
+        self._bound.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bound.__exit__(exc_type, exc, tb)
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self._turn.finished(FinishReason.CANCELLED, None, chunks=0)
+
+
 # -- the store and the backend, observed ------------------------------------------------------
 
 
@@ -671,7 +684,8 @@ class TimedStore:
     """A :class:`~chat.store.SessionStore` whose operations are timed and their failures
     counted (``chat_store_operation_duration_seconds``, ``chat_store_errors_total``).
 
-    Attributes that are not store operations are those of the wrapped store.
+    Attributes that are not store operations are those of the wrapped store. Each operation
+    awaits the store's own coroutine directly (no coroutine in between): a turn makes several.
     """
 
     def __init__(self, store: SessionStore, metrics: Metrics) -> None:
@@ -691,25 +705,18 @@ class TimedStore:
     def location(self) -> str:
         return self._store.location
 
-    def _observe(self, operation: str, started: float, error: BaseException | None) -> None:
+    def _done(self, operation: str, started: float) -> None:
         timer = self._timers.get(operation)
         if timer is None:
             timer = self._timers[operation] = self._metrics.store_duration.labels(
                 self._kind, operation
             )
         timer.observe(time.perf_counter() - started)
-        if error is not None and not isinstance(error, _STORE_ANSWERS):
-            self._metrics.store_errors.labels(self._kind, operation, type(error).__name__).inc()
 
-    async def _timed(self, operation: str, call: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            result = await call
-        except BaseException as error:
-            self._observe(operation, started, error)
-            raise
-        self._observe(operation, started, None)
-        return result
+    def _failed(self, operation: str, started: float, error: BaseException) -> None:
+        self._done(operation, started)
+        if not isinstance(error, _STORE_ANSWERS):
+            self._metrics.store_errors.labels(self._kind, operation, type(error).__name__).inc()
 
     async def open(self) -> None:
         await self._store.open()
@@ -717,74 +724,152 @@ class TimedStore:
     async def aclose(self) -> None:
         await self._store.aclose()
 
-    async def create(self, session: Session, *args: Any, **kwargs: Any) -> None:
-        await self._timed("create", self._store.create(session, *args, **kwargs))
+    async def create(self, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            await self._store.create(*args, **kwargs)
+        except BaseException as error:
+            self._failed("create", started, error)
+            raise
+        self._done("create", started)
 
-    async def get(self, session_id: str, *args: Any, **kwargs: Any) -> Session:
-        result: Session = await self._timed("get", self._store.get(session_id, *args, **kwargs))
+    async def get(self, *args: Any, **kwargs: Any) -> Session:
+        started = time.perf_counter()
+        try:
+            result = await self._store.get(*args, **kwargs)
+        except BaseException as error:
+            self._failed("get", started, error)
+            raise
+        self._done("get", started)
         return result
 
     async def update(self, *args: Any, **kwargs: Any) -> Session:
-        result: Session = await self._timed("update", self._store.update(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.update(*args, **kwargs)
+        except BaseException as error:
+            self._failed("update", started, error)
+            raise
+        self._done("update", started)
         return result
 
     async def delete(self, *args: Any, **kwargs: Any) -> int:
-        result: int = await self._timed("delete", self._store.delete(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.delete(*args, **kwargs)
+        except BaseException as error:
+            self._failed("delete", started, error)
+            raise
+        self._done("delete", started)
         return result
 
     async def list_sessions(self, *args: Any, **kwargs: Any) -> SessionPage:
-        call = self._store.list_sessions(*args, **kwargs)
-        result: SessionPage = await self._timed("list_sessions", call)
+        started = time.perf_counter()
+        try:
+            result = await self._store.list_sessions(*args, **kwargs)
+        except BaseException as error:
+            self._failed("list_sessions", started, error)
+            raise
+        self._done("list_sessions", started)
         return result
 
     async def count(self, *args: Any, **kwargs: Any) -> int:
-        result: int = await self._timed("count", self._store.count(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.count(*args, **kwargs)
+        except BaseException as error:
+            self._failed("count", started, error)
+            raise
+        self._done("count", started)
         return result
 
     async def messages(self, *args: Any, **kwargs: Any) -> list[Message]:
-        result: list[Message] = await self._timed("messages", self._store.messages(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.messages(*args, **kwargs)
+        except BaseException as error:
+            self._failed("messages", started, error)
+            raise
+        self._done("messages", started)
         return result
 
     async def read(self, *args: Any, **kwargs: Any) -> tuple[Session, list[Message]]:
-        result: tuple[Session, list[Message]] = await self._timed(
-            "read", self._store.read(*args, **kwargs)
-        )
+        started = time.perf_counter()
+        try:
+            result = await self._store.read(*args, **kwargs)
+        except BaseException as error:
+            self._failed("read", started, error)
+            raise
+        self._done("read", started)
         return result
 
     async def append(self, session_id: str, messages: Sequence[Message]) -> Session:
-        result: Session = await self._timed("append", self._store.append(session_id, messages))
+        started = time.perf_counter()
+        try:
+            result = await self._store.append(session_id, messages)
+        except BaseException as error:
+            self._failed("append", started, error)
+            raise
+        self._done("append", started)
         return result
 
     async def trim(self, *args: Any, **kwargs: Any) -> int:
-        result: int = await self._timed("trim", self._store.trim(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.trim(*args, **kwargs)
+        except BaseException as error:
+            self._failed("trim", started, error)
+            raise
+        self._done("trim", started)
         return result
 
     async def evict(self, *args: Any, **kwargs: Any) -> list[str]:
-        result: list[str] = await self._timed("evict", self._store.evict(*args, **kwargs))
+        started = time.perf_counter()
+        try:
+            result = await self._store.evict(*args, **kwargs)
+        except BaseException as error:
+            self._failed("evict", started, error)
+            raise
+        self._done("evict", started)
         return result
 
     async def expire(self, idle_before: datetime) -> list[str]:
-        result: list[str] = await self._timed("expire", self._store.expire(idle_before))
+        started = time.perf_counter()
+        try:
+            result = await self._store.expire(idle_before)
+        except BaseException as error:
+            self._failed("expire", started, error)
+            raise
+        self._done("expire", started)
         return result
 
     def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        return self._lock(session_id)
+        return _TimedLock(self, self._store.lock(session_id))
 
-    @contextlib.asynccontextmanager
-    async def _lock(self, session_id: str) -> AsyncGenerator[None, None]:
-        # Timed until it is held: how long turns wait for each other (and for the store).
-        lock = self._store.lock(session_id)
+
+class _TimedLock:
+    """A session lock, timed until it is held: how long turns wait for each other (and for
+    the store). A class, not a generator: one is taken per turn."""
+
+    __slots__ = ("_lock", "_store")
+
+    def __init__(self, store: TimedStore, lock: AbstractAsyncContextManager[None]) -> None:
+        self._store = store
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
         started = time.perf_counter()
         try:
-            await lock.__aenter__()
+            await self._lock.__aenter__()
         except BaseException as error:
-            self._observe("lock", started, error)
+            self._store._failed("lock", started, error)
             raise
-        self._observe("lock", started, None)
-        try:
-            yield
-        except BaseException as error:
-            if not await lock.__aexit__(type(error), error, error.__traceback__):
-                raise
-        else:
-            await lock.__aexit__(None, None, None)
+        self._store._done("lock", started)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._lock.__aexit__(exc_type, exc, tb)
