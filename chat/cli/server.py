@@ -79,7 +79,7 @@ def _prepare_telemetry(config: ServerConfig) -> None:
     if config.metrics_port is not None:
         import prometheus_client
 
-        prometheus_client.disable_created_metrics()
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @click.command(context_settings={"auto_envvar_prefix": "CHAT", "show_default": True})
