@@ -1,4 +1,8 @@
-"""A load-generating client process, driven by :mod:`benchmarks.run` over stdin/stdout.
+"""A grpcio load client process, driven over stdin/stdout by :mod:`benchmarks.secured`.
+
+:mod:`benchmarks.run` drives its servers with ``h2gen`` (:mod:`benchmarks.h2gen`), which costs
+a few microseconds per message but speaks plaintext HTTP/2 only; the secured run needs TLS,
+so it keeps these clients (:mod:`benchmarks.secured_client` adds TLS and a bearer token).
 
 Usage: ``python -m benchmarks.client '<json parameters>'``. The client uses grpcio's C core
 (``grpc.aio``) and protobuf's upb messages: the fastest Python gRPC client there is, so that

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib
@@ -231,6 +232,17 @@ class HookedServer(grpclib.server.Server):
 
     def _protocol_factory(self) -> Any:
         return self._wrap_protocol(cast(asyncio.Protocol, super()._protocol_factory()))
+
+    async def start_on(
+        self, hosts: Sequence[str], port: int, *, ssl: SSLContext | None = None
+    ) -> None:
+        """Listen on every address of ``hosts``, all on ``port`` (over TLS with ``ssl``).
+
+        ``Server.start`` passes ``host`` on to ``loop.create_server``, which takes a list of
+        hosts too (grpclib's annotation says ``str``).
+        """
+        host = cast(Any, list(hosts)) if len(hosts) > 1 else hosts[0]
+        await self.start(host, port, ssl=ssl)
 
 
 def listening_port(server: grpclib.server.Server) -> int:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from chat.auth import AUTH_MODES
+from chat.auth.jwts import JwtSettings
 from chat.backends import ModelCheck
 from chat.backends.remote import RemoteSettings, RetryPolicy
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ConfigurationError
+from chat.quota import Quotas
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.store import default_store_url
@@ -22,8 +26,12 @@ __all__ = [
     "DEFAULT_COALESCE_WINDOW",
     "EVENT_LOOPS",
     "MODEL_CHECKS",
+    "REFLECTION_MODES",
     "ServerConfig",
 ]
+
+#: Who may use server reflection (``--reflection``).
+REFLECTION_MODES = ("public", "authenticated", "off")
 
 #: Event loops ``--event-loop`` accepts: ``auto`` is uvloop when it is installed.
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
@@ -87,6 +95,23 @@ class ServerConfig:
     model_check: str | None = None
     limits: Limits = field(default_factory=Limits)
     retention: Retention = field(default_factory=Retention)
+    #: PEM certificate (chain) and key: serve over TLS. ``None``: plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM CA(s) whose client certificates are required and accepted (mTLS).
+    tls_client_ca: str | None = None
+    #: How callers are identified (see :mod:`chat.auth`): none, tokens, mtls, jwt.
+    auth: str = "none"
+    #: Where ``--auth tokens`` keeps token hashes; ``None``: in the session store.
+    tokens_file: str | None = None
+    #: How ``--auth jwt`` verifies tokens.
+    jwt: JwtSettings | None = field(default=None, repr=False)
+    #: Identities that are administrators with ``--auth mtls``.
+    admin_identities: tuple[str, ...] = ()
+    #: Who may use server reflection: public, authenticated (like ChatService) or off.
+    reflection: str = "public"
+    #: Per-identity quotas and rate limits (all off by default).
+    quotas: Quotas = field(default_factory=Quotas)
     #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (``None``:
     #: no metrics; 0 picks a free port).
     metrics_port: int | None = None
@@ -109,7 +134,44 @@ class ServerConfig:
     #: for proxies that close silent streams while a model thinks.
     heartbeat: float = 15.0
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the host is reachable from other machines (not a loopback address)."""
+        host = self.host.strip("[]")
+        if host in ("localhost", ""):
+            return host == ""
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
+
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.auth not in AUTH_MODES:
+            raise ConfigurationError(
+                f"unknown --auth {self.auth!r}; choose one of {', '.join(AUTH_MODES)}"
+            )
+        if self.auth == "mtls" and self.tls_client_ca is None:
+            raise ConfigurationError(
+                "--auth mtls takes the identity from client certificates: give --tls-cert, "
+                "--tls-key and --tls-client-ca"
+            )
+        if self.auth == "jwt" and self.jwt is None:
+            raise ConfigurationError(
+                "--auth jwt needs --jwt-secret-file (HS256) or --jwt-jwks (RS256/ES256)"
+            )
+        if self.reflection not in REFLECTION_MODES:
+            raise ConfigurationError(
+                f"unknown --reflection {self.reflection!r}; "
+                f"choose one of {', '.join(REFLECTION_MODES)}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be between 0 and 65535, not {self.port}")
         if self.backend not in BACKENDS:

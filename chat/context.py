@@ -20,11 +20,14 @@ model (``Context.max_output_tokens``), so a reply cannot overflow the room kept 
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import itertools
 import logging
 import math
+import operator
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -213,7 +216,10 @@ class Context:
     @property
     def conversation_messages(self) -> int:
         """Messages sent, not counting the system prompt (``context_messages`` on the wire)."""
-        return sum(1 for m in self.messages if m.role is not Role.SYSTEM)
+        # Only the first message can be the system prompt (history never holds one), so this
+        # is O(1): it is read on every turn, and histories run to hundreds of messages.
+        messages = self.messages
+        return len(messages) - (1 if messages and messages[0].role is Role.SYSTEM else 0)
 
 
 def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage]:
@@ -232,16 +238,88 @@ def _history(session: Session, history: Sequence[Message]) -> list[PromptMessage
     """
     turns: list[PromptMessage] = []
     for question, answer in itertools.pairwise(history):
-        if (
-            question.role is Role.USER
-            and answer.role is Role.ASSISTANT
-            and question.content
-            and answer.content
-            and MessageStatus.FAILED not in (question.status, answer.status)
-        ):
+        if _answered(question, answer):
             turns.append(PromptMessage(Role.USER, question.content))
             turns.append(PromptMessage(Role.ASSISTANT, answer.content))
     return turns
+
+
+def _answered(question: Message, answer: Message) -> bool:
+    """Whether two consecutive history messages are a turn the model sees (see _history)."""
+    return (
+        question.role is Role.USER
+        and answer.role is Role.ASSISTANT
+        and bool(question.content)
+        and bool(answer.content)
+        and MessageStatus.FAILED not in (question.status, answer.status)
+    )
+
+
+#: Sessions whose prepared history a :class:`ContextBudget` keeps (least recently used go).
+PREPARED_SESSIONS = 256
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A session's history as the model sees it (:func:`_history`), with running totals.
+
+    Histories only grow between turns, so each turn converts and counts only the messages
+    added since the last one: building a prompt was O(history) in Python objects on every
+    turn (hundreds of microseconds at a few hundred messages, before the first chunk).
+    """
+
+    count: TokenCounter
+    #: The history it was made from (checked message by message, by identity, for reuse).
+    source: list[Message] = field(default_factory=list)
+    #: What _history returns for ``source``: answered turns, user then assistant.
+    prompts: list[PromptMessage] = field(default_factory=list)
+    #: ``totals[i]``: tokens of ``prompts[:i]`` (each message as fit_messages counts it).
+    totals: list[int] = field(default_factory=lambda: [0])
+
+    def extends(self, history: Sequence[Message], count: TokenCounter) -> bool:
+        source = self.source
+        return (
+            count is self.count
+            and len(source) <= len(history)
+            and all(map(operator.is_, source, history))
+        )
+
+    def add(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        count, prompts, totals = self.count, self.prompts, self.totals
+        # Turns are pairs of consecutive messages: the first new message may answer the
+        # last one seen before.
+        for question, answer in itertools.pairwise([*self.source[-1:], *messages]):
+            if _answered(question, answer):
+                for role, content in (
+                    (Role.USER, question.content),
+                    (Role.ASSISTANT, answer.content),
+                ):
+                    prompts.append(PromptMessage(role, content))
+                    totals.append(totals[-1] + count(content) + MESSAGE_OVERHEAD_TOKENS)
+        self.source.extend(messages)
+
+    def fit(
+        self, system: PromptMessage | None, newest: PromptMessage, budget: int
+    ) -> tuple[list[PromptMessage], int, int] | None:
+        """What :func:`fit_messages` returns for these prompts, in O(log n + kept)."""
+        count, prompts, totals = self.count, self.prompts, self.totals
+        used = count(newest.content) + MESSAGE_OVERHEAD_TOKENS
+        if system is not None:
+            used += count(system.content) + MESSAGE_OVERHEAD_TOKENS
+        if used > budget:
+            return None
+        # Every message costs at least MESSAGE_OVERHEAD_TOKENS, so the newest-first walk of
+        # fit_messages stops exactly where the newest suffix stops fitting.
+        total = totals[-1]
+        start = bisect.bisect_left(totals, total - (budget - used))
+        used += total - totals[start]
+        while start < len(prompts) and prompts[start].role is Role.ASSISTANT:
+            used -= totals[start + 1] - totals[start]
+            start += 1
+        messages = ([system] if system is not None else []) + prompts[start:] + [newest]
+        return messages, start, used
 
 
 def build_context(session: Session, history: Sequence[Message], text: str) -> Context:
@@ -342,7 +420,12 @@ class Calibration:
 
     def budget(self, budget: int) -> int:
         """The most the server may count for a prompt whose real size must fit ``budget``."""
-        return math.floor((budget - self.overhead) / self.scale)
+        allowed = math.floor((budget - self.overhead) / self.scale)
+        # The division can round up to a whole number that tokens() then rounds past the
+        # budget (123 / 3.41666... is 36.0, and 36 * 3.41666... is 123.00000000000001).
+        while allowed > 0 and self.tokens(allowed) > budget:
+            allowed -= 1
+        return allowed
 
 
 #: Reported prompt sizes a calibration remembers (the newest).
@@ -371,6 +454,38 @@ class ContextBudget:
         self._counters: dict[str, TokenCounter] = {}
         self._encodings: dict[str, TokenCounter | None] = {}
         self._calibrations: dict[str, Calibration] = {}
+        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()
+        self._reuse = True
+
+    def _prepare(
+        self, session_id: str, history: Sequence[Message], count: TokenCounter
+    ) -> _Prepared:
+        """The session's history as the model sees it, reusing the last turn's work.
+
+        Reused only while the history read now starts with the very messages (the same
+        objects) read last time, as the memory store returns them; a trimmed history or
+        another token counter starts afresh. A store that decodes its messages anew on every
+        read (SQLite, Redis) hands out equal but new objects: then nothing is kept at all,
+        rather than holding the histories of hundreds of sessions for nothing.
+        """
+        prepared = self._prepared.get(session_id)
+        if prepared is not None:
+            if prepared.extends(history, count):
+                self._prepared.move_to_end(session_id)
+                prepared.add(history[len(prepared.source) :])
+                return prepared
+            first = prepared.source[0] if prepared.source else None
+            if first is not None and history and first is not history[0] and first == history[0]:
+                self._reuse = False
+                self._prepared.clear()
+        prepared = _Prepared(count)
+        prepared.add(history)
+        if self._reuse:
+            self._prepared[session_id] = prepared
+            self._prepared.move_to_end(session_id)
+            if len(self._prepared) > PREPARED_SESSIONS:
+                self._prepared.popitem(last=False)
+        return prepared
 
     def calibration(self, model: str) -> Calibration:
         """What the reports of ``model`` taught about its prompt sizes (see :meth:`observe`)."""
@@ -452,9 +567,9 @@ class ContextBudget:
         system = (
             PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
         )
-        history_messages = _history(session, history)
         newest = PromptMessage(Role.USER, text)
-        fitted = fit_messages(system, history_messages, newest, calibration.budget(budget), count)
+        prepared = self._prepare(session.session_id, history, count)
+        fitted = prepared.fit(system, newest, calibration.budget(budget))
         window = settings.window_for(model)
         if fitted is None:
             what = "the message with the system prompt" if system is not None else "the message"

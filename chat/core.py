@@ -4,6 +4,13 @@ No gRPC here. :class:`ChatCore` owns the store, the backend and the counters of 
 Each ``Chat`` stream is a :class:`Conversation`: the service feeds it :class:`Request`\\ s and
 writes out what its :class:`~chat.events.Outbox` yields.
 
+Sessions are private: each belongs to the identity that created it (``Session.owner``) and
+every method that names a session takes the caller's :class:`~chat.auth.Identity`. For
+another identity a session behaves exactly like one that does not exist (the same
+:class:`~chat.errors.SessionNotFound`, after the same single store read). Administrators may
+read, change and delete anyone's session and list everyone's; turns and typing on a
+session are its owner's alone, so its updates reach only the owner's streams.
+
 Within a conversation, each session has a *lane*: a FIFO of turns served by one task, so
 turns on one session are answered in order and a message sent while a reply streams waits
 its turn. Lanes of different sessions run concurrently. Across conversations (and, with a
@@ -27,23 +34,28 @@ from types import TracebackType
 from typing import Self
 
 from chat._version import __version__
+from chat.auth import LOCAL, Credentials, Identity
 from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
-from chat.context import ContextBudget
+from chat.context import ContextBudget, estimate_tokens
 from chat.errors import (
     BackendError,
-    BackendRateLimited,
     ChatError,
     ContextTooLong,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
+    SessionNotFound,
     Unavailable,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
 from chat.observe import NO_OBSERVER, NO_TURN, Observer, TurnObservation
 from chat.outbox import Outbox
+from chat.quota import QuotaKeeper, QuotaUsage
 from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, ServerStatsInfo
-from chat.store import SessionStore
+from chat.store import OwnerLimitReached, SessionStore
 from chat.types import (
     ConcurrencyPolicy,
     ContextPolicy,
@@ -111,10 +123,12 @@ class ChatCore:
         stats: ServerStats | None = None,
         context: ContextBudget | None = None,
         retention: Retention | None = None,
+        quotas: QuotaKeeper | None = None,
         model_check: ModelCheck = ModelCheck.STRICT,
         observer: Observer | None = None,
     ) -> None:
         self.store = store
+        self.quotas = quotas or QuotaKeeper()
         self.backend = backend
         self.models = ModelChecker(backend, model_check)
         self.limits = limits or Limits()
@@ -125,6 +139,7 @@ class ChatCore:
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
+        self._streams_of: dict[str, int] = {}
         self._draining = False
         self._last_created = datetime.min.replace(tzinfo=UTC)
         self._idle = asyncio.Event()
@@ -142,8 +157,9 @@ class ChatCore:
         concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.UNSPECIFIED,
         on_disconnect: DisconnectPolicy = DisconnectPolicy.UNSPECIFIED,
         max_reply_tokens: int = 0,
+        identity: Identity = LOCAL,
     ) -> Session:
-        """Create and store a new session."""
+        """Create and store a new session, owned by ``identity``."""
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         self._check_reply_tokens(max_reply_tokens)
@@ -163,25 +179,49 @@ class ChatCore:
             concurrency_policy=concurrency_policy,
             on_disconnect=on_disconnect,
             max_reply_tokens=max_reply_tokens,
+            owner=identity.name,
         )
-        await self.store.create(session)
+        max_sessions = self.quotas.quotas.max_sessions
+        try:
+            await self.store.create(session, max_owned=max_sessions)
+        except OwnerLimitReached as full:
+            self.quotas.check_sessions(identity.name, full.owned)
+            raise
         self.stats.total_sessions_created += 1
         log.info("created session %s (model %s)", session.session_id, session.model)
         await self.retention.session_created()
+        return shown(session, identity)
+
+    async def _owned(self, session_id: str, identity: Identity, *, admin: bool = True) -> Session:
+        """The session if ``identity`` may use it (its owner, or with ``admin`` an
+        administrator); else exactly what an unknown id gets: one store read, then
+        :class:`~chat.errors.SessionNotFound` with the same message."""
+        session = await self.store.get(self._check_id(session_id))
+        if session.owner != identity.name and not (admin and identity.admin):
+            raise SessionNotFound(session_id)
         return session
 
-    async def get_session(self, session_id: str) -> Session:
-        return await self.store.get(self._check_id(session_id))
+    async def get_session(self, session_id: str, identity: Identity = LOCAL) -> Session:
+        return shown(await self._owned(session_id, identity), identity)
 
-    async def get_history(self, session_id: str) -> list[Message]:
-        return await self.store.messages(self._check_id(session_id))
+    async def get_history(self, session_id: str, identity: Identity = LOCAL) -> list[Message]:
+        await self._owned(session_id, identity)
+        return await self.store.messages(session_id)
 
-    async def read_session(self, session_id: str) -> tuple[Session, list[Message]]:
+    async def read_session(
+        self, session_id: str, identity: Identity = LOCAL
+    ) -> tuple[Session, list[Message]]:
         """The session and its history, read at one moment (they always agree)."""
-        return await self.store.read(self._check_id(session_id))
+        # Ownership first, with a read that costs the same for any session: reading another
+        # identity's whole history before refusing would tell, by its time, that it exists.
+        await self._owned(session_id, identity)
+        session, history = await self.store.read(session_id)
+        return shown(session, identity), history
 
-    async def update_session(self, session_id: str, patch: SessionPatch) -> Session:
-        """Apply ``patch`` and tell the other streams on the session."""
+    async def update_session(
+        self, session_id: str, patch: SessionPatch, identity: Identity = LOCAL
+    ) -> Session:
+        """Apply ``patch`` and tell the owner's other streams."""
         self._check_id(session_id)
         if patch.title is not None:
             self._check_text("title", patch.title, self.limits.max_title_chars)
@@ -195,14 +235,15 @@ class ChatCore:
             if not patch.model:
                 raise InvalidArgument("model", "must not be empty")
             await self._check_model(patch.model)
+        await self._owned(session_id, identity)
         session = await self.store.update(session_id, patch, utcnow())
         changed = ", ".join(patch.changed()) or "nothing"
         self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
-        return session
+        return shown(session, identity)
 
-    async def delete_session(self, session_id: str) -> int:
+    async def delete_session(self, session_id: str, identity: Identity = LOCAL) -> int:
         """Delete the session; return how many messages went with it."""
-        session = await self.store.get(self._check_id(session_id))
+        session = await self._owned(session_id, identity)
         deleted = await self.store.delete(session_id)
         self._publish(
             dataclasses.replace(session, message_count=0),
@@ -214,28 +255,76 @@ class ChatCore:
         return deleted
 
     async def list_sessions(
-        self, page_size: int = 0, page_token: str = ""
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        identity: Identity = LOCAL,
+        *,
+        all_identities: bool = False,
     ) -> tuple[list[Session], str, int]:
-        """One page of sessions, newest first: ``(sessions, next_page_token, total)``."""
+        """One page of the caller's sessions, newest first: ``(sessions, next_page_token,
+        total)``; with ``all_identities`` (administrators only) everyone's."""
+        if all_identities and not identity.admin:
+            raise PermissionDenied(
+                "only administrators may list every identity's sessions (all_identities)"
+            )
+        owner = None if all_identities else identity.name
         limits = self.limits
         if not 0 <= page_size <= limits.max_page_size:
             raise InvalidArgument(
                 "page_size", f"must be between 0 and {limits.max_page_size}, not {page_size}"
             )
         page = await self.store.list_sessions(
-            page_size or limits.default_page_size, page_token or None
+            page_size or limits.default_page_size, page_token or None, owner=owner
         )
-        return page.sessions, page.next_cursor or "", await self.store.count()
+        sessions = [shown(s, identity) for s in page.sessions]
+        return sessions, page.next_cursor or "", await self.store.count(owner=owner)
 
-    async def stats_snapshot(self) -> ServerStatsInfo:
-        """The server's statistics now."""
-        return self.stats.snapshot(
+    async def stats_snapshot(self, identity: Identity = LOCAL) -> ServerStatsInfo:
+        """The server's statistics now.
+
+        Administrators get every counter. Others get what describes the server (version,
+        backend, model, store, start time) and their own share of what exists now (their
+        sessions and open streams); the counters of everyone's traffic read 0, so nothing
+        tells them about other users.
+        """
+        full = self.stats.snapshot(
             version=__version__,
             backend=self.backend.name,
             model=self.backend.default_model,
             store=self.store.kind,
-            active_sessions=await self.store.count(),
+            active_sessions=await self.store.count(owner=None if identity.admin else identity.name),
         )
+        if identity.admin:
+            return full
+        return ServerStatsInfo(
+            version=full.version,
+            backend=full.backend,
+            model=full.model,
+            store=full.store,
+            started_at=full.started_at,
+            uptime_seconds=full.uptime_seconds,
+            total_requests=0,
+            successful_requests=0,
+            failed_requests=0,
+            cancelled_requests=0,
+            active_sessions=full.active_sessions,
+            total_sessions_created=0,
+            avg_response_time=0.0,
+            active_streams=self._streams_of.get(identity.name, 0),
+            active_replies=0,
+            total_chunks_sent=0,
+            expired_sessions=0,
+            evicted_sessions=0,
+            trimmed_messages=0,
+        )
+
+    async def who_am_i(self, identity: Identity = LOCAL) -> list[QuotaUsage]:
+        """The limits that apply to ``identity`` and its use of them now."""
+        owned = None
+        if self.quotas.quotas.max_sessions is not None:
+            owned = await self.store.count(owner=identity.name)
+        return await self.quotas.usage(identity.name, owned)
 
     def _check_id(self, session_id: str) -> str:
         if not session_id:
@@ -263,9 +352,10 @@ class ChatCore:
 
     # -- streams and lifecycle ------------------------------------------------------------
 
-    def open_conversation(self) -> Conversation:
-        """The state of a new ``Chat`` stream; use it with ``async with``."""
-        return Conversation(self)
+    def open_conversation(self, credentials: Credentials | None = None) -> Conversation:
+        """The state of a new ``Chat`` stream of ``credentials``' identity (default
+        :data:`~chat.auth.LOCAL`); use it with ``async with``."""
+        return Conversation(self, credentials or Credentials(LOCAL))
 
     @property
     def draining(self) -> bool:
@@ -317,6 +407,8 @@ class ChatCore:
 
     def _stream_opened(self, conversation: Conversation) -> None:
         self._conversations.add(conversation)
+        name = conversation.identity.name
+        self._streams_of[name] = self._streams_of.get(name, 0) + 1
         self.stats.active_streams += 1
         self._idle.clear()
         if self._draining:
@@ -326,6 +418,11 @@ class ChatCore:
 
     def _stream_closed(self, conversation: Conversation) -> None:
         self._conversations.discard(conversation)
+        name = conversation.identity.name
+        if self._streams_of.get(name, 0) <= 1:
+            self._streams_of.pop(name, None)
+        else:
+            self._streams_of[name] -= 1
         self.stats.active_streams -= 1
         if not self._conversations:
             self._idle.set()
@@ -366,7 +463,7 @@ class ChatCore:
                     session_id=session.session_id,
                     status_message=message,
                     message_count=session.message_count,
-                    session=session,
+                    session=shown(session, conversation.identity),
                     update_kind=kind,
                 )
             )
@@ -386,6 +483,8 @@ class _Turn:
     cancelled: bool = False
     started: bool = False
     observed: TurnObservation = NO_TURN
+    #: Tokens of the prompt as counted for the context (the token budget's estimate).
+    prompt_tokens: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -406,8 +505,10 @@ class Conversation:
     ``async with`` block cancels the turns still running and keeps their partial replies.
     """
 
-    def __init__(self, core: ChatCore) -> None:
+    def __init__(self, core: ChatCore, credentials: Credentials | None = None) -> None:
         self._core = core
+        self.credentials = credentials or Credentials(LOCAL)
+        self.identity = self.credentials.identity
         limits = core.limits
         self.outbox = Outbox(
             high_water=limits.outbox_high_water,
@@ -449,6 +550,8 @@ class Conversation:
                 Event(EventKind.PONG, session_id=request.session_id, request_id=request.request_id)
             )
         elif kind == RequestKind.MESSAGE or kind == RequestKind.RETRY:
+            if self._validate_turn(request) is None and not await self._admit(request):
+                return
             self._submit_turn(request)
         elif kind == RequestKind.CANCEL:
             self._cancel(request)
@@ -487,10 +590,8 @@ class Conversation:
             self.outbox.put_nowait(
                 Event(
                     EventKind.STATUS,
-                    status_message=(
-                        "the server is shutting down: end this stream and reconnect "
-                        "(to another replica, if there is one) to go on"
-                    ),
+                    # For people; clients act on status_kind (the README says what to do).
+                    status_message="the server is shutting down",
                     error_code=int(Unavailable.status),
                     status_kind=StatusKind.SHUTDOWN,
                 )
@@ -510,9 +611,23 @@ class Conversation:
             reply=reply,
             finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
         )
-        if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+        if isinstance(error, RateLimited) and error.retry_after is not None:
             event.retry_after = error.retry_after
         self.outbox.put_nowait(event)
+
+    async def _admit(self, request: Request) -> bool:
+        """Count the turn against the identity's quotas; an ERROR (nothing stored) if over."""
+        quotas = self._core.quotas
+        if quotas.quotas.messages is None and quotas.quotas.tokens is None:
+            return True
+        try:
+            await quotas.admit_message(self.identity.name)
+        except (QuotaExceeded, Unavailable) as error:
+            self._core.stats.total_requests += 1
+            self._core.stats.failed_requests += 1
+            self._error(request, error)
+            return False
+        return True
 
     def _submit_turn(self, request: Request) -> None:
         core = self._core
@@ -535,7 +650,7 @@ class Conversation:
         if self._core.draining or self._closing:
             return Unavailable(
                 "the server is shutting down and takes no new messages; "
-                "reconnect (to another replica, if there is one) and send it again"
+                "send it again once connected to a server"
             )
         if not request.session_id:
             return InvalidArgument("session_id", "is required; create a session first")
@@ -599,7 +714,7 @@ class Conversation:
 
     async def _typing(self, request: Request) -> None:
         try:
-            session = await self._core.get_session(request.session_id)
+            session = await self._core._owned(request.session_id, self.identity, admin=False)
         except ChatError as error:
             self._error(request, error)
             return
@@ -635,6 +750,9 @@ class Conversation:
         request = turn.request
         session_id = request.session_id
         try:
+            # Before the lock: waiting for another identity's turn to end would tell that
+            # the session exists.
+            await core._owned(session_id, self.identity, admin=False)
             async with core.store.lock(session_id):
                 session = await core.retention.turn_starting(session_id)
                 self._follow(session_id)
@@ -669,25 +787,23 @@ class Conversation:
                             status_kind=StatusKind.CONTEXT_TRUNCATED,
                         )
                     )
-                await self.outbox.put(
-                    Event(
-                        EventKind.RESPONSE_START,
-                        session_id=session_id,
-                        request_id=request.request_id,
-                        context_messages=context.conversation_messages,
-                        omitted_messages=context.omitted,
-                        model=model,
-                    )
+                start = Event(
+                    EventKind.RESPONSE_START,
+                    session_id=session_id,
+                    request_id=request.request_id,
+                    context_messages=context.conversation_messages,
+                    omitted_messages=context.omitted,
+                    model=model,
                 )
+                turn.prompt_tokens = context.tokens
                 turn.observed.started(model, context.omitted)
-                turn.started = True
                 generation = GenerationRequest(
                     model,
                     context.messages,
                     request.request_id,
                     max_output_tokens=context.max_output_tokens,
                 )
-                await self._generate(turn, session, text, generation)
+                await self._generate(turn, session, text, generation, start)
                 if turn.usage is not None:
                     # What the model counted corrects the server's count for later turns.
                     core.context.observe(model, context, turn.usage.prompt_tokens)
@@ -722,12 +838,26 @@ class Conversation:
         )
 
     async def _generate(
-        self, turn: _Turn, session: Session, text: str, generation: GenerationRequest
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        generation: GenerationRequest,
+        start: Event,
     ) -> None:
-        """Stream the model's reply, store the turn, and end it with COMPLETE or ERROR."""
+        """Send ``start`` (RESPONSE_START), stream the model's reply, store the turn, and end
+        it with COMPLETE or ERROR."""
         core = self._core
+        await self.outbox.wait_below(core.limits.outbox_high_water)
         core.stats.active_replies += 1
         task = turn.generation = asyncio.create_task(self._pump(turn, generation))
+        # RESPONSE_START is queued once the pump task exists (nothing runs in between, so it
+        # still leaves first): the pump then takes its first step before the writer wakes.
+        # A model that answers at once (echo) has its first chunks queued by then, and they
+        # leave with RESPONSE_START in one write; a remote model suspends on its request, and
+        # the writer sends RESPONSE_START in the same pass of the loop as before.
+        self.outbox.put_nowait(start)
+        turn.started = True
         if turn.cancelled:
             task.cancel()
         try:
@@ -744,6 +874,8 @@ class Conversation:
                 # nobody to tell.
                 with contextlib.suppress(ChatError):
                     await self._store_turn(turn, session, text, generation.model, status)
+                    await asyncio.shield(self._spend(turn))
+                turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=len(turn.parts))
                 raise
         finally:
             turn.generation = None
@@ -759,6 +891,7 @@ class Conversation:
                 error = BackendError(f"the model backend failed: {error}")
             assert isinstance(error, ChatError)
             await self._store_turn(turn, session, text, generation.model, MessageStatus.FAILED)
+            await self._spend(turn)
             core.stats.failed_requests += 1
             turn.observed.finished(
                 FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=error
@@ -768,6 +901,7 @@ class Conversation:
         else:
             status = MessageStatus.COMPLETE
         stored = await self._store_turn(turn, session, text, generation.model, status)
+        await self._spend(turn)
         processing_time = time.monotonic() - turn.received
         if status is MessageStatus.COMPLETE:
             core.stats.record_success(processing_time)
@@ -817,6 +951,22 @@ class Conversation:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:
                     turn.usage = self._checked_usage(delta.usage)
+
+    async def _spend(self, turn: _Turn) -> None:
+        """Count the turn's tokens against the identity's budget (if there is one): what
+        the backend reported, else the prompt as counted plus an estimate of the reply."""
+        quotas = self._core.quotas
+        if quotas.quotas.tokens is None:
+            return
+        usage = turn.usage
+        if usage is not None and usage.total_tokens > 0:
+            tokens = usage.total_tokens
+        else:
+            tokens = turn.prompt_tokens + estimate_tokens("".join(turn.parts))
+        try:
+            await quotas.spend_tokens(self.identity.name, tokens)
+        except Unavailable as error:
+            log.warning("could not count %d tokens of %s: %s", tokens, self.identity.name, error)
 
     def _checked_usage(self, usage: Usage) -> Usage | None:
         """``usage`` if its counts fit the wire (int32, not negative), else ``None``.
@@ -909,6 +1059,13 @@ class Conversation:
             self._lanes.clear()
             self.outbox.close()
             core._stream_closed(self)
+
+
+def shown(session: Session, identity: Identity) -> Session:
+    """``session`` as ``identity`` may see it: the owner is shown to administrators only."""
+    if identity.admin or not session.owner:
+        return session
+    return dataclasses.replace(session, owner="")
 
 
 def _failed_user_message(history: Sequence[Message]) -> str:

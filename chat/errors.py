@@ -10,18 +10,23 @@ status codes.
     ChatError                     INTERNAL
     ├── InvalidArgument           INVALID_ARGUMENT     a request field is wrong; names it
     │   └── ContextTooLong        INVALID_ARGUMENT     history too long, policy rejects
-    ├── SessionNotFound           NOT_FOUND            no session with that id
+    ├── SessionNotFound           NOT_FOUND            no session with that id (or not the caller's)
+    ├── Unauthenticated           UNAUTHENTICATED      missing, bad or revoked credentials
+    ├── PermissionDenied          PERMISSION_DENIED    authenticated, but not allowed (admins only)
+    ├── RateLimited               RESOURCE_EXHAUSTED   carries ``retry_after``
+    │   └── QuotaExceeded         RESOURCE_EXHAUSTED   a per-identity limit; names it
     ├── FailedPrecondition        FAILED_PRECONDITION  e.g. RETRY when nothing failed
     ├── Unavailable               UNAVAILABLE          the server is draining
     │   ├── StoreUnavailable      UNAVAILABLE          the session store is unreachable
     │   └── ServerUnreachable     UNAVAILABLE          client: cannot connect to the server
+    │       ├── ConnectTimeout    DEADLINE_EXCEEDED    client: connected, but no answer in time
     │       └── ConnectionLost    UNAVAILABLE          client: the connection broke
     ├── DeadlineExceeded          DEADLINE_EXCEEDED    client: no answer within the deadline
     ├── ConfigurationError        FAILED_PRECONDITION  bad server configuration
     │   └── MissingExtra          FAILED_PRECONDITION  an optional dependency is missing
     └── BackendError              INTERNAL             the model backend failed
-        ├── BackendAuthError      UNAUTHENTICATED
-        ├── BackendRateLimited    RESOURCE_EXHAUSTED   carries ``retry_after``
+        ├── BackendAuthError      FAILED_PRECONDITION  the upstream refused the server's key
+        ├── BackendRateLimited    RESOURCE_EXHAUSTED   also a RateLimited
         ├── BackendTimeout        DEADLINE_EXCEEDED
         ├── BackendUnavailable    UNAVAILABLE
         └── BackendBadRequest     INVALID_ARGUMENT
@@ -45,16 +50,21 @@ __all__ = [
     "BackendUnavailable",
     "ChatError",
     "ConfigurationError",
+    "ConnectTimeout",
     "ConnectionLost",
     "ContextTooLong",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "MissingExtra",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RateLimited",
     "ServerUnreachable",
     "SessionNotFound",
     "StatusCode",
     "StoreUnavailable",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -137,11 +147,48 @@ class SessionNotFound(ChatError):
     status = StatusCode.NOT_FOUND
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} not found: it may have been deleted or expired; "
-            "create a new one with CreateSession"
-        )
+        super().__init__(f"session {session_id!r} not found (it may have been deleted or expired)")
         self.session_id = session_id
+
+
+class Unauthenticated(ChatError):
+    """The caller sent no credentials, or ones the server does not accept (any more).
+
+    The message says what to supply; it never contains the credential itself.
+    """
+
+    status = StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ChatError):
+    """The caller is known but may not do this (e.g. list every identity's sessions)."""
+
+    status = StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(ChatError):
+    """Too many requests for now; ``retry_after`` is in seconds, when known."""
+
+    status = StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """A per-identity limit of the server (``limit`` names it, e.g. ``rate-limit-messages``).
+
+    Nothing of the refused request is stored.
+
+    >>> error = QuotaExceeded("max-sessions-per-identity", "you have 5 sessions, the limit")
+    >>> (error.limit, error.retry_after)
+    ('max-sessions-per-identity', None)
+    """
+
+    def __init__(self, limit: str, problem: str, retry_after: float | None = None) -> None:
+        super().__init__(f"quota {limit}: {problem}", retry_after)
+        self.limit = limit
 
 
 class FailedPrecondition(ChatError):
@@ -163,14 +210,27 @@ class StoreUnavailable(Unavailable):
 class ServerUnreachable(Unavailable):
     """The client cannot open a connection to the server (not running, wrong address).
 
-    >>> str(ServerUnreachable("localhost:50051", "connection refused"))
+    >>> str(ServerUnreachable("localhost:50051", "connection refused", refused=True))
     'cannot reach a chat server at localhost:50051: connection refused'
+
+    ``refused`` says that nothing listens at the target (the connection was refused), as
+    opposed to a name that does not resolve or a network that does not route.
     """
 
-    def __init__(self, target: str, reason: str) -> None:
+    def __init__(self, target: str, reason: str, *, refused: bool = False) -> None:
         super().__init__(f"cannot reach a chat server at {target}: {reason}")
         self.target = target
         self.reason = reason
+        self.refused = refused
+
+
+class ConnectTimeout(ServerUnreachable):
+    """Something accepted the connection, but no chat server answered within the deadline.
+
+    The server may be stopped, overloaded, or not a gRPC server at all.
+    """
+
+    status = StatusCode.DEADLINE_EXCEEDED
 
 
 class ConnectionLost(ServerUnreachable):
@@ -180,6 +240,7 @@ class ConnectionLost(ServerUnreachable):
         Unavailable.__init__(self, f"lost the connection to the chat server at {target}: {reason}")
         self.target = target
         self.reason = reason
+        self.refused = False
 
 
 class DeadlineExceeded(ChatError):
@@ -212,19 +273,22 @@ class BackendError(ChatError):
 
 
 class BackendAuthError(BackendError):
-    """The backend rejected the server's credentials (check the API key)."""
+    """The backend rejected the server's credentials (check the API key).
 
-    status = StatusCode.UNAUTHENTICATED
+    ``FAILED_PRECONDITION``, not ``UNAUTHENTICATED``: the caller's own credentials are fine;
+    the server is misconfigured, and retrying cannot help until its operator fixes the key.
+    """
+
+    status = StatusCode.FAILED_PRECONDITION
 
 
-class BackendRateLimited(BackendError):
+class BackendRateLimited(BackendError, RateLimited):
     """The backend is rate limiting this server; ``retry_after`` is in seconds, when known."""
 
     status = StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        RateLimited.__init__(self, message, retry_after)
 
 
 class BackendTimeout(BackendError):

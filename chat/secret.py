@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Final, final
 
 from chat.errors import ConfigurationError
 
-__all__ = ["Secret", "read_api_key"]
+__all__ = ["Secret", "keep_headers_out_of_logs", "read_api_key"]
 
 _REDACTED: Final = "Secret('**********')"
 
@@ -97,3 +98,25 @@ def read_api_key(
         if value:
             return Secret(value)
     return None
+
+
+#: Loggers of dependencies that write HTTP/2 header values (``authorization`` among them)
+#: at DEBUG level.
+_HEADER_LOGGERS = ("hpack.hpack", "hpack.table")
+
+
+def _not_debug(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.DEBUG
+
+
+def keep_headers_out_of_logs() -> None:
+    """Drop the DEBUG records of the HTTP/2 header codec (hpack), which show header values
+    and so the bearer tokens sent as ``authorization`` metadata. Idempotent.
+
+    Called by servers that authenticate and by clients that send a token, so that even
+    ``--log-level debug`` (or a root logger at DEBUG) never writes a token.
+    """
+    for name in _HEADER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_debug not in logger.filters:
+            logger.addFilter(_not_debug)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import random
 import signal
+import socket
+import ssl
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from grpclib.events import RecvRequest, listen
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
 from chat._compat import (
     HookedServer,
+    IServable,
     demote_client_gone_logs,
     listening_port,
     open_streams,
@@ -23,6 +29,7 @@ from chat._compat import (
 )
 from chat._cork import CorkedTransport, CorkingProtocol
 from chat._reflection import with_reflection
+from chat.auth import Authenticator, NoAuth
 from chat.backends import ModelBackend
 from chat.backends.coalesce import CoalescingBackend
 from chat.backends.echo import EchoBackend
@@ -31,16 +38,64 @@ from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.errors import BackendError, ConfigurationError
 from chat.metrics import Metrics
+from chat.quota import QuotaKeeper, open_counters
+from chat.secret import keep_headers_out_of_logs
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 from chat.telemetry import PROVIDERS, Telemetry, provider_name
+from chat.tls import reload_server_context, server_context
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-__all__ = ["ChatServer", "ConnectionRetirer", "create_backend", "event_loop_factory", "serve"]
+__all__ = [
+    "ChatServer",
+    "ConnectionRetirer",
+    "create_authenticator",
+    "create_backend",
+    "event_loop_factory",
+    "exposure_warning",
+    "listen_hosts",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
+
+
+def create_authenticator(config: ServerConfig) -> Authenticator:
+    """The authenticator of ``config.auth`` (tokens: in the store or ``--tokens-file``)."""
+    if config.auth == "tokens":
+        from chat.auth.tokens import TokenAuth, open_token_store
+
+        return TokenAuth(open_token_store(config.store, config.tokens_file))
+    if config.auth == "mtls":
+        from chat.auth.mtls import MtlsAuth
+
+        return MtlsAuth(config.admin_identities)
+    if config.auth == "jwt":
+        from chat.auth.jwts import JwtAuth
+
+        assert config.jwt is not None
+        return JwtAuth(config.jwt)
+    return NoAuth()
+
+
+def exposure_warning(config: ServerConfig) -> str | None:
+    """What to tell the operator of a server others can reach without protection."""
+    if not config.exposed:
+        return None
+    problems = []
+    if config.auth == "none":
+        problems.append("without authentication (--auth none)")
+    if not config.tls:
+        problems.append("without TLS")
+    if not problems:
+        return None
+    return (
+        f"listening on {config.host}, which other machines can reach, "
+        f"{' and '.join(problems)}: anyone who can reach the port can read every session"
+        + ("" if config.tls else " and everything sent is readable on the network")
+    )
 
 
 def create_backend(
@@ -62,7 +117,10 @@ def create_backend(
 
         backend = GeminiBackend(config.remote_settings(), on_retry=on_retry)
     else:
-        backend = EchoBackend(pace=config.pace, default_model=config.model or "echo")
+        model = config.model or "echo"
+        # One model, as a remote backend's list would say: a session asking for another
+        # is told so, rather than answered by echo under a name it does not have.
+        backend = EchoBackend(pace=config.pace, default_model=model, models=(model,))
     window = config.effective_coalesce_window
     return CoalescingBackend(backend, window=window) if window > 0 else backend
 
@@ -86,6 +144,52 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
             raise ConfigurationError("--event-loop uvloop: uvloop is not installed") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop
+
+
+def listen_hosts(host: str) -> list[str]:
+    """The addresses to listen on for ``host``: ``localhost`` is both loopback addresses.
+
+    Resolving ``localhost`` often gives 127.0.0.1 alone (``/etc/hosts``), and a client that
+    dials ``[::1]:PORT`` (or whose resolver prefers IPv6) would be refused. ``::1`` is left
+    out where this machine has no IPv6 loopback.
+    """
+    if host.lower() != "localhost":
+        return [host]
+    hosts = ["127.0.0.1"]
+    if socket.has_ipv6:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            hosts.append("::1")
+    return hosts
+
+
+async def _listen(
+    server: HookedServer,
+    host: str,
+    port: int,
+    attempts: int = 5,
+    *,
+    ssl: ssl.SSLContext | None = None,
+) -> None:
+    """Start ``server`` on every address of ``host`` (see :func:`listen_hosts`), one port.
+
+    For port 0 the kernel picks a port per socket: one is taken on the first address and
+    asked for on the others (again, if another program took it meanwhile).
+    """
+    hosts = listen_hosts(host)
+    if port or len(hosts) == 1:
+        await server.start_on(hosts, port, ssl=ssl)
+        return
+    for attempt in range(attempts):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            free = int(probe.getsockname()[1])
+        try:
+            await server.start_on(hosts, free, ssl=ssl)
+            return
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
 
 
 class ConnectionRetirer:
@@ -162,6 +266,7 @@ class ChatServer:
         *,
         store: SessionStore | None = None,
         backend: ModelBackend | None = None,
+        authenticator: Authenticator | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
@@ -175,6 +280,9 @@ class ChatServer:
         self._tasks: list[asyncio.Task[None]] = []
         #: Retires connections past ``config.max_connection_age`` (when it is set).
         self.retirer: ConnectionRetirer | None = None
+        self._authenticator = authenticator
+        self._quotas: QuotaKeeper | None = None
+        self._tls: ssl.SSLContext | None = None
         self._core: ChatCore | None = None
         self._server: HookedServer | None = None
         # Open connections, so that stop() can close them: grpclib's close() stops listening
@@ -242,12 +350,21 @@ class ChatServer:
         self._store, self._backend = store, backend
         try:
             await store.open()
+            if self._authenticator is None:
+                self._authenticator = create_authenticator(config)
+            authenticator = self._authenticator
+            quotas = self._quotas = QuotaKeeper(
+                config.quotas, open_counters(config.store) if config.quotas.any else None
+            )
+            if config.tls_cert is not None and config.tls_key is not None:
+                self._tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
             core = self._core = ChatCore(
                 telemetry.wrap_store(store),
                 backend,
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),
+                quotas=quotas,
                 model_check=config.effective_model_check,
                 observer=telemetry,
             )
@@ -258,9 +375,17 @@ class ChatServer:
                     f"--model {backend.default_model}: {problem} "
                     "(--model-check off or warn to use it anyway)"
                 )
-            service = ChatService(core)
+            open_services = ["grpc.health.v1.Health"]
+            if config.reflection == "public":
+                open_services += [
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                ]
+            service = ChatService(core, auth=authenticator, open_services=tuple(open_services))
             health = Health({service: [self._serving], OVERALL: [self._serving]})
-            handlers = with_reflection([service, health])
+            handlers: list[IServable] = [service, health]
+            if config.reflection != "off":
+                handlers = with_reflection(handlers)
             keepalive = config.keepalive_time or None
             self._server = HookedServer(
                 handlers,
@@ -269,9 +394,12 @@ class ChatServer:
                     keepalive_time=keepalive, keepalive_timeout=config.keepalive_timeout
                 ),
             )
-            # Before any other RecvRequest listener: calls another refuses are counted too.
+            # Before the authenticating listener: calls it refuses are counted too.
             telemetry.install(self._server, handlers)
-            await self._server.start(config.host, config.port)
+            if authenticator.mode != "none":
+                keep_headers_out_of_logs()
+                listen(self._server, RecvRequest, service.authenticate)
+            await _listen(self._server, config.host, config.port, ssl=self._tls)
             telemetry.bind(core)
             if telemetry.metrics is not None and config.metrics_port is not None:
                 metrics_host = config.metrics_host or config.host
@@ -280,6 +408,7 @@ class ChatServer:
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
             self._server = None
+            await self._close_security()
             await store.aclose()
             await backend.aclose()
             await self._close_telemetry()
@@ -296,14 +425,43 @@ class ChatServer:
             self._tasks.append(asyncio.create_task(self._retire_connections(self.retirer)))
         self._serving.set(True)
         log.info(
-            "serving on %s:%d (backend %s, model %s, store %s at %s)",
+            "serving on %s:%d over %s (auth %s; backend %s, model %s, store %s at %s)",
             config.host,
             self.port,
+            "TLS" if config.tls else "plaintext",
+            authenticator.mode,
             backend.name,
             backend.default_model,
             store.kind,
             store.location,
         )
+        if (warning := exposure_warning(config)) is not None:
+            log.warning("%s", warning)
+
+    def reload_tls(self) -> bool:
+        """Load the certificate and key files again, for connections made from now on.
+
+        Open connections (and their streams) keep the certificate they started with. A bad
+        file is logged and the current certificate stays in use. ``False`` without TLS.
+        """
+        config = self.config
+        if self._tls is None or config.tls_cert is None or config.tls_key is None:
+            return False
+        try:
+            reload_server_context(self._tls, config.tls_cert, config.tls_key, config.tls_client_ca)
+        except ConfigurationError as error:
+            log.error("kept the current TLS certificate: %s", error)
+            return False
+        log.info("reloaded the TLS certificate %s for new connections", config.tls_cert)
+        return True
+
+    async def _close_security(self) -> None:
+        authenticator, self._authenticator = self._authenticator, None
+        quotas, self._quotas = self._quotas, None
+        if authenticator is not None:
+            await authenticator.aclose()
+        if quotas is not None:
+            await quotas.aclose()
 
     async def stop(self, grace_period: float | None = None) -> None:
         """Shut down gracefully.
@@ -341,6 +499,7 @@ class ChatServer:
                 await asyncio.wait(tasks)
             self._tasks.clear()
             await self._close_telemetry()
+            await self._close_security()
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:
@@ -424,6 +583,7 @@ class ChatServer:
 async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | None = None) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
+    SIGHUP reloads the TLS certificate and key for new connections (open streams go on).
     A second SIGINT or SIGTERM during the grace period stops it at once (replies still
     running are cancelled and kept as interrupted), as uvicorn and grpclib do. ``ready`` is
     called once the server listens (the CLI prints its banner there).
@@ -438,9 +598,14 @@ async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | N
         elif server is not None:
             server.stop_now()
 
+    def on_hangup() -> None:
+        if server is not None:
+            server.reload_tls()
+
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         async with ChatServer(config) as server:
             if ready is not None:
@@ -451,5 +616,5 @@ async def serve(config: ServerConfig, *, ready: Callable[[ChatServer], None] | N
                 config.grace_period,
             )
     finally:
-        for signum in signals:
+        for signum in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(signum)

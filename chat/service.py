@@ -5,6 +5,12 @@ Nothing here decides behaviour. Unary RPCs call one core method each and map
 that feeds a :class:`~chat.core.Conversation` while this task writes its outbox, so PINGs
 are answered while a reply streams (full duplex).
 
+Who calls is settled before a handler runs: :meth:`ChatService.authenticate` is a grpclib
+``RecvRequest`` listener (the server adds it unless ``--auth none``) that refuses a call
+without valid credentials with ``UNAUTHENTICATED`` and hands the caller's
+:class:`~chat.auth.Credentials` to the handler. The health service is always open;
+reflection is open when it is public.
+
 Messages are protobuf's (upb) classes built from ``chat.proto``'s embedded descriptors
 (:mod:`chat._proto`); the routes are those the service descriptor declares.
 """
@@ -12,16 +18,19 @@ Messages are protobuf's (upb) classes built from ``chat.proto``'s embedded descr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.const
 from google.rpc import error_details_pb2
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.events import RecvRequest
 from grpclib.exceptions import StreamTerminatedError
 
 from chat._clock import WireClock
@@ -37,8 +46,9 @@ from chat._proto import (
     session_to_wire,
     stats_to_wire,
 )
+from chat.auth import LOCAL, Authenticator, Credentials, NoAuth
 from chat.core import ChatCore, Conversation
-from chat.errors import BackendRateLimited, ChatError, InvalidArgument
+from chat.errors import ChatError, InvalidArgument, RateLimited, Unauthenticated
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -54,6 +64,11 @@ _WRITE_SLICE = 16
 _CreateSessionResponse = message_class("CreateSessionResponse")
 _ListSessionsResponse = message_class("ListSessionsResponse")
 _DeleteSessionResponse = message_class("DeleteSessionResponse")
+_WhoAmIResponse = message_class("WhoAmIResponse")
+_QuotaUsage = message_class("QuotaUsage")
+
+#: The caller of a server without authentication.
+_LOCAL = Credentials(LOCAL)
 
 
 def status_details(error: ChatError) -> list[Any] | None:
@@ -68,7 +83,7 @@ def status_details(error: ChatError) -> list[Any] | None:
             field=error.field, description=error.problem
         )
         return [error_details_pb2.BadRequest(field_violations=[violation])]
-    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+    if isinstance(error, RateLimited) and error.retry_after is not None:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
         return [info]
@@ -89,15 +104,17 @@ def _handler_name(method: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
 
 
-def _unary(handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Stream[Any, Any]], Any]:
-    """A unary RPC's stream handler around ``handler(request) -> response``."""
+def _unary(
+    handler: Callable[[Any, Credentials], Awaitable[Any]],
+) -> Callable[..., Any]:
+    """A unary RPC's stream handler around ``handler(request, credentials) -> response``."""
 
-    async def serve(stream: Stream[Any, Any]) -> None:
+    async def serve(stream: Stream[Any, Any], credentials: Credentials = _LOCAL) -> None:
         request = await stream.recv_message()
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "the request has no message")
         with _grpc_status():
-            response = await handler(request)
+            response = await handler(request, credentials)
         await stream.send_message(response)
 
     return serve
@@ -106,9 +123,39 @@ def _unary(handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Stream[Any, An
 class ChatService:
     """``ChatService`` over a :class:`~chat.core.ChatCore`."""
 
-    def __init__(self, core: ChatCore) -> None:
+    def __init__(
+        self,
+        core: ChatCore,
+        *,
+        auth: Authenticator | None = None,
+        open_services: tuple[str, ...] = ("grpc.health.v1.Health",),
+    ) -> None:
         self._core = core
+        self._auth = auth or NoAuth()
         self._clock = WireClock()
+        # Paths answered without credentials: "/grpc.health.v1.Health/Check" and the like.
+        self._open_prefixes = tuple(f"/{name}/" for name in open_services)
+        self._own_prefix = f"/{CHAT_SERVICE.full_name}/"
+
+    async def authenticate(self, event: RecvRequest) -> None:
+        """A grpclib ``RecvRequest`` listener: refuse calls without valid credentials, and
+        pass the caller's to this service's handlers.
+
+        Runs before the handler, so a refused ``Chat`` stream gets its status before any
+        event. The message says what to supply and never repeats a credential.
+        """
+        path = event.method_name
+        if path.startswith(self._open_prefixes):
+            return
+        try:
+            credentials = await self._auth.authenticate(
+                cast(Mapping[str, str], event.metadata), event.peer.cert()
+            )
+        except ChatError as error:
+            raise GRPCError(Status(int(error.status)), error.message) from None
+        if path.startswith(self._own_prefix):
+            handler = cast(Callable[..., Any], event.method_func)
+            event.method_func = cast(Any, functools.partial(handler, credentials=credentials))
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         """One route per method of the service descriptor, to the method of the same name."""
@@ -136,25 +183,32 @@ class ChatService:
 
     # -- unary RPCs ---------------------------------------------------------------------
 
-    async def create_session(self, message: Any) -> Any:
-        session = await self._core.create_session(**session_settings_from_wire(message))
+    async def create_session(self, message: Any, credentials: Credentials) -> Any:
+        session = await self._core.create_session(
+            **session_settings_from_wire(message), identity=credentials.identity
+        )
         return _CreateSessionResponse(
             session_id=session.session_id, session=session_to_wire(session)
         )
 
-    async def get_session_info(self, message: Any) -> Any:
+    async def get_session_info(self, message: Any, credentials: Credentials) -> Any:
+        identity = credentials.identity
         if message.include_messages:
-            session, history = await self._core.read_session(message.session_id)
+            session, history = await self._core.read_session(message.session_id, identity)
             return session_to_wire(session, history)
-        return session_to_wire(await self._core.get_session(message.session_id))
+        return session_to_wire(await self._core.get_session(message.session_id, identity))
 
-    async def update_session(self, message: Any) -> Any:
+    async def update_session(self, message: Any, credentials: Credentials) -> Any:
         patch = patch_from_wire(message)
-        return session_to_wire(await self._core.update_session(message.session_id, patch))
+        session = await self._core.update_session(message.session_id, patch, credentials.identity)
+        return session_to_wire(session)
 
-    async def list_sessions(self, message: Any) -> Any:
+    async def list_sessions(self, message: Any, credentials: Credentials) -> Any:
         sessions, token, total = await self._core.list_sessions(
-            message.page_size, message.page_token
+            message.page_size,
+            message.page_token,
+            credentials.identity,
+            all_identities=message.all_identities,
         )
         return _ListSessionsResponse(
             sessions=[session_to_wire(s) for s in sessions],
@@ -162,17 +216,38 @@ class ChatService:
             total_size=total,
         )
 
-    async def delete_session(self, message: Any) -> Any:
-        deleted = await self._core.delete_session(message.session_id)
+    async def delete_session(self, message: Any, credentials: Credentials) -> Any:
+        deleted = await self._core.delete_session(message.session_id, credentials.identity)
         return _DeleteSessionResponse(session_id=message.session_id, deleted_messages=deleted)
 
-    async def get_server_stats(self, message: Any) -> Any:
-        return stats_to_wire(await self._core.stats_snapshot())
+    async def get_server_stats(self, message: Any, credentials: Credentials) -> Any:
+        return stats_to_wire(await self._core.stats_snapshot(credentials.identity))
+
+    async def who_am_i(self, message: Any, credentials: Credentials) -> Any:
+        identity = credentials.identity
+        usage = await self._core.who_am_i(identity)
+        return _WhoAmIResponse(
+            identity=identity.name,
+            admin=identity.admin,
+            auth=self._auth.mode,
+            quotas=[_QuotaUsage(**dataclasses.asdict(u)) for u in usage],
+        )
 
     # -- the Chat stream ------------------------------------------------------------------
 
-    async def _chat_stream(self, stream: Stream[Any, EncodedMessage]) -> None:
-        async with self._core.open_conversation() as conversation:
+    async def _chat_stream(
+        self, stream: Stream[Any, EncodedMessage], credentials: Credentials = _LOCAL
+    ) -> None:
+        # A stream over the identity's limit is refused with RESOURCE_EXHAUSTED before any
+        # event (nothing in the body raises a ChatError: it becomes an ERROR event there).
+        with _grpc_status():
+            async with self._core.quotas.stream(credentials.identity.name):
+                await self._converse(stream, credentials)
+
+    async def _converse(
+        self, stream: Stream[Any, EncodedMessage], credentials: Credentials
+    ) -> None:
+        async with self._core.open_conversation(credentials) as conversation:
             reader = asyncio.create_task(self._read(stream, conversation))
             try:
                 await self._write(stream, conversation)
@@ -180,15 +255,32 @@ class ChatService:
                 reader.cancel()
                 await asyncio.wait((reader,))
             failure = None if reader.cancelled() else reader.exception()
+        if isinstance(failure, Unauthenticated):
+            # The credential was revoked (or expired) while the stream was open.
+            raise GRPCError(Status.UNAUTHENTICATED, failure.message)
         if failure is not None:
             raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
 
     async def _read(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         # grpclib swallows what goes wrong here unless we say so: anything but a clean end
         # of input closes the outbox, so the writer stops and the handler reports it.
+        recheck = conversation.credentials.recheck
         try:
             while (message := await stream.recv_message()) is not None:
-                await conversation.handle(request_from_wire(message))
+                request = request_from_wire(message)
+                try:
+                    await recheck()
+                except Unauthenticated as error:
+                    # Answered (so a client waiting on it hears why), then the stream ends
+                    # with UNAUTHENTICATED: nothing more is done for this caller.
+                    conversation._error(request, error)
+                    raise
+                except ChatError as error:
+                    # The credentials could not be checked (the token store is down): this
+                    # request is refused, the stream goes on.
+                    conversation._error(request, error)
+                    continue
+                await conversation.handle(request)
         except StreamTerminatedError:
             conversation.outbox.close()
             return

@@ -8,6 +8,7 @@ the normal suite needs neither. With it they must pass: a server that cannot sta
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
+from tests.helpers import ISSUED_TOKENS
 from tests.upstream import Upstream, running_upstream
 
 settings.register_profile(
@@ -88,3 +90,41 @@ def _restore_gc() -> Iterator[None]:
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
+
+
+class _TokenLeaks(logging.Handler):
+    """Sees every log record of the suite; keeps those that contain a token a test minted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not ISSUED_TOKENS:
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        if any(token in text for token in ISSUED_TOKENS):
+            self.leaks.append(f"{record.name}: {text[:300]}")
+
+
+_LEAKS = _TokenLeaks()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every record the suite's loggers make (at the levels each test sets; tests of tokens
+    # log at DEBUG) passes here. Logger levels are left alone: raising them would change
+    # what the CLIs under test print.
+    logging.getLogger().addHandler(_LEAKS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    logging.getLogger().removeHandler(_LEAKS)
+    if _LEAKS.leaks:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("log records that contain a bearer token:", red=True)
+            for leak in _LEAKS.leaks:
+                reporter.write_line(f"  {leak}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,7 +12,7 @@ timeouts and connection handling.
   ``usageMetadata``; ``GET /v1beta/models`` lists models.
 
 Each generation request takes the next :class:`Reply` from :attr:`FakeLLM.replies` (or
-:attr:`FakeLLM.default`). A reply can fail with a status, stall, break off, or hold after
+:attr:`FakeLLM.default`). A reply can be paced, fail with a status, stall, break off, or hold after
 some pieces until :attr:`FakeLLM.release` is set or the client goes away; a client that
 closes a connection while its reply is held or stalled sets :attr:`FakeLLM.disconnected`.
 """
@@ -71,6 +71,9 @@ class Reply:
     stream_error_body: Any = None
     #: Gemini: refuse the prompt with this ``promptFeedback.blockReason`` (no candidates).
     blocked: str | None = None
+    #: Seconds between pieces, like a model emitting tokens at a fixed rate (the benchmarks'
+    #: pass-through scenario); 0 sends them back to back.
+    pace: float = 0.0
 
 
 @dataclass
@@ -281,6 +284,8 @@ class FakeLLM:
             await writer.drain()
             return True
         for index, piece in enumerate(reply.pieces):
+            if reply.pace and index:
+                await asyncio.sleep(reply.pace)
             if reply.drop_after is not None and index == reply.drop_after:
                 await writer.drain()
                 writer.transport.abort()

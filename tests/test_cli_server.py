@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 import chat.cli.server as cli
 from chat import ServerConfig
+from tests.helpers import TIMEOUT, ServerProcess, running_server_process
 
 
 @pytest.fixture
@@ -73,6 +77,29 @@ def test_an_address_in_use_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     assert result.exit_code == 1
     assert "cannot listen on localhost:50051" in result.output
     assert "Address already in use" in result.output
+    assert "choose another port with --port N" in result.output
+
+
+def _banner(server: ServerProcess) -> str:
+    """The whole banner: the process's output up to its last line ("stop it: ...")."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any("stop it:" in line for line in server.output):
+        assert time.monotonic() < deadline, f"no whole banner in {server.output}"
+        time.sleep(0.01)  # polled: the output is read by another thread
+    return "".join(server.output)
+
+
+@pytest.mark.slow
+def test_the_banner_says_when_another_process_has_the_store_open(tmp_path: Path) -> None:
+    store = ("--store", f"sqlite://{tmp_path / 'chat.db'}")
+    shared = "another process has this file open too"
+    with running_server_process(*store) as first:
+        assert shared not in _banner(first)
+        with running_server_process(*store) as second:
+            assert shared in _banner(second)
+    # Both gone: the next one is alone again (the locks went with the processes).
+    with running_server_process(*store) as third:
+        assert shared not in _banner(third)
 
 
 def test_model_check_is_an_option_and_a_variable(captured: list[ServerConfig]) -> None:

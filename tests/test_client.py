@@ -77,9 +77,9 @@ class StallingStore(MemoryStore):
         super().__init__()
         self.release = asyncio.Event()
 
-    async def count(self) -> int:
+    async def count(self, *, owner: str | None = None) -> int:
         await self.release.wait()
-        return await super().count()
+        return await super().count(owner=owner)
 
 
 class FailingOnceBackend(EchoBackend):
@@ -358,6 +358,49 @@ async def test_every_session_update_says_what_happened_as_data(server: ChatServe
         ]
 
 
+async def test_the_clients_own_changes_are_not_notices_to_it(server: ChatServer) -> None:
+    async with memory_client(server) as me, memory_client(server) as other:
+        session = await me.create_session()
+        sid = session.session_id
+        await me.ask(sid, "following the session")  # the server now tells this stream
+        async with me.notices() as notices:
+            mine = await me.update_session(sid, title="mine")
+            assert mine.title == "mine"
+            theirs = await other.update_session(sid, title="theirs")
+            # The server sent both, in this order, on my stream: the first I am told of
+            # is the other client's, so mine was held back.
+            notice = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+            assert isinstance(notice, SessionUpdated)
+            assert notice.session is not None
+            assert notice.session.title == "theirs"
+            assert notice.session.last_activity == theirs.last_activity
+
+            await me.delete_session(sid)
+            await other.create_session(title="unrelated")
+            second = await me.create_session()
+            await me.ask(second.session_id, "following this one")
+            await other.delete_session(second.session_id)
+            deleted = await next_notice(notices, lambda n: isinstance(n, SessionUpdated))
+            assert isinstance(deleted, SessionUpdated)
+            # Not my own delete of the first session: the other's of the second.
+            assert (deleted.session_id, deleted.kind) == (
+                second.session_id,
+                SessionUpdateKind.SESSION_DELETED,
+            )
+
+
+async def test_health_needs_no_conversation_stream(server: ChatServer) -> None:
+    connections = InMemoryConnections(server)
+    client = connections.client()
+    try:
+        # Not connected: a channel of its own, closed afterwards.
+        assert await client.health() is ServingStatus.SERVING
+        assert not client.connected
+        assert connections.open == 0
+    finally:
+        await client.aclose()
+
+
 async def test_a_bad_field_is_named_by_data_not_by_the_wording(server: ChatServer) -> None:
     # The message text is for people; the field comes from google.rpc.BadRequest (unary)
     # and error_field (Chat), so it survives any rewording.
@@ -402,13 +445,16 @@ async def test_session_crud_and_paging(server: ChatServer) -> None:
 
         target = created[0]
         updated = await client.update_session(
-            target.session_id, title="renamed", system_prompt="Be kind.", model="other"
+            target.session_id, title="renamed", system_prompt="Be kind.", model="echo"
         )
         assert (updated.title, updated.system_prompt, updated.model) == (
             "renamed",
             "Be kind.",
-            "other",
+            "echo",
         )
+        # chat-server's echo backend serves its one model, as a remote one serves its list.
+        with pytest.raises(InvalidArgument, match="'gpt-4o' is not served by the echo backend"):
+            await client.update_session(target.session_id, model="gpt-4o")
         unchanged = await client.update_session(target.session_id)
         assert unchanged.title == "renamed"
 
@@ -533,7 +579,8 @@ async def test_a_unary_call_past_its_deadline_raises_deadline_exceeded() -> None
         memory_client(server, timeout=0.2) as client,
     ):
         try:
-            with pytest.raises(DeadlineExceeded, match="GetServerStats"):
+            # The request's name goes to the log; the message says what the person needs.
+            with pytest.raises(DeadlineExceeded, match=r"no answer from .* within 0\.2s"):
                 await client.server_stats()
         finally:
             store.release.set()
@@ -746,11 +793,42 @@ def test_parse_target(target: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["", ":50051", "host:", "[::1]:", "host:0", "host:99999", "host:http", "a:b:c", "[::1"],
+    [
+        "",
+        ":50051",
+        "host:",
+        "[::1]:",
+        "host:0",
+        "host:99999",
+        "host:http",
+        "a:b:c",
+        "[::1",
+        # Not host names: a resolver would fail later, as "unreachable" (exit 3, not 2).
+        "bad target",
+        "bad target:50051",
+        "host/path:1",
+        "-host:1",
+        "host..org:1",
+        "[not-v6]:1",
+    ],
 )
 def test_parse_target_rejects(target: str) -> None:
     with pytest.raises(ConfigurationError):
         parse_target(target)
+
+
+@pytest.mark.parametrize(
+    ("target", "normal"),
+    [
+        ("localhost", "localhost:50051"),
+        (" example.org:7 ", "example.org:7"),
+        ("::1", "[::1]:50051"),
+        ("[::1]:6000", "[::1]:6000"),
+    ],
+)
+def test_the_config_names_the_port_it_dials(target: str, normal: str) -> None:
+    # Messages ("cannot reach a chat server at ...") name config.target: with the port.
+    assert ClientConfig(target=target).target == normal
 
 
 @given(policy=reconnect_policies, seed=st.integers(0, 2**32))
@@ -807,4 +885,4 @@ def test_the_client_api_is_exported() -> None:
     import chat.errors
 
     missing = (set(chat.client.__all__) | set(chat.errors.__all__)) - set(chat.__all__)
-    assert missing <= {"DEFAULT_TARGET", "parse_target"}
+    assert missing <= {"DEFAULT_TARGET", "format_target", "parse_target"}

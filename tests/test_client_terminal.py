@@ -77,6 +77,12 @@ def prompt_session(child: pexpect.spawn[str]) -> str | None:
     return matched(child, "session")
 
 
+def expect_reply_start(child: pexpect.spawn[str]) -> None:
+    """Wait until a reply streams (on a terminal, Markdown: the label has a line of its own)."""
+    child.expect("Assistant ›")
+    child.expect("Echo")
+
+
 def finish(child: pexpect.spawn[str]) -> int:
     child.expect(pexpect.EOF)
     child.close()
@@ -133,7 +139,7 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     prompt_session(child)
     words = " ".join(f"w{i}" for i in range(400))
     child.sendline(words)
-    child.expect("Assistant › Echo")
+    expect_reply_start(child)
     child.sendintr()
     child.expect(re.escape("[cancelled: the partial reply is kept]"))
     session = prompt_session(child)
@@ -145,7 +151,7 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
 
     # /cancel typed (with Enter) while a reply streams does the same.
     child.sendline(words)
-    child.expect("Assistant › Echo")
+    expect_reply_start(child)
     child.sendline("/cancel")
     child.expect(re.escape("[cancelled: the partial reply is kept]"))
     prompt_session(child)
@@ -266,7 +272,10 @@ def test_the_client_reconnects_when_the_server_restarts_and_keeps_its_session(
         assert before is not None
         first.terminate()
         # Shown while the person sits at the prompt, which then says the client is offline.
-        child.expect("shutting down")
+        child.expect(r"the server is shutting down[^\r\n]*")
+        # In people's words: what to do about it is the client's business, not theirs.
+        assert isinstance(child.after, str)
+        assert "stream" not in child.after
         assert prompt_session(child) == before
         assert isinstance(child.after, str)
         assert "(offline)" in child.after
@@ -309,3 +318,106 @@ def test_a_session_the_new_server_does_not_know_is_dropped_with_a_note() -> None
         prompt_session(child)
         child.sendline("/quit")
         assert finish(child) == 0
+
+
+def test_what_is_typed_while_a_reply_streams_is_not_drawn_inside_it(
+    paced_server: ServerProcess,
+) -> None:
+    child = spawn("--target", paced_server.address)
+    prompt_session(child)
+    child.sendline(" ".join(f"w{i}" for i in range(400)))
+    expect_reply_start(child)
+    child.sendline("gamma delta")
+    child.sendline("/cancel")
+    child.expect(re.escape("[cancelled: the partial reply is kept]"))
+    assert isinstance(child.before, str)
+    assert "gamma" not in child.before
+    assert "/cancel" not in child.before
+    # The line typed meanwhile is shown at the prompt, then sent.
+    child.expect("gamma delta")
+    child.expect(re.escape("Echo #2 (3 messages in context): gamma delta"))
+    prompt_session(child)
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
+def test_a_reply_cut_short_by_a_lost_connection_is_said_once_and_retried(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_args = (
+        "--port",
+        str(port),
+        "--pace",
+        "0.05",
+        "--store",
+        f"sqlite:///{tmp_path / 'chat.db'}",
+    )
+    words = " ".join(f"w{i}" for i in range(60))
+    with running_server_process(*server_args) as first:
+        child = spawn("--target", first.address)
+        child.logfile_read = transcript = io.StringIO()
+        prompt_session(child)
+        child.sendline(words)
+        expect_reply_start(child)
+        first.kill()
+        child.expect("lost the connection")
+        child.expect("The reply was cut short; /retry sends your message again")
+        prompt_session(child)
+    with running_server_process(*server_args):
+        child.sendline("/retry")
+        child.expect("Sending your message again")
+        # The killed server stored nothing of that turn: the message goes again, alone.
+        child.expect(re.escape("Echo #1 (1 message in context): w0"))
+        child.expect(re.escape("w59"))
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
+    assert transcript.getvalue().count("lost the connection") == 1
+    assert "nothing to retry" not in transcript.getvalue()
+
+
+def test_ask_renders_markdown_on_a_terminal(paced_server: ServerProcess) -> None:
+    message = "intro\n\n```python\nprint(1)\n```\n\nand **bold** text"
+    child = spawn("--target", paced_server.address, "ask", message)
+    child.logfile_read = transcript = io.StringIO()
+    child.expect("print\\(1\\)")
+    child.expect("bold")
+    assert finish(child) == 0
+    shown = transcript.getvalue()
+    assert "```" not in shown
+    assert "**bold**" not in shown
+
+
+def test_disconnect_and_connect_say_it_once_and_a_failed_connect_keeps_the_server(
+    paced_server: ServerProcess,
+) -> None:
+    child = spawn("--target", paced_server.address)
+    child.logfile_read = transcript = io.StringIO()
+    prompt_session(child)
+    child.sendline("/disconnect")
+    child.expect("Disconnected from")
+    prompt_session(child)
+    child.sendline("/disconnect")
+    child.expect("Not connected")
+    prompt_session(child)
+    child.sendline("/connect")
+    child.expect(f"Connected to {re.escape(paced_server.address)}")
+    prompt_session(child)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+    child.sendline(f"/connect {nowhere}")
+    child.expect("cannot reach a chat server")
+    child.expect(f"Still using {re.escape(paced_server.address)}")
+    prompt_session(child)
+    child.sendline("/ping")
+    child.expect(f"pong from {re.escape(paced_server.address)}")
+    prompt_session(child)
+    child.sendline("/quit")
+    assert finish(child) == 0
+    shown = transcript.getvalue()
+    assert shown.count("Disconnected from") == 1
+    assert shown.count("Type a message to chat") == 1

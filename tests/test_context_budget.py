@@ -17,6 +17,7 @@ from chat.context import (
     Calibration,
     ContextBudget,
     ContextSettings,
+    _history,
     build_context,
     estimate_tokens,
     fit_messages,
@@ -375,3 +376,107 @@ def test_a_calibration_covers_every_prompt_it_has_seen(samples: list[tuple[int, 
         assert calibration.tokens(counted) >= reported
         # The count a budget allows is one whose bound is within that budget.
         assert calibration.tokens(calibration.budget(reported)) <= reported
+
+
+# -- reuse across turns: the same prompts as fitting the whole history afresh ---------------
+
+stored_messages = st.builds(
+    Message,
+    st.sampled_from([Role.USER, Role.ASSISTANT]),
+    st.text("ab ", max_size=40),
+    st.just(utcnow()),
+    st.sampled_from(list(MessageStatus)),
+)
+#: Mostly answered turns (what the model sees), some single messages of any kind: a question
+#: whose answer comes with the next append, failed or empty ones.
+appended = st.lists(
+    st.one_of(
+        st.builds(
+            lambda question, answer: [
+                Message(Role.USER, question, utcnow()),
+                Message(Role.ASSISTANT, answer, utcnow()),
+            ],
+            st.text("ab ", min_size=1, max_size=40),
+            st.text("ab ", min_size=1, max_size=40),
+        ),
+        stored_messages.map(lambda m: [m]),
+    ),
+    max_size=3,
+).map(lambda parts: [m for part in parts for m in part])
+#: What happens to a session's history between two turns.
+changes = st.one_of(
+    st.tuples(st.just("append"), appended),
+    st.tuples(st.just("trim"), st.integers(1, 5)),
+    # A store that decodes its messages anew on each read (equal messages, new objects).
+    st.tuples(st.just("decode"), st.none()),
+)
+
+
+def fitted_afresh(
+    session: Session, history: list[Message], text: str, budget: ContextBudget
+) -> tuple[list[PromptMessage], int, int] | None:
+    """The specification: fit_messages over the whole history the model sees."""
+    seen = _history(session, history)
+    system = PromptMessage(Role.SYSTEM, session.system_prompt) if session.system_prompt else None
+    count = budget.counter_for("m")
+    limit = budget.settings.prompt_budget("m")
+    return fit_messages(system, seen, PromptMessage(Role.USER, text), limit, count)
+
+
+@given(
+    turns=st.lists(st.tuples(changes, prompt_text), min_size=1, max_size=12),
+    window=st.integers(16, 400),
+    system_prompt=st.sampled_from(["", "be brief"]),
+)
+def test_a_prompt_built_from_the_last_turns_work_is_the_one_built_afresh(
+    turns: list[tuple[tuple[str, object], str]], window: int, system_prompt: str
+) -> None:
+    budget = ContextBudget(ContextSettings(context_window=window, reply_reserve=0))
+    the_session = session(system_prompt=system_prompt)
+    history: list[Message] = []
+    for (change, argument), text in turns:
+        if change == "append":
+            assert isinstance(argument, list)
+            history = [*history, *argument]
+        elif change == "trim":
+            assert isinstance(argument, int)
+            history = history[argument:]
+        else:
+            history = [dataclasses.replace(m) for m in history]
+        expected = fitted_afresh(the_session, history, text, budget)
+        if expected is None:
+            with pytest.raises(ContextTooLong):
+                budget.build(the_session, list(history), text, model="m")
+            continue
+        context = budget.build(the_session, list(history), text, model="m")
+        assert (context.messages, context.omitted, context.counted) == expected
+        assert context.conversation_messages == len(expected[0]) - (1 if system_prompt else 0)
+
+
+def test_a_history_that_fits_exactly_is_kept_whole() -> None:
+    now = utcnow()
+    # Each message costs 1 token of text ("abc", estimated) and the per-message overhead.
+    roles = (Role.USER, Role.ASSISTANT) * 2
+    history = [Message(role, "abc", now) for role in roles]
+    exact = 5 * (1 + MESSAGE_OVERHEAD_TOKENS)
+    context = ContextBudget(ContextSettings(context_window=exact, reply_reserve=0)).build(
+        session(), history, "abc", model="m"
+    )
+    assert (context.omitted, context.counted) == (0, exact)
+    # One token less: the oldest question goes, and with it its answer.
+    context = ContextBudget(ContextSettings(context_window=exact - 1, reply_reserve=0)).build(
+        session(), history, "abc", model="m"
+    )
+    assert (context.omitted, len(context.messages)) == (2, 3)
+
+
+def test_an_answer_stored_after_the_last_turn_completes_its_question() -> None:
+    now = utcnow()
+    question = Message(Role.USER, "asked", now)
+    budget = ContextBudget()
+    # The question alone is no turn yet (its answer is still streaming, say)...
+    assert budget.build(session(), [question], "next", model="m").conversation_messages == 1
+    # ...and with its answer, read as the same message objects, it is one.
+    history = [question, Message(Role.ASSISTANT, "answer", now)]
+    context = budget.build(session(), history, "next", model="m")
+    assert [m.content for m in context.messages] == ["asked", "answer", "next"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from grpclib.reflection.v1 import reflection_grpc, reflection_pb2
 
 import chatpb
 from chat import (
+    ChatClient,
     ChatServer,
     ConfigurationError,
     EchoBackend,
@@ -33,7 +35,14 @@ from chat import (
 )
 from scripts.generate import PROTO, ROOT
 from tests.backends import GatedBackend
-from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text, running_server_process
+from tests.helpers import (
+    TIMEOUT,
+    ChatStream,
+    eventually,
+    grpcurl,
+    reply_text,
+    running_server_process,
+)
 
 T = chatpb.ChatResponseType
 INTEROP_CLIENT = Path(__file__).parent / "interop" / "grpcio_client.py"
@@ -377,6 +386,40 @@ async def test_stopping_in_process_ends_the_clients_connections() -> None:
             await stub.get_server_stats(chatpb.ServerStatsRequest(), timeout=TIMEOUT)
 
 
+def test_grpcurl_lists_describes_and_calls_the_service() -> None:
+    # The README's grpcurl commands, run by grpcurl itself against a chat-server process.
+    with running_server_process("--store", "memory://") as server:
+
+        def run(*args: str) -> str:
+            done = subprocess.run(
+                [grpcurl(), "-plaintext", *args],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT * 3,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert "ChatService" in run(server.address, "list").split()
+        described = run(server.address, "describe", "ChatService")
+        assert "rpc Chat ( stream .ChatRequest ) returns ( stream .ChatResponse );" in described
+        assert "The conversation stream." in described  # comments come through reflection
+        created = json.loads(
+            run("-d", '{"title": "first"}', server.address, "ChatService/CreateSession")
+        )
+        assert created["session"]["title"] == "first"
+        info = json.loads(
+            run(
+                "-d",
+                json.dumps({"sessionId": created["sessionId"]}),
+                server.address,
+                "ChatService/GetSessionInfo",
+            )
+        )
+        assert info["sessionId"] == created["sessionId"]
+
+
 async def test_reflection_v1_as_grpcurl_uses_it_lists_and_describes(server: ChatServer) -> None:
     # grpcurl speaks reflection v1 (the grpcio test above uses v1alpha); both must answer
     # with chat.proto and its comments, which is what `grpcurl describe` prints.
@@ -407,3 +450,23 @@ async def test_reflection_v1_as_grpcurl_uses_it_lists_and_describes(server: Chat
     assert file.name == "chat.proto"
     comments = [loc.leading_comments for loc in file.source_code_info.location]
     assert any("One client event on the `Chat` stream." in c for c in comments)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_localhost_listens_on_both_loopback_addresses() -> None:
+    # /etc/hosts often maps localhost to 127.0.0.1 alone; a client dialling [::1] (or whose
+    # resolver prefers IPv6) must not be refused by a server told to listen on localhost.
+    config = ServerConfig(host="localhost", port=0, store="memory://")
+    async with ChatServer(config) as server:
+        for target in (f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
+            async with ChatClient(target) as client:
+                assert await client.ping() > 0

@@ -45,6 +45,7 @@ RPCS = {
     "ListSessions",
     "DeleteSession",
     "GetServerStats",
+    "WhoAmI",
     "Chat",
 }
 

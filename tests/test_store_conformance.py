@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chat.errors import InvalidArgument, SessionNotFound
-from chat.store import SessionStore, open_store
+from chat.store import OwnerLimitReached, SessionStore, open_store
 from chat.store._codec import SESSION_FIELDS
 from chat.store._cursor import encode_cursor
 from chat.types import (
@@ -482,3 +482,49 @@ async def test_a_reopened_store_has_everything(kind: str, tmp_path: Path) -> Non
             await second.aclose()
     finally:
         await delete_prefix(prefix)
+
+
+async def test_listing_and_counting_by_owner_see_only_that_owners_sessions(
+    store: SessionStore,
+) -> None:
+    for n, owner in enumerate(["alice", "bob", "alice", "alice", "bob"]):
+        await store.create(session(f"s{n}", created=n, owner=owner))
+    first = await store.list_sessions(2, owner="alice")
+    assert [s.session_id for s in first.sessions] == ["s3", "s2"]
+    assert first.next_cursor is not None
+    rest = await store.list_sessions(2, first.next_cursor, owner="alice")
+    assert [s.session_id for s in rest.sessions] == ["s0"]
+    assert rest.next_cursor is None
+    assert await store.count(owner="alice") == 3
+    assert await store.count(owner="bob") == 2
+    assert await store.count(owner="carol") == 0
+    assert await store.count() == 5
+    await store.delete("s3")
+    await store.evict(keep=3)
+    remaining = {s.session_id for s in (await store.list_sessions(10)).sessions}
+    by_owner = {
+        s.session_id
+        for owner in ("alice", "bob")
+        for s in (await store.list_sessions(10, owner=owner)).sessions
+    }
+    assert by_owner == remaining
+    assert await store.count(owner="alice") + await store.count(owner="bob") == 3
+
+
+async def test_create_with_max_owned_counts_and_creates_in_one_step(store: SessionStore) -> None:
+    await store.create(session("a1", owner="alice"), max_owned=2)
+    await store.create(session("b1", owner="bob"), max_owned=1)
+    await store.create(session("a2", owner="alice", created=1), max_owned=2)
+    with pytest.raises(OwnerLimitReached) as full:
+        await store.create(session("a3", owner="alice", created=2), max_owned=2)
+    assert (full.value.owner, full.value.owned) == ("alice", 2)
+    with pytest.raises(SessionNotFound):
+        await store.get("a3")
+    # Concurrent creates (one store object or several servers on one store) never pass it.
+    results = await asyncio.gather(
+        *(store.create(session(f"c{n}", owner="carol", created=n), max_owned=3) for n in range(8)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 3
+    assert all(r is None or isinstance(r, OwnerLimitReached) for r in results)
+    assert await store.count(owner="carol") == 3

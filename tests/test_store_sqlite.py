@@ -77,7 +77,7 @@ def test_a_bad_store_url_is_not_shown_with_its_password(url: str) -> None:
 
 async def test_first_start_creates_the_directories_and_a_wal_database(tmp_path: Path) -> None:
     path = tmp_path / "new" / "dirs" / "chat.db"
-    store = SqliteStore(path)
+    store = SqliteStore(path, create_directory=True)
     await store.open()
     try:
         await store.create(Session("s", T0, T0))
@@ -91,6 +91,22 @@ async def test_first_start_creates_the_directories_and_a_wal_database(tmp_path: 
         }
     assert {"sessions_by_created", "sessions_by_activity"} <= indexes
     assert schema_version(path) == SCHEMA_VERSION
+
+
+async def test_only_the_default_store_makes_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nonexistent-dir"
+    explicit = open_store(f"sqlite://{missing}/x.db")
+    with pytest.raises(ConfigurationError, match="nonexistent-dir does not exist"):
+        await explicit.open()
+    assert not missing.exists()
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    default = open_store(default_store_url())
+    await default.open()
+    await default.aclose()
+    assert default_store_path().is_file()
 
 
 async def test_a_version_1_database_is_upgraded_with_its_data(tmp_path: Path) -> None:

@@ -92,7 +92,8 @@ def test_every_stats_field_is_in_the_one_statistics_list() -> None:
 
 def test_session_settings_are_session_fields_the_core_takes() -> None:
     create = wire_fields("CreateSessionRequest")
-    parameters = set(inspect.signature(ChatCore.create_session).parameters) - {"self"}
+    # The caller's identity is not a setting: it comes from the credentials.
+    parameters = set(inspect.signature(ChatCore.create_session).parameters) - {"self", "identity"}
     assert create <= domain_fields(Session)
     assert create == parameters
     assert wire_fields("UpdateSessionRequest") - {"session_id"} == domain_fields(SessionPatch)

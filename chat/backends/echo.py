@@ -30,11 +30,13 @@ def echo_reply(request: GenerationRequest) -> str:
     >>> echo_reply(GenerationRequest("echo", [PromptMessage(Role.USER, "hi there")]))
     'Echo #1 (1 message in context): hi there'
     """
-    conversation = [m for m in request.messages if m.role is not Role.SYSTEM]
-    turn = sum(1 for m in conversation if m.role is Role.USER)
-    last = next((m.content for m in reversed(conversation) if m.role is Role.USER), "")
-    plural = "" if len(conversation) == 1 else "s"
-    return f"Echo #{turn} ({len(conversation)} message{plural} in context): {last}"
+    # Counted with list.count: this runs over the whole context on every turn.
+    roles = [m.role for m in request.messages]
+    conversation = len(roles) - roles.count(Role.SYSTEM)
+    turn = roles.count(Role.USER)
+    last = next((m.content for m in reversed(request.messages) if m.role is Role.USER), "")
+    plural = "" if conversation == 1 else "s"
+    return f"Echo #{turn} ({conversation} message{plural} in context): {last}"
 
 
 class EchoBackend:
@@ -43,23 +45,33 @@ class EchoBackend:
     ``pace`` is the pause in seconds between deltas (0 for tests and benchmarks; a small
     value makes streaming visible in a terminal). Usage is reported in words, as an
     estimate of tokens, and ``max_output_tokens`` counts words too.
+
+    ``models`` are the names it serves, checked like a remote backend's model list (a
+    session asking for another is refused with ``INVALID_ARGUMENT``); ``None`` answers
+    under any name. ``chat-server`` serves its default model only.
     """
 
     name = "echo"
 
-    def __init__(self, *, pace: float = 0.0, default_model: str = "echo") -> None:
+    def __init__(
+        self,
+        *,
+        pace: float = 0.0,
+        default_model: str = "echo",
+        models: Sequence[str] | None = None,
+    ) -> None:
         if pace < 0:
             raise ValueError("pace must be >= 0")
         self._pace = pace
         self._default_model = default_model
+        self._models = None if models is None else tuple(models)
 
     @property
     def default_model(self) -> str:
         return self._default_model
 
     async def list_models(self) -> Sequence[str] | None:
-        # The echo backend answers under any model name.
-        return None
+        return self._models
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         words = split_words(echo_reply(request))
@@ -72,7 +84,8 @@ class EchoBackend:
             if self._pace and index:
                 await asyncio.sleep(self._pace)
             yield Delta(word)
-        prompt_words = sum(len(m.content.split()) for m in request.messages)
+        # The words of all messages: split once, joined by a space (no word spans two).
+        prompt_words = len(" ".join([m.content for m in request.messages]).split())
         yield Delta(
             finish_reason=finish,
             usage=Usage(prompt_tokens=prompt_words, completion_tokens=len(words)),

@@ -16,19 +16,32 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from chat.client import ClientStats, Reply, ServerStatsInfo
-from chat.types import ContextPolicy, Message, MessageStatus, Role, Session, Usage, utcnow
+from chat.client import ClientStats, Reply, ServerStatsInfo, WhoAmI
+from chat.errors import BackendRateLimited, ChatError, InvalidArgument
+from chat.types import (
+    ContextPolicy,
+    FinishReason,
+    Message,
+    MessageStatus,
+    Role,
+    Session,
+    Usage,
+    utcnow,
+)
 
 __all__ = [
     "client_stats_table",
+    "error_json",
     "history_renderables",
     "make_console",
     "message_json",
     "reply_json",
+    "reply_summary",
     "server_stats_json",
     "server_stats_table",
     "session_details",
     "session_json",
+    "session_lines",
     "session_table",
     "short_id",
 ]
@@ -103,6 +116,21 @@ def session_table(
     return table
 
 
+def session_lines(sessions: Sequence[Session]) -> list[str]:
+    """Sessions as plain columns, for a pipe: no box drawing, no truncation, full ids.
+
+    Tab-separated, with a header line: ``cut -f1``, ``awk -F'\t'`` and spreadsheets read it.
+    """
+    lines = ["id\ttitle\tmessages\tmodel\tlast activity"]
+    for session in sessions:
+        title = " ".join(session.title.split())  # a title must not break the columns
+        lines.append(
+            f"{session.session_id}\t{title}\t{session.message_count}\t{session.model}\t"
+            f"{_time(session.last_activity)}"
+        )
+    return lines
+
+
 def _grid(rows: Iterable[tuple[str, str | Text]]) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -155,15 +183,25 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _duration(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minute:02d}m {second:02d}s"
+    return f"{minute}m {second:02d}s" if minute else f"{second}s"
+
+
 def client_stats_table(stats: ClientStats, *, target: str, connected: bool) -> Table:
     return _grid(
         [
             ("server", f"{target} ({'connected' if connected else 'not connected'})"),
+            ("session duration", _duration(stats.duration)),
             ("messages sent", str(stats.messages_sent)),
             ("replies completed", str(stats.replies_succeeded)),
             ("replies failed", str(stats.replies_failed)),
             ("replies cancelled", str(stats.replies_cancelled)),
             ("chunks received", str(stats.chunks_received)),
+            ("average chunks per reply", f"{stats.average_chunks_per_reply:.1f}"),
             ("average response time", _seconds(stats.average_response_time)),
             ("average time to first chunk", _seconds(stats.average_first_chunk_time)),
             ("connection attempts", str(stats.connection_attempts)),
@@ -241,6 +279,7 @@ def session_json(session: Session, messages: Sequence[Message] | None = None) ->
 
 
 def reply_json(reply: Reply) -> dict[str, Any]:
+    """The figures of :func:`reply_summary`, and the text, for ``ask --json``."""
     return {
         "session_id": reply.session_id,
         "request_id": reply.request_id,
@@ -249,13 +288,79 @@ def reply_json(reply: Reply) -> dict[str, Any]:
         "model": reply.model,
         "usage": _usage(reply.usage),
         "message_count": reply.message_count,
+        "context_messages": reply.context_messages,
+        "omitted_messages": reply.omitted_messages,
         "chunks": reply.total_chunks,
         "processing_time": reply.processing_time,
         "response_time": reply.response_time,
+        "first_chunk_time": reply.first_chunk_time,
     }
+
+
+def reply_summary(reply: Reply) -> str:
+    """One line of figures after a reply, from its RESPONSE_START and RESPONSE_COMPLETE::
+
+        12 chunks · 1.20 s · first chunk 85 ms · 3 messages in context, 2 left out
+        · 40 tokens in, 12 out · stop
+
+    (on one line). Token counts only when the model reported them.
+    """
+    chunks = "1 chunk" if reply.total_chunks == 1 else f"{reply.total_chunks} chunks"
+    parts = [chunks, _seconds(reply.response_time)]
+    if reply.first_chunk_time is not None:
+        parts.append(f"first chunk {_seconds(reply.first_chunk_time)}")
+    plural = "" if reply.context_messages == 1 else "s"
+    context = f"{reply.context_messages} message{plural} in context"
+    if reply.omitted_messages:
+        context += f", {reply.omitted_messages} left out"
+    parts.append(context)
+    if reply.usage is not None:
+        parts.append(f"{reply.usage.prompt_tokens} tokens in, {reply.usage.completion_tokens} out")
+    parts.append(_FINISH_WORDS.get(reply.finish_reason, reply.finish_reason.name.lower()))
+    return " · ".join(parts)
+
+
+_FINISH_WORDS = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length limit",
+    FinishReason.CANCELLED: "cancelled",
+}
+
+
+def error_json(error: ChatError) -> dict[str, Any]:
+    """An error for ``--json`` output: the protocol detail the message for people leaves out."""
+    data: dict[str, Any] = {"code": error.status.name, "message": error.message}
+    if isinstance(error, InvalidArgument):
+        data["field"] = error.field
+    if isinstance(error, BackendRateLimited) and error.retry_after is not None:
+        data["retry_after"] = error.retry_after
+    return {"error": data}
 
 
 def server_stats_json(info: ServerStatsInfo) -> dict[str, Any]:
     data = {name: getattr(info, name) for name in info.__dataclass_fields__}
     data["started_at"] = _time(info.started_at)
     return data
+
+
+def who_am_i_text(info: WhoAmI) -> str:
+    """``chat-client whoami`` and ``/whoami``: the identity, its role and its limits.
+
+    >>> print(who_am_i_text(WhoAmI("alice", False, "tokens")))
+    alice (user; the server authenticates with tokens; no limits)
+    """
+    role = "administrator" if info.admin else "user"
+    lines = [f"{info.identity} ({role}; the server authenticates with {info.auth}"]
+    if not info.quotas:
+        lines[0] += "; no limits)"
+        return lines[0]
+    lines[0] += ")"
+    for quota in info.quotas:
+        line = f"  {quota.name}: {quota.used} of {quota.limit}"
+        if quota.period_seconds:
+            line += (
+                f" per {quota.period_seconds:g}s (the period ends in "
+                f"{quota.resets_in_seconds:.0f}s)"
+            )
+        lines.append(line)
+    return "\n".join(lines)

@@ -8,6 +8,10 @@ Ctrl-C is a key at the prompt (prompt_toolkit reads the terminal raw): on an emp
 quits, otherwise it clears the line. While a command runs the terminal is cooked, so Ctrl-C
 is SIGINT: the first one cancels the streaming reply (the reply then ends as cancelled), the
 next one abandons the command.
+
+When stdin is not a terminal, lines are a script: stdout gets the replies and what the
+commands were asked to show, stderr everything else (banner, confirmations, notices,
+errors), and the exit status is that of the first error.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import stat
 import sys
@@ -36,13 +41,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from chat.cli._exit import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, exit_code_for
+from chat.cli._hints import unreachable_hint
+from chat.cli._markdown import StreamingMarkdown
 from chat.cli._render import (
     client_stats_table,
     history_renderables,
+    reply_summary,
     server_stats_table,
     session_details,
     session_table,
     short_id,
+    who_am_i_text,
 )
 from chat.cli._sigint import on_sigint
 from chat.client import (
@@ -68,7 +78,7 @@ from chat.errors import (
     SessionNotFound,
     StatusCode,
 )
-from chat.types import FinishReason, Session, SessionUpdateKind
+from chat.types import FinishReason, MessageStatus, Role, Session, SessionUpdateKind
 
 __all__ = ["InteractiveOptions", "run_interactive"]
 
@@ -89,6 +99,12 @@ _TYPING = frozenset({SessionUpdateKind.TYPING_STARTED, SessionUpdateKind.TYPING_
 _STYLE = Style.from_dict({"you": "bold ansigreen", "session": "ansicyan", "offline": "ansired"})
 
 
+log = logging.getLogger(__name__)
+
+#: What ``--render`` accepts: ``None`` is Markdown on a terminal, plain text otherwise.
+RENDERINGS = ("markdown", "plain")
+
+
 @dataclass(frozen=True, slots=True)
 class InteractiveOptions:
     """What only the interactive client needs, besides the :class:`ClientConfig`."""
@@ -97,6 +113,16 @@ class InteractiveOptions:
     session: str | None = None
     #: Keep the prompt's history in this file (in memory only when ``None``).
     history_file: Path | None = None
+    #: No summary line after each reply (``/verbose on`` brings it back).
+    quiet: bool = False
+    #: How replies are shown (:data:`RENDERINGS`); ``None``: Markdown on a terminal.
+    render: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.render is not None and self.render not in RENDERINGS:
+            raise ConfigurationError(
+                f"render must be one of {', '.join(RENDERINGS)}, not {self.render!r}"
+            )
 
 
 # -- reading lines ----------------------------------------------------------------------------
@@ -155,9 +181,22 @@ class _TerminalReader:
     @contextlib.contextmanager
     def typeahead(self, on_line: Callable[[str], None]) -> Iterator[None]:
         # The terminal is cooked while a reply streams: the kernel hands over whole lines.
+        # Its echo is turned off meanwhile, so that what is typed is not drawn inside the
+        # reply; the line is shown after the reply, at the prompt, before it is run.
         loop = asyncio.get_running_loop()
         fd = sys.stdin.fileno()
         pending = bytearray()
+        with _no_echo(fd), self._reading(loop, fd, pending, on_line):
+            yield
+
+    @contextlib.contextmanager
+    def _reading(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        pending: bytearray,
+        on_line: Callable[[str], None],
+    ) -> Iterator[None]:
 
         def readable() -> None:
             try:
@@ -185,8 +224,28 @@ class _TerminalReader:
         return None
 
 
+@contextlib.contextmanager
+def _no_echo(fd: int) -> Iterator[None]:
+    """Turn the terminal's echo off while inside (lines are still read whole; Ctrl-C works)."""
+    try:
+        import termios
+
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError):
+        yield  # not a terminal after all, or no termios on this platform
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 class _PlainReader:
-    """Lines from a pipe, a file or a test's stdin: no prompt, no editing."""
+    """Lines from a pipe, a file, a device or a test's stdin: no prompt, no editing."""
 
     interactive = False
 
@@ -200,18 +259,23 @@ class _PlainReader:
         if not self._checked:
             self._checked = True
             try:
-                fd = self._stream.fileno()
-                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                mode = os.fstat(self._stream.fileno()).st_mode
             except (OSError, ValueError, AttributeError):
-                # No file descriptor (a test's stream) or a regular file: reading never blocks.
+                return None  # no file descriptor (a test's stream): read it directly
+            # Only pipes and sockets can be waited on by the event loop (and must be, or a
+            # slow writer would block the client). Files and devices such as /dev/null
+            # answer at once; the loop refuses them (connect_read_pipe: PermissionError).
+            if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
                 return None
-            if not regular:
-                loop = asyncio.get_running_loop()
-                reader = asyncio.StreamReader()
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader()
+            try:
                 self._transport, _ = await loop.connect_read_pipe(
                     lambda: asyncio.StreamReaderProtocol(reader), self._stream
                 )
-                self._reader = reader
+            except (OSError, ValueError):
+                return None
+            self._reader = reader
         return self._reader
 
     async def read(self, prompt: Callable[[], FormattedText]) -> str | None:
@@ -245,6 +309,18 @@ class _Command:
     run: Callable[[str], Awaitable[bool | None]]
 
 
+@dataclass(slots=True)
+class _LastTurn:
+    """The last message this client sent, so that /retry can send it again."""
+
+    session_id: str
+    request_id: str
+    #: The text, for a MESSAGE (a RETRY's text is the server's failed message).
+    text: str
+    #: The connection was lost before the reply ended.
+    cut_short: bool = False
+
+
 class _Repl:
     def __init__(
         self,
@@ -252,16 +328,31 @@ class _Repl:
         options: InteractiveOptions,
         console: Console,
         reader: _LineReader,
+        diagnostics: Console | None = None,
     ) -> None:
         self.config = config
         self.options = options
+        #: Replies and what commands were asked to show.
         self.out = console
+        #: Everything else: stderr in a script, the same terminal otherwise.
+        self.diag = diagnostics if diagnostics is not None else console
         self.reader = reader
         self.client = ChatClient.from_config(config)
         self.session: Session | None = None
+        self.verbose = not options.quiet
+        self.markdown = options.render == "markdown" or (
+            options.render is None and console.is_terminal
+        )
+        #: The exit status of a script: that of its first error.
+        self.exit_code = EXIT_OK
         # The user typed /disconnect: do not connect again until /connect.
         self.offline_by_choice = False
         self._was_connected = False
+        self._banner_shown = False
+        # The connection loss last reported, so that the reply cut short by it and the
+        # notice about it do not both say it.
+        self._loss_shown: str | None = None
+        self._last_turn: _LastTurn | None = None
         self._reply: ReplyStream | None = None
         self._cancel_sent = False
         self._current: asyncio.Future[Any] | None = None
@@ -284,13 +375,19 @@ class _Repl:
             _Command(
                 "delete", "[id]", "delete a session (default: the current one)", self.cmd_delete
             ),
-            _Command("retry", "", "run your last message again after it failed", self.cmd_retry),
+            _Command(
+                "retry", "", "send your last message again after its reply failed", self.cmd_retry
+            ),
             _Command(
                 "cancel", "", "stop the reply (also: Ctrl-C while it streams)", self.cmd_cancel
             ),
+            _Command("verbose", "[on|off]", "the summary line after each reply", self.cmd_verbose),
             _Command("ping", "", "measure the round trip to the server", self.cmd_ping),
             _Command("stats", "", "this client's statistics", self.cmd_stats),
             _Command("server", "", "the server's statistics", self.cmd_server),
+            _Command(
+                "whoami", "", "who the server takes you for, and your limits", self.cmd_whoami
+            ),
             _Command("health", "", "the server's health status", self.cmd_health),
             _Command(
                 "connect", "[host:port]", "connect (again, or to another server)", self.cmd_connect
@@ -305,10 +402,17 @@ class _Repl:
     # -- output helpers -----------------------------------------------------------------------
 
     def note(self, text: str) -> None:
-        self.out.print(Text(text, style="dim"))
+        self.diag.print(Text(text, style="dim"))
 
-    def error(self, text: str) -> None:
-        self.out.print(Text(f"error: {text}", style="bold red"))
+    def say(self, text: str) -> None:
+        """A confirmation ("Title set"): for the person, not a result of the script."""
+        self.diag.print(text)
+
+    def error(self, text: str, code: int) -> None:
+        """Report an error; the first one gives a script its exit status."""
+        if self.exit_code == EXIT_OK:
+            self.exit_code = code
+        self.diag.print(Text(f"error: {text}", style="bold red"))
 
     def prompt(self) -> FormattedText:
         """``You [0720e2e4] ›``: the current session, and whether the client is offline."""
@@ -320,23 +424,35 @@ class _Repl:
         fragments.append(("", " › "))
         return FormattedText(fragments)
 
-    def unreachable(self, error: ServerUnreachable) -> None:
-        self.error(error.message)
-        port = self.config.port
-        start = "chat-server" if port == 50051 else f"chat-server --port {port}"
-        self.note(
-            f"Start a server in another terminal with `{start}`, then type /connect "
-            "(or point chat-client at one with --target HOST:PORT or CHAT_TARGET)."
-        )
+    def unreachable(self, error: ServerUnreachable, config: ClientConfig | None = None) -> None:
+        self.error(error.message, exit_code_for(error))
+        hint = unreachable_hint(error, config or self.config)
+        if hint is not None:
+            then = ", then type /connect." if self.reader.interactive else "."
+            self.note(hint[:1].upper() + hint[1:] + then)
+
+    def _report_loss(self, message: str, *, as_error: bool) -> None:
+        """Say once that the connection was lost (a reply cut short and a notice both tell)."""
+        if message == self._loss_shown:
+            return
+        self._loss_shown = message
+        if as_error:
+            self.error(message, EXIT_UNREACHABLE)
+        else:
+            self.note(f"· {message}")
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Read and act until the end; the exit status (a script's: that of its first error)."""
         with on_sigint(self._interrupt):
             try:
                 self._start_watching()
-                if await self.connect() and self.options.session:
-                    await self.cmd_join(self.options.session)
+                # A script connects when a line needs the server: an empty one (cron,
+                # `ssh host cmd </dev/null`) has nothing to do and succeeds.
+                connected = await self.connect() if self.reader.interactive else True
+                if connected and self.options.session:
+                    await self.handle(f"/join {self.options.session}")
                 while await self._step():
                     pass
             finally:
@@ -347,11 +463,12 @@ class _Repl:
                 await self.client.aclose()
                 await self._stop_watching()
                 self.reader.close()
-        return 0
+        return EXIT_OK if self.reader.interactive else self.exit_code
 
     async def _step(self) -> bool:
         """Read one line and act on it; ``False`` to leave."""
         if self._typeahead:
+            # Typed while a reply streamed (not echoed then): shown now, at the prompt.
             line: str | None = self._typeahead.popleft()
             self.out.print("".join(fragment[1] for fragment in self.prompt()) + (line or ""))
         else:
@@ -402,7 +519,7 @@ class _Repl:
         try:
             await reply.cancel()
         except ChatError as error:
-            self.error(f"could not cancel: {error.message}")
+            self.error(f"could not cancel: {error.message}", exit_code_for(error))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -423,26 +540,30 @@ class _Repl:
     async def _watch(self, client: ChatClient) -> None:
         async with client.notices() as notices:
             async for notice in notices:
-                text = self._on_notice(notice)
-                if text is None:
-                    continue
                 if self._prompting:
                     # Above the prompt, which prompt_toolkit then draws again.
-                    await run_in_terminal(functools.partial(self.note, text))
+                    await run_in_terminal(functools.partial(self._on_notice, notice))
                 else:
-                    self.note(text)
+                    self._on_notice(notice)
 
-    def _on_notice(self, notice: Notice) -> str | None:
-        """Follow what the notice says; return what to show, if anything."""
+    def _on_notice(self, notice: Notice) -> None:
+        """Follow what the notice says, and show what is worth showing."""
+        text = self._notice_text(notice)
+        if text is not None:
+            self.note(text)
+
+    def _notice_text(self, notice: Notice) -> str | None:
         if isinstance(notice, ConnectionStateChanged):
             if notice.state is ConnectionState.LOST:
-                return f"· {notice.reason}"
+                self._report_loss(notice.reason, as_error=False)
+                return None
             if notice.state is ConnectionState.RECONNECTING:
                 wait = f" in {notice.delay:.1f}s" if notice.delay else ""
                 policy = self.config.reconnect
                 attempts = f"{notice.attempt}/{policy.max_attempts if policy else 1}"
                 return f"· reconnecting to {notice.target}{wait} (attempt {attempts})"
             if notice.state is ConnectionState.RECONNECTED:
+                self._loss_shown = None
                 kept = (
                     f"; still in session {short_id(self.session.session_id)}"
                     if self.session is not None
@@ -474,26 +595,35 @@ class _Repl:
         except ServerUnreachable as error:
             self.unreachable(error)
             return False
+        self._connected()
+        await self._describe_server()
+        return True
+
+    def _connected(self) -> None:
         self._was_connected = True
         self.offline_by_choice = False
+        self._loss_shown = None
+
+    async def _describe_server(self) -> None:
         try:
             info = await self.client.server_stats()
         except ChatError:
-            self.out.print(f"Connected to {self.config.target}.")
+            self.say(f"Connected to {self.config.target}.")
         else:
-            self.out.print(
+            self.say(
                 f"Connected to {self.config.target}: chat-server {info.version}, "
                 f"{info.backend} backend, model {info.model}, {info.store} store."
             )
-        self.note("Type a message to chat, /help for the commands, Ctrl-D or /quit to leave.")
-        return True
+        if not self._banner_shown and self.reader.interactive:
+            self.note("Type a message to chat, /help for the commands, Ctrl-D or /quit to leave.")
+        self._banner_shown = True
 
     async def ready(self) -> bool:
         """Whether the client can talk to the server now (connecting once if it never did)."""
         if self.client.connected:
             return True
         if self.offline_by_choice:
-            self.error("not connected; type /connect")
+            self.error("not connected; type /connect", EXIT_USAGE)
             return False
         if self._was_connected and self.config.reconnect is not None:
             return True  # the client reconnects by itself on its next call
@@ -519,22 +649,22 @@ class _Repl:
         except ServerUnreachable as error:
             self.unreachable(error)
         except SessionNotFound as error:
-            self.error(error.message)
+            self.error(error.message, exit_code_for(error))
             self._session_gone(error.session_id)
         except ChatError as error:
-            self.error(error.message)
+            self.error(error.message, exit_code_for(error))
         return True
 
     def unknown(self, name: str) -> None:
         names = [*self.commands, *self.aliases]
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean /{self.aliases.get(close[0], close[0])}?" if close else ""
-        self.error(f"unknown command /{name}.{hint} Type /help for the list.")
+        self.error(f"unknown command /{name}.{hint} Type /help for the list.", EXIT_USAGE)
         self.note("To send a message that starts with /, begin it with //.")
 
     def need_session(self) -> Session | None:
         if self.session is None:
-            self.error("no session yet: send a message, or use /new or /join <id>")
+            self.error("no session yet: send a message, or use /new or /join <id>", EXIT_USAGE)
         return self.session
 
     # -- conversation -------------------------------------------------------------------------
@@ -542,15 +672,21 @@ class _Repl:
     async def send(self, text: str) -> None:
         if not await self.ready():
             return
+        new = self.session is None
         if self.session is None:
             self.session = await self.client.create_session(title=_title_for(text))
-            self.note(f"New session {short_id(self.session.session_id)}.")
-        await self.stream(self.client.send(self.session.session_id, text))
+        await self.stream(self.client.send(self.session.session_id, text), text, new_session=new)
 
-    async def stream(self, reply: ReplyStream) -> None:
-        """Show a reply as it streams; Ctrl-C or /cancel (typed meanwhile) stops it."""
+    async def stream(self, reply: ReplyStream, text: str, *, new_session: bool = False) -> None:
+        """Show a reply as it streams; Ctrl-C or /cancel (typed meanwhile) stops it.
+
+        ``new_session``: the session was made for this message; if the message is refused
+        (nothing stored), the session goes too, rather than staying behind empty.
+        """
         self._reply, self._cancel_sent = reply, False
+        self._last_turn = _LastTurn(reply.session_id, reply.request_id, text)
         started = False
+        markdown: StreamingMarkdown | None = None
         try:
             with self.reader.typeahead(self._typed_while_streaming):
                 async with reply:
@@ -559,32 +695,75 @@ class _Repl:
                             self.note(f"({event.message})")
                         elif isinstance(event, ReplyStarted):
                             started = True
-                            self.out.print(Text("Assistant › ", style="bold magenta"), end="")
+                            if new_session:
+                                self.say(f"New session {short_id(event.session_id)}.")
+                            markdown = self._start_reply()
                         elif isinstance(event, ReplyChunk):
-                            # As it arrives: no markup, no wrapping by rich.
-                            self.out.out(event.text, end="", highlight=False)
+                            if markdown is not None:
+                                markdown.feed(event.text)
+                            else:
+                                # As it arrives: no markup, no wrapping by rich.
+                                self.out.out(event.text, end="", highlight=False)
                         elif isinstance(event, ReplyCompleted):
-                            self.out.print()
-                            self._footer(event)
+                            self._end_reply(markdown)
+                            markdown = None
+                            self._footer(event, reply)
+                            if new_session and not event.message_count:
+                                await self._forget_new_session(reply.session_id)
                         elif isinstance(event, ReplyFailed):
                             if started:
-                                self.out.print()
+                                self._end_reply(markdown)
+                                markdown = None
                             self._failed(event)
+                            if new_session and not event.started:
+                                await self._forget_new_session(reply.session_id)
         except ServerUnreachable as error:
             if started:
-                self.out.print()
-            self.error(f"{error.message}; the reply was cut short")
+                self._end_reply(markdown)
+                markdown = None
+            self._report_loss(error.message, as_error=True)
+            self._last_turn.cut_short = True
+            self.note("The reply was cut short; /retry sends your message again.")
         finally:
+            if markdown is not None:
+                markdown.close()
             self._reply = None
 
-    def _footer(self, event: ReplyCompleted) -> None:
+    def _start_reply(self) -> StreamingMarkdown | None:
+        if not self.reader.interactive:
+            return None  # a script's stdout is the replies' text, nothing around it
+        if self.markdown:
+            self.out.print(Text("Assistant ›", style="bold magenta"))
+            return StreamingMarkdown(self.out)
+        self.out.print(Text("Assistant › ", style="bold magenta"), end="")
+        return None
+
+    def _end_reply(self, markdown: StreamingMarkdown | None) -> None:
+        if markdown is not None:
+            markdown.close()
+        else:
+            self.out.print()
+
+    async def _forget_new_session(self, session_id: str) -> None:
+        # Best effort: the message was refused, and the session made for it holds nothing.
+        with contextlib.suppress(ChatError):
+            await self.client.delete_session(session_id)
+        if self.session is not None and self.session.session_id == session_id:
+            self.session = None
+
+    def _footer(self, event: ReplyCompleted, reply: ReplyStream) -> None:
         if event.finish_reason is FinishReason.CANCELLED:
-            self.out.print(Text("[cancelled: the partial reply is kept]", style="yellow"))
+            self.note("[cancelled: the partial reply is kept]")
         elif event.finish_reason is FinishReason.LENGTH:
-            self.out.print(Text("[cut at the model's length limit]", style="yellow"))
+            self.note("[cut at the model's length limit]")
+        if self.verbose and reply.result is not None:
+            self.note(reply_summary(reply.result))
 
     def _failed(self, event: ReplyFailed) -> None:
-        self.error(f"{event.message} ({event.code.name})")
+        # The status is for logs: the person reads what happened and what to do.
+        log.info("reply %s failed with %s", event.request_id, event.code.name)
+        error = event.error()
+        self.error(event.message, exit_code_for(error))
         if event.code is StatusCode.NOT_FOUND:
             self._session_gone(event.session_id)
         elif event.code in _RETRYABLE or event.started:
@@ -619,18 +798,18 @@ class _Repl:
         if not await self.ready():
             return
         self.session = await self.client.create_session(title=title)
-        self.out.print(f"New session {short_id(self.session.session_id)}.")
+        self.say(f"New session {short_id(self.session.session_id)}.")
 
     async def cmd_join(self, wanted: str) -> None:
         if not wanted:
-            self.error("usage: /join <session id or unique prefix>")
+            self.error("usage: /join <session id or unique prefix>", EXIT_USAGE)
             return
         if not await self.ready():
             return
         session = await self.client.find_session(wanted)
         self.session = session
         title = f" “{session.title}”" if session.title else ""
-        self.out.print(
+        self.say(
             f"Joined session {short_id(session.session_id)}{title} "
             f"({session.message_count} messages)."
         )
@@ -669,7 +848,7 @@ class _Repl:
             return
         if await self.ready():
             self.session = await self.client.update_session(session.session_id, title=title)
-            self.out.print(f"Title set: {self.session.title}")
+            self.say(f"Title set: {self.session.title}")
 
     async def cmd_system(self, prompt: str) -> None:
         if (session := self.need_session()) is None:
@@ -680,7 +859,7 @@ class _Repl:
         if await self.ready():
             value = "" if prompt == "-" else prompt
             self.session = await self.client.update_session(session.session_id, system_prompt=value)
-            self.out.print("System prompt removed." if not value else "System prompt set.")
+            self.say("System prompt removed." if not value else "System prompt set.")
 
     async def cmd_model(self, model: str) -> None:
         if (session := self.need_session()) is None:
@@ -690,7 +869,7 @@ class _Repl:
             return
         if await self.ready():
             self.session = await self.client.update_session(session.session_id, model=model)
-            self.out.print(f"Model set: {self.session.model}")
+            self.say(f"Model set: {self.session.model}")
 
     async def cmd_delete(self, wanted: str) -> None:
         if not await self.ready():
@@ -702,17 +881,52 @@ class _Repl:
         else:
             return
         deleted = await self.client.delete_session(target.session_id)
-        self.out.print(f"Deleted session {short_id(target.session_id)} ({deleted} messages).")
+        self.say(f"Deleted session {short_id(target.session_id)} ({deleted} messages).")
         if self.session is not None and self.session.session_id == target.session_id:
             self.session = None
 
     async def cmd_retry(self, _: str) -> None:
         if (session := self.need_session()) is None or not await self.ready():
             return
-        await self.stream(self.client.retry(session.session_id))
+        last = self._last_turn
+        if last is not None and last.cut_short and last.session_id == session.session_id:
+            text = await self._text_to_resend(last)
+            if text is None:
+                return
+            if text:
+                # A reply cut short by a lost connection is stored as cancelled (or not at
+                # all), which RETRY does not take: the message is sent again instead.
+                self.note("Sending your message again.")
+                await self.stream(self.client.send(session.session_id, text), text)
+                return
+        await self.stream(self.client.retry(session.session_id), "")
+
+    async def _text_to_resend(self, last: _LastTurn) -> str | None:
+        """What /retry sends after a loss: the text, ``""`` for a RETRY, ``None``: nothing."""
+        history = await self.client.history(last.session_id)
+        turn = [m for m in history if m.request_id == last.request_id]
+        if any(m.role is Role.ASSISTANT and m.status is MessageStatus.COMPLETE for m in turn):
+            self._last_turn = None
+            self.note("That reply was completed after all: /history shows it.")
+            return None
+        user = next((m for m in turn if m.role is Role.USER), None)
+        if user is not None:
+            return "" if user.status is MessageStatus.FAILED else user.content
+        # Not stored at all (the server stopped mid-turn): the text the client has, if any.
+        return last.text
 
     async def cmd_cancel(self, _: str) -> None:
         self.note("Nothing is streaming. While a reply streams, press Ctrl-C or type /cancel.")
+
+    async def cmd_verbose(self, argument: str) -> None:
+        value = argument.lower()
+        if value in ("on", "off"):
+            self.verbose = value == "on"
+        elif value:
+            self.error("usage: /verbose [on|off]", EXIT_USAGE)
+            return
+        state = "on" if self.verbose else "off"
+        self.say(f"Summary line after each reply: {state}.")
 
     async def cmd_ping(self, _: str) -> None:
         if not await self.ready():
@@ -733,9 +947,13 @@ class _Repl:
         info = await self.client.server_stats()
         self.out.print(server_stats_table(info, target=self.config.target))
 
-    async def cmd_health(self, _: str) -> None:
+    async def cmd_whoami(self, _: str) -> None:
         if not await self.ready():
             return
+        self.out.print(Text(who_am_i_text(await self.client.who_am_i())))
+
+    async def cmd_health(self, _: str) -> None:
+        # No ready(): the health check needs no Chat stream, which a draining server refuses.
         overall = await self.client.health()
         service = await self.client.health("ChatService")
         self.out.print(f"server: {overall.name}; ChatService: {service.name}")
@@ -743,24 +961,38 @@ class _Repl:
             self.note("NOT_SERVING: the server is shutting down and takes no new messages.")
 
     async def cmd_connect(self, target: str) -> None:
-        if target and target != self.config.target:
+        if target:
             try:
                 config = dataclasses.replace(self.config, target=target)
             except ConfigurationError as error:
-                self.error(error.message)
+                self.error(error.message, EXIT_USAGE)
                 return
-            await self._stop_watching()
-            await self.client.aclose()
-            self.config, self.client = config, ChatClient.from_config(config)
-            self._was_connected = False
-            self._start_watching()
-            if await self.connect() and self.session is not None:
-                await self._keep_session()
-            return
+            if config.target != self.config.target:
+                await self._switch_to(config)
+                return
         if self.client.connected:
-            self.out.print(f"Already connected to {self.config.target}.")
+            self.say(f"Already connected to {self.config.target}.")
             return
         if await self.connect() and self.session is not None:
+            await self._keep_session()
+
+    async def _switch_to(self, config: ClientConfig) -> None:
+        """Connect to another server; on failure, stay with this one."""
+        client = ChatClient.from_config(config)
+        try:
+            await client.connect()
+        except ServerUnreachable as error:
+            await client.aclose()
+            self.unreachable(error, config)
+            self.note(f"Still using {self.config.target}.")
+            return
+        await self._stop_watching()
+        await self.client.aclose()
+        self.config, self.client = config, client
+        self._start_watching()
+        self._connected()
+        await self._describe_server()
+        if self.session is not None:
             await self._keep_session()
 
     async def _keep_session(self) -> None:
@@ -775,9 +1007,13 @@ class _Repl:
             self.session = None
 
     async def cmd_disconnect(self, _: str) -> None:
+        was_connected = self.client.connected
         await self.client.disconnect()
         self.offline_by_choice = True
-        self.out.print(f"Disconnected from {self.config.target}; /connect reconnects.")
+        if was_connected:
+            self.say(f"Disconnected from {self.config.target}; /connect reconnects.")
+        else:
+            self.note("Not connected; /connect connects.")
 
     async def cmd_clear(self, _: str) -> None:
         self.out.clear()
@@ -805,13 +1041,22 @@ def run_interactive(
     *,
     stdin: TextIO | None = None,
     console: Console | None = None,
+    diagnostics: Console | None = None,
 ) -> int:
-    """Run the interactive client until the person leaves; return the exit status."""
+    """Run the interactive client until the person leaves; return the exit status.
+
+    A person at a terminal leaves with 0; a script (stdin not a terminal) gets the status of
+    its first error, and its diagnostics go to stderr.
+    """
     from chat.cli._render import make_console
 
     stream = stdin if stdin is not None else sys.stdin
     out = console if console is not None else make_console()
-    reader: _LineReader = (
-        _TerminalReader(options.history_file) if stream.isatty() else _PlainReader(stream)
-    )
-    return asyncio.run(_Repl(config, options, out, reader).run())
+    reader: _LineReader
+    if stream.isatty():
+        reader = _TerminalReader(options.history_file)
+    else:
+        reader = _PlainReader(stream)
+        if diagnostics is None:
+            diagnostics = make_console(sys.stderr)
+    return asyncio.run(_Repl(config, options, out, reader, diagnostics).run())

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from chat._defaults import default_of
 from chat._version import __version__
-from chat.config import API_KEY_ENV_VARS, BACKENDS, EVENT_LOOPS, MODEL_CHECKS, ServerConfig
+from chat.auth import AUTH_MODES
+from chat.auth.jwts import JwtSettings
+from chat.auth.tokens import TokenRecord, TokenStore, hash_token, new_token, open_token_store
+from chat.config import (
+    API_KEY_ENV_VARS,
+    BACKENDS,
+    EVENT_LOOPS,
+    MODEL_CHECKS,
+    REFLECTION_MODES,
+    ServerConfig,
+)
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
 from chat.logs import LOG_FORMATS
 from chat.logs import configure as configure_logging
+from chat.quota import Quotas, Rate
 from chat.retention import Retention
 from chat.secret import read_api_key
-from chat.server import ChatServer, event_loop_factory, serve
+from chat.server import ChatServer, event_loop_factory, exposure_warning, serve
 from chat.store import default_store_url
+from chat.store.sqlite import SqliteStore
 from chat.types import ContextPolicy
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -40,8 +55,22 @@ def _banner(server: ChatServer) -> None:
         f"store {core.store.kind})"
     )
     click.echo(f"  sessions in: {core.store.location}")
-    click.echo(f"  talk to it:  chat-client --target {address}")
-    click.echo(f"  inspect it:  grpcurl -plaintext {address} describe ChatService")
+    if isinstance(core.store, SqliteStore) and core.store.opened_elsewhere:
+        # Servers started without --store by one user all use the default file.
+        click.echo(
+            "  note:        another process has this file open too: its sessions are "
+            "shared with this server (--store picks another)"
+        )
+    security = "TLS" + (" with client certificates" if config.tls_client_ca else "")
+    click.echo(
+        f"  security:    {security if config.tls else 'plaintext (no TLS)'}, --auth {config.auth}"
+    )
+    if (warning := exposure_warning(config)) is not None:
+        click.echo(f"  WARNING:     {warning}")
+    tls = " --tls" if config.tls else ""
+    click.echo(f"  talk to it:  chat-client --target {address}{tls}")
+    grpcurl = "-cacert CA.pem" if config.tls else "-plaintext"
+    click.echo(f"  inspect it:  grpcurl {grpcurl} {address} describe ChatService")
     if server.metrics_port is not None:
         metrics = ServerConfig(host=config.metrics_host or config.host, port=server.metrics_port)
         click.echo(f"  metrics:     http://{metrics.address}/metrics")
@@ -82,7 +111,19 @@ def _prepare_telemetry(config: ServerConfig) -> None:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-@click.command(context_settings={"auto_envvar_prefix": "CHAT", "show_default": True})
+def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate | None:
+    if not value:
+        return None
+    try:
+        return Rate.parse(value)
+    except ChatError as error:
+        raise click.BadParameter(error.message) from error
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"auto_envvar_prefix": "CHAT", "show_default": True},
+)
 @click.option(
     "--host", default=_server_default("host"), help="Interface to listen on (0.0.0.0 for all)."
 )
@@ -225,6 +266,88 @@ def _prepare_telemetry(config: ServerConfig) -> None:
     help="asyncio event loop: uvloop (faster) when installed with auto.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM certificate (chain): serve over TLS (reloaded on SIGHUP).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PEM CA(s): require client certificates they signed (mTLS).",
+)
+@click.option(
+    "--auth",
+    default=_server_default("auth"),
+    type=click.Choice(AUTH_MODES),
+    help="How callers are identified: nobody (everyone is 'anonymous'), bearer "
+    "tokens (chat-server tokens add), client certificates, or JWTs.",
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="--auth tokens: keep token hashes in this file [default: in the store].",
+)
+@click.option(
+    "--jwt-secret-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="--auth jwt: HS256 shared secret (32 characters or more).",
+)
+@click.option(
+    "--jwt-jwks",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="--auth jwt: JWKS file with the RS256/ES256 public keys.",
+)
+@click.option("--jwt-audience", default=None, help="--auth jwt: required aud claim.")
+@click.option("--jwt-issuer", default=None, help="--auth jwt: required iss claim.")
+@click.option(
+    "--admin-identity",
+    multiple=True,
+    help="--auth mtls: an identity that is an administrator (repeatable).",
+)
+@click.option(
+    "--reflection",
+    default=_server_default("reflection"),
+    type=click.Choice(REFLECTION_MODES),
+    help="Who may use server reflection: anyone, authenticated callers, nobody.",
+)
+@click.option(
+    "--rate-limit-messages",
+    default=None,
+    callback=_rate,
+    metavar="N/PERIOD",
+    help="Per identity: messages per period, e.g. 20/60s (PERIOD: s, m, h, d).",
+)
+@click.option(
+    "--token-budget",
+    default=None,
+    callback=_rate,
+    metavar="N/PERIOD",
+    help="Per identity: model tokens per period, e.g. 100000/1d.",
+)
+@click.option(
+    "--max-streams-per-identity",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Per identity: Chat streams open at once.",
+)
+@click.option(
+    "--max-sessions-per-identity",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Per identity: sessions stored.",
+)
+@click.option(
     "--metrics-port",
     default=None,
     type=click.IntRange(0, 65535),
@@ -284,7 +407,9 @@ def _prepare_telemetry(config: ServerConfig) -> None:
     help="text: one line per record; json: one JSON object per line.",
 )
 @click.version_option(__version__, prog_name="chat-server")
+@click.pass_context
 def main(
+    ctx: click.Context,
     host: str,
     port: int,
     backend: str,
@@ -307,6 +432,21 @@ def main(
     max_messages_per_session: int,
     grace_period: float,
     event_loop: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    auth: str,
+    tokens_file: str | None,
+    jwt_secret_file: str | None,
+    jwt_jwks: str | None,
+    jwt_audience: str | None,
+    jwt_issuer: str | None,
+    admin_identity: tuple[str, ...],
+    reflection: str,
+    rate_limit_messages: Rate | None,
+    token_budget: Rate | None,
+    max_streams_per_identity: int | None,
+    max_sessions_per_identity: int | None,
     metrics_port: int | None,
     metrics_host: str,
     otel: bool,
@@ -323,7 +463,11 @@ def main(
     Every option can also be set with an environment variable: CHAT_PORT, CHAT_BACKEND,
     CHAT_MODEL, CHAT_BASE_URL, CHAT_STORE, and so on. API keys are read from a file
     (--api-key-file) or the environment, never from the command line.
+
+    `chat-server tokens ...` manages the bearer tokens of --auth tokens.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     configure_logging(log_level, log_format, sys.stderr)
     try:
         api_key = (
@@ -358,6 +502,29 @@ def main(
                 max_sessions=max_sessions or None,
                 max_messages_per_session=max_messages_per_session or None,
             ),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            auth=auth,
+            tokens_file=tokens_file,
+            jwt=(
+                JwtSettings.from_files(
+                    secret_file=jwt_secret_file,
+                    jwks_file=jwt_jwks,
+                    audience=jwt_audience,
+                    issuer=jwt_issuer,
+                )
+                if auth == "jwt"
+                else None
+            ),
+            admin_identities=admin_identity,
+            reflection=reflection,
+            quotas=Quotas(
+                messages=rate_limit_messages,
+                tokens=token_budget,
+                max_streams=max_streams_per_identity,
+                max_sessions=max_sessions_per_identity,
+            ),
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             otel=otel,
@@ -374,4 +541,92 @@ def main(
     except ChatError as error:
         raise click.ClickException(error.message) from error
     except OSError as error:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from error
+        message = f"cannot listen on {ServerConfig(host=host, port=port).address}: {error}"
+        if error.errno == errno.EADDRINUSE:
+            message += (
+                "\n  another server may be running there: choose another port with --port N "
+                "(--port 0 picks a free one)"
+            )
+        raise click.ClickException(message) from error
+
+
+# -- chat-server tokens ---------------------------------------------------------------------
+
+_store_option = click.option(
+    "--store",
+    envvar="CHAT_STORE",
+    default=default_store_url,
+    show_default="a SQLite file in the user data directory",
+    help="The server's session store, where tokens are kept unless --tokens-file is given.",
+)
+_tokens_file_option = click.option(
+    "--tokens-file",
+    envvar="CHAT_TOKENS_FILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Keep token hashes in this file instead of the store.",
+)
+
+
+def _with_tokens(store: str, tokens_file: str | None, work: Callable[[TokenStore], Any]) -> Any:
+    """Run ``work(tokens)`` on the token store of ``store`` / ``tokens_file``."""
+
+    async def run() -> Any:
+        tokens = open_token_store(store, tokens_file)
+        try:
+            return await work(tokens)
+        finally:
+            await tokens.aclose()
+
+    try:
+        return asyncio.run(run())
+    except ChatError as error:
+        raise click.ClickException(error.message) from error
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens for --auth tokens (only their hashes are kept)."""
+
+
+@tokens.command("add")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="May list every identity's sessions and full stats.")
+@_store_option
+@_tokens_file_option
+def tokens_add(name: str, admin: bool, store: str, tokens_file: str | None) -> None:
+    """Make a token for identity NAME; print it once, alone on the last line of stdout."""
+    token = new_token()
+
+    async def add(tokens: TokenStore) -> tuple[TokenRecord, str]:
+        return await tokens.add(name, hash_token(token), admin=admin), tokens.location
+
+    record, where = _with_tokens(store, tokens_file, add)
+    role = "administrator" if record.admin else "user"
+    click.echo(f"token for {record.name} ({role}), kept as a hash in {where}.")
+    click.echo("It is shown only now; clients send it as 'authorization: Bearer TOKEN':")
+    click.echo(token)
+
+
+@tokens.command("list")
+@_store_option
+@_tokens_file_option
+def tokens_list(store: str, tokens_file: str | None) -> None:
+    """The names and roles of the tokens (never the tokens)."""
+    records = _with_tokens(store, tokens_file, lambda t: t.list())
+    for record in records:
+        role = "admin" if record.admin else "user"
+        click.echo(f"{record.name}\t{role}\t{record.created_at.isoformat()}")
+
+
+@tokens.command("revoke")
+@click.argument("name")
+@_store_option
+@_tokens_file_option
+def tokens_revoke(name: str, store: str, tokens_file: str | None) -> None:
+    """Revoke NAME's token: refused on the next RPC, and on open streams' next request."""
+    if not _with_tokens(store, tokens_file, lambda t: t.revoke(name)):
+        raise click.ClickException(f"no token named {name!r}")
+    click.echo(f"revoked the token of {name}")

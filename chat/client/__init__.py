@@ -31,7 +31,13 @@ The package's modules each do one job: ``_config`` (what a client is configured 
 """
 
 from chat.client._client import ChatClient, Notices, ReplyStream
-from chat.client._config import DEFAULT_TARGET, ClientConfig, ReconnectPolicy, parse_target
+from chat.client._config import (
+    DEFAULT_TARGET,
+    ClientConfig,
+    ReconnectPolicy,
+    format_target,
+    parse_target,
+)
 from chat.client._results import (
     ClientStats,
     ConnectionState,
@@ -48,6 +54,7 @@ from chat.client._results import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.stats import ServerStatsInfo
 
@@ -74,6 +81,8 @@ __all__ = [
     "ServingStatus",
     "SessionList",
     "SessionUpdated",
+    "WhoAmI",
+    "format_target",
     "parse_target",
 ]
 
@@ -98,6 +107,8 @@ for _value in (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WhoAmI,
+    format_target,
     parse_target,
 ):
     _value.__module__ = __name__

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import datetime
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -36,18 +38,32 @@ from chat.client._results import (
     ReplyCompleted,
     ReplyEvent,
     ReplyFailed,
+    ReplyStarted,
     ServingStatus,
     SessionList,
+    WhoAmI,
 )
 from chat.errors import (
     ChatError,
     ConnectionLost,
     DeadlineExceeded,
     InvalidArgument,
+    ServerUnreachable,
     SessionNotFound,
 )
+from chat.secret import Secret
 from chat.stats import ServerStatsInfo
-from chat.types import ConcurrencyPolicy, ContextPolicy, DisconnectPolicy, Message, Session
+from chat.tls import client_context
+from chat.types import (
+    ConcurrencyPolicy,
+    ContextPolicy,
+    DisconnectPolicy,
+    Message,
+    Session,
+    SessionUpdateKind,
+)
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -84,6 +100,7 @@ class ReplyStream:
         self._done = False
         self._parts: list[str] = []
         self._result: Reply | None = None
+        self._started: ReplyStarted | None = None
 
     @property
     def done(self) -> bool:
@@ -153,7 +170,10 @@ class ReplyStream:
         event = _convert.to_reply_event(item)
         if isinstance(event, ReplyChunk):
             self._parts.append(event.text)
+        elif isinstance(event, ReplyStarted):
+            self._started = event
         elif isinstance(event, ReplyCompleted):
+            started = self._started
             self._result = Reply(
                 request_id=self.request_id,
                 session_id=event.session_id or self.session_id,
@@ -165,6 +185,9 @@ class ReplyStream:
                 total_chunks=event.total_chunks,
                 processing_time=event.processing_time,
                 response_time=time.monotonic() - self._pending.sent_at,
+                context_messages=0 if started is None else started.context_messages,
+                omitted_messages=0 if started is None else started.omitted_messages,
+                first_chunk_time=self._pending.first_chunk_after,
             )
         return event
 
@@ -244,12 +267,13 @@ class ChatClient:
     grpclib :class:`~grpclib.client.Channel` of each connection the client opens (the first
     one, and each one after a loss or :meth:`disconnect`): it is called with no arguments and
     must return a new channel every time; the client closes it. By default it is
-    ``Channel(host, port)`` of ``target``. Pass one for TLS (to a proxy in front of the
-    server), or to run the client in memory in tests::
+    ``Channel(host, port)`` of ``target``, over TLS with ``tls=True`` (the server verified
+    against ``ca_file``, or the system's CAs; ``cert_file`` and ``key_file`` for a server
+    that requires client certificates). Pass one to run the client in memory in tests.
+    ``token`` (a :class:`~chat.secret.Secret`) goes with every call as
+    ``authorization: Bearer TOKEN``, whatever makes the channel::
 
-        ChatClient("chat.example.org:443", channel_factory=lambda: Channel(
-            "chat.example.org", 443, ssl=True
-        ))
+        ChatClient("chat.example.org:50051", tls=True, token=Secret(os.environ["CHAT_TOKEN"]))
     """
 
     def __init__(
@@ -261,6 +285,11 @@ class ChatClient:
         reconnect: ReconnectPolicy | None = None,
         keepalive: float | None = default_of(ClientConfig, "keepalive"),
         channel_factory: ChannelFactory | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: Secret | None = None,
     ) -> None:
         self.config = config = ClientConfig(
             target=target,
@@ -268,11 +297,18 @@ class ChatClient:
             connect_timeout=connect_timeout,
             reconnect=reconnect,
             keepalive=keepalive,
+            tls=tls,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token=token,
         )
         if channel_factory is None:
+            # Made once: a bad CA or key file is a ConfigurationError here, not at connect.
+            context = client_context(ca_file, cert_file, key_file) if tls else None
 
             def channel_factory() -> Channel:
-                return Channel(config.host, config.port)
+                return Channel(config.host, config.port, ssl=context)
 
         self._connector = Connector(config, channel_factory)
 
@@ -288,6 +324,11 @@ class ChatClient:
             reconnect=config.reconnect,
             keepalive=config.keepalive,
             channel_factory=channel_factory,
+            tls=config.tls,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+            token=config.token,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -411,11 +452,17 @@ class ChatClient:
         except GRPCError as error:
             raise _convert.error_from_grpc(error, session_id=session_id) from error
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"{what}: no answer from {self.config.target} within {self.config.timeout:g}s"
-            ) from None
+            raise self._no_answer(what) from None
         except TRANSPORT_ERRORS as error:
             raise ConnectionLost(self.config.target, describe(error)) from error
+
+    def _no_answer(self, what: str) -> DeadlineExceeded:
+        error = DeadlineExceeded(
+            f"no answer from {self.config.target} within {self.config.timeout:g}s"
+        )
+        # The request's name is for logs, not for the person reading the message.
+        log.info("%s: %s", what, error)
+        return error
 
     async def create_session(
         self,
@@ -505,34 +552,52 @@ class ChatClient:
             on_disconnect=None if on_disconnect is None else chatpb.DisconnectPolicy(on_disconnect),
             max_reply_tokens=max_reply_tokens,
         )
-        info = await self._unary(
-            "UpdateSession",
-            lambda conn: conn.stub.update_session(request),
-            session_id=session_id,
-        )
-        return _convert.to_session(info)
+        connector = self._connector
+        echo: tuple[SessionUpdateKind, datetime | None] | None = None
+        # The server tells this client's stream too; that echo is not news to it.
+        connector.begin_own_change(session_id)
+        try:
+            info = await self._unary(
+                "UpdateSession",
+                lambda conn: conn.stub.update_session(request),
+                session_id=session_id,
+            )
+            session = _convert.to_session(info)
+            echo = (SessionUpdateKind.SESSION_UPDATED, session.last_activity)
+        finally:
+            connector.end_own_change(session_id, echo)
+        return session
 
     async def delete_session(self, session_id: str) -> int:
         """Delete the session and its history; return how many messages were deleted."""
-        response = await self._unary(
-            "DeleteSession",
-            lambda conn: conn.stub.delete_session(
-                chatpb.DeleteSessionRequest(session_id=session_id)
-            ),
-            session_id=session_id,
-        )
+        connector = self._connector
+        echo: tuple[SessionUpdateKind, datetime | None] | None = None
+        connector.begin_own_change(session_id)
+        try:
+            response = await self._unary(
+                "DeleteSession",
+                lambda conn: conn.stub.delete_session(
+                    chatpb.DeleteSessionRequest(session_id=session_id)
+                ),
+                session_id=session_id,
+            )
+            echo = (SessionUpdateKind.SESSION_DELETED, None)
+        finally:
+            connector.end_own_change(session_id, echo)
         return response.deleted_messages
 
-    async def list_sessions(self, *, page_size: int = 0, page_token: str = "") -> SessionList:
-        """One page of sessions, newest first (``page_size`` 0: the server's default)."""
+    async def list_sessions(
+        self, *, page_size: int = 0, page_token: str = "", all_identities: bool = False
+    ) -> SessionList:
+        """One page of this client's sessions, newest first (``page_size`` 0: the server's
+        default); ``all_identities``: everyone's (administrators only, else
+        :class:`~chat.errors.PermissionDenied`)."""
         if not 0 <= page_size <= 2**31 - 1:
             raise InvalidArgument("page_size", f"must be >= 0, not {page_size}")
-        response = await self._unary(
-            "ListSessions",
-            lambda conn: conn.stub.list_sessions(
-                chatpb.ListSessionsRequest(page_size=page_size, page_token=page_token)
-            ),
+        request = chatpb.ListSessionsRequest(
+            page_size=page_size, page_token=page_token, all_identities=all_identities
         )
+        response = await self._unary("ListSessions", lambda conn: conn.stub.list_sessions(request))
         return SessionList(
             [_convert.to_session(s) for s in response.sessions],
             response.next_page_token,
@@ -581,15 +646,23 @@ class ChatClient:
         response = await self._unary("GetServerStats", lambda conn: conn.stub.get_server_stats())
         return _convert.to_server_stats(response)
 
+    async def who_am_i(self) -> WhoAmI:
+        """Who the server takes this client for, with its limits and their use now."""
+        response = await self._unary("WhoAmI", lambda conn: conn.stub.who_am_i())
+        return _convert.to_who_am_i(response)
+
     async def health(self, service: str = "") -> ServingStatus:
         """The standard health check: ``""`` for the whole server, or a service name.
 
-        ``ChatService`` turns ``NOT_SERVING`` while the server drains on shutdown.
+        ``ChatService`` and the whole server turn ``NOT_SERVING`` while the server drains on
+        shutdown. The check needs no Chat stream (a draining server tells new streams to go
+        away): without an open connection, for instance before :meth:`connect`, it is made
+        on a channel of its own.
         """
 
-        async def check(conn: Connection) -> ServingStatus:
+        async def check(channel: Channel) -> ServingStatus:
             try:
-                response = await HealthStub(conn.channel).Check(
+                response = await HealthStub(channel).Check(
                     HealthCheckRequest(service=service), timeout=self.config.timeout
                 )
             except GRPCError as error:
@@ -600,7 +673,24 @@ class ChatClient:
                 return ServingStatus.UNKNOWN
             return _convert.to_serving_status(response)
 
-        return await self._unary("Health.Check", check)
+        conn = self._connector.current
+        if conn is not None and conn.lost is None:
+            return await self._unary("Health.Check", lambda conn: check(conn.channel))
+        channel = self._connector.new_channel()
+        try:
+            return await check(channel)
+        except GRPCError as error:
+            raise _convert.error_from_grpc(error) from error
+        except TimeoutError:
+            raise self._no_answer("Health.Check") from None
+        except TRANSPORT_ERRORS as error:
+            raise ServerUnreachable(
+                self.config.target,
+                describe(error),
+                refused=isinstance(error, ConnectionRefusedError),
+            ) from error
+        finally:
+            channel.close()
 
 
 def _check_reply_tokens(value: int) -> None:

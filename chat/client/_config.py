@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 from dataclasses import dataclass, field
 
 from chat.backoff import backoff
 from chat.errors import ConfigurationError
+from chat.secret import Secret
 
 #: Where ``chat-server`` listens by default.
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_PORT = 50051
 
+# A DNS name (RFC 1123 labels; underscores too, as container and service names have them).
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _check_host(host: str, target: str) -> None:
+    """Refuse what no resolver would find, so that it is a usage error and not "unreachable"."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigurationError(
+                f"target {target!r}: {host!r} is not an IPv6 address"
+            ) from None
+        return
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise ConfigurationError(
+            f"target {target!r}: {host!r} is not a host name or IP address; "
+            "expected HOST:PORT, e.g. localhost:50051"
+        )
+
 
 def parse_target(target: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port``; the port defaults to 50051).
+    """Split ``host:port`` (``[v6]:port``; the port defaults to 50051); check both.
 
     >>> parse_target("localhost:6000")
     ('localhost', 6000)
@@ -33,6 +55,8 @@ def parse_target(target: str) -> tuple[str, int]:
             raise ConfigurationError(f"target {target!r} is not [IPV6]:PORT")
         if rest == ":":
             raise ConfigurationError(f"target {target!r} has an empty port; expected HOST:PORT")
+        if ":" not in host:
+            raise ConfigurationError(f"target {target!r}: brackets are for IPv6 addresses only")
         port_text = rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
@@ -50,6 +74,7 @@ def parse_target(target: str) -> tuple[str, int]:
                 ) from None
     if not host:
         raise ConfigurationError(f"target {target!r} has no host; expected HOST:PORT")
+    _check_host(host, target)
     if not port_text:
         return host, DEFAULT_PORT
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
@@ -101,14 +126,29 @@ class ReconnectPolicy:
         )
 
 
+def format_target(host: str, port: int) -> str:
+    """``host:port`` as a target (IPv6 addresses in brackets).
+
+    >>> format_target("::1", 6000)
+    '[::1]:6000'
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """Everything a :class:`ChatClient` needs; validated when it is made.
 
+    ``target`` is kept as ``HOST:PORT`` with the port it dials, so that every message that
+    names it says where the client went:
+
     >>> ClientConfig(target="localhost:6000").port
     6000
+    >>> ClientConfig(target="localhost").target
+    'localhost:50051'
     """
 
+    #: ``HOST:PORT`` (``[IPV6]:PORT``); the port defaults to 50051.
     target: str = DEFAULT_TARGET
     #: Deadline of each unary call and of :meth:`ChatClient.ping`, in seconds.
     timeout: float = 10.0
@@ -120,11 +160,20 @@ class ClientConfig:
     #: stream is alive (a model thinking is fine: the PONG comes at once); no PONG within
     #: ``timeout`` means the connection is lost. ``None`` never checks.
     keepalive: float | None = 15.0
+    #: Connect over TLS, verifying the server against ``ca_file`` (default: the system's CAs).
+    tls: bool = False
+    ca_file: str | None = None
+    #: A client certificate and its key, for a server that requires one (mTLS).
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Sent as ``authorization: Bearer TOKEN`` on every call (``--auth tokens`` or ``jwt``).
+    token: Secret | None = field(default=None, repr=False)
     host: str = field(init=False)
     port: int = field(init=False)
 
     def __post_init__(self) -> None:
         host, port = parse_target(self.target)
+        object.__setattr__(self, "target", format_target(host, port))
         object.__setattr__(self, "host", host)
         object.__setattr__(self, "port", port)
         if not self.timeout > 0:
@@ -133,3 +182,9 @@ class ClientConfig:
             raise ConfigurationError(f"connect_timeout must be > 0, not {self.connect_timeout}")
         if self.keepalive is not None and not self.keepalive > 0:
             raise ConfigurationError(f"keepalive must be > 0 or None, not {self.keepalive}")
+        if not self.tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ConfigurationError("--ca-file, --cert and --key are for TLS: add --tls")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigurationError("a client certificate needs both --cert and --key")
+        if self.token is not None and not isinstance(self.token, Secret):
+            raise ConfigurationError("token must be a chat.Secret (it is never shown)")

@@ -12,16 +12,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import h2.exceptions
 from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
 from grpclib.const import Cardinality
+from grpclib.const import Status as GrpcStatus
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 import chatpb
@@ -32,15 +36,18 @@ from chat.client._results import (
     ConnectionStateChanged,
     Counters,
     Notice,
+    SessionUpdated,
 )
 from chat.client._tracing import current_traceparent, send_trace_context
 from chat.errors import (
     ChatError,
     ConnectionLost,
+    ConnectTimeout,
     DeadlineExceeded,
     ServerUnreachable,
 )
-from chat.types import format_timestamp, utcnow
+from chat.secret import keep_headers_out_of_logs
+from chat.types import SessionUpdateKind, format_timestamp, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +73,31 @@ class Pending:
     request_id: str
     is_turn: bool
     sent_at: float = field(default_factory=time.monotonic)
-    first_chunk: bool = False
+    #: Seconds from ``sent_at`` to the first chunk, once it came.
+    first_chunk_after: float | None = None
+    chunks: int = 0
     queue: asyncio.Queue[chatpb.ChatResponse | ChatError] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(slots=True, eq=False)
+class _OwnChanges:
+    """This client's own changes of one session, so that their echoes are not notices.
+
+    The server tells every stream that follows a session about an ``UpdateSession`` or a
+    ``DeleteSession``, the caller's own stream too, and the echo may come before or after
+    the call's answer. While a change is in flight the session's updates are held; once it
+    is answered, the update that matches its result is dropped and the others delivered.
+    """
+
+    in_flight: int = 0
+    held: list[SessionUpdated] = field(default_factory=list)
+    #: The echoes still to come: the kind, and the session's ``last_activity`` for updates.
+    expected: list[tuple[SessionUpdateKind, datetime | None]] = field(default_factory=list)
+
+
+#: Echoes remembered per session: an echo that never comes (the client's stream does not
+#: follow the session) must not pile up.
+_MAX_EXPECTED = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +132,7 @@ class Connector:
         self.subscribers: set[asyncio.Queue[Notice]] = set()
         self.counters = Counters()
         self._rng = random.Random()
+        self._own: dict[str, _OwnChanges] = {}
 
     @property
     def connected(self) -> bool:
@@ -140,6 +171,9 @@ class Connector:
         self.counters.connection_attempts += 1
         channel = self._channel_factory()
         send_trace_context(channel)
+        if config.token is not None:
+            keep_headers_out_of_logs()
+            listen(channel, SendRequest, self._send_token)
         # The stream is entered and left by hand (not `async with`): it outlives this call,
         # and leaving it after a failure must see that failure (see _leave_stream).
         stream = await channel.request(
@@ -157,14 +191,21 @@ class Connector:
                 await self.ping_on(conn)
         except BaseException as error:
             await self._close_connection(conn, "connection attempt failed")
+            if conn.lost is not None and not isinstance(conn.lost, ConnectionLost):
+                # Refused (bad credentials, over a quota): trying again will not help.
+                raise conn.lost from error
             if isinstance(error, TimeoutError | DeadlineExceeded):
-                raise ServerUnreachable(
-                    config.target, f"no answer within {config.connect_timeout:g}s"
-                ) from error
+                # Whichever ran out first: the connect timeout, or the PING's deadline.
+                waited = min(config.connect_timeout, config.timeout)
+                raise ConnectTimeout(config.target, f"no answer within {waited:g}s") from error
             if isinstance(error, ConnectionLost):
                 raise ServerUnreachable(config.target, error.reason) from error
             if isinstance(error, TRANSPORT_ERRORS):
-                raise ServerUnreachable(config.target, describe(error)) from error
+                raise ServerUnreachable(
+                    config.target,
+                    describe(error, tls=config.tls, client_cert=config.cert_file is not None),
+                    refused=isinstance(error, ConnectionRefusedError),
+                ) from error
             raise
         reconnected = self.ever_connected
         if reconnected:
@@ -197,9 +238,10 @@ class Connector:
                 log.info("reconnection attempt %d to %s failed: %s", attempt, target, error)
                 self._lost = error
                 if attempt == policy.max_attempts:
-                    raise ServerUnreachable(
-                        target, f"{error.reason} (gave up after {attempt} attempts)"
-                    ) from error
+                    reason = f"{error.reason} (gave up after {attempt} attempts)"
+                    if isinstance(error, ConnectTimeout):
+                        raise ConnectTimeout(target, reason) from error
+                    raise ServerUnreachable(target, reason, refused=error.refused) from error
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def ready(self) -> Connection:
@@ -246,15 +288,23 @@ class Connector:
                     await self._goaway(conn, response.status_message)
                 else:
                     self._dispatch(conn, response)
-            error = ConnectionLost(target, "the server ended the conversation stream")
+            error = ConnectionLost(target, "the server closed the conversation")
         except GRPCError as failure:
-            error = ConnectionLost(target, _describe_status(failure))
+            error = _refusal(failure) or ConnectionLost(target, _describe_status(failure))
         except TRANSPORT_ERRORS as failure:
             # The server may have sent a status (e.g. UNAVAILABLE on shutdown) before it reset
             # the stream; leaving the stream with the failure reads it.
             status = await _leave_stream(conn, failure)
-            reason = describe(failure) if status is None else _describe_status(status)
-            error = ConnectionLost(target, reason)
+            if status is not None and (refused := _refusal(status)) is not None:
+                error = refused
+            else:
+                config = self.config
+                reason = (
+                    describe(failure, tls=config.tls, client_cert=config.cert_file is not None)
+                    if status is None
+                    else _describe_status(status)
+                )
+                error = ConnectionLost(target, reason)
         except Exception as failure:
             log.exception("the reader of the Chat stream failed")
             error = ConnectionLost(target, f"client error: {failure!r}")
@@ -264,14 +314,22 @@ class Connector:
         log.info("%s", error.message)
         self._connection_lost(conn, error)
 
+    async def _send_token(self, event: SendRequest) -> None:
+        token = self.config.token
+        if token is not None:
+            event.metadata["authorization"] = f"Bearer {token.reveal()}"
+
     async def _goaway(self, conn: Connection, message: str) -> None:
         """The server is shutting down: stop using this stream, and end our side of it.
 
         The server answered everything it had (it says goodbye once its queued turns are
         done) and ends the stream with OK once we end ours; reading goes on until then.
         """
-        reason = message or "the server is shutting down"
-        self._connection_lost(conn, ConnectionLost(self.config.target, reason))
+        # Its own words: the server's status_message may be written for other clients.
+        log.info("the server is shutting down: %s", message)
+        self._connection_lost(
+            conn, ConnectionLost(self.config.target, "the server is shutting down")
+        )
         async with conn.send_lock:
             with contextlib.suppress(*TRANSPORT_ERRORS):
                 await conn.stream.end()
@@ -301,16 +359,19 @@ class Connector:
             notice = _convert.to_notice(response)
             if notice is None:
                 log.debug("dropping %s for %r", kind, response.request_id)
+            elif isinstance(notice, SessionUpdated):
+                self._deliver_update(notice)
             else:
                 self.publish(notice)
             return
         counters = self.counters
         if kind == chatpb.ChatResponseType.CHUNK:
             counters.chunks_received += 1
-            if not pending.first_chunk:
-                pending.first_chunk = True
+            pending.chunks += 1
+            if pending.first_chunk_after is None:
+                pending.first_chunk_after = after = time.monotonic() - pending.sent_at
                 counters.first_chunks += 1
-                counters.first_chunk_time_total += time.monotonic() - pending.sent_at
+                counters.first_chunk_time_total += after
         elif kind in _convert.TERMINAL:
             del conn.pending[response.request_id]
             if kind == chatpb.ChatResponseType.ERROR:
@@ -320,12 +381,57 @@ class Connector:
                     counters.replies_cancelled += 1
                 else:
                     counters.replies_succeeded += 1
+                    counters.succeeded_chunks += pending.chunks
                     counters.response_time_total += time.monotonic() - pending.sent_at
         pending.queue.put_nowait(response)
 
     def publish(self, notice: Notice) -> None:
         for queue in self.subscribers:
             queue.put_nowait(notice)
+
+    def new_channel(self) -> Channel:
+        """A channel of its own, for a call that needs no Chat stream (the caller closes it)."""
+        return self._channel_factory()
+
+    # -- this client's own changes -----------------------------------------------------------
+
+    def begin_own_change(self, session_id: str) -> None:
+        """This client is about to update or delete ``session_id``: hold its updates."""
+        own = self._own.setdefault(session_id, _OwnChanges())
+        own.in_flight += 1
+
+    def end_own_change(
+        self, session_id: str, echo: tuple[SessionUpdateKind, datetime | None] | None
+    ) -> None:
+        """The change is answered; ``echo`` is the update it makes (``None``: it failed)."""
+        own = self._own[session_id]
+        own.in_flight -= 1
+        if echo is not None:
+            own.expected = [*own.expected, echo][-_MAX_EXPECTED:]
+        if own.in_flight:
+            return
+        held, own.held = own.held, []
+        for notice in held:
+            self._deliver_update(notice)
+        if not own.expected and session_id in self._own:
+            del self._own[session_id]
+
+    def _deliver_update(self, notice: SessionUpdated) -> None:
+        own = self._own.get(notice.session_id)
+        if own is not None:
+            if own.in_flight:
+                own.held.append(notice)
+                return
+            stamp = None if notice.session is None else notice.session.last_activity
+            for index, (kind, last_activity) in enumerate(own.expected):
+                if kind is notice.kind and (
+                    kind is SessionUpdateKind.SESSION_DELETED or last_activity == stamp
+                ):
+                    del own.expected[index]
+                    if not own.expected:
+                        del self._own[notice.session_id]
+                    return
+        self.publish(notice)
 
     # -- requests on the stream --------------------------------------------------------------
 
@@ -380,7 +486,8 @@ class Connector:
         try:
             await self.ping_on(conn)
         except DeadlineExceeded:
-            reason = f"the server stopped answering (no PONG within {self.config.timeout:g}s)"
+            waited = self.config.timeout
+            reason = f"the server stopped answering (no answer to a ping within {waited:g}s)"
             self._connection_lost(conn, ConnectionLost(self.config.target, reason))
         except ChatError:
             pass  # lost meanwhile: its requests already have the error
@@ -394,12 +501,12 @@ class Connector:
         try:
             request = chatpb.ChatRequest(type=chatpb.ChatRequestType.PING, request_id=request_id)
             if not await self.write(conn, request):
-                raise ConnectionLost(self.config.target, "the connection closed before the PING")
+                raise ConnectionLost(self.config.target, "the connection closed before the ping")
             async with asyncio.timeout(self.config.timeout):
                 item = await pending.queue.get()
         except TimeoutError:
             raise DeadlineExceeded(
-                f"no PONG from {self.config.target} within {self.config.timeout:g}s"
+                f"no answer from {self.config.target} within {self.config.timeout:g}s"
             ) from None
         finally:
             conn.pending.pop(request_id, None)
@@ -427,15 +534,67 @@ async def _leave_stream(conn: Connection, failure: BaseException | None) -> GRPC
     return None
 
 
+#: Statuses that end a stream because of who the client is, not because of the connection.
+_REFUSALS = frozenset(
+    {GrpcStatus.UNAUTHENTICATED, GrpcStatus.PERMISSION_DENIED, GrpcStatus.RESOURCE_EXHAUSTED}
+)
+
+
+def _refusal(error: GRPCError) -> ChatError | None:
+    """The error of a stream the server refused to serve this client, else ``None``."""
+    if error.status not in _REFUSALS:
+        return None
+    return _convert.error_from_grpc(error)
+
+
 def _describe_status(error: GRPCError) -> str:
-    status = _convert.status_name(error.status.value)
-    return f"the server ended the stream with {status}: {error.message or 'no details'}"
+    # The status is for logs; the person reads what the server said.
+    log.info("the Chat stream ended with %s", _convert.status_name(error.status.value))
+    return f"the server closed the conversation: {error.message or 'no reason given'}"
 
 
-def describe(error: BaseException) -> str:
-    """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends."""
+def describe(error: BaseException, *, tls: bool | None = None, client_cert: bool = False) -> str:
+    """A transport failure in words, for :class:`~chat.errors.ConnectionLost` and friends.
+
+    ``tls`` says whether the client used TLS (``None``: unknown) and ``client_cert`` whether
+    it offered a certificate, to tell a client that the server closed at once what it
+    likely wants instead.
+    """
     if isinstance(error, ConnectionRefusedError):
         return "connection refused (is the server running?)"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"the server's TLS certificate is not trusted ({error.verify_message}): give the "
+            "CA that signed it with --ca-file (ChatClient(ca_file=...))"
+        )
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or str(error)
+        if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+            return "the TLS handshake failed: the server does not speak TLS (connect without --tls)"
+        if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+            return (
+                "the server refused the TLS connection: it requires a client certificate "
+                "signed by its client CA (--cert FILE --key FILE)"
+            )
+        return f"the TLS handshake failed ({reason})"
+    closed = isinstance(error, StreamTerminatedError | ConnectionResetError | EOFError)
+    if closed and tls is False:
+        return (
+            "the server closed the connection without answering: if it serves TLS, connect "
+            "with --tls (ChatClient(tls=True))"
+        )
+    if closed and tls and not client_cert:
+        # With TLS 1.3 a server's refusal of a missing certificate arrives after the
+        # handshake, as a closed connection.
+        return (
+            "the server closed the TLS connection without answering: it may require a "
+            "client certificate signed by its client CA (--cert FILE --key FILE)"
+        )
+    if closed and tls:
+        return (
+            "the server closed the TLS connection without answering: it may not accept "
+            "this client certificate (is it signed by the server's client CA?)"
+        )
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     return str(error) or type(error).__name__

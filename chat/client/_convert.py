@@ -29,19 +29,22 @@ from chat.client._results import (
     ServerNotice,
     ServingStatus,
     SessionUpdated,
+    WhoAmI,
 )
 from chat.errors import (
-    BackendAuthError,
     BackendRateLimited,
     BackendTimeout,
     ChatError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     SessionNotFound,
     StatusCode,
+    Unauthenticated,
     Unavailable,
 )
+from chat.quota import QuotaUsage
 from chat.stats import ServerStatsInfo
 from chat.types import (
     FinishReason,
@@ -138,6 +141,24 @@ def to_message(message: chatpb.ChatMessage) -> Message:
     )
 
 
+def to_who_am_i(response: chatpb.WhoAmIResponse) -> WhoAmI:
+    return WhoAmI(
+        identity=response.identity,
+        admin=response.admin,
+        auth=response.auth,
+        quotas=tuple(
+            QuotaUsage(
+                name=q.name,
+                limit=q.limit,
+                used=q.used,
+                period_seconds=q.period_seconds,
+                resets_in_seconds=q.resets_in_seconds,
+            )
+            for q in response.quotas
+        ),
+    )
+
+
 def error_from_status(
     code: int,
     message: str,
@@ -164,12 +185,15 @@ def error_from_status(
     if status is StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(message) if unary else BackendTimeout(message)
     if status is StatusCode.UNAUTHENTICATED:
-        return BackendAuthError(message)
+        return Unauthenticated(message)
+    if status is StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(message)
     if status is StatusCode.RESOURCE_EXHAUSTED:
         return BackendRateLimited(message, retry_after)
     if status is StatusCode.INTERNAL:
         return ChatError(message or "internal server error")
-    return ChatError(f"{message or 'the server failed'} (status {status.name})")
+    words = status.name.lower().replace("_", " ")
+    return ChatError(f"{message or 'the server failed'} ({words})")
 
 
 def error_from_grpc(error: GRPCError, *, session_id: str = "") -> ChatError:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from chat.errors import ChatError, StatusCode
+from chat.quota import QuotaUsage
 from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmI:
+    """Who the server takes this client for (:meth:`~chat.client.ChatClient.who_am_i`)."""
+
+    #: The identity sessions are owned by (``anonymous`` on a server with ``--auth none``).
+    identity: str
+    admin: bool
+    #: How the server authenticates: ``none``, ``tokens``, ``mtls`` or ``jwt``.
+    auth: str
+    #: The limits that apply and the use of each now.
+    quotas: tuple[QuotaUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +129,12 @@ class Reply:
     processing_time: float
     #: Seconds from sending the request to the end of the reply, measured by the client.
     response_time: float
+    #: Conversation messages sent to the model, the new one included (``RESPONSE_START``).
+    context_messages: int = 0
+    #: Older messages the context budget left out.
+    omitted_messages: int = 0
+    #: Seconds from sending the request to the first chunk; ``None`` for a reply without one.
+    first_chunk_time: float | None = None
 
 
 class ConnectionState(enum.Enum):
@@ -186,11 +207,15 @@ class ClientStats:
     average_response_time: float = 0.0
     #: Mean seconds from sending a message to its first chunk.
     average_first_chunk_time: float = 0.0
+    #: Mean chunks of the replies that completed.
+    average_chunks_per_reply: float = 0.0
     #: Attempts to open a connection, successful or not.
     connection_attempts: int = 0
     #: Connections opened after the first one (automatic or :meth:`ChatClient.connect`).
     reconnections: int = 0
     sessions_created: int = 0
+    #: Seconds since the client was made.
+    duration: float = 0.0
 
 
 @dataclass(slots=True)
@@ -202,29 +227,33 @@ class Counters:
     replies_failed: int = 0
     replies_cancelled: int = 0
     chunks_received: int = 0
+    #: Chunks of the replies counted in ``replies_succeeded``.
+    succeeded_chunks: int = 0
     response_time_total: float = 0.0
     first_chunks: int = 0
     first_chunk_time_total: float = 0.0
     connection_attempts: int = 0
     reconnections: int = 0
     sessions_created: int = 0
+    started: float = field(default_factory=time.monotonic)
 
     def snapshot(self) -> ClientStats:
+        succeeded = self.replies_succeeded
         return ClientStats(
             messages_sent=self.messages_sent,
-            replies_succeeded=self.replies_succeeded,
+            replies_succeeded=succeeded,
             replies_failed=self.replies_failed,
             replies_cancelled=self.replies_cancelled,
             chunks_received=self.chunks_received,
-            average_response_time=(
-                self.response_time_total / self.replies_succeeded if self.replies_succeeded else 0.0
-            ),
+            average_response_time=self.response_time_total / succeeded if succeeded else 0.0,
             average_first_chunk_time=(
                 self.first_chunk_time_total / self.first_chunks if self.first_chunks else 0.0
             ),
+            average_chunks_per_reply=self.succeeded_chunks / succeeded if succeeded else 0.0,
             connection_attempts=self.connection_attempts,
             reconnections=self.reconnections,
             sessions_created=self.sessions_created,
+            duration=time.monotonic() - self.started,
         )
 
 
@@ -235,7 +264,7 @@ class SessionList:
     sessions: list[Session]
     #: Pass to ``list_sessions(page_token=...)`` for the next page; empty on the last page.
     next_page_token: str
-    #: Sessions on the server.
+    #: The caller's sessions on the server (everyone's with ``all_identities``).
     total: int
 
 

@@ -24,12 +24,22 @@ from chat.errors import ConfigurationError
 from chat.types import Message, Session, SessionPatch
 
 __all__ = [
+    "OwnerLimitReached",
     "SessionPage",
     "SessionStore",
     "default_store_path",
     "default_store_url",
     "open_store",
 ]
+
+
+class OwnerLimitReached(ValueError):
+    """:meth:`SessionStore.create` refused: the owner has ``max_owned`` sessions already."""
+
+    def __init__(self, owner: str, owned: int) -> None:
+        super().__init__(f"{owner} has {owned} sessions")
+        self.owner = owner
+        self.owned = owned
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +83,13 @@ class SessionStore(Protocol):
         """Connect, create files and upgrade the schema as needed. Calling it again is a no-op."""
         ...
 
-    async def create(self, session: Session) -> None:
-        """Store a new session (with no messages); ``ValueError`` if its id exists."""
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
+        """Store a new session (with no messages); ``ValueError`` if its id exists.
+
+        With ``max_owned``, :class:`OwnerLimitReached` instead when its owner has that many
+        sessions already: counted and created in one step, so that servers sharing the
+        store cannot pass the limit together.
+        """
         ...
 
     async def get(self, session_id: str) -> Session:
@@ -93,8 +108,12 @@ class SessionStore(Protocol):
         """Delete the session and its messages; return how many messages were deleted."""
         ...
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         """Sessions ordered newest first (``created_at``, then ``session_id``, descending).
+
+        With ``owner``, only the sessions of that identity (``Session.owner``).
 
         ``cursor`` is the ``next_cursor`` of the previous page. The order is stable: sessions
         created after the first page was read never appear on later pages, and pages never
@@ -103,8 +122,8 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def count(self) -> int:
-        """Number of sessions stored."""
+    async def count(self, *, owner: str | None = None) -> int:
+        """Number of sessions stored (with ``owner``: of that identity)."""
         ...
 
     async def messages(self, session_id: str) -> list[Message]:
@@ -205,7 +224,9 @@ def open_store(url: str) -> SessionStore:
                 f"store URL {_shown(url)!r} names no file; expected sqlite:///absolute/path.db "
                 "or sqlite://relative/path.db"
             )
-        return SqliteStore(Path(os.path.expanduser(path)), options=query)
+        file = Path(os.path.expanduser(path))
+        # Only the default store's directory is made: an explicit path names an existing one.
+        return SqliteStore(file, options=query, create_directory=file == default_store_path())
     if scheme in ("redis", "rediss", "unix"):
         from chat.store.redis import RedisStore
 

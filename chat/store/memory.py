@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from chat.errors import SessionNotFound
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._cursor import decode_cursor, encode_cursor
 from chat.store._locks import LocalLocks
 from chat.types import Message, Session, SessionPatch
@@ -42,9 +42,13 @@ class MemoryStore:
             raise SessionNotFound(session_id)
         return entry
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
         if session.session_id in self._entries:
             raise ValueError(f"session {session.session_id!r} already exists")
+        if max_owned is not None:
+            owned = await self.count(owner=session.owner)
+            if owned >= max_owned:
+                raise OwnerLimitReached(session.owner, owned)
         self._entries[session.session_id] = _Entry(session)
 
     async def get(self, session_id: str) -> Session:
@@ -60,9 +64,15 @@ class MemoryStore:
         del self._entries[session_id]
         return len(entry.messages)
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         ordered = sorted(
-            (entry.session for entry in self._entries.values()),
+            (
+                entry.session
+                for entry in self._entries.values()
+                if owner is None or entry.session.owner == owner
+            ),
             key=lambda s: (s.created_at, s.session_id),
             reverse=True,
         )
@@ -74,8 +84,10 @@ class MemoryStore:
         next_cursor = encode_cursor(page[-1].created_at, page[-1].session_id) if more else None
         return SessionPage(page, next_cursor)
 
-    async def count(self) -> int:
-        return len(self._entries)
+    async def count(self, *, owner: str | None = None) -> int:
+        if owner is None:
+            return len(self._entries)
+        return sum(1 for entry in self._entries.values() if entry.session.owner == owner)
 
     async def messages(self, session_id: str) -> list[Message]:
         return list(self._entry(session_id).messages)

@@ -11,9 +11,14 @@ key                        type         holds
 ``p:messages:ID``          list         its messages, oldest first (one JSON array each)
 ``p:by-created``           sorted set   ``CREATED_AT|ID`` at score 0: listing, newest first
 ``p:by-activity``          sorted set   ``ID`` scored by last activity (µs): eviction, expiry
+``p:by-owner:NAME``        sorted set   like ``by-created``, for the sessions of one identity
+``p:schema``               string       the layout version (2: ``by-owner`` exists)
 ``p:lock:ID``              string       the turn lock's owner token, with a lease
 ``p:append:OP``            string       marks an append as done, so a retry never repeats it
 =========================  ===========  ====================================================
+
+Sessions written before owners existed have no ``owner`` field and belong to ``anonymous``;
+:meth:`RedisStore.open` indexes them under ``p:by-owner:anonymous`` once (layout 1 to 2).
 
 Every write is one Lua script, so it is atomic: an append pushes its messages and moves the
 session's activity together or not at all. Scripts name the keys they touch from the prefix,
@@ -44,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from chat.backoff import backoff
 from chat.errors import ConfigurationError, MissingExtra, SessionNotFound, StoreUnavailable
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._codec import (
     STORED_DEFAULTS,
     decode_message,
@@ -98,14 +103,20 @@ return state(KEYS[1], KEYS[2])
 """
 )
 
-# KEYS: session, messages, by-created, by-activity
-# ARGV: id, created_member, activity_score, then field/value pairs
+# KEYS: session, messages, by-created, by-activity, by-owner
+# ARGV: id, created_member, activity_score, max_owned (-1: none), then field/value pairs
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local max_owned = tonumber(ARGV[4])
+if max_owned >= 0 then
+  local owned = redis.call('ZCARD', KEYS[5])
+  if owned >= max_owned then return -1 - owned end
+end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[3], 0, ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], 0, ARGV[2])
 return 1
 """
 
@@ -139,14 +150,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
-# KEYS: session, messages, by-created, by-activity; ARGV: id
+# KEYS: session, messages, by-created, by-activity; ARGV: id, prefix
 _DELETE = """
 local created = redis.call('HGET', KEYS[1], 'created_at')
 if not created then return -1 end
+local owner = redis.call('HGET', KEYS[1], 'owner') or 'anonymous'
 local count = redis.call('LLEN', KEYS[2])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], created .. '|' .. ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', ARGV[2] .. ':by-owner:' .. owner, created .. '|' .. ARGV[1])
 return count
 """
 
@@ -184,7 +197,11 @@ local function drop(prefix, ids)
   for _, id in ipairs(ids) do
     local hash = prefix .. ':session:' .. id
     local created = redis.call('HGET', hash, 'created_at')
-    if created then redis.call('ZREM', KEYS[1], created .. '|' .. id) end
+    if created then
+      local owner = redis.call('HGET', hash, 'owner') or 'anonymous'
+      redis.call('ZREM', KEYS[1], created .. '|' .. id)
+      redis.call('ZREM', prefix .. ':by-owner:' .. owner, created .. '|' .. id)
+    end
     redis.call('DEL', hash, prefix .. ':messages:' .. id)
     redis.call('ZREM', KEYS[2], id)
   end
@@ -226,6 +243,19 @@ return out
 
 # KEYS: lock; ARGV: token, lease_ms. Idempotent, so that a retried acquire never waits for
 # its own first attempt's lease.
+# KEYS: by-created, schema; ARGV: prefix, min (exclusive lex bound or '-'), count. Indexes a
+# batch of sessions by owner; at the end of by-created, marks the layout as version 2.
+_INDEX_OWNERS = """
+local members = redis.call('ZRANGE', KEYS[1], ARGV[2], '+', 'BYLEX', 'LIMIT', 0, ARGV[3])
+for _, member in ipairs(members) do
+  local id = string.sub(member, string.find(member, '|', 1, true) + 1)
+  local owner = redis.call('HGET', ARGV[1] .. ':session:' .. id, 'owner') or 'anonymous'
+  redis.call('ZADD', ARGV[1] .. ':by-owner:' .. owner, 0, member)
+end
+if #members < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], '2') end
+return members[#members] or false
+"""
+
 _ACQUIRE = """
 local owner = redis.call('GET', KEYS[1])
 if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
@@ -324,6 +354,7 @@ class RedisStore:
                 "evict": _EVICT,
                 "expire": _EXPIRE,
                 "list": _LIST,
+                "index owners": _INDEX_OWNERS,
                 "acquire": _ACQUIRE,
                 "renew": _RENEW,
                 "release": _RELEASE,
@@ -340,6 +371,9 @@ class RedisStore:
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    def _owner_key(self, owner: str) -> str:
+        return self._key("by-owner", owner)
 
     # -- calling Redis ----------------------------------------------------------------------
 
@@ -372,7 +406,25 @@ class RedisStore:
         if self._closed:
             raise StoreUnavailable(f"the Redis store {self._location} is closed")
         await self._call("ping", self._client.ping, retry=True)
+        schema = self._key("schema")
+        if await self._call("schema", lambda: self._client.get(schema), retry=True) != "2":
+            await self._index_owners(schema)
         log.info("using Redis store %s", self._location)
+
+    async def _index_owners(self, schema: str) -> None:
+        """Upgrade the layout from 1 to 2: index every session by its owner (idempotent)."""
+        bound = "-"
+        while True:
+            last = await self._script(
+                "index owners",
+                [self._created_key, schema],
+                [self.prefix, bound, _BATCH],
+                retry=True,
+            )
+            if not last:
+                break
+            bound = f"({last}"
+        log.info("Redis store %s: sessions indexed by owner (layout v2)", self._location)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -383,19 +435,27 @@ class RedisStore:
     def _session_keys(self, session_id: str) -> list[str]:
         return [self._key("session", session_id), self._key("messages", session_id)]
 
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
         fields = session_values(session)
         created = await self._script(
             "create",
-            [*self._session_keys(session.session_id), self._created_key, self._activity_key],
+            [
+                *self._session_keys(session.session_id),
+                self._created_key,
+                self._activity_key,
+                self._owner_key(session.owner),
+            ],
             [
                 session.session_id,
                 _created_member(session),
                 _micros(session.last_activity),
+                -1 if max_owned is None else max_owned,
                 *(item for pair in fields.items() for item in pair),
             ],
             retry=False,
         )
+        if created < 0:
+            raise OwnerLimitReached(session.owner, -1 - int(created))
         if not created:
             raise ValueError(f"session {session.session_id!r} already exists")
 
@@ -429,22 +489,23 @@ class RedisStore:
         count = await self._script(
             "delete",
             [*self._session_keys(session_id), self._created_key, self._activity_key],
-            [session_id],
+            [session_id, self.prefix],
             retry=False,
         )
         if count < 0:
             raise SessionNotFound(session_id)
         return int(count)
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
+        index = self._created_key if owner is None else self._owner_key(owner)
         if cursor is None:
             bound = "+"
         else:
             created_at, session_id = decode_cursor(cursor)
             bound = f"({format_timestamp(created_at)}|{session_id}"
-        rows = await self._script(
-            "list", [self._created_key], [self.prefix, bound, limit + 1], retry=True
-        )
+        rows = await self._script("list", [index], [self.prefix, bound, limit + 1], retry=True)
         page = rows[:limit]
         sessions = [
             _session(member.partition("|")[2], (flat, count))
@@ -459,10 +520,9 @@ class RedisStore:
             next_cursor = encode_cursor(parse_timestamp(stamp), session_id)
         return SessionPage(sessions, next_cursor)
 
-    async def count(self) -> int:
-        return int(
-            await self._call("count", lambda: self._client.zcard(self._activity_key), retry=True)
-        )
+    async def count(self, *, owner: str | None = None) -> int:
+        index = self._activity_key if owner is None else self._owner_key(owner)
+        return int(await self._call("count", lambda: self._client.zcard(index), retry=True))
 
     async def messages(self, session_id: str) -> list[Message]:
         _session, history = await self.read(session_id)

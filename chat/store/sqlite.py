@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from chat.errors import ConfigurationError, SessionNotFound, StoreUnavailable
-from chat.store import SessionPage
+from chat.store import OwnerLimitReached, SessionPage
 from chat.store._codec import (
     MESSAGE_FIELDS,
     SESSION_FIELDS,
@@ -118,6 +119,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Listing one identity's sessions, newest first.
             "CREATE INDEX sessions_by_owner ON sessions (owner, created_at, session_id)",
             "ALTER TABLE messages ADD COLUMN turn_id TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
+    Migration(
+        4,
+        "bearer tokens (--auth tokens): names, roles and hashes, never the tokens",
+        (
+            """CREATE TABLE tokens (
+                name TEXT PRIMARY KEY,
+                token_hash TEXT NOT NULL UNIQUE,
+                admin INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL
+            )""",
         ),
     ),
 )
@@ -211,12 +224,24 @@ class SqliteStore:
 
     ``options`` is the query string of the store URL: ``synchronous=normal`` trades the
     last commits before a power loss (never a process crash) for fewer disk flushes.
+
+    ``create_directory`` makes the file's directory when it is missing (for the default
+    store in the user data directory); otherwise a missing directory is an error, so that
+    a mistyped path is not created as a tree of directories somewhere.
+
+    :attr:`opened_elsewhere` tells, once the store is open, whether another process had the
+    file open then (servers started without ``--store`` by one user share the default
+    file): each open store holds a shared POSIX lock on a byte of ``<file>.lock``.
     """
 
     kind = "sqlite"
 
-    def __init__(self, path: Path, *, options: str = "") -> None:
+    def __init__(self, path: Path, *, options: str = "", create_directory: bool = False) -> None:
         self.path = path
+        self._create_directory = create_directory
+        self._presence: int | None = None
+        #: Another process had this file open when this store opened it.
+        self.opened_elsewhere = False
         settings = dict(parse_qsl(options, keep_blank_values=True))
         self._synchronous = settings.pop("synchronous", "full").lower()
         if self._synchronous not in _SYNCHRONOUS:
@@ -258,11 +283,23 @@ class SqliteStore:
     def _open_sync(self) -> sqlite3.Connection:
         path = self.path
         existed = path.exists()
+        if not path.parent.is_dir():
+            if not self._create_directory:
+                raise ConfigurationError(
+                    f"cannot open the SQLite store {path}: the directory {path.parent} does "
+                    "not exist (create it first, or choose another path)"
+                )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot create the directory of the SQLite store {path}: {error}"
+                ) from error
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             db = connect(path, synchronous=self._synchronous)
         except (OSError, sqlite3.Error) as error:
             raise ConfigurationError(f"cannot open the SQLite store {path}: {error}") from error
+        self._announce_presence()
         try:
             before, after = migrate(db)
         except sqlite3.Error as error:
@@ -281,7 +318,44 @@ class SqliteStore:
             log.info("opened SQLite store %s (schema v%d)", path, after)
         return db
 
+    def _announce_presence(self) -> None:
+        """Take this process's shared lock on ``<file>.lock``; see whether others hold one.
+
+        POSIX record locks, as SQLite itself uses: they go with the process (a killed
+        server leaves none behind), and a process never conflicts with its own. Asking for
+        the byte exclusively, without waiting, fails exactly when another process holds it.
+        Nothing is decided by it: it only lets the banner say that the file is shared.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: nothing to tell
+            return
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            log.debug("cannot open the lock file of %s: %s", self.path, error)
+            return
+        try:
+            # Waits while another process checks (it holds the byte exclusively an instant).
+            fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                self.opened_elsewhere = True
+            else:
+                # Back to shared, so that the next process can take it too.
+                fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)
+        except OSError as error:
+            log.debug("cannot lock %s.lock: %s", self.path, error)
+            os.close(fd)
+            return
+        self._presence = fd
+
     async def aclose(self) -> None:
+        if self._presence is not None:
+            # Closing the descriptor releases the process's locks on that file.
+            os.close(self._presence)
+            self._presence = None
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -334,14 +408,21 @@ class SqliteStore:
             raise SessionNotFound(session_id)
         return _session(row)
 
-    async def create(self, session: Session) -> None:
-        await self._run(self._create_sync, session)
+    async def create(self, session: Session, *, max_owned: int | None = None) -> None:
+        await self._run(self._create_sync, session, max_owned)
 
     @classmethod
-    def _create_sync(cls, db: sqlite3.Connection, session: Session) -> None:
+    def _create_sync(
+        cls, db: sqlite3.Connection, session: Session, max_owned: int | None = None
+    ) -> None:
         values = (session.session_id, 0, *session_values(session).values())
         placeholders = ", ".join("?" * len(values))
         with cls._transaction(db):
+            if max_owned is not None:
+                # In the write transaction: another process on the file waits for it.
+                owned = cls._count_sync(db, session.owner)
+                if owned >= max_owned:
+                    raise OwnerLimitReached(session.owner, owned)
             try:
                 db.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({placeholders})", values
@@ -385,27 +466,33 @@ class SqliteStore:
             db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
             return count
 
-    async def list_sessions(self, limit: int, cursor: str | None = None) -> SessionPage:
+    async def list_sessions(
+        self, limit: int, cursor: str | None = None, *, owner: str | None = None
+    ) -> SessionPage:
         after = None if cursor is None else decode_cursor(cursor)
-        return await self._run(self._list_sync, limit, after)
+        return await self._run(self._list_sync, limit, after, owner)
 
     @staticmethod
     def _list_sync(
-        db: sqlite3.Connection, limit: int, after: tuple[datetime, str] | None
+        db: sqlite3.Connection,
+        limit: int,
+        after: tuple[datetime, str] | None,
+        owner: str | None,
     ) -> SessionPage:
-        if after is None:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (limit + 1,),
-            ).fetchall()
-        else:
-            rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions "
-                "WHERE (created_at, session_id) < (?, ?) "
-                "ORDER BY created_at DESC, session_id DESC LIMIT ?",
-                (format_timestamp(after[0]), after[1], limit + 1),
-            ).fetchall()
+        # Fixed SQL texts (no caller text in them); the owner's listing uses sessions_by_owner.
+        conditions, args = [], []
+        if owner is not None:
+            conditions.append("owner = ?")
+            args.append(owner)
+        if after is not None:
+            conditions.append("(created_at, session_id) < (?, ?)")
+            args.extend((format_timestamp(after[0]), after[1]))
+        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        rows = db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions {where}"
+            "ORDER BY created_at DESC, session_id DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
         sessions = [_session(row) for row in rows[:limit]]
         more = len(rows) > limit
         last = sessions[-1] if sessions else None
@@ -414,12 +501,17 @@ class SqliteStore:
         )
         return SessionPage(sessions, next_cursor)
 
-    async def count(self) -> int:
-        return await self._run(self._count_sync)
+    async def count(self, *, owner: str | None = None) -> int:
+        return await self._run(self._count_sync, owner)
 
     @staticmethod
-    def _count_sync(db: sqlite3.Connection) -> int:
-        (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+    def _count_sync(db: sqlite3.Connection, owner: str | None = None) -> int:
+        if owner is None:
+            (count,) = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        else:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)
+            ).fetchone()
         return int(count)
 
     async def messages(self, session_id: str) -> list[Message]:

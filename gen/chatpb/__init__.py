@@ -22,6 +22,7 @@ __all__ = (
     "ListSessionsRequest",
     "ListSessionsResponse",
     "MessageStatus",
+    "QuotaUsage",
     "Role",
     "ServerStatsRequest",
     "ServerStatsResponse",
@@ -31,6 +32,8 @@ __all__ = (
     "StatusKind",
     "TokenUsage",
     "UpdateSessionRequest",
+    "WhoAmIRequest",
+    "WhoAmIResponse",
 )
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -1044,6 +1047,47 @@ default_message_pool.register_message("", "ListSessionsResponse", ListSessionsRe
 
 
 @dataclass(eq=False, repr=False)
+class QuotaUsage(betterproto2.Message):
+    """
+    One per-identity limit and the caller's use of it.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return CHAT_PROTO_DESCRIPTOR.message_types_by_name["QuotaUsage"]
+
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The server option that sets it: rate-limit-messages, token-budget,
+    max-streams-per-identity or max-sessions-per-identity.
+    """
+
+    limit: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
+    """
+    The limit.
+    """
+
+    used: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    Used in the current period (or open/stored now, for a limit without a period).
+    """
+
+    period_seconds: "float" = betterproto2.field(4, betterproto2.TYPE_DOUBLE)
+    """
+    Length of the period in seconds; 0 for a limit on what exists at once.
+    """
+
+    resets_in_seconds: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
+    """
+    Seconds until the current period ends.
+    """
+
+
+default_message_pool.register_message("", "QuotaUsage", QuotaUsage)
+
+
+@dataclass(eq=False, repr=False)
 class ServerStatsRequest(betterproto2.Message):
     """
     Arguments of GetServerStats (none).
@@ -1382,6 +1426,58 @@ class UpdateSessionRequest(betterproto2.Message):
 default_message_pool.register_message("", "UpdateSessionRequest", UpdateSessionRequest)
 
 
+@dataclass(eq=False, repr=False)
+class WhoAmIRequest(betterproto2.Message):
+    """
+    Arguments of WhoAmI (none).
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return CHAT_PROTO_DESCRIPTOR.message_types_by_name["WhoAmIRequest"]
+
+    pass
+
+
+default_message_pool.register_message("", "WhoAmIRequest", WhoAmIRequest)
+
+
+@dataclass(eq=False, repr=False)
+class WhoAmIResponse(betterproto2.Message):
+    """
+    The caller as the server sees it.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return CHAT_PROTO_DESCRIPTOR.message_types_by_name["WhoAmIResponse"]
+
+    identity: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The identity sessions are owned by and limits counted for ("anonymous" with --auth none).
+    """
+
+    admin: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    Whether the identity is an administrator (may list every identity's sessions).
+    """
+
+    auth: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    How the server authenticates: none, tokens, mtls or jwt.
+    """
+
+    quotas: "list[QuotaUsage]" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Every limit that applies to the caller (none when the server sets no quotas).
+    """
+
+
+default_message_pool.register_message("", "WhoAmIResponse", WhoAmIResponse)
+
+
 class ChatServiceStub(betterproto2_grpclib.ServiceStub):
     """
     The chat service: session management plus one bidirectional `Chat` stream per client.
@@ -1516,6 +1612,30 @@ class ChatServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def who_am_i(
+        self,
+        message: "WhoAmIRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "WhoAmIResponse":
+        """
+        Who the server takes the caller for, and the caller's limits and usage now.
+        """
+
+        if message is None:
+            message = WhoAmIRequest()
+
+        return await self._unary_unary(
+            "/ChatService/WhoAmI",
+            message,
+            WhoAmIResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def chat(
         self,
         messages: "AsyncIterable[ChatRequest] | Iterable[ChatRequest]",
@@ -1545,7 +1665,7 @@ class ChatServiceStub(betterproto2_grpclib.ServiceStub):
 
 
 CHAT_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\nchat.proto"\xa9\x03\n\x0bChatRequest\x12%\n\x04type\x18\x01 \x01(\x0e2\x11.ChatRequest.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x1c\n\ttimestamp\x18\x04 \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x17\n\x07turn_id\x18\x06 \x01(\tR\x06turnId\x12\x1b\n\tafter_seq\x18\x07 \x01(\x05R\x08afterSeq\x12*\n\x11client_message_id\x18\x08 \x01(\tR\x0fclientMessageId\x12 \n\x0btraceparent\x18\t \x01(\tR\x0btraceparent"y\n\x04Type\x12\t\n\x07MESSAGE\x12\x08\n\x04PING\x10\x01\x12\x10\n\x0cTYPING_START\x10\x02\x12\x0f\n\x0bTYPING_STOP\x10\x03\x12\n\n\x06CANCEL\x10\x04\x12\t\n\x05RETRY\x10\x05\x12\n\n\x06RESUME\x10\x06\x12\t\n\x05WATCH\x10\x07\x12\x0b\n\x07UNWATCH\x10\x08"\xdc\x07\n\x0cChatResponse\x12&\n\x04type\x18\x01 \x01(\x0e2\x12.ChatResponse.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12%\n\x0estatus_message\x18\x03 \x01(\tR\rstatusMessage\x12)\n\x10context_messages\x18\x04 \x01(\x05R\x0fcontextMessages\x12\x1d\n\nchunk_text\x18\x05 \x01(\tR\tchunkText\x12!\n\x0cchunk_number\x18\x06 \x01(\x05R\x0bchunkNumber\x12!\n\x0ctotal_chunks\x18\x07 \x01(\x05R\x0btotalChunks\x12\'\n\x0fprocessing_time\x18\x08 \x01(\x01R\x0eprocessingTime\x12#\n\rmessage_count\x18\t \x01(\x05R\x0cmessageCount\x12#\n\rerror_message\x18\n \x01(\tR\x0cerrorMessage\x12\x1c\n\ttimestamp\x18\x0b \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x0c \x01(\tR\trequestId\x122\n\rfinish_reason\x18\r \x01(\x0e2\r.FinishReasonR\x0cfinishReason\x12!\n\x05usage\x18\x0e \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x0f \x01(\tR\x05model\x12\x1d\n\nerror_code\x18\x10 \x01(\x05R\terrorCode\x12)\n\x10omitted_messages\x18\x11 \x01(\x05R\x0fomittedMessages\x12\x1f\n\x0bretry_after\x18\x12 \x01(\x01R\nretryAfter\x12&\n\x07session\x18\x13 \x01(\x0b2\x0c.SessionInfoR\x07session\x123\n\x0bupdate_kind\x18\x14 \x01(\x0e2\x12.SessionUpdateKindR\nupdateKind\x12,\n\x0bstatus_kind\x18\x15 \x01(\x0e2\x0b.StatusKindR\nstatusKind\x12\x1f\n\x0berror_field\x18\x16 \x01(\tR\nerrorField\x12\x17\n\x07turn_id\x18\x17 \x01(\tR\x06turnId\x12\x10\n\x03seq\x18\x18 \x01(\x05R\x03seq"o\n\x04Type\x12\x08\n\x06STATUS\x12\x12\n\x0eRESPONSE_START\x10\x01\x12\t\n\x05CHUNK\x10\x02\x12\x15\n\x11RESPONSE_COMPLETE\x10\x03\x12\t\n\x05ERROR\x10\x04\x12\x08\n\x04PONG\x10\x05\x12\x12\n\x0eSESSION_UPDATE\x10\x06"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens"\xf9\x01\n\x0bChatMessage\x12\x19\n\x04role\x18\x01 \x01(\x0e2\x05.RoleR\x04role\x12\x18\n\x07content\x18\x02 \x01(\tR\x07content\x12\x1c\n\ttimestamp\x18\x03 \x01(\tR\ttimestamp\x12&\n\x06status\x18\x04 \x01(\x0e2\x0e.MessageStatusR\x06status\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12!\n\x05usage\x18\x07 \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x17\n\x07turn_id\x18\x08 \x01(\tR\x06turnId"\xc1\x04\n\x0bSessionInfo\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\x12#\n\rmessage_count\x18\x04 \x01(\x05R\x0cmessageCount\x12\x1d\n\ncreated_at\x18\x05 \x01(\tR\tcreatedAt\x12#\n\rlast_activity\x18\x06 \x01(\tR\x0clastActivity\x12#\n\rsystem_prompt\x18\x07 \x01(\tR\x0csystemPrompt\x125\n\x0econtext_policy\x18\x08 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12(\n\x08messages\x18\t \x03(\x0b2\x0c.ChatMessageR\x08messages\x12\x14\n\x05owner\x18\n \x01(\tR\x05owner\x12!\n\x0cturn_running\x18\x0b \x01(\x08R\x0bturnRunning\x12\x1a\n\x08watchers\x18\x0c \x01(\x05R\x08watchers\x12A\n\x12concurrency_policy\x18\r \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x0e \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x0f \x01(\x05R\x0emaxReplyTokens"\xc3\x02\n\x14CreateSessionRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rsystem_prompt\x18\x02 \x01(\tR\x0csystemPrompt\x12\x14\n\x05title\x18\x03 \x01(\tR\x05title\x125\n\x0econtext_policy\x18\x04 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12A\n\x12concurrency_policy\x18\x05 \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x06 \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x07 \x01(\x05R\x0emaxReplyTokens"^\n\x15CreateSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12&\n\x07session\x18\x02 \x01(\x0b2\x0c.SessionInfoR\x07session"^\n\x12SessionInfoRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10include_messages\x18\x02 \x01(\x08R\x0fincludeMessages"\xfc\x03\n\x14UpdateSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x19\n\x05title\x18\x02 \x01(\tH\x00R\x05title\x88\x01\x01\x12(\n\rsystem_prompt\x18\x03 \x01(\tH\x01R\x0csystemPrompt\x88\x01\x01\x12\x19\n\x05model\x18\x04 \x01(\tH\x02R\x05model\x88\x01\x01\x12:\n\x0econtext_policy\x18\x05 \x01(\x0e2\x0e.ContextPolicyH\x03R\rcontextPolicy\x88\x01\x01\x12F\n\x12concurrency_policy\x18\x06 \x01(\x0e2\x12.ConcurrencyPolicyH\x04R\x11concurrencyPolicy\x88\x01\x01\x12;\n\ron_disconnect\x18\x07 \x01(\x0e2\x11.DisconnectPolicyH\x05R\x0conDisconnect\x88\x01\x01\x12-\n\x10max_reply_tokens\x18\x08 \x01(\x05H\x06R\x0emaxReplyTokens\x88\x01\x01B\x08\n\x06_titleB\x10\n\x0e_system_promptB\x08\n\x06_modelB\x11\n\x0f_context_policyB\x15\n\x13_concurrency_policyB\x10\n\x0e_on_disconnectB\x13\n\x11_max_reply_tokens"x\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12%\n\x0eall_identities\x18\x03 \x01(\x08R\rallIdentities"\x87\x01\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b2\x0c.SessionInfoR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize"5\n\x14DeleteSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"a\n\x15DeleteSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10deleted_messages\x18\x02 \x01(\x05R\x0fdeletedMessages"\x14\n\x12ServerStatsRequest"\xf1\x05\n\x13ServerStatsResponse\x12%\n\x0euptime_seconds\x18\x01 \x01(\x01R\ruptimeSeconds\x12%\n\x0etotal_requests\x18\x02 \x01(\x03R\rtotalRequests\x12/\n\x13successful_requests\x18\x03 \x01(\x03R\x12successfulRequests\x12\'\n\x0ffailed_requests\x18\x04 \x01(\x03R\x0efailedRequests\x12\'\n\x0factive_sessions\x18\x05 \x01(\x05R\x0eactiveSessions\x124\n\x16total_sessions_created\x18\x06 \x01(\x03R\x14totalSessionsCreated\x12*\n\x11avg_response_time\x18\x07 \x01(\x01R\x0favgResponseTime\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12%\n\x0eactive_streams\x18\t \x01(\x05R\ractiveStreams\x12*\n\x11total_chunks_sent\x18\n \x01(\x03R\x0ftotalChunksSent\x12-\n\x12cancelled_requests\x18\x0b \x01(\x03R\x11cancelledRequests\x12\x18\n\x07backend\x18\x0c \x01(\tR\x07backend\x12\x14\n\x05store\x18\r \x01(\tR\x05store\x12\x18\n\x07version\x18\x0e \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x0f \x01(\tR\tstartedAt\x12)\n\x10expired_sessions\x18\x10 \x01(\x03R\x0fexpiredSessions\x12)\n\x10evicted_sessions\x18\x11 \x01(\x03R\x0fevictedSessions\x12)\n\x10trimmed_messages\x18\x12 \x01(\x03R\x0ftrimmedMessages\x12%\n\x0eactive_replies\x18\x13 \x01(\x05R\ractiveReplies*\x80\x02\n\x11SessionUpdateKind\x12!\n\x1fSESSION_UPDATE_KIND_UNSPECIFIED\x12&\n"SESSION_UPDATE_KIND_TYPING_STARTED\x10\x01\x12&\n"SESSION_UPDATE_KIND_TYPING_STOPPED\x10\x02\x12&\n"SESSION_UPDATE_KIND_TURN_COMPLETED\x10\x03\x12\'\n#SESSION_UPDATE_KIND_SESSION_UPDATED\x10\x04\x12\'\n#SESSION_UPDATE_KIND_SESSION_DELETED\x10\x05*\xa2\x01\n\nStatusKind\x12\x19\n\x17STATUS_KIND_UNSPECIFIED\x12!\n\x1dSTATUS_KIND_CONTEXT_TRUNCATED\x10\x01\x12\x18\n\x14STATUS_KIND_SHUTDOWN\x10\x02\x12\x19\n\x15STATUS_KIND_HEARTBEAT\x10\x03\x12!\n\x1dSTATUS_KIND_NOTHING_TO_CANCEL\x10\x04*\x93\x01\n\x0cFinishReason\x12\x1b\n\x19FINISH_REASON_UNSPECIFIED\x12\x16\n\x12FINISH_REASON_STOP\x10\x01\x12\x18\n\x14FINISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17FINISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13FINISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x12\n\x10ROLE_UNSPECIFIED\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xa3\x01\n\rMessageStatus\x12\x1c\n\x1aMESSAGE_STATUS_UNSPECIFIED\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x04*e\n\rContextPolicy\x12\x1c\n\x1aCONTEXT_POLICY_UNSPECIFIED\x12\x1b\n\x17CONTEXT_POLICY_TRUNCATE\x10\x01\x12\x19\n\x15CONTEXT_POLICY_REJECT\x10\x02*\x94\x01\n\x11ConcurrencyPolicy\x12 \n\x1eCONCURRENCY_POLICY_UNSPECIFIED\x12\x1c\n\x18CONCURRENCY_POLICY_QUEUE\x10\x01\x12\x1d\n\x19CONCURRENCY_POLICY_REJECT\x10\x02\x12 \n\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*q\n\x10DisconnectPolicy\x12\x1f\n\x1dDISCONNECT_POLICY_UNSPECIFIED\x12\x1c\n\x18DISCONNECT_POLICY_CANCEL\x10\x01\x12\x1e\n\x1aDISCONNECT_POLICY_CONTINUE\x10\x022\x9b\x03\n\x0bChatService\x12>\n\rCreateSession\x12\x15.CreateSessionRequest\x1a\x16.CreateSessionResponse\x123\n\x0eGetSessionInfo\x12\x13.SessionInfoRequest\x1a\x0c.SessionInfo\x124\n\rUpdateSession\x12\x15.UpdateSessionRequest\x1a\x0c.SessionInfo\x12;\n\x0cListSessions\x12\x14.ListSessionsRequest\x1a\x15.ListSessionsResponse\x12>\n\rDeleteSession\x12\x15.DeleteSessionRequest\x1a\x16.DeleteSessionResponse\x12;\n\x0eGetServerStats\x12\x13.ServerStatsRequest\x1a\x14.ServerStatsResponse\x12\'\n\x04Chat\x12\x0c.ChatRequest\x1a\r.ChatResponse(\x010\x01b\x06proto3'
+    b'\n\nchat.proto"\xa9\x03\n\x0bChatRequest\x12%\n\x04type\x18\x01 \x01(\x0e2\x11.ChatRequest.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12\x1c\n\ttimestamp\x18\x04 \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x17\n\x07turn_id\x18\x06 \x01(\tR\x06turnId\x12\x1b\n\tafter_seq\x18\x07 \x01(\x05R\x08afterSeq\x12*\n\x11client_message_id\x18\x08 \x01(\tR\x0fclientMessageId\x12 \n\x0btraceparent\x18\t \x01(\tR\x0btraceparent"y\n\x04Type\x12\t\n\x07MESSAGE\x12\x08\n\x04PING\x10\x01\x12\x10\n\x0cTYPING_START\x10\x02\x12\x0f\n\x0bTYPING_STOP\x10\x03\x12\n\n\x06CANCEL\x10\x04\x12\t\n\x05RETRY\x10\x05\x12\n\n\x06RESUME\x10\x06\x12\t\n\x05WATCH\x10\x07\x12\x0b\n\x07UNWATCH\x10\x08"\xdc\x07\n\x0cChatResponse\x12&\n\x04type\x18\x01 \x01(\x0e2\x12.ChatResponse.TypeR\x04type\x12\x1d\n\nsession_id\x18\x02 \x01(\tR\tsessionId\x12%\n\x0estatus_message\x18\x03 \x01(\tR\rstatusMessage\x12)\n\x10context_messages\x18\x04 \x01(\x05R\x0fcontextMessages\x12\x1d\n\nchunk_text\x18\x05 \x01(\tR\tchunkText\x12!\n\x0cchunk_number\x18\x06 \x01(\x05R\x0bchunkNumber\x12!\n\x0ctotal_chunks\x18\x07 \x01(\x05R\x0btotalChunks\x12\'\n\x0fprocessing_time\x18\x08 \x01(\x01R\x0eprocessingTime\x12#\n\rmessage_count\x18\t \x01(\x05R\x0cmessageCount\x12#\n\rerror_message\x18\n \x01(\tR\x0cerrorMessage\x12\x1c\n\ttimestamp\x18\x0b \x01(\tR\ttimestamp\x12\x1d\n\nrequest_id\x18\x0c \x01(\tR\trequestId\x122\n\rfinish_reason\x18\r \x01(\x0e2\r.FinishReasonR\x0cfinishReason\x12!\n\x05usage\x18\x0e \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x0f \x01(\tR\x05model\x12\x1d\n\nerror_code\x18\x10 \x01(\x05R\terrorCode\x12)\n\x10omitted_messages\x18\x11 \x01(\x05R\x0fomittedMessages\x12\x1f\n\x0bretry_after\x18\x12 \x01(\x01R\nretryAfter\x12&\n\x07session\x18\x13 \x01(\x0b2\x0c.SessionInfoR\x07session\x123\n\x0bupdate_kind\x18\x14 \x01(\x0e2\x12.SessionUpdateKindR\nupdateKind\x12,\n\x0bstatus_kind\x18\x15 \x01(\x0e2\x0b.StatusKindR\nstatusKind\x12\x1f\n\x0berror_field\x18\x16 \x01(\tR\nerrorField\x12\x17\n\x07turn_id\x18\x17 \x01(\tR\x06turnId\x12\x10\n\x03seq\x18\x18 \x01(\x05R\x03seq"o\n\x04Type\x12\x08\n\x06STATUS\x12\x12\n\x0eRESPONSE_START\x10\x01\x12\t\n\x05CHUNK\x10\x02\x12\x15\n\x11RESPONSE_COMPLETE\x10\x03\x12\t\n\x05ERROR\x10\x04\x12\x08\n\x04PONG\x10\x05\x12\x12\n\x0eSESSION_UPDATE\x10\x06"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens"\xf9\x01\n\x0bChatMessage\x12\x19\n\x04role\x18\x01 \x01(\x0e2\x05.RoleR\x04role\x12\x18\n\x07content\x18\x02 \x01(\tR\x07content\x12\x1c\n\ttimestamp\x18\x03 \x01(\tR\ttimestamp\x12&\n\x06status\x18\x04 \x01(\x0e2\x0e.MessageStatusR\x06status\x12\x1d\n\nrequest_id\x18\x05 \x01(\tR\trequestId\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12!\n\x05usage\x18\x07 \x01(\x0b2\x0b.TokenUsageR\x05usage\x12\x17\n\x07turn_id\x18\x08 \x01(\tR\x06turnId"\xc1\x04\n\x0bSessionInfo\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\x12#\n\rmessage_count\x18\x04 \x01(\x05R\x0cmessageCount\x12\x1d\n\ncreated_at\x18\x05 \x01(\tR\tcreatedAt\x12#\n\rlast_activity\x18\x06 \x01(\tR\x0clastActivity\x12#\n\rsystem_prompt\x18\x07 \x01(\tR\x0csystemPrompt\x125\n\x0econtext_policy\x18\x08 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12(\n\x08messages\x18\t \x03(\x0b2\x0c.ChatMessageR\x08messages\x12\x14\n\x05owner\x18\n \x01(\tR\x05owner\x12!\n\x0cturn_running\x18\x0b \x01(\x08R\x0bturnRunning\x12\x1a\n\x08watchers\x18\x0c \x01(\x05R\x08watchers\x12A\n\x12concurrency_policy\x18\r \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x0e \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x0f \x01(\x05R\x0emaxReplyTokens"\xc3\x02\n\x14CreateSessionRequest\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12#\n\rsystem_prompt\x18\x02 \x01(\tR\x0csystemPrompt\x12\x14\n\x05title\x18\x03 \x01(\tR\x05title\x125\n\x0econtext_policy\x18\x04 \x01(\x0e2\x0e.ContextPolicyR\rcontextPolicy\x12A\n\x12concurrency_policy\x18\x05 \x01(\x0e2\x12.ConcurrencyPolicyR\x11concurrencyPolicy\x126\n\ron_disconnect\x18\x06 \x01(\x0e2\x11.DisconnectPolicyR\x0conDisconnect\x12(\n\x10max_reply_tokens\x18\x07 \x01(\x05R\x0emaxReplyTokens"^\n\x15CreateSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12&\n\x07session\x18\x02 \x01(\x0b2\x0c.SessionInfoR\x07session"^\n\x12SessionInfoRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10include_messages\x18\x02 \x01(\x08R\x0fincludeMessages"\xfc\x03\n\x14UpdateSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12\x19\n\x05title\x18\x02 \x01(\tH\x00R\x05title\x88\x01\x01\x12(\n\rsystem_prompt\x18\x03 \x01(\tH\x01R\x0csystemPrompt\x88\x01\x01\x12\x19\n\x05model\x18\x04 \x01(\tH\x02R\x05model\x88\x01\x01\x12:\n\x0econtext_policy\x18\x05 \x01(\x0e2\x0e.ContextPolicyH\x03R\rcontextPolicy\x88\x01\x01\x12F\n\x12concurrency_policy\x18\x06 \x01(\x0e2\x12.ConcurrencyPolicyH\x04R\x11concurrencyPolicy\x88\x01\x01\x12;\n\ron_disconnect\x18\x07 \x01(\x0e2\x11.DisconnectPolicyH\x05R\x0conDisconnect\x88\x01\x01\x12-\n\x10max_reply_tokens\x18\x08 \x01(\x05H\x06R\x0emaxReplyTokens\x88\x01\x01B\x08\n\x06_titleB\x10\n\x0e_system_promptB\x08\n\x06_modelB\x11\n\x0f_context_policyB\x15\n\x13_concurrency_policyB\x10\n\x0e_on_disconnectB\x13\n\x11_max_reply_tokens"x\n\x13ListSessionsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12%\n\x0eall_identities\x18\x03 \x01(\x08R\rallIdentities"\x87\x01\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b2\x0c.SessionInfoR\x08sessions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n\ntotal_size\x18\x03 \x01(\x05R\ttotalSize"5\n\x14DeleteSessionRequest\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId"a\n\x15DeleteSessionResponse\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12)\n\x10deleted_messages\x18\x02 \x01(\x05R\x0fdeletedMessages"\x14\n\x12ServerStatsRequest"\xf1\x05\n\x13ServerStatsResponse\x12%\n\x0euptime_seconds\x18\x01 \x01(\x01R\ruptimeSeconds\x12%\n\x0etotal_requests\x18\x02 \x01(\x03R\rtotalRequests\x12/\n\x13successful_requests\x18\x03 \x01(\x03R\x12successfulRequests\x12\'\n\x0ffailed_requests\x18\x04 \x01(\x03R\x0efailedRequests\x12\'\n\x0factive_sessions\x18\x05 \x01(\x05R\x0eactiveSessions\x124\n\x16total_sessions_created\x18\x06 \x01(\x03R\x14totalSessionsCreated\x12*\n\x11avg_response_time\x18\x07 \x01(\x01R\x0favgResponseTime\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12%\n\x0eactive_streams\x18\t \x01(\x05R\ractiveStreams\x12*\n\x11total_chunks_sent\x18\n \x01(\x03R\x0ftotalChunksSent\x12-\n\x12cancelled_requests\x18\x0b \x01(\x03R\x11cancelledRequests\x12\x18\n\x07backend\x18\x0c \x01(\tR\x07backend\x12\x14\n\x05store\x18\r \x01(\tR\x05store\x12\x18\n\x07version\x18\x0e \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x0f \x01(\tR\tstartedAt\x12)\n\x10expired_sessions\x18\x10 \x01(\x03R\x0fexpiredSessions\x12)\n\x10evicted_sessions\x18\x11 \x01(\x03R\x0fevictedSessions\x12)\n\x10trimmed_messages\x18\x12 \x01(\x03R\x0ftrimmedMessages\x12%\n\x0eactive_replies\x18\x13 \x01(\x05R\ractiveReplies"\x0f\n\rWhoAmIRequest"{\n\x0eWhoAmIResponse\x12\x1a\n\x08identity\x18\x01 \x01(\tR\x08identity\x12\x14\n\x05admin\x18\x02 \x01(\x08R\x05admin\x12\x12\n\x04auth\x18\x03 \x01(\tR\x04auth\x12#\n\x06quotas\x18\x04 \x03(\x0b2\x0b.QuotaUsageR\x06quotas"\x9d\x01\n\nQuotaUsage\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05limit\x18\x02 \x01(\x03R\x05limit\x12\x12\n\x04used\x18\x03 \x01(\x03R\x04used\x12%\n\x0eperiod_seconds\x18\x04 \x01(\x01R\rperiodSeconds\x12*\n\x11resets_in_seconds\x18\x05 \x01(\x01R\x0fresetsInSeconds*\x80\x02\n\x11SessionUpdateKind\x12!\n\x1fSESSION_UPDATE_KIND_UNSPECIFIED\x12&\n"SESSION_UPDATE_KIND_TYPING_STARTED\x10\x01\x12&\n"SESSION_UPDATE_KIND_TYPING_STOPPED\x10\x02\x12&\n"SESSION_UPDATE_KIND_TURN_COMPLETED\x10\x03\x12\'\n#SESSION_UPDATE_KIND_SESSION_UPDATED\x10\x04\x12\'\n#SESSION_UPDATE_KIND_SESSION_DELETED\x10\x05*\xa2\x01\n\nStatusKind\x12\x19\n\x17STATUS_KIND_UNSPECIFIED\x12!\n\x1dSTATUS_KIND_CONTEXT_TRUNCATED\x10\x01\x12\x18\n\x14STATUS_KIND_SHUTDOWN\x10\x02\x12\x19\n\x15STATUS_KIND_HEARTBEAT\x10\x03\x12!\n\x1dSTATUS_KIND_NOTHING_TO_CANCEL\x10\x04*\x93\x01\n\x0cFinishReason\x12\x1b\n\x19FINISH_REASON_UNSPECIFIED\x12\x16\n\x12FINISH_REASON_STOP\x10\x01\x12\x18\n\x14FINISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17FINISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13FINISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x12\n\x10ROLE_UNSPECIFIED\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xa3\x01\n\rMessageStatus\x12\x1c\n\x1aMESSAGE_STATUS_UNSPECIFIED\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x03\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x04*e\n\rContextPolicy\x12\x1c\n\x1aCONTEXT_POLICY_UNSPECIFIED\x12\x1b\n\x17CONTEXT_POLICY_TRUNCATE\x10\x01\x12\x19\n\x15CONTEXT_POLICY_REJECT\x10\x02*\x94\x01\n\x11ConcurrencyPolicy\x12 \n\x1eCONCURRENCY_POLICY_UNSPECIFIED\x12\x1c\n\x18CONCURRENCY_POLICY_QUEUE\x10\x01\x12\x1d\n\x19CONCURRENCY_POLICY_REJECT\x10\x02\x12 \n\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*q\n\x10DisconnectPolicy\x12\x1f\n\x1dDISCONNECT_POLICY_UNSPECIFIED\x12\x1c\n\x18DISCONNECT_POLICY_CANCEL\x10\x01\x12\x1e\n\x1aDISCONNECT_POLICY_CONTINUE\x10\x022\xc6\x03\n\x0bChatService\x12>\n\rCreateSession\x12\x15.CreateSessionRequest\x1a\x16.CreateSessionResponse\x123\n\x0eGetSessionInfo\x12\x13.SessionInfoRequest\x1a\x0c.SessionInfo\x124\n\rUpdateSession\x12\x15.UpdateSessionRequest\x1a\x0c.SessionInfo\x12;\n\x0cListSessions\x12\x14.ListSessionsRequest\x1a\x15.ListSessionsResponse\x12>\n\rDeleteSession\x12\x15.DeleteSessionRequest\x1a\x16.DeleteSessionResponse\x12;\n\x0eGetServerStats\x12\x13.ServerStatsRequest\x1a\x14.ServerStatsResponse\x12)\n\x06WhoAmI\x12\x0e.WhoAmIRequest\x1a\x0f.WhoAmIResponse\x12\'\n\x04Chat\x12\x0c.ChatRequest\x1a\r.ChatResponse(\x010\x01b\x06proto3'
 )
 
 
@@ -1592,6 +1712,13 @@ class ChatServiceBase(betterproto2_grpclib.ServiceBase):
     async def get_server_stats(self, message: "ServerStatsRequest") -> "ServerStatsResponse":
         """
         Counters measured by this server process since it started.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def who_am_i(self, message: "WhoAmIRequest") -> "WhoAmIResponse":
+        """
+        Who the server takes the caller for, and the caller's limits and usage now.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -1656,6 +1783,14 @@ class ChatServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.get_server_stats(request)
         await stream.send_message(response)
 
+    async def __rpc_who_am_i(
+        self, stream: "grpclib.server.Stream[WhoAmIRequest, WhoAmIResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.who_am_i(request)
+        await stream.send_message(response)
+
     async def __rpc_chat(self, stream: "grpclib.server.Stream[ChatRequest, ChatResponse]") -> None:
         request = stream.__aiter__()
         await self._call_rpc_handler_server_stream(
@@ -1701,6 +1836,12 @@ class ChatServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ServerStatsRequest,
                 ServerStatsResponse,
+            ),
+            "/ChatService/WhoAmI": grpclib.const.Handler(
+                self.__rpc_who_am_i,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                WhoAmIRequest,
+                WhoAmIResponse,
             ),
             "/ChatService/Chat": grpclib.const.Handler(
                 self.__rpc_chat,
