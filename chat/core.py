@@ -625,6 +625,8 @@ class Conversation:
         except (QuotaExceeded, Unavailable) as error:
             self._core.stats.total_requests += 1
             self._core.stats.failed_requests += 1
+            if isinstance(error, QuotaExceeded):
+                self._core.observer.rate_limited(error.limit)
             self._error(request, error)
             return False
         return True

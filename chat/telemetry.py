@@ -37,7 +37,13 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from chat import logs
 from chat._compat import IServable, message_counts
-from chat.errors import BackendError, ChatError, InvalidArgument, SessionNotFound
+from chat.errors import (
+    BackendError,
+    ChatError,
+    InvalidArgument,
+    QuotaExceeded,
+    SessionNotFound,
+)
 from chat.events import Request
 from chat.metrics import Metrics
 from chat.observe import TurnObservation, TurnOutcome
@@ -148,6 +154,7 @@ class _Call:
 
     __slots__ = (
         "code",
+        "identity",
         "key",
         "method",
         "request_id",
@@ -165,6 +172,7 @@ class _Call:
         self.unary = unary
         self.request_id = request_id
         self.session_id = ""
+        self.identity = ""
         self.start = time.monotonic()
         self.span: Span | None = None
         self.stream: Stream[Any, Any] | None = None
@@ -309,11 +317,15 @@ class Telemetry:
 
         async def observed(stream: Stream[Any, Any], **kwargs: Any) -> None:
             call.stream = stream
+            # Known once every RecvRequest listener ran (authentication among them).
+            call.identity = logs.current().identity
             self._open_calls.add(call)
             try:
                 await handler(stream, **kwargs)
             except GRPCError as error:
                 call.code = error.status
+                if isinstance(error.__cause__, QuotaExceeded):
+                    self.rate_limited(error.__cause__.limit)
                 raise
             except (StreamTerminatedError, asyncio.CancelledError):
                 call.code = Status.CANCELLED
@@ -400,6 +412,7 @@ class Telemetry:
                     "method": call.method,
                     "session_id": call.session_id,
                     "request_id": call.request_id,
+                    "identity": call.identity,
                     logs.ACCESS: {
                         "event": "rpc",
                         "grpc_service": call.key[1],
@@ -493,6 +506,7 @@ class Telemetry:
                 extra={
                     "session_id": turn.session_id,
                     "request_id": turn.request_id,
+                    "identity": turn.identity,
                     logs.ACCESS: fields,
                 },
             )
@@ -604,6 +618,7 @@ class _ObservedTurn:
         "call_started",
         "done",
         "first_at",
+        "identity",
         "model",
         "received",
         "request_id",
@@ -616,6 +631,8 @@ class _ObservedTurn:
         self._telemetry = telemetry
         self.session_id = request.session_id
         self.request_id = request.request_id
+        # The stream's caller (the turn may end in another task, e.g. a CANCEL's).
+        self.identity = logs.current().identity
         self.received = received
         self.model = ""
         self.first_at: float | None = None

@@ -4,6 +4,8 @@ that goes away logged at DEBUG."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -12,11 +14,13 @@ from typing import Any
 
 import pytest
 
+import chatpb
 from chat import ChatServer, ServerConfig
+from chat.auth.tokens import MemoryTokenStore, TokenAuth
 from chat.logs import ContextFilter, JsonFormatter, TextFormatter, bound, configure, current
 from chat.types import Usage
 from tests.backends import FailingBackend, GatedBackend, ScriptedBackend
-from tests.helpers import TIMEOUT, eventually
+from tests.helpers import TIMEOUT, ChatStream, channel_with_token, eventually, issue_token
 from tests.in_memory import InMemoryConnections
 
 
@@ -187,3 +191,22 @@ async def test_at_info_a_client_that_goes_away_is_not_logged(
 
             await eventually(stream_closed, "the server to see the client gone")
     assert not [r for r in caplog.records if r.name == "grpclib.server"]
+
+
+async def test_records_of_an_authenticated_call_name_the_caller(
+    records: pytest.LogCaptureFixture,
+) -> None:
+    tokens = MemoryTokenStore()
+    token = await issue_token(tokens, "alice")
+    settings = dataclasses.replace(config(), auth="tokens")
+    async with ChatServer(settings, authenticator=TokenAuth(tokens)) as server:
+        with contextlib.closing(channel_with_token("127.0.0.1", server.port, token)) as channel:
+            stub = chatpb.ChatServiceStub(channel, timeout=TIMEOUT)
+            session = await stub.create_session(chatpb.CreateSessionRequest())
+            async with ChatStream(stub) as stream:
+                stream.message(session.session_id, "hi", "r1")
+                await stream.until_complete("r1")
+    (created,) = [r for r in access(records, "rpc") if f(r, "method") == "CreateSession"]
+    assert f(created, "identity") == "alice"
+    (turn,) = access(records, "turn")
+    assert (f(turn, "identity"), f(turn, "request_id")) == ("alice", "r1")

@@ -19,6 +19,7 @@ from chat.errors import BackendUnavailable, ChatError, StoreUnavailable
 from chat.events import Request
 from chat.metrics import MAX_MODELS, OTHER, Metrics
 from chat.observe import NO_OBSERVER
+from chat.quota import Quotas, Rate
 from chat.retention import Retention
 from chat.store import SessionStore
 from chat.store.memory import MemoryStore
@@ -345,3 +346,20 @@ def test_features_built_alongside_report_through_the_observer() -> None:
     assert registry.get_sample_value("chat_watchers") == 1
     assert registry.get_sample_value("chat_rate_limited_total", {"scope": "messages"}) == 1
     assert registry.get_sample_value("chat_replay_evicted_events_total") == 3
+
+
+async def test_quota_refusals_are_counted_by_limit() -> None:
+    quotas = Quotas(messages=Rate.parse("1/1h"), max_sessions=1)
+    async with metered(quotas=quotas) as (server, client):
+        session = await client.create_session()
+        with pytest.raises(ChatError, match="max-sessions"):
+            await client.create_session()
+        await client.ask(session.session_id, "the one allowed")
+        with pytest.raises(ChatError, match="rate-limit-messages"):
+            await client.ask(session.session_id, "one too many")
+        for scope in ("max-sessions-per-identity", "rate-limit-messages"):
+            assert sample(server, "chat_rate_limited_total", scope=scope) == 1
+        assert sample(
+            server, "grpc_server_handled_total", grpc_type="unary", grpc_service="ChatService",
+            grpc_method="CreateSession", grpc_code="ResourceExhausted",
+        ) == 1  # fmt: skip
