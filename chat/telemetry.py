@@ -463,20 +463,8 @@ class Telemetry:
                     child(metrics.time_per_output_token, _OPERATION, provider, model).observe(
                         (now - turn.first_at) / (tokens - 1)
                     )
-        span = turn.span
-        if span is None and self.tracer is not None:
-            span = turn.span = self._turn_span(turn, "", 0)
-        if span is not None:
-            attributes: dict[str, Any] = {"gen_ai.response.finish_reasons": (reason,)}
-            if usage is not None:
-                attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-                attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
-            if error is not None:
-                attributes["error.type"] = error_type
-                trace = _otel().trace
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-            span.set_attributes(attributes)
-            span.end()
+        if self.tracer is not None:
+            self._record_spans(turn, reason, usage, error, error_type)
         if access_log.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
                 "event": "turn",
@@ -519,59 +507,78 @@ class Telemetry:
         if metrics is not None and omitted:
             metrics.context_truncated.inc()
             metrics.context_omitted.inc(omitted)
-        if self.tracer is not None:
-            span = turn.span = self._turn_span(turn, model, omitted)
-            if self._remote:
-                turn.call_span = self._client_span(span, model)
+        turn.omitted = omitted
 
-    def _turn_span(self, turn: _ObservedTurn, model: str, omitted: int) -> Span:
-        """The turn's span, from when it was received. Made once the model is known (or
-        when the turn ends without reaching one), in one go: renaming a span, or setting
-        attributes one by one, costs more than a turn's metrics."""
+    def _record_spans(
+        self,
+        turn: _ObservedTurn,
+        reason: str,
+        usage: Usage | None,
+        error: ChatError | None,
+        error_type: str,
+    ) -> None:
+        """The turn's span and, with a model server, the model call's, as the turn ends.
+
+        Both are recorded in one go, with the times they started: every attribute given when
+        the span is made, no span kept open while the reply streams (setting attributes on
+        an open span, or renaming it, costs more than all of a turn's metrics).
+        """
         assert self.tracer is not None
         otel = _otel()
-        # The client's context for this message, if it sent one; else the stream's span.
-        parent = (
-            otel.propagate.extract({"traceparent": turn.traceparent}) if turn.traceparent else None
-        )
+        trace = otel.trace
+        model = turn.model
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": _OPERATION,
             "gen_ai.provider.name": self.provider,
             "gen_ai.conversation.id": turn.session_id,
+            "gen_ai.response.finish_reasons": (reason,),
         }
         if model:
             attributes["gen_ai.request.model"] = model
-        if omitted:
-            attributes["chat.context.omitted_messages"] = omitted
-        return self.tracer.start_span(
+        if turn.omitted:
+            attributes["chat.context.omitted_messages"] = turn.omitted
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if error is not None:
+            attributes["error.type"] = error_type
+        # The client's context for this message, if it sent one; else the stream's span.
+        parent = (
+            otel.propagate.extract({"traceparent": turn.traceparent}) if turn.traceparent else None
+        )
+        end = time.time_ns()
+        span = self.tracer.start_span(
             f"{_OPERATION} {model}" if model else _OPERATION,
             context=parent,
-            kind=otel.trace.SpanKind.INTERNAL,
+            kind=trace.SpanKind.INTERNAL,
             start_time=_wall_ns(turn.received),
             attributes=attributes,
         )
-
-    # -- model calls -----------------------------------------------------------------------------
-
-    def _client_span(self, turn_span: Span, model: str) -> Span:
-        """The span of the model call: a ``CLIENT`` child of the turn's."""
-        assert self.tracer is not None
-        otel = _otel()
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": _OPERATION,
-            "gen_ai.provider.name": self.provider,
-            "gen_ai.request.model": model,
-        }
-        if self._address:
-            attributes["server.address"] = self._address
-            if self._port is not None:
-                attributes["server.port"] = self._port
-        return self.tracer.start_span(
-            f"{_OPERATION} {model}",
-            context=otel.trace.set_span_in_context(turn_span),
-            kind=otel.trace.SpanKind.CLIENT,
-            attributes=attributes,
-        )
+        if error is not None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+        if self._remote and turn.call_started is not None:
+            call: dict[str, Any] = {
+                "gen_ai.operation.name": _OPERATION,
+                "gen_ai.provider.name": self.provider,
+                "gen_ai.request.model": model,
+            }
+            if self._address:
+                call["server.address"] = self._address
+                if self._port is not None:
+                    call["server.port"] = self._port
+            if isinstance(error, BackendError):
+                call["error.type"] = error_type
+            child = self.tracer.start_span(
+                f"{_OPERATION} {model}",
+                context=trace.set_span_in_context(span),
+                kind=trace.SpanKind.CLIENT,
+                start_time=_wall_ns(turn.call_started),
+                attributes=call,
+            )
+            if isinstance(error, BackendError):
+                child.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+            child.end(end)
+        span.end(end)
 
     def _client_call_ended(
         self,
@@ -598,15 +605,6 @@ class Telemetry:
             if error is not None:
                 status = _CODE_NAMES[Status(int(error.status))]
                 child(metrics.backend_errors, provider, error_type, status).inc()
-        span = turn.call_span
-        if span is not None:
-            # Usage and the finish reason are on the turn's span: setting attributes on an
-            # open span costs more than the turn's metrics, so this one only says if it failed.
-            if error is not None:
-                trace = _otel().trace
-                span.set_attribute("error.type", error_type)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-            span.end()
 
 
 class _ObservedTurn:
@@ -614,16 +612,15 @@ class _ObservedTurn:
 
     __slots__ = (
         "_telemetry",
-        "call_span",
         "call_started",
         "done",
         "first_at",
         "identity",
         "model",
+        "omitted",
         "received",
         "request_id",
         "session_id",
-        "span",
         "traceparent",
     )
 
@@ -638,10 +635,9 @@ class _ObservedTurn:
         self.first_at: float | None = None
         self.done = False
         self.traceparent = request.traceparent
-        self.span: Span | None = None
-        #: When the model was called, and its span.
+        self.omitted = 0
+        #: When the model was called.
         self.call_started: float | None = None
-        self.call_span: Span | None = None
 
     def running(self) -> AbstractContextManager[None]:
         return _Running(self)
