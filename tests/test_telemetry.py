@@ -8,9 +8,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from grpclib import GRPCError
+from grpclib.client import Channel
 from prometheus_client import generate_latest
 
+import chatpb
 from chat import ChatClient, ChatServer, ServerConfig
+from chat.auth.tokens import MemoryTokenStore, TokenAuth
 from chat.backends import Delta, ModelBackend
 from chat.backends.remote import RetryPolicy, retry_before_first_delta
 from chat.client import ReplyStatus
@@ -363,3 +367,25 @@ async def test_quota_refusals_are_counted_by_limit() -> None:
             server, "grpc_server_handled_total", grpc_type="unary", grpc_service="ChatService",
             grpc_method="CreateSession", grpc_code="ResourceExhausted",
         ) == 1  # fmt: skip
+
+
+async def test_calls_refused_by_authentication_are_counted() -> None:
+    settings = ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", auth="tokens", metrics_port=0
+    )
+    async with ChatServer(settings, authenticator=TokenAuth(MemoryTokenStore())) as server:
+        async with Channel("127.0.0.1", server.port) as channel:
+            with pytest.raises(GRPCError, match="token"):
+                await chatpb.ChatServiceStub(channel).create_session(chatpb.CreateSessionRequest())
+        unary = {"grpc_type": "unary", "grpc_service": "ChatService"}
+
+        async def refused() -> bool:
+            return sample(
+                server, "grpc_server_handled_total", **unary, grpc_method="CreateSession",
+                grpc_code="Unauthenticated",
+            ) == 1  # fmt: skip
+
+        await eventually(refused, "the refused call to be counted")
+        assert (
+            sample(server, "grpc_server_started_total", **unary, grpc_method="CreateSession") == 1
+        )
