@@ -50,6 +50,7 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
+from chat.observe import NO_OBSERVER, NO_TURN, Observer, TurnObservation
 from chat.outbox import Outbox
 from chat.quota import QuotaKeeper, QuotaUsage
 from chat.retention import Retention, RetentionKeeper
@@ -124,6 +125,7 @@ class ChatCore:
         retention: Retention | None = None,
         quotas: QuotaKeeper | None = None,
         model_check: ModelCheck = ModelCheck.STRICT,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.quotas = quotas or QuotaKeeper()
@@ -132,6 +134,8 @@ class ChatCore:
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
+        #: Told about every turn (metrics, traces, access logs; :mod:`chat.observe`).
+        self.observer = observer or NO_OBSERVER
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
@@ -372,6 +376,35 @@ class ChatCore:
             return False
         return True
 
+    def queued_turns(self) -> int:
+        """Turns accepted on open streams and waiting for an earlier turn of their session."""
+        return sum(c.queued_turns for c in self._conversations)
+
+    def send_heartbeats(self, silent_for: float) -> int:
+        """Send a heartbeat on every stream that has sent nothing for ``silent_for`` seconds.
+
+        Proxies and load balancers that time out silent streams (and ignore HTTP/2 PINGs)
+        then keep a stream open while a model thinks for minutes. The heartbeat is a
+        ``STATUS`` event with ``status_kind`` HEARTBEAT, which clients ignore. Returns how
+        many were sent.
+        """
+        now = time.monotonic()
+        sent = 0
+        for conversation in self._conversations:
+            outbox = conversation.outbox
+            # An outbox with events in it is not silent: its writer is sending, or waiting
+            # for the client to read, and one more event would not help.
+            if not len(outbox) and now - outbox.last_sent >= silent_for:
+                outbox.put_nowait(
+                    Event(
+                        EventKind.STATUS,
+                        status_message="heartbeat",
+                        status_kind=StatusKind.HEARTBEAT,
+                    )
+                )
+                sent += 1
+        return sent
+
     def _stream_opened(self, conversation: Conversation) -> None:
         self._conversations.add(conversation)
         name = conversation.identity.name
@@ -449,6 +482,7 @@ class _Turn:
     generation: asyncio.Task[None] | None = None
     cancelled: bool = False
     started: bool = False
+    observed: TurnObservation = NO_TURN
     #: Tokens of the prompt as counted for the context (the token budget's estimate).
     prompt_tokens: int = 0
 
@@ -543,6 +577,11 @@ class Conversation:
         self._draining = True
         self._maybe_finish()
 
+    @property
+    def queued_turns(self) -> int:
+        """Turns accepted on this stream and waiting for an earlier one of their session."""
+        return sum(len(lane.pending) for lane in self._lanes.values())
+
     def _maybe_finish(self) -> None:
         if self._lanes:
             return
@@ -586,6 +625,8 @@ class Conversation:
         except (QuotaExceeded, Unavailable) as error:
             self._core.stats.total_requests += 1
             self._core.stats.failed_requests += 1
+            if isinstance(error, QuotaExceeded):
+                self._core.observer.rate_limited(error.limit)
             self._error(request, error)
             return False
         return True
@@ -601,7 +642,9 @@ class Conversation:
         lane = self._lanes.get(request.session_id)
         if lane is None:
             lane = self._lanes[request.session_id] = _Lane()
-        lane.pending.append(_Turn(request))
+        turn = _Turn(request)
+        turn.observed = core.observer.turn(request, received=turn.received)
+        lane.pending.append(turn)
         if lane.worker is None:
             lane.worker = asyncio.create_task(self._serve_lane(request.session_id, lane))
 
@@ -695,7 +738,8 @@ class Conversation:
         try:
             while lane.pending:
                 turn = lane.current = lane.pending.popleft()
-                await self._run_turn(turn)
+                with turn.observed.running():
+                    await self._run_turn(turn)
                 lane.current = None
         finally:
             lane.current = None
@@ -754,6 +798,7 @@ class Conversation:
                     model=model,
                 )
                 turn.prompt_tokens = context.tokens
+                turn.observed.started(model, context.omitted)
                 generation = GenerationRequest(
                     model,
                     context.messages,
@@ -766,16 +811,23 @@ class Conversation:
                     core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
+            turn.observed.finished(
+                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=error
+            )
             self._error(request, error, turn.reply if turn.started else None)
         except Exception:
             log.exception("turn %r on session %s failed", request.request_id, session_id)
             core.stats.failed_requests += 1
             internal = ChatError("internal server error; the turn was not stored")
+            turn.observed.finished(
+                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=internal
+            )
             self._error(request, internal, turn.reply if turn.started else None)
 
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
         self._core.stats.cancelled_requests += 1
+        turn.observed.finished(FinishReason.CANCELLED, None, chunks=0)
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -825,6 +877,7 @@ class Conversation:
                 with contextlib.suppress(ChatError):
                     await self._store_turn(turn, session, text, generation.model, status)
                     await asyncio.shield(self._spend(turn))
+                turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=len(turn.parts))
                 raise
         finally:
             turn.generation = None
@@ -842,6 +895,9 @@ class Conversation:
             await self._store_turn(turn, session, text, generation.model, MessageStatus.FAILED)
             await self._spend(turn)
             core.stats.failed_requests += 1
+            turn.observed.finished(
+                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=error
+            )
             self._error(turn.request, error, turn.reply)
             return
         else:
@@ -851,6 +907,7 @@ class Conversation:
         processing_time = time.monotonic() - turn.received
         if status is MessageStatus.COMPLETE:
             core.stats.record_success(processing_time)
+        turn.observed.finished(turn.finish, turn.usage, chunks=len(turn.parts))
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -887,6 +944,8 @@ class Conversation:
                             reply=turn.reply,
                         )
                     )
+                    if not parts:
+                        turn.observed.first_token()
                     # Only after the chunk is queued: the stored reply is exactly what the
                     # client is sent, even when a cancel lands while waiting for the client.
                     parts.append(piece)
