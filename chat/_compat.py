@@ -21,6 +21,11 @@ What is used, and why:
   decoding errors with UNKNOWN; :mod:`chat._receive` reads the prefix first instead;
 - :func:`listening_port`: the port the kernel chose for port 0 (the asyncio server is
   private);
+- :func:`message_counts`: the messages a server stream received and sent (metrics);
+- :func:`server_configuration`: HTTP/2 keepalive (grpclib's ``Configuration`` marks its
+  keepalive fields private);
+- :func:`open_streams` and :func:`send_goaway`: retiring a connection past its maximum age;
+- :func:`demote_client_gone_logs`: grpclib logs every client that goes away at INFO;
 - reflection: the v1alpha service (a private module), the hook that builds file-descriptor
   responses, and how grpclib names a service;
 - in-memory connections (tests, embedding): :class:`ConnectorChannel` makes a channel's
@@ -30,6 +35,7 @@ What is used, and why:
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -42,8 +48,10 @@ import grpclib.server
 import grpclib.utils
 from grpclib._typing import IServable
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
-from grpclib.protocol import H2Protocol
+from grpclib.exceptions import StreamTerminatedError
+from grpclib.protocol import Connection, H2Protocol
 from grpclib.reflection import _deprecated as reflection_v1alpha
 from grpclib.reflection import service as reflection_v1
 from grpclib.utils import _service_name
@@ -62,13 +70,18 @@ __all__ = [
     "ReflectionV1Alpha",
     "accept_protocol",
     "delivered",
+    "demote_client_gone_logs",
     "listening_port",
+    "message_counts",
+    "open_streams",
     "read_body",
     "read_prefix",
     "replace_receiver",
     "request_headers",
     "restore_receiver",
     "send_batch",
+    "send_goaway",
+    "server_configuration",
     "service_name",
 ]
 
@@ -83,9 +96,9 @@ RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
             "_send_initial_metadata_done",
             "_send_message_done",
             "_messages_sent",
+            "_messages_received",
             "_stream",
             "_dispatch",
-            "_messages_received",
         ),
     ),
     "grpclib.server.Server": (grpclib.server.Server, ("_protocol_factory", "_server")),
@@ -101,6 +114,17 @@ RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
     "grpclib.server.Handler": (grpclib.server.Handler, ("accept",)),
     "grpclib.events._DispatchServerEvents": (_DispatchServerEvents, ("recv_message",)),
     "grpclib.client.Channel": (Channel, ("_protocol_factory", "_create_connection")),
+    "grpclib.config.Configuration": (
+        Configuration,
+        (
+            "_keepalive_time",
+            "_keepalive_timeout",
+            "_keepalive_permit_without_calls",
+            "_http2_max_pings_without_data",
+            "_http2_min_sent_ping_interval_without_data",
+        ),
+    ),
+    "grpclib.protocol.Connection": (Connection, ("_connection",)),
     "grpclib.reflection.service.ServerReflection": (
         reflection_v1.ServerReflection,
         ("_file_descriptor_response",),
@@ -142,6 +166,81 @@ async def send_batch(stream: Stream[Any, Any], payloads: Sequence[bytes]) -> boo
     h2_stream.connection.messages_sent += count
     h2_stream.connection.last_message_sent = time.monotonic()
     return True
+
+
+def message_counts(stream: Stream[Any, Any]) -> tuple[int, int]:
+    """Messages received and sent on a server stream so far (what grpclib counts).
+
+    Read instead of counted by ``RecvMessage``/``SendMessage`` listeners: a ``SendMessage``
+    listener would make :func:`send_batch` send one message at a time.
+    """
+    return stream._messages_received, stream._messages_sent
+
+
+def server_configuration(
+    *, keepalive_time: float | None, keepalive_timeout: float
+) -> Configuration:
+    """grpclib's server configuration with HTTP/2 keepalive PINGs every ``keepalive_time``
+    seconds on connections with open streams (``None``: no PINGs); a PING unanswered within
+    ``keepalive_timeout`` seconds closes the connection.
+
+    grpclib would stop after two PINGs without data sent in between, and send at most one
+    every 5 minutes: a reply the model thinks about for minutes sends no data, and that is
+    when PINGs matter, so both limits are lifted.
+    """
+    if keepalive_time is None:
+        return Configuration(_keepalive_time=None)
+    return Configuration(
+        _keepalive_time=keepalive_time,
+        _keepalive_timeout=keepalive_timeout,
+        _keepalive_permit_without_calls=False,
+        _http2_max_pings_without_data=0,
+        _http2_min_sent_ping_interval_without_data=keepalive_time,
+    )
+
+
+def open_streams(protocol: asyncio.Protocol) -> int:
+    """Streams open on a server connection (grpclib's protocol for it)."""
+    processor = getattr(protocol, "processor", None)
+    streams = getattr(processor, "streams", None)
+    return len(streams) if streams is not None else 0
+
+
+def send_goaway(protocol: asyncio.Protocol) -> None:
+    """Send HTTP/2 GOAWAY (no error) on a server connection: no new streams on it.
+
+    The connection is closed right after by the caller: hyper-h2 sends nothing more on a
+    connection once it said GOAWAY, and grpclib's clients end their open streams on it.
+    """
+    connection = getattr(protocol, "connection", None)
+    if not isinstance(connection, Connection) or connection.is_closing():
+        return
+    connection._connection.close_connection()
+    connection.flush()
+
+
+class _ClientGoneFilter(logging.Filter):
+    """grpclib's "Request was cancelled: ..." (a client that went away) at DEBUG, not INFO.
+
+    The record is recognised by its argument, the :class:`StreamTerminatedError`, not by
+    its wording.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.levelno == logging.INFO and any(
+            isinstance(arg, StreamTerminatedError) for arg in args
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def demote_client_gone_logs() -> None:
+    """Log the clients that go away (grpclib: at INFO, one line each) at DEBUG."""
+    logger = logging.getLogger(grpclib.server.__name__)
+    if not any(isinstance(f, _ClientGoneFilter) for f in logger.filters):
+        logger.addFilter(_ClientGoneFilter())
 
 
 class HookedServer(grpclib.server.Server):

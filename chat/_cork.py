@@ -26,10 +26,16 @@ class CorkedTransport:
     sends them together, without delaying any write past the pass it was made in.
     """
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, protocol: asyncio.Protocol | None = None
+    ) -> None:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._pending: list[bytes] = []
+        #: The protocol that writes here (grpclib's, for the server's connections).
+        self.protocol = protocol
+        #: When the connection was made (``loop.time()``).
+        self.opened = self._loop.time()
 
     def write(self, data: bytes) -> None:
         pending = self._pending
@@ -64,7 +70,7 @@ class CorkingProtocol(asyncio.Protocol):
         self._corked: CorkedTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        corked = self._corked = CorkedTransport(cast(asyncio.Transport, transport))
+        corked = self._corked = CorkedTransport(cast(asyncio.Transport, transport), self._inner)
         self._connections.add(corked)
         self._inner.connection_made(cast(asyncio.Transport, corked))
 

@@ -114,6 +114,27 @@ class ServerConfig:
     reflection: str = "public"
     #: Per-identity quotas and rate limits (all off by default).
     quotas: Quotas = field(default_factory=Quotas)
+    #: Serve Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (``None``:
+    #: no metrics; 0 picks a free port).
+    metrics_port: int | None = None
+    #: The interface of the metrics endpoint; empty: the same as :attr:`host`.
+    metrics_host: str = ""
+    #: Record OpenTelemetry traces, exported as the ``OTEL_*`` variables say (the ``otel``
+    #: extra).
+    otel: bool = False
+    #: Seconds between HTTP/2 PINGs on a connection with open streams (0: none).
+    keepalive_time: float = 60.0
+    #: Seconds a PING may go unanswered before the connection is closed.
+    keepalive_timeout: float = 20.0
+    #: Seconds after which a connection is retired (0: never), so that clients reconnect
+    #: and a load balancer can spread them again (each connection gets up to 10% more, at
+    #: random, so that they do not all reconnect at once).
+    max_connection_age: float = 0.0
+    #: Seconds a retired connection keeps its open streams before it is closed anyway.
+    max_connection_age_grace: float = 600.0
+    #: Send a heartbeat on a Chat stream that has been silent this many seconds (0: never),
+    #: for proxies that close silent streams while a model thinks.
+    heartbeat: float = 15.0
 
     @property
     def tls(self) -> bool:
@@ -175,6 +196,23 @@ class ServerConfig:
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"{name} must be a finite number > 0, not {value}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(
+                f"metrics_port must be between 0 and 65535, not {self.metrics_port}"
+            )
+        for name in (
+            "keepalive_time",
+            "max_connection_age",
+            "max_connection_age_grace",
+            "heartbeat",
+        ):
+            value = getattr(self, name)
+            if not value >= 0 or math.isinf(value):
+                raise ConfigurationError(f"{name} must be a finite number >= 0, not {value}")
+        if not self.keepalive_timeout > 0 or math.isinf(self.keepalive_timeout):
+            raise ConfigurationError(
+                f"keepalive_timeout must be a finite number > 0, not {self.keepalive_timeout}"
+            )
         if not 0 <= self.retries <= 10:
             raise ConfigurationError(f"retries must be between 0 and 10, not {self.retries}")
         window = self.coalesce_window
@@ -220,6 +258,13 @@ class ServerConfig:
         if self.coalesce_window is not None:
             return self.coalesce_window
         return DEFAULT_COALESCE_WINDOW.get(self.backend, 0.0)
+
+    @property
+    def metrics_address(self) -> str:
+        """Where ``/metrics`` is served (``host:port`` of the config, before binding)."""
+        host = self.metrics_host or self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.metrics_port}"
 
     @property
     def address(self) -> str:

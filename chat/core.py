@@ -53,6 +53,7 @@ from chat.errors import (
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
 from chat.health import StoreHealth
+from chat.observe import NO_OBSERVER, NO_TURN, Observer, TurnObservation
 from chat.outbox import Outbox
 from chat.quota import QuotaKeeper, QuotaUsage
 from chat.retention import Retention, RetentionKeeper
@@ -85,7 +86,14 @@ _KNOWN_COUNTS = 1024
 #: Chunks of a reply kept as separate strings before they are joined into one block.
 _PARTS_PER_BLOCK = 256
 #: The string fields of a Chat request held to ``Limits.max_id_chars``.
-_REQUEST_IDS = ("session_id", "request_id", "turn_id", "client_message_id", "timestamp")
+_REQUEST_IDS = (
+    "session_id",
+    "request_id",
+    "turn_id",
+    "client_message_id",
+    "timestamp",
+    "traceparent",
+)
 
 
 def _too_long(name: str, value: str, limit: int) -> InvalidArgument:
@@ -101,7 +109,8 @@ class Limits:
     max_system_prompt_chars: int = 32_000
     max_title_chars: int = 200
     max_model_chars: int = 200
-    #: Ids (session, request, turn, client message) and the timestamp a client sends.
+    #: Ids (session, request, turn, client message), and the timestamp and trace context
+    #: (traceparent) a client sends.
     max_id_chars: int = 128
     #: ``page_token`` of ListSessions (the server's own tokens are far shorter).
     max_page_token_chars: int = 512
@@ -144,6 +153,7 @@ class ChatCore:
         retention: Retention | None = None,
         quotas: QuotaKeeper | None = None,
         model_check: ModelCheck = ModelCheck.STRICT,
+        observer: Observer | None = None,
         health: StoreHealth | None = None,
     ) -> None:
         self.store = store
@@ -154,6 +164,8 @@ class ChatCore:
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
+        #: Told about every turn (metrics, traces, access logs; :mod:`chat.observe`).
+        self.observer = observer or NO_OBSERVER
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._page_tokens: PageTokens | None = None
         # The last session count read, per owner (None: everyone's), for stats during a
@@ -459,6 +471,35 @@ class ChatCore:
             return False
         return True
 
+    def queued_turns(self) -> int:
+        """Turns accepted on open streams and waiting for an earlier turn of their session."""
+        return sum(c.queued_turns for c in self._conversations)
+
+    def send_heartbeats(self, silent_for: float) -> int:
+        """Send a heartbeat on every stream that has sent nothing for ``silent_for`` seconds.
+
+        Proxies and load balancers that time out silent streams (and ignore HTTP/2 PINGs)
+        then keep a stream open while a model thinks for minutes. The heartbeat is a
+        ``STATUS`` event with ``status_kind`` HEARTBEAT, which clients ignore. Returns how
+        many were sent.
+        """
+        now = time.monotonic()
+        sent = 0
+        for conversation in self._conversations:
+            outbox = conversation.outbox
+            # An outbox with events in it is not silent: its writer is sending, or waiting
+            # for the client to read, and one more event would not help.
+            if not len(outbox) and now - outbox.last_sent >= silent_for:
+                outbox.put_nowait(
+                    Event(
+                        EventKind.STATUS,
+                        status_message="heartbeat",
+                        status_kind=StatusKind.HEARTBEAT,
+                    )
+                )
+                sent += 1
+        return sent
+
     def _stream_opened(self, conversation: Conversation) -> None:
         self._conversations.add(conversation)
         name = conversation.identity.name
@@ -533,6 +574,8 @@ class _Turn:
     #: The reply's text so far: the latest chunks, and ``blocks`` of earlier ones joined.
     parts: list[str] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
+    #: Chunks of the reply queued so far.
+    chunks: int = 0
     finish: FinishReason = FinishReason.STOP
     usage: Usage | None = None
     generation: asyncio.Task[None] | None = None
@@ -540,6 +583,7 @@ class _Turn:
     #: Cancelled because the server's grace period ran out (not by the client).
     interrupted: bool = False
     started: bool = False
+    observed: TurnObservation = NO_TURN
     #: Tokens of the prompt as counted for the context (the token budget's estimate).
     prompt_tokens: int = 0
 
@@ -683,6 +727,11 @@ class Conversation:
                     current.generation.cancel()
         self._maybe_finish()
 
+    @property
+    def queued_turns(self) -> int:
+        """Turns accepted on this stream and waiting for an earlier one of their session."""
+        return sum(len(lane.pending) for lane in self._lanes.values())
+
     def _maybe_finish(self) -> None:
         if self._lanes:
             return
@@ -726,6 +775,8 @@ class Conversation:
         except (QuotaExceeded, Unavailable) as error:
             self._core.stats.total_requests += 1
             self._core.stats.failed_requests += 1
+            if isinstance(error, QuotaExceeded):
+                self._core.observer.rate_limited(error.limit)
             self._error(request, error)
             return False
         return True
@@ -741,7 +792,9 @@ class Conversation:
         lane = self._lanes.get(request.session_id)
         if lane is None:
             lane = self._lanes[request.session_id] = _Lane()
-        lane.pending.append(_Turn(request))
+        turn = _Turn(request)
+        turn.observed = core.observer.turn(request, received=turn.received)
+        lane.pending.append(turn)
         if lane.worker is None:
             lane.worker = asyncio.create_task(self._serve_lane(request.session_id, lane))
 
@@ -829,7 +882,8 @@ class Conversation:
         try:
             while lane.pending:
                 turn = lane.current = lane.pending.popleft()
-                await self._run_turn(turn)
+                with turn.observed.running():
+                    await self._run_turn(turn)
                 lane.current = None
         finally:
             lane.current = None
@@ -896,6 +950,7 @@ class Conversation:
                     model=model,
                 )
                 turn.prompt_tokens = context.tokens
+                turn.observed.started(model, context.omitted)
                 generation = GenerationRequest(
                     model,
                     context.messages,
@@ -908,11 +963,15 @@ class Conversation:
                     core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
             self._error(request, error, turn.reply if turn.started else None)
         except Exception:
             log.exception("turn %r on session %s failed", request.request_id, session_id)
             core.stats.failed_requests += 1
             internal = ChatError("internal server error; the turn was not stored")
+            turn.observed.finished(
+                FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=internal
+            )
             self._error(request, internal, turn.reply if turn.started else None)
         finally:
             turn.release()
@@ -920,6 +979,7 @@ class Conversation:
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
         self._core.stats.cancelled_requests += 1
+        turn.observed.finished(FinishReason.CANCELLED, None, chunks=0)
         if turn.interrupted:
             self._error(turn.request, _shutdown_error())
             return
@@ -974,6 +1034,7 @@ class Conversation:
                         turn, session, text, generation.model, status, sent_only=True
                     )
                     await asyncio.shield(self._spend(turn))
+                turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=turn.chunks)
                 raise
         finally:
             turn.generation = None
@@ -994,6 +1055,7 @@ class Conversation:
             await self._store_turn(turn, session, text, generation.model, MessageStatus.FAILED)
             await self._spend(turn)
             core.stats.failed_requests += 1
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
             self._error(turn.request, error, turn.reply)
             return
         else:
@@ -1003,6 +1065,7 @@ class Conversation:
         processing_time = time.monotonic() - turn.received
         if status is MessageStatus.COMPLETE:
             core.stats.record_success(processing_time)
+        turn.observed.finished(turn.finish, turn.usage, chunks=turn.chunks)
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -1026,14 +1089,19 @@ class Conversation:
         """
         queued = len(turn.text())
         status = MessageStatus.INTERRUPTED
+        error = _shutdown_error()
         try:
             await turn.reply.wait_sent(queued)
         except asyncio.CancelledError:
             with contextlib.suppress(ChatError):
                 await self._store_turn(turn, session, text, model, status, sent_only=True)
+                await asyncio.shield(self._spend(turn))
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
             raise
         await self._store_turn(turn, session, text, model, status, sent_only=True)
-        self._error(turn.request, _shutdown_error(), turn.reply)
+        await self._spend(turn)
+        turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
+        self._error(turn.request, error, turn.reply)
 
     async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
         outbox = self.outbox
@@ -1056,9 +1124,12 @@ class Conversation:
                             reply=turn.reply,
                         )
                     )
+                    if not parts:
+                        turn.observed.first_token()
                     # Only after the chunk is queued: the stored reply is exactly what the
                     # client is sent, even when a cancel lands while waiting for the client.
                     parts.append(piece)
+                    turn.chunks += 1
                     if len(parts) >= _PARTS_PER_BLOCK:
                         turn.compact()
                 if delta.finish_reason is not None:

@@ -47,6 +47,7 @@ class Request:
     turn_id: str = ""
     after_seq: int = 0
     client_message_id: str = ""
+    traceparent: str = ""
 
 
 class EventKind(enum.IntEnum):

@@ -8,6 +8,7 @@ can be merged into one when the socket is the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from chat.events import Event, EventKind
@@ -51,6 +52,9 @@ class Outbox:
         self._writable.set()
         self._closed = False
         self._stats = stats
+        #: When :meth:`get` last handed events to the writer (``time.monotonic()``): how
+        #: long the stream has been silent (see :meth:`ChatCore.send_heartbeats`).
+        self.last_sent = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._items) + len(self._urgent)
@@ -94,6 +98,7 @@ class Outbox:
                 return None
             self._readable.clear()
             await self._readable.wait()
+        self.last_sent = time.monotonic()
         batch = list(self._urgent)
         self._urgent.clear()
         items = list(self._items)

@@ -6,18 +6,27 @@ import asyncio
 import contextlib
 import errno
 import logging
+import random
 import signal
 import socket
 import ssl
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from grpclib.events import RecvRequest, listen
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 
-from chat._compat import HookedServer, IServable, listening_port
+from chat._compat import (
+    HookedServer,
+    IServable,
+    demote_client_gone_logs,
+    listening_port,
+    open_streams,
+    send_goaway,
+    server_configuration,
+)
 from chat._cork import CorkedTransport, CorkingProtocol
 from chat._receive import ACCEPT_ENCODING, guarded
 from chat._reflection import with_reflection
@@ -28,16 +37,22 @@ from chat.backends.echo import EchoBackend
 from chat.config import ServerConfig
 from chat.context import ContextBudget
 from chat.core import ChatCore
-from chat.errors import ConfigurationError
+from chat.errors import BackendError, ConfigurationError
 from chat.health import StoreHealth
+from chat.metrics import Metrics
 from chat.quota import QuotaKeeper, open_counters
 from chat.secret import keep_headers_out_of_logs
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
+from chat.telemetry import PROVIDERS, Telemetry, provider_name
 from chat.tls import reload_server_context, server_context
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = [
     "ChatServer",
+    "ConnectionRetirer",
     "create_authenticator",
     "create_backend",
     "event_loop_factory",
@@ -89,21 +104,24 @@ def exposure_warning(config: ServerConfig) -> str | None:
     )
 
 
-def create_backend(config: ServerConfig) -> ModelBackend:
+def create_backend(
+    config: ServerConfig, *, on_retry: Callable[[BackendError], None] | None = None
+) -> ModelBackend:
     """The model backend that ``config`` names, with its coalescing window.
 
     The SDK-based backends are imported here, so that the server runs without their extras
     until one is chosen; then a missing extra is a :class:`~chat.errors.MissingExtra`.
+    ``on_retry`` is told about each retry of a model call (metrics).
     """
     backend: ModelBackend
     if config.backend == "openai":
         from chat.backends.openai import OpenAIBackend
 
-        backend = OpenAIBackend(config.remote_settings())
+        backend = OpenAIBackend(config.remote_settings(), on_retry=on_retry)
     elif config.backend == "gemini":
         from chat.backends.gemini import GeminiBackend
 
-        backend = GeminiBackend(config.remote_settings())
+        backend = GeminiBackend(config.remote_settings(), on_retry=on_retry)
     else:
         model = config.model or "echo"
         # One model, as a remote backend's list would say: a session asking for another
@@ -180,6 +198,60 @@ async def _listen(
                 raise
 
 
+class ConnectionRetirer:
+    """Retires connections older than ``age`` seconds (each gets up to 10% more, at random,
+    so that clients do not all reconnect at once): once a connection's streams have ended,
+    or ``grace`` seconds after its time anyway, it is sent a GOAWAY and closed.
+
+    A connection past its age is not told to stop opening streams first: hyper-h2 sends
+    nothing after a GOAWAY, and grpclib's clients end their open streams when they get one.
+    """
+
+    def __init__(
+        self,
+        connections: set[CorkedTransport],
+        age: float,
+        grace: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._connections = connections
+        self._age = age
+        self._grace = grace
+        self._rng = rng or random.Random()
+        self._due: dict[CorkedTransport, float] = {}
+        #: Seconds between sweeps.
+        self.interval = min(age / 4, grace / 4 or age, 5.0)
+        #: Connections retired so far.
+        self.retired = 0
+
+    def due(self, connection: CorkedTransport) -> float:
+        """When ``connection`` is to be retired (``loop.time()``)."""
+        due = self._due.get(connection)
+        if due is None:
+            due = connection.opened + self._age * (1 + self._rng.random() / 10)
+            self._due[connection] = due
+        return due
+
+    def sweep(self, now: float) -> int:
+        """Retire what is due at ``now``; return how many connections were closed."""
+        closed = 0
+        for connection in list(self._connections):
+            due = self.due(connection)
+            protocol = connection.protocol
+            if now < due or protocol is None or connection.is_closing():
+                continue
+            if open_streams(protocol) and now < due + self._grace:
+                continue
+            log.debug("retiring a connection after %.0fs", now - connection.opened)
+            send_goaway(protocol)
+            connection.close()
+            closed += 1
+        self.retired += closed
+        for connection in [c for c in self._due if c not in self._connections]:
+            del self._due[connection]
+        return closed
+
+
 class ChatServer:
     """A grpc-chat server: the chat service, health checking and server reflection.
 
@@ -189,7 +261,9 @@ class ChatServer:
     ...         await server.wait_closed()
 
     ``store`` and ``backend`` replace the ones the config names (for tests and embedding);
-    the server closes them when it stops.
+    the server closes them when it stops. ``tracer_provider`` (an OpenTelemetry SDK
+    provider) turns traces on with it, instead of the one ``config.otel`` builds from the
+    ``OTEL_*`` variables; the caller shuts it down.
     """
 
     def __init__(
@@ -199,10 +273,19 @@ class ChatServer:
         store: SessionStore | None = None,
         backend: ModelBackend | None = None,
         authenticator: Authenticator | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
         self._store = store
         self._backend = backend
+        self._tracer_provider = tracer_provider
+        # The provider built from the environment (config.otel), shut down on stop.
+        self._own_tracer_provider: TracerProvider | None = None
+        self._telemetry: Telemetry | None = None
+        # The heartbeat and connection-age loops.
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Retires connections past ``config.max_connection_age`` (when it is set).
+        self.retirer: ConnectionRetirer | None = None
         self._authenticator = authenticator
         self._quotas: QuotaKeeper | None = None
         self._tls: ssl.SSLContext | None = None
@@ -220,13 +303,30 @@ class ChatServer:
         # Set to cut the grace period short (a second SIGINT or SIGTERM).
         self._hurry = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
-        self._prober: asyncio.Task[None] | None = None
 
     @property
     def core(self) -> ChatCore:
         if self._core is None:
             raise RuntimeError("the server is not started")
         return self._core
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The server's metrics, traces and access logs."""
+        if self._telemetry is None:
+            raise RuntimeError("the server is not started")
+        return self._telemetry
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The server's Prometheus metrics (``None`` when ``metrics_port`` is not set)."""
+        return self.telemetry.metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (useful with ``metrics_port=0``)."""
+        metrics = self.telemetry.metrics
+        return None if metrics is None else metrics.port
 
     @property
     def port(self) -> int:
@@ -238,12 +338,22 @@ class ChatServer:
     async def start(self) -> None:
         """Open the store and the backend, bind, and start serving."""
         config = self.config
+        demote_client_gone_logs()
+        telemetry = self._telemetry = self._make_telemetry()
         # The backend first: a configuration error there should not leave a store open.
-        backend = self._backend if self._backend is not None else create_backend(config)
+        backend = (
+            self._backend
+            if self._backend is not None
+            else create_backend(config, on_retry=telemetry.backend_retry)
+        )
+        telemetry.provider = provider_name(backend.name)
+        if backend.name in PROVIDERS:
+            telemetry.model_server(config.base_url)
         try:
             store = self._store if self._store is not None else open_store(config.store)
         except BaseException:
             await backend.aclose()
+            await self._close_telemetry()
             raise
         self._store, self._backend = store, backend
         try:
@@ -257,13 +367,14 @@ class ChatServer:
             if config.tls_cert is not None and config.tls_key is not None:
                 self._tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
             core = self._core = ChatCore(
-                store,
+                telemetry.wrap_store(store),
                 backend,
                 limits=config.limits,
                 retention=config.retention,
                 context=ContextBudget(config.context),
                 quotas=quotas,
                 model_check=config.effective_model_check,
+                observer=telemetry,
                 health=StoreHealth(
                     store,
                     interval=config.store_check_interval,
@@ -291,27 +402,46 @@ class ChatServer:
             if config.reflection != "off":
                 handlers = with_reflection(handlers)
             handlers = guarded(handlers, max_receive_bytes=config.limits.max_receive_bytes)
+            keepalive = config.keepalive_time or None
             self._server = HookedServer(
                 handlers,
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
                 response_headers=[ACCEPT_ENCODING],
+                config=server_configuration(
+                    keepalive_time=keepalive, keepalive_timeout=config.keepalive_timeout
+                ),
             )
+            # Before the authenticating listener: calls it refuses are counted too.
+            telemetry.install(self._server, handlers)
             if authenticator.mode != "none":
                 keep_headers_out_of_logs()
                 listen(self._server, RecvRequest, service.authenticate)
             await _listen(self._server, config.host, config.port, ssl=self._tls)
+            telemetry.bind(core)
+            if telemetry.metrics is not None and config.metrics_port is not None:
+                metrics_host = config.metrics_host or config.host
+                port = telemetry.metrics.serve(metrics_host, config.metrics_port)
+                log.info("metrics at http://%s:%d/metrics", metrics_host, port)
         except BaseException:
             # Not serving, so stop() will not run: close what was opened here.
             self._server = None
             await self._close_security()
             await store.aclose()
             await backend.aclose()
+            await self._close_telemetry()
             raise
         retention = config.retention
         if retention.session_ttl is not None or retention.max_sessions is not None:
             self._sweeper = asyncio.create_task(core.retention.run())
         self._store_reachable.set(True)
-        self._prober = asyncio.create_task(core.health.run())
+        self._tasks.append(asyncio.create_task(core.health.run()))
+        if config.heartbeat:
+            self._tasks.append(asyncio.create_task(self._send_heartbeats(core, config.heartbeat)))
+        if config.max_connection_age:
+            self.retirer = ConnectionRetirer(
+                self._connections, config.max_connection_age, config.max_connection_age_grace
+            )
+            self._tasks.append(asyncio.create_task(self._retire_connections(self.retirer)))
         self._serving.set(True)
         log.info(
             "serving on %s:%d over %s (auth %s; backend %s, model %s, store %s at %s)",
@@ -392,10 +522,13 @@ class ChatServer:
             if closed := self._close_connections():
                 log.info("closed %d client connections", closed)
         finally:
-            for task in (self._sweeper, self._prober):
-                if task is not None:
-                    task.cancel()
-                    await asyncio.wait((task,))
+            tasks = [*self._tasks, *([self._sweeper] if self._sweeper is not None else [])]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            self._tasks.clear()
+            await self._close_telemetry()
             await self._close_security()
             if self._backend is not None:
                 await self._backend.aclose()
@@ -403,6 +536,38 @@ class ChatServer:
                 await self._store.aclose()
             self._closed.set()
             log.info("server stopped")
+
+    def _make_telemetry(self) -> Telemetry:
+        config = self.config
+        provider = self._tracer_provider
+        if provider is None and config.otel:
+            from chat.tracing import tracer_provider_from_environment
+
+            provider = self._own_tracer_provider = tracer_provider_from_environment()
+        metrics = Metrics() if config.metrics_port is not None else None
+        return Telemetry(metrics=metrics, tracer_provider=provider)
+
+    async def _close_telemetry(self) -> None:
+        telemetry = self._telemetry
+        if telemetry is not None and telemetry.metrics is not None:
+            await telemetry.metrics.stop_serving()
+        provider, self._own_tracer_provider = self._own_tracer_provider, None
+        if provider is not None:
+            # Exports what is left: network I/O, not on the event loop.
+            await asyncio.to_thread(provider.shutdown)
+
+    async def _send_heartbeats(self, core: ChatCore, silent_for: float) -> None:
+        """Every stream silent for ``silent_for`` seconds gets a heartbeat (checked four
+        times as often, so that none is silent for more than 1.25 times as long)."""
+        while True:
+            await asyncio.sleep(silent_for / 4)
+            core.send_heartbeats(silent_for)
+
+    async def _retire_connections(self, retirer: ConnectionRetirer) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(retirer.interval)
+            retirer.sweep(loop.time())
 
     def stop_now(self) -> None:
         """End the grace period now: replies still running are cancelled (and kept)."""

@@ -32,6 +32,7 @@ from grpclib.const import Status
 from grpclib.events import RecvRequest
 from grpclib.exceptions import StreamTerminatedError
 
+from chat import logs
 from chat._clock import WireClock
 from chat._compat import send_batch
 from chat._proto import (
@@ -135,6 +136,8 @@ class ChatService:
             )
         except ChatError as error:
             raise GRPCError(Status(int(error.status)), error.message) from None
+        # Every record about this call, and about the turns of its stream, names the caller.
+        logs.bind(identity=credentials.identity.name)
         if path.startswith(self._own_prefix):
             handler = cast(Callable[..., Any], event.method_func)
             event.method_func = cast(Any, functools.partial(handler, credentials=credentials))

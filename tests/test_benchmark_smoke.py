@@ -155,3 +155,23 @@ def test_the_secured_benchmark_compares_three_servers(tmp_path: Path) -> None:
         assert values["loaded_ping_p99_ms"] > 0
     assert report["summary"]["ratios"]["cpu_us_per_chunk_vs_plain"] > 0
     assert "ours, secured" in (tmp_path / "secured.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_observability_benchmark_loads_both_servers(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.observability", "--quick", "--output", tmp_path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rounds = json.loads((tmp_path / "observability.json").read_text())
+    assert set(rounds) == {"off", "on"}
+    for results in rounds.values():
+        (result,) = results
+        assert result["cpu_us_per_chunk"] > 0
+        assert result["chunks_per_s"] > 0
+    assert "CPU per chunk of off" in (tmp_path / "observability.md").read_text()

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from grpclib.client import Channel
-from grpclib.health.v1.health_grpc import HealthStub
-from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 import chatpb
 from tests.helpers import TIMEOUT, ChatStream, ServerProcess, reply_text, running_server_process
+from tests.nginx import running_nginx, wait_serving
 from tests.stores import REDIS_URL, delete_prefix, redis_store_url, unique_prefix
 
 pytestmark = pytest.mark.slow
@@ -144,92 +140,6 @@ async def test_a_replica_killed_mid_reply_leaves_the_session_to_the_others(prefi
 
 
 # -- behind nginx ---------------------------------------------------------------------------
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
-    )
-    if found is None:
-        pytest.fail(
-            "nginx is not installed: this test runs the fleet behind it. "
-            "Install it (Debian: apt-get install -y nginx; .ci/run does so when it is missing)."
-        )
-    return found
-
-
-def nginx_config(directory: Path, listen_port: int, upstreams: list[str]) -> str:
-    """A gRPC load balancer in front of ``upstreams``, in the foreground, all files in
-    ``directory`` (the README shows the same ``upstream``/``grpc_pass`` for production)."""
-    servers = "\n".join(f"        server {address};" for address in upstreams)
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    upstream chat_replicas {{
-{servers}
-    }}
-    server {{
-        listen 127.0.0.1:{listen_port} http2;
-        location / {{
-            grpc_pass grpc://chat_replicas;
-            grpc_read_timeout 1h;
-            grpc_send_timeout 1h;
-        }}
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_nginx(directory: Path, upstreams: list[str]) -> Iterator[int]:
-    binary = nginx_binary()
-    port = free_port()
-    config = directory / "nginx.conf"
-    config.write_text(nginx_config(directory, port, upstreams))
-    process = subprocess.Popen(
-        [binary, "-p", str(directory), "-c", str(config), "-e", "stderr"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield port
-    finally:
-        process.terminate()
-        _, errors = process.communicate(timeout=TIMEOUT)
-        if process.returncode not in (0, -15):
-            pytest.fail(f"nginx exited with {process.returncode}: {errors}")
-
-
-async def wait_serving(port: int) -> None:
-    """Until the replicas answer health checks through nginx (bounded)."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            try:
-                async with Channel("127.0.0.1", port) as channel:
-                    reply = await HealthStub(channel).Check(HealthCheckRequest(service=""))
-                if reply.status == HealthCheckResponse.SERVING:
-                    return
-            except (OSError, ConnectionError):
-                pass
-            await asyncio.sleep(0.05)  # nginx is still binding its port
 
 
 async def test_a_fleet_behind_nginx_chats_and_lists_sessions(prefix: str, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ LIMIT_OF = {
     "turn_id": "max_id_chars",
     "client_message_id": "max_id_chars",
     "timestamp": "max_id_chars",
+    "traceparent": "max_id_chars",
     "message": "max_message_chars",
     "title": "max_title_chars",
     "model": "max_model_chars",

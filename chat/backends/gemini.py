@@ -16,7 +16,7 @@ import contextvars
 import dataclasses
 import logging
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 from chat.backends import Delta, GenerationRequest, PromptMessage
@@ -72,7 +72,13 @@ class GeminiBackend:
 
     name = "gemini"
 
-    def __init__(self, settings: RemoteSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: RemoteSettings,
+        *,
+        rng: random.Random | None = None,
+        on_retry: Callable[[BackendError], None] | None = None,
+    ) -> None:
         if not settings.api_key:
             raise ConfigurationError(
                 "the gemini backend needs an API key: set GEMINI_API_KEY (or GOOGLE_API_KEY, "
@@ -82,6 +88,7 @@ class GeminiBackend:
             settings, base_url=settings.base_url or DEFAULT_BASE_URL
         )
         self._rng = rng or random.Random()
+        self._on_retry = on_retry
         self._connect_timeout = settings.connect_timeout
         # Our own HTTP client: the SDK has a single timeout; the connect timeout is set per
         # request by the hook, and responses are recorded so that cancelling closes them.
@@ -144,6 +151,7 @@ class GeminiBackend:
             self._settings.retry,
             what=f"gemini request {request.request_id!r}",
             rng=self._rng,
+            on_retry=self._on_retry,
         )
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import re
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
@@ -75,7 +75,13 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, settings: RemoteSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: RemoteSettings,
+        *,
+        rng: random.Random | None = None,
+        on_retry: Callable[[BackendError], None] | None = None,
+    ) -> None:
         if not settings.base_url and not settings.api_key:
             raise ConfigurationError(
                 "the openai backend needs an API key for api.openai.com: set OPENAI_API_KEY "
@@ -86,6 +92,7 @@ class OpenAIBackend:
             settings, base_url=settings.base_url or DEFAULT_BASE_URL
         )
         self._rng = rng or random.Random()
+        self._on_retry = on_retry
         key = settings.api_key.reveal() if settings.api_key else _NO_KEY
         self._client = openai.AsyncOpenAI(
             api_key=key,
@@ -146,6 +153,7 @@ class OpenAIBackend:
             self._settings.retry,
             what=f"openai request {request.request_id!r}",
             rng=self._rng,
+            on_retry=self._on_retry,
         )
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:

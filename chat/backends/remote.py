@@ -148,11 +148,13 @@ async def retry_before_first_delta(
     what: str,
     rng: random.Random | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_retry: Callable[[BackendError], None] | None = None,
 ) -> AsyncGenerator[Delta, None]:
     """The deltas of ``start()``, starting it again after transient failures before the first.
 
     Once a delta has been yielded, failures are raised as they are. Each failed attempt's
     generator is closed before the pause, so its connection is released while waiting.
+    ``on_retry(error)`` is called before each retry (the server counts them).
     """
     random_source = rng or random.Random()
     attempt = 1
@@ -175,6 +177,8 @@ async def retry_before_first_delta(
                     policy.attempts - 1,
                     pause,
                 )
+                if on_retry is not None:
+                    on_retry(error)
             else:
                 yield first
                 async for delta in deltas:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,8 @@ from chat.config import (
 from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ChatError
+from chat.logs import LOG_FORMATS
+from chat.logs import configure as configure_logging
 from chat.quota import Quotas, Rate
 from chat.retention import Retention
 from chat.secret import read_api_key
@@ -70,6 +71,9 @@ def _banner(server: ChatServer) -> None:
     click.echo(f"  talk to it:  chat-client --target {address}{tls}")
     grpcurl = "-cacert CA.pem" if config.tls else "-plaintext"
     click.echo(f"  inspect it:  grpcurl {grpcurl} {address} describe ChatService")
+    if server.metrics_port is not None:
+        metrics = ServerConfig(host=config.metrics_host or config.host, port=server.metrics_port)
+        click.echo(f"  metrics:     http://{metrics.address}/metrics")
     click.echo(
         "  stop it:     Ctrl-C (replies in flight get the grace period to finish; "
         "Ctrl-C again stops at once)"
@@ -89,6 +93,22 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+def _prepare_telemetry(config: ServerConfig) -> None:
+    """What this process does for metrics and traces, before the collector freezes memory.
+
+    The OpenTelemetry SDK is imported now, so that its modules are frozen with the rest
+    (``--otel`` without the extra fails here, with the extra to install). The ``_created``
+    series of every counter and histogram are left out of ``/metrics``: Prometheus does not
+    use them, and they make each scrape twice as long to write.
+    """
+    if config.otel:
+        import chat.tracing  # noqa: F401
+    if config.metrics_port is not None:
+        import prometheus_client
+
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate | None:
@@ -341,7 +361,65 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate
     type=click.IntRange(min=1),
     help="Per identity: sessions stored.",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port) "
+    "[default: no metrics]",
+    show_default=False,
+)
+@click.option(
+    "--metrics-host",
+    default=_server_default("metrics_host"),
+    help="Interface of the metrics endpoint [default: the same as --host]",
+    show_default=False,
+)
+@click.option(
+    "--otel/--no-otel",
+    default=_server_default("otel"),
+    help="Record OpenTelemetry traces, exported as the standard OTEL_* variables say "
+    "(OTEL_EXPORTER_OTLP_ENDPOINT...); needs grpc-chat[otel].",
+)
+@click.option(
+    "--keepalive-time",
+    default=_server_default("keepalive_time"),
+    type=click.FloatRange(min=0),
+    help="Seconds between HTTP/2 PINGs on connections with open streams (0: none).",
+)
+@click.option(
+    "--keepalive-timeout",
+    default=_server_default("keepalive_timeout"),
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a PING may go unanswered before the connection is closed.",
+)
+@click.option(
+    "--max-connection-age",
+    default=_server_default("max_connection_age"),
+    type=click.FloatRange(min=0),
+    help="Retire connections after this many seconds, so that clients reconnect and a load "
+    "balancer spreads them again (0: never).",
+)
+@click.option(
+    "--max-connection-age-grace",
+    default=_server_default("max_connection_age_grace"),
+    type=click.FloatRange(min=0),
+    help="Seconds a retired connection keeps its open streams.",
+)
+@click.option(
+    "--heartbeat",
+    default=_server_default("heartbeat"),
+    type=click.FloatRange(min=0),
+    help="Send a heartbeat on Chat streams silent for this many seconds, for proxies that "
+    "close silent streams (0: never).",
+)
 @click.option("--log-level", default="info", type=click.Choice(_LOG_LEVELS))
+@click.option(
+    "--log-format",
+    default="text",
+    type=click.Choice(LOG_FORMATS),
+    help="text: one line per record; json: one JSON object per line.",
+)
 @click.version_option(__version__, prog_name="chat-server")
 @click.pass_context
 def main(
@@ -385,7 +463,16 @@ def main(
     token_budget: Rate | None,
     max_streams_per_identity: int | None,
     max_sessions_per_identity: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    otel: bool,
+    keepalive_time: float,
+    keepalive_timeout: float,
+    max_connection_age: float,
+    max_connection_age_grace: float,
+    heartbeat: float,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the grpc-chat server (gRPC service ChatService, with health and reflection).
 
@@ -397,11 +484,7 @@ def main(
     """
     if ctx.invoked_subcommand is not None:
         return
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, log_format, sys.stderr)
     try:
         api_key = (
             read_api_key(key_file=api_key_file, env_vars=API_KEY_ENV_VARS[backend])
@@ -459,7 +542,16 @@ def main(
                 max_streams=max_streams_per_identity,
                 max_sessions=max_sessions_per_identity,
             ),
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            otel=otel,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            max_connection_age=max_connection_age,
+            max_connection_age_grace=max_connection_age_grace,
+            heartbeat=heartbeat,
         )
+        _prepare_telemetry(config)
         _tune_gc()
         with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
             runner.run(serve(config, ready=_banner))

@@ -38,6 +38,7 @@ from chat.client._results import (
     Notice,
     SessionUpdated,
 )
+from chat.client._tracing import current_traceparent, send_trace_context
 from chat.errors import (
     ChatError,
     ConnectionLost,
@@ -169,6 +170,7 @@ class Connector:
         config = self.config
         self.counters.connection_attempts += 1
         channel = self._channel_factory()
+        send_trace_context(channel)
         if config.token is not None:
             keep_headers_out_of_logs()
             listen(channel, SendRequest, self._send_token)
@@ -439,6 +441,8 @@ class Connector:
             request.request_id,
             is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
         )
+        if pending.is_turn and not request.traceparent:
+            request.traceparent = current_traceparent()
         for _ in range(3):
             conn = await self.ready()
             conn.pending[request.request_id] = pending

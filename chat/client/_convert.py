@@ -281,6 +281,12 @@ def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | 
             session=None if response.session is None else to_session(response.session),
             kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
         )
+    if (
+        kind == chatpb.ChatResponseType.STATUS
+        and response.status_kind == chatpb.StatusKind.HEARTBEAT
+    ):
+        # Sent to keep proxies from closing a silent stream: nothing to tell anyone.
+        return None
     if kind in (chatpb.ChatResponseType.STATUS, chatpb.ChatResponseType.ERROR):
         error = kind == chatpb.ChatResponseType.ERROR
         return ServerNotice(
