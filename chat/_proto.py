@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import operator
 import typing
 from collections.abc import Iterable, Mapping
@@ -102,6 +103,7 @@ def _message_fields(name: str) -> tuple[str, ...]:
     return tuple(f.name for f in _FILE_MESSAGES[name].fields if f.message_type is not None)
 
 
+@functools.cache  # type hints are resolved once per field, not on every request
 def domain_enum(owner: type, attribute: str) -> type[enum.IntEnum] | None:
     """The IntEnum type of ``owner.attribute`` (``X`` or ``X | None``), if it is one."""
     hint = typing.get_type_hints(owner)[attribute]
