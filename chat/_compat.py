@@ -11,6 +11,14 @@ What is used, and why:
   ``Stream.send_message`` costs one DATA frame and one socket write per message);
 - :class:`HookedServer`: wraps each connection's asyncio protocol (grpclib builds it in the
   private ``Server._protocol_factory``), so that writes can be corked and connections closed;
+  keeps each request's HTTP/2 headers on its stream (grpclib reads them, then drops them),
+  adds headers of ours to each response (``grpc-accept-encoding``, which grpclib's
+  metadata API refuses: it is a reserved ``grpc-`` name), and unlinks a finished stream from
+  its ``Wrapper`` (else a call ended by its client stays in a reference cycle);
+- the receiving end of a server stream (:func:`read_prefix`, :func:`read_body`,
+  :func:`delivered`, :func:`replace_receiver`): ``Stream.recv_message`` reads a whole
+  message before anything can look at its length, and answers compression, truncation and
+  decoding errors with UNKNOWN; :mod:`chat._receive` reads the prefix first instead;
 - :func:`listening_port`: the port the kernel chose for port 0 (the asyncio server is
   private);
 - :func:`message_counts`: the messages a server stream received and sent (metrics);
@@ -28,16 +36,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib
+import grpclib.protocol
 import grpclib.server
+import grpclib.utils
 from grpclib._typing import IServable
 from grpclib.client import Channel
 from grpclib.config import Configuration
+from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import StreamTerminatedError
 from grpclib.protocol import Connection, H2Protocol
 from grpclib.reflection import _deprecated as reflection_v1alpha
@@ -53,13 +65,20 @@ __all__ = [
     "ConnectorChannel",
     "HookedServer",
     "IServable",
+    "IncompleteMessage",
     "ReflectionV1",
     "ReflectionV1Alpha",
     "accept_protocol",
+    "delivered",
     "demote_client_gone_logs",
     "listening_port",
     "message_counts",
     "open_streams",
+    "read_body",
+    "read_prefix",
+    "replace_receiver",
+    "request_headers",
+    "restore_receiver",
     "send_batch",
     "send_goaway",
     "server_configuration",
@@ -83,6 +102,17 @@ RELIED_ON: dict[str, tuple[object, tuple[str, ...]]] = {
         ),
     ),
     "grpclib.server.Server": (grpclib.server.Server, ("_protocol_factory", "_server")),
+    # Not private, but set by grpclib only on client streams: the server's are given the
+    # request's headers here. The handler's accept() is where grpclib hands them over.
+    "grpclib.protocol.Stream": (
+        grpclib.protocol.Stream,
+        ("headers", "recv_data", "send_headers", "connection", "wrapper"),
+    ),
+    "grpclib.protocol.Buffer": (grpclib.protocol.Buffer, ("read",)),
+    "grpclib.protocol.H2Protocol": (H2Protocol, ("handler",)),
+    "grpclib.utils.Wrapper": (grpclib.utils.Wrapper, ("_error",)),
+    "grpclib.server.Handler": (grpclib.server.Handler, ("accept",)),
+    "grpclib.events._DispatchServerEvents": (_DispatchServerEvents, ("recv_message",)),
     "grpclib.client.Channel": (Channel, ("_protocol_factory", "_create_connection")),
     "grpclib.config.Configuration": (
         Configuration,
@@ -217,7 +247,9 @@ class HookedServer(grpclib.server.Server):
     """A grpclib server whose connections' protocols pass through ``wrap_protocol``.
 
     ``wrap_protocol(inner)`` returns the asyncio protocol to use in place of grpclib's own
-    ``inner`` (which it must drive).
+    ``inner`` (which it must drive). Each request's headers are kept on its stream
+    (:func:`request_headers`), and ``response_headers`` are added to the first HEADERS
+    frame of every response (the initial metadata, or a trailers-only answer).
     """
 
     def __init__(
@@ -225,13 +257,17 @@ class HookedServer(grpclib.server.Server):
         handlers: Collection[IServable],
         *,
         wrap_protocol: Callable[[asyncio.Protocol], asyncio.Protocol],
+        response_headers: Sequence[tuple[str, str]] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._wrap_protocol = wrap_protocol
+        self._response_headers = tuple(response_headers)
 
     def _protocol_factory(self) -> Any:
-        return self._wrap_protocol(cast(asyncio.Protocol, super()._protocol_factory()))
+        protocol = super()._protocol_factory()
+        _keep_request_headers(protocol.handler, self._response_headers)
+        return self._wrap_protocol(cast(asyncio.Protocol, protocol))
 
     async def start_on(
         self, hosts: Sequence[str], port: int, *, ssl: SSLContext | None = None
@@ -243,6 +279,109 @@ class HookedServer(grpclib.server.Server):
         """
         host = cast(Any, list(hosts)) if len(hosts) > 1 else hosts[0]
         await self.start(host, port, ssl=ssl)
+
+
+def _keep_request_headers(handler: Any, response_headers: tuple[tuple[str, str], ...]) -> None:
+    accept = handler.accept
+
+    def accept_keeping_headers(
+        stream: grpclib.protocol.Stream, headers: Any, release_stream: Any
+    ) -> None:
+        stream.headers = headers
+        if response_headers:
+            _add_response_headers(stream, response_headers)
+
+        def release() -> None:
+            try:
+                release_stream()
+            finally:
+                # A call its client ended early leaves the error in the stream's Wrapper,
+                # whose traceback holds grpclib's handler frame, which holds the Wrapper and
+                # the stream: a cycle that keeps the whole call (and its Conversation) until
+                # the cyclic collector runs. The call is over here: drop the error and the
+                # link, and our send_headers (a closure over the stream's own method).
+                wrapper = stream.wrapper
+                if wrapper is not None:
+                    wrapper._error = None
+                stream.wrapper = None
+                vars(stream).pop("send_headers", None)
+
+        accept(stream, headers, release)
+
+    handler.accept = accept_keeping_headers
+
+
+def _add_response_headers(
+    stream: grpclib.protocol.Stream, extra: tuple[tuple[str, str], ...]
+) -> None:
+    send_headers = stream.send_headers
+
+    async def send_headers_with_ours(headers: Any, end_stream: bool = False) -> None:
+        # Only the response's own headers (they carry :status), not the trailers after it.
+        if headers and headers[0][0] == ":status":
+            headers = [*headers, *extra]
+        await send_headers(headers, end_stream=end_stream)
+
+    stream.send_headers = send_headers_with_ours  # type: ignore[method-assign]
+
+
+def request_headers(stream: Stream[Any, Any]) -> Sequence[tuple[str, str]]:
+    """The HTTP/2 headers of the request (empty on a server that is not a HookedServer)."""
+    return cast(Sequence[tuple[str, str]], stream._stream.headers or ())
+
+
+class IncompleteMessage(Exception):
+    """The request ended (half-closed) in the middle of a message."""
+
+
+async def read_prefix(stream: Stream[Any, Any]) -> tuple[bool, int] | None:
+    """The next message's prefix: ``(compressed, length)``; ``None`` at the end of the request.
+
+    Nothing of the message itself is read, so a length can be refused before its bytes are
+    buffered.
+    """
+    meta = await _read(stream, 5)
+    if not meta:
+        return None
+    compressed, length = struct.unpack(">?I", meta)
+    return bool(compressed), int(length)
+
+
+async def read_body(stream: Stream[Any, Any], length: int) -> bytes:
+    """The ``length`` bytes of the message whose prefix was just read."""
+    return await _read(stream, length)
+
+
+async def _read(stream: Stream[Any, Any], size: int) -> bytes:
+    try:
+        return await stream._stream.recv_data(size)
+    except AssertionError:
+        # grpclib's Buffer.read asserts that the request did not end before ``size`` bytes.
+        raise IncompleteMessage from None
+
+
+async def delivered(stream: Stream[Any, Any], message: Any) -> Any:
+    """Do what ``Stream.recv_message`` does with a message it received; the message to use
+    (a ``RecvMessage`` listener may replace it)."""
+    (message,) = await stream._dispatch.recv_message(message)
+    stream._messages_received += 1
+    connection = stream._stream.connection
+    connection.messages_received += 1
+    connection.last_message_received = time.monotonic()
+    return message
+
+
+def replace_receiver(
+    stream: Stream[Any, Any], receive: Callable[[], Awaitable[Any | None]]
+) -> None:
+    """Make ``stream.recv_message()`` (and ``async for`` over the stream) call ``receive``,
+    also in handlers that are not ours (health, reflection)."""
+    stream.recv_message = receive  # type: ignore[method-assign,assignment]
+
+
+def restore_receiver(stream: Stream[Any, Any]) -> None:
+    """Undo :func:`replace_receiver` (the receiver refers to the stream: a cycle otherwise)."""
+    vars(stream).pop("recv_message", None)
 
 
 def listening_port(server: grpclib.server.Server) -> int:

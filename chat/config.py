@@ -86,6 +86,8 @@ class ServerConfig:
     store: str = field(default_factory=default_store_url)
     #: Seconds between the echo backend's words (0: as fast as possible).
     pace: float = 0.0
+    #: Seconds between probes of the session store (health follows the store).
+    store_check_interval: float = 1.0
     #: Seconds that replies in flight get to finish on shutdown before they are cancelled.
     grace_period: float = 10.0
     #: The asyncio event loop that ``chat-server`` runs on (see :data:`EVENT_LOOPS`).
@@ -190,7 +192,7 @@ class ServerConfig:
             )
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")
-        for name in ("connect_timeout", "read_timeout"):
+        for name in ("connect_timeout", "read_timeout", "store_check_interval"):
             value = getattr(self, name)
             if not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"{name} must be a finite number > 0, not {value}")

@@ -26,13 +26,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
 
+from chat._page_tokens import PageTokens
 from chat._version import __version__
 from chat.auth import LOCAL, Credentials, Identity
 from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
@@ -47,9 +48,11 @@ from chat.errors import (
     QuotaExceeded,
     RateLimited,
     SessionNotFound,
+    StoreUnavailable,
     Unavailable,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
+from chat.health import StoreHealth
 from chat.observe import NO_OBSERVER, NO_TURN, Observer, TurnObservation
 from chat.outbox import Outbox
 from chat.quota import QuotaKeeper, QuotaUsage
@@ -78,6 +81,24 @@ log = logging.getLogger(__name__)
 
 _TICK = timedelta(microseconds=1)
 _INT32_MAX = 2**31 - 1
+#: Owners whose last session count is remembered for stats during a store outage.
+_KNOWN_COUNTS = 1024
+#: Chunks of a reply kept as separate strings before they are joined into one block.
+_PARTS_PER_BLOCK = 256
+#: The string fields of a Chat request held to ``Limits.max_id_chars``.
+_REQUEST_IDS = (
+    "session_id",
+    "request_id",
+    "turn_id",
+    "client_message_id",
+    "timestamp",
+    "traceparent",
+)
+
+
+def _too_long(name: str, value: str, limit: int) -> InvalidArgument:
+    # The length, never the value: the value is what is too big to send back.
+    return InvalidArgument(name, f"is {len(value)} characters; the limit is {limit}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +109,13 @@ class Limits:
     max_system_prompt_chars: int = 32_000
     max_title_chars: int = 200
     max_model_chars: int = 200
+    #: Ids (session, request, turn, client message), and the timestamp and trace context
+    #: (traceparent) a client sends.
+    max_id_chars: int = 128
+    #: ``page_token`` of ListSessions (the server's own tokens are far shorter).
+    max_page_token_chars: int = 512
+    #: Largest request message accepted, in bytes (after decompression).
+    max_receive_bytes: int = 4 * 1024 * 1024
     default_page_size: int = 50
     max_page_size: int = 1000
     #: A delta longer than this is sent as several chunks.
@@ -126,17 +154,23 @@ class ChatCore:
         quotas: QuotaKeeper | None = None,
         model_check: ModelCheck = ModelCheck.STRICT,
         observer: Observer | None = None,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
         self.quotas = quotas or QuotaKeeper()
         self.backend = backend
         self.models = ModelChecker(backend, model_check)
+        self.health = health or StoreHealth(store)
         self.limits = limits or Limits()
         self.context = context or ContextBudget()
         self.stats = stats or ServerStats()
         #: Told about every turn (metrics, traces, access logs; :mod:`chat.observe`).
         self.observer = observer or NO_OBSERVER
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
+        self._page_tokens: PageTokens | None = None
+        # The last session count read, per owner (None: everyone's), for stats during a
+        # store outage.
+        self._known_sessions: dict[str | None, int] = {}
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._streams_of: dict[str, int] = {}
@@ -159,7 +193,13 @@ class ChatCore:
         max_reply_tokens: int = 0,
         identity: Identity = LOCAL,
     ) -> Session:
-        """Create and store a new session, owned by ``identity``."""
+        """Create and store a new session, owned by ``identity`` (``UNAVAILABLE`` while the
+        server drains)."""
+        if self._draining:
+            raise Unavailable(
+                "the server is shutting down and takes no new sessions; "
+                "create it on another replica (or once this one is back)"
+            )
         self._check_text("title", title, self.limits.max_title_chars)
         self._check_text("system_prompt", system_prompt, self.limits.max_system_prompt_chars)
         self._check_reply_tokens(max_reply_tokens)
@@ -236,9 +276,13 @@ class ChatCore:
                 raise InvalidArgument("model", "must not be empty")
             await self._check_model(patch.model)
         await self._owned(session_id, identity)
-        session = await self.store.update(session_id, patch, utcnow())
-        changed = ", ".join(patch.changed()) or "nothing"
-        self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
+        now = utcnow()
+        session = await self.store.update(session_id, patch, now)
+        # A store moves last_activity to now only when a field changed: a patch that
+        # changes nothing tells nobody (and keeps nobody's session from expiring).
+        if session.last_activity == now:
+            changed = ", ".join(patch.changed())
+            self._publish(session, SessionUpdateKind.SESSION_UPDATED, f"session updated: {changed}")
         return shown(session, identity)
 
     async def delete_session(self, session_id: str, identity: Identity = LOCAL) -> int:
@@ -274,11 +318,20 @@ class ChatCore:
             raise InvalidArgument(
                 "page_size", f"must be between 0 and {limits.max_page_size}, not {page_size}"
             )
+        self._check_text("page_token", page_token, limits.max_page_token_chars)
+        tokens = await self._tokens()
+        cursor = tokens.open(page_token) if page_token else None
         page = await self.store.list_sessions(
-            page_size or limits.default_page_size, page_token or None, owner=owner
+            page_size or limits.default_page_size, cursor, owner=owner
         )
+        next_token = tokens.seal(page.next_cursor) if page.next_cursor else ""
         sessions = [shown(s, identity) for s in page.sessions]
-        return sessions, page.next_cursor or "", await self.store.count(owner=owner)
+        return sessions, next_token, await self.store.count(owner=owner)
+
+    async def _tokens(self) -> PageTokens:
+        if self._page_tokens is None:
+            self._page_tokens = PageTokens(await self.store.secret("page-tokens"))
+        return self._page_tokens
 
     async def stats_snapshot(self, identity: Identity = LOCAL) -> ServerStatsInfo:
         """The server's statistics now.
@@ -286,14 +339,27 @@ class ChatCore:
         Administrators get every counter. Others get what describes the server (version,
         backend, model, store, start time) and their own share of what exists now (their
         sessions and open streams); the counters of everyone's traffic read 0, so nothing
-        tells them about other users.
+        tells them about other users. During a store outage the store is not asked: the
+        session count is the last one read, and ``store_unreachable`` is true.
         """
+        owner = None if identity.admin else identity.name
+        unreachable = not self.health.available
+        if not unreachable:
+            try:
+                count = await self.store.count(owner=owner)
+            except StoreUnavailable:
+                unreachable = True
+            else:
+                if len(self._known_sessions) >= _KNOWN_COUNTS and owner not in self._known_sessions:
+                    self._known_sessions.clear()
+                self._known_sessions[owner] = count
         full = self.stats.snapshot(
             version=__version__,
             backend=self.backend.name,
             model=self.backend.default_model,
             store=self.store.kind,
-            active_sessions=await self.store.count(owner=None if identity.admin else identity.name),
+            active_sessions=self._known_sessions.get(owner, 0),
+            store_unreachable=unreachable,
         )
         if identity.admin:
             return full
@@ -317,6 +383,7 @@ class ChatCore:
             expired_sessions=0,
             evicted_sessions=0,
             trimmed_messages=0,
+            store_unreachable=full.store_unreachable,
         )
 
     async def who_am_i(self, identity: Identity = LOCAL) -> list[QuotaUsage]:
@@ -329,7 +396,29 @@ class ChatCore:
     def _check_id(self, session_id: str) -> str:
         if not session_id:
             raise InvalidArgument("session_id", "is required")
+        self._check_text("session_id", session_id, self.limits.max_id_chars)
         return session_id
+
+    def check_request(self, request: Request) -> InvalidArgument | None:
+        """The first string field of a Chat request over its limit, as the error to send."""
+        limits = self.limits
+        if len(request.message) > limits.max_message_chars:
+            return _too_long("message", request.message, limits.max_message_chars)
+        for name in _REQUEST_IDS:
+            value = getattr(request, name)
+            if len(value) > limits.max_id_chars:
+                return _too_long(name, value, limits.max_id_chars)
+        return None
+
+    def echoable(self, request: Request) -> Request:
+        """``request`` with the ids an answer may repeat: those over the limit left out."""
+        limit = self.limits.max_id_chars
+        return dataclasses.replace(
+            request,
+            session_id=request.session_id if len(request.session_id) <= limit else "",
+            request_id=request.request_id if len(request.request_id) <= limit else "",
+            message="",
+        )
 
     @staticmethod
     def _check_reply_tokens(value: int) -> None:
@@ -341,7 +430,7 @@ class ChatCore:
     @staticmethod
     def _check_text(name: str, value: str, limit: int) -> None:
         if len(value) > limit:
-            raise InvalidArgument(name, f"is {len(value)} characters; the limit is {limit}")
+            raise _too_long(name, value, limit)
 
     async def _check_model(self, model: str) -> None:
         if not model:
@@ -366,6 +455,12 @@ class ChatCore:
         self._draining = True
         for conversation in list(self._conversations):
             conversation.drain()
+
+    def interrupt(self) -> None:
+        """The grace period is over: end every stream's turns now, each with a final event
+        (see :meth:`Conversation.interrupt`), then the streams themselves."""
+        for conversation in list(self._conversations):
+            conversation.interrupt()
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until every stream has closed; ``False`` if ``within`` seconds passed first."""
@@ -476,15 +571,36 @@ class _Turn:
     request: Request
     received: float = field(default_factory=time.monotonic)
     reply: ReplyCounter = field(default_factory=ReplyCounter)
+    #: The reply's text so far: the latest chunks, and ``blocks`` of earlier ones joined.
     parts: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
+    #: Chunks of the reply queued so far.
+    chunks: int = 0
     finish: FinishReason = FinishReason.STOP
     usage: Usage | None = None
     generation: asyncio.Task[None] | None = None
     cancelled: bool = False
+    #: Cancelled because the server's grace period ran out (not by the client).
+    interrupted: bool = False
     started: bool = False
     observed: TurnObservation = NO_TURN
     #: Tokens of the prompt as counted for the context (the token budget's estimate).
     prompt_tokens: int = 0
+
+    def compact(self) -> None:
+        """Join the latest chunks into a block: a long reply is thousands of small strings,
+        each with its object overhead; joined now and then, the turn holds about its
+        text's size."""
+        self.blocks.append("".join(self.parts))
+        self.parts.clear()
+
+    def text(self) -> str:
+        return "".join(self.blocks) + "".join(self.parts)
+
+    def release(self) -> None:
+        """Drop the reply's text once it is stored (the turn may outlive its reply)."""
+        self.parts.clear()
+        self.blocks.clear()
 
 
 @dataclass(slots=True, eq=False)
@@ -545,6 +661,13 @@ class Conversation:
         """
         await self.outbox.wait_below(self._request_backlog)
         kind = request.kind
+        refused = self._core.check_request(request)
+        if refused is not None:
+            if kind == RequestKind.MESSAGE or kind == RequestKind.RETRY:
+                self._core.stats.total_requests += 1
+                self._core.stats.failed_requests += 1
+            self._error(self._core.echoable(request), refused)
+            return
         if kind == RequestKind.PING:
             self.outbox.put_urgent(
                 Event(EventKind.PONG, session_id=request.session_id, request_id=request.request_id)
@@ -559,6 +682,11 @@ class Conversation:
             await self._typing(request)
         else:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
+
+    async def refuse(self, error: ChatError) -> None:
+        """Answer a request that could not be read (it does not decode) with an ERROR."""
+        await self.outbox.wait_below(self._request_backlog)
+        self._error(Request(), error)
 
     def finish_input(self) -> None:
         """The client half-closed the stream: answer what is queued, then close the outbox."""
@@ -575,6 +703,28 @@ class Conversation:
         not end its side is cancelled when the grace period is over.
         """
         self._draining = True
+        self._maybe_finish()
+
+    def interrupt(self) -> None:
+        """The grace period is over: stop every turn of this stream now, then end it.
+
+        A queued turn gets an ERROR (UNAVAILABLE) and stores nothing; a reply streaming
+        stops, keeps as INTERRUPTED exactly the text its client was sent, and ends with an
+        ERROR (UNAVAILABLE, with its chunk count). Then comes the STATUS asking the client
+        to end the stream and reconnect; when it does, the stream ends with OK. (Ending it
+        from this side first would make a grpclib client fail the call.) The server closes
+        the connections of clients that do not, shortly after.
+        """
+        for lane in self._lanes.values():
+            while lane.pending:
+                turn = lane.pending.popleft()
+                turn.cancelled = turn.interrupted = True
+                self._complete_cancelled(turn)
+            current = lane.current
+            if current is not None and not current.cancelled:
+                current.cancelled = current.interrupted = True
+                if current.generation is not None:
+                    current.generation.cancel()
         self._maybe_finish()
 
     @property
@@ -656,14 +806,8 @@ class Conversation:
             )
         if not request.session_id:
             return InvalidArgument("session_id", "is required; create a session first")
-        if request.kind == RequestKind.MESSAGE:
-            if not request.message.strip():
-                return InvalidArgument("message", "must not be empty")
-            limit = self._core.limits.max_message_chars
-            if len(request.message) > limit:
-                return InvalidArgument(
-                    "message", f"is {len(request.message)} characters; the limit is {limit}"
-                )
+        if request.kind == RequestKind.MESSAGE and not request.message.strip():
+            return InvalidArgument("message", "must not be empty")
         return None
 
     def _cancel(self, request: Request) -> None:
@@ -743,6 +887,10 @@ class Conversation:
                 lane.current = None
         finally:
             lane.current = None
+            # This frame (kept by the traceback of a CancelledError, which the task keeps)
+            # refers to the lane: without this, task and lane would form a cycle holding
+            # every buffer of the turn until the cyclic collector runs.
+            lane.worker = None
             if self._lanes.get(session_id) is lane:
                 del self._lanes[session_id]
             self._maybe_finish()
@@ -768,6 +916,10 @@ class Conversation:
                 model = session.model or core.backend.default_model
                 try:
                     context = core.context.build(session, history, text, model=model)
+                    # The context holds what the model needs; the history read for it (a
+                    # copy of every message, from SQLite or Redis) can go now, not after
+                    # the reply.
+                    del history
                 except ContextTooLong:
                     # Kept, marked FAILED, so that RETRY can send it once the policy, the
                     # model or the history allows.
@@ -811,23 +963,26 @@ class Conversation:
                     core.context.observe(model, context, turn.usage.prompt_tokens)
         except ChatError as error:
             core.stats.failed_requests += 1
-            turn.observed.finished(
-                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=error
-            )
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
             self._error(request, error, turn.reply if turn.started else None)
         except Exception:
             log.exception("turn %r on session %s failed", request.request_id, session_id)
             core.stats.failed_requests += 1
             internal = ChatError("internal server error; the turn was not stored")
             turn.observed.finished(
-                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=internal
+                FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=internal
             )
             self._error(request, internal, turn.reply if turn.started else None)
+        finally:
+            turn.release()
 
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
         self._core.stats.cancelled_requests += 1
         turn.observed.finished(FinishReason.CANCELLED, None, chunks=0)
+        if turn.interrupted:
+            self._error(turn.request, _shutdown_error())
+            return
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -873,11 +1028,13 @@ class Conversation:
                 status = MessageStatus.INTERRUPTED if core.draining else MessageStatus.CANCELLED
                 core.stats.cancelled_requests += 1
                 # A store error is logged by _write_turn; the stream is gone, so there is
-                # nobody to tell.
+                # nobody to tell. What was queued but never written is not kept.
                 with contextlib.suppress(ChatError):
-                    await self._store_turn(turn, session, text, generation.model, status)
+                    await self._store_turn(
+                        turn, session, text, generation.model, status, sent_only=True
+                    )
                     await asyncio.shield(self._spend(turn))
-                turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=len(turn.parts))
+                turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=turn.chunks)
                 raise
         finally:
             turn.generation = None
@@ -886,6 +1043,9 @@ class Conversation:
         if task.cancelled():
             turn.finish = FinishReason.CANCELLED
             core.stats.cancelled_requests += 1
+            if turn.interrupted:
+                await self._end_interrupted(turn, session, text, generation.model)
+                return
             status = MessageStatus.CANCELLED
         elif (error := task.exception()) is not None:
             if not isinstance(error, BackendError):
@@ -895,9 +1055,7 @@ class Conversation:
             await self._store_turn(turn, session, text, generation.model, MessageStatus.FAILED)
             await self._spend(turn)
             core.stats.failed_requests += 1
-            turn.observed.finished(
-                FinishReason.ERROR, turn.usage, chunks=len(turn.parts), error=error
-            )
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
             self._error(turn.request, error, turn.reply)
             return
         else:
@@ -907,7 +1065,7 @@ class Conversation:
         processing_time = time.monotonic() - turn.received
         if status is MessageStatus.COMPLETE:
             core.stats.record_success(processing_time)
-        turn.observed.finished(turn.finish, turn.usage, chunks=len(turn.parts))
+        turn.observed.finished(turn.finish, turn.usage, chunks=turn.chunks)
         self.outbox.put_nowait(
             Event(
                 EventKind.RESPONSE_COMPLETE,
@@ -922,6 +1080,28 @@ class Conversation:
             )
         )
         core._publish(stored, SessionUpdateKind.TURN_COMPLETED, "reply completed", exclude=self)
+
+    async def _end_interrupted(self, turn: _Turn, session: Session, text: str, model: str) -> None:
+        """Keep a reply the end of the grace period stopped, then send its final event.
+
+        The writer is given the chunks already queued first (bounded: the server cancels
+        the stream soon after), so that the stored text is what the client was sent.
+        """
+        queued = len(turn.text())
+        status = MessageStatus.INTERRUPTED
+        error = _shutdown_error()
+        try:
+            await turn.reply.wait_sent(queued)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ChatError):
+                await self._store_turn(turn, session, text, model, status, sent_only=True)
+                await asyncio.shield(self._spend(turn))
+            turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
+            raise
+        await self._store_turn(turn, session, text, model, status, sent_only=True)
+        await self._spend(turn)
+        turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
+        self._error(turn.request, error, turn.reply)
 
     async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
         outbox = self.outbox
@@ -949,24 +1129,35 @@ class Conversation:
                     # Only after the chunk is queued: the stored reply is exactly what the
                     # client is sent, even when a cancel lands while waiting for the client.
                     parts.append(piece)
+                    turn.chunks += 1
+                    if len(parts) >= _PARTS_PER_BLOCK:
+                        turn.compact()
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:
                     turn.usage = self._checked_usage(delta.usage)
 
-    async def _spend(self, turn: _Turn) -> None:
+    def _spend(self, turn: _Turn) -> Coroutine[None, None, None]:
         """Count the turn's tokens against the identity's budget (if there is one): what
-        the backend reported, else the prompt as counted plus an estimate of the reply."""
-        quotas = self._core.quotas
-        if quotas.quotas.tokens is None:
-            return
+        the backend reported, else the prompt as counted plus an estimate of the reply.
+
+        The count is taken now (the turn's text is dropped when the turn ends, possibly
+        before a shielded spend runs); the returned awaitable records it.
+        """
+        if self._core.quotas.quotas.tokens is None:
+            return self._spend_tokens(None)
         usage = turn.usage
         if usage is not None and usage.total_tokens > 0:
             tokens = usage.total_tokens
         else:
-            tokens = turn.prompt_tokens + estimate_tokens("".join(turn.parts))
+            tokens = turn.prompt_tokens + estimate_tokens(turn.text())
+        return self._spend_tokens(tokens)
+
+    async def _spend_tokens(self, tokens: int | None) -> None:
+        if tokens is None:
+            return
         try:
-            await quotas.spend_tokens(self.identity.name, tokens)
+            await self._core.quotas.spend_tokens(self.identity.name, tokens)
         except Unavailable as error:
             log.warning("could not count %d tokens of %s: %s", tokens, self.identity.name, error)
 
@@ -989,7 +1180,14 @@ class Conversation:
         return None
 
     async def _store_turn(
-        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        model: str,
+        status: MessageStatus,
+        *,
+        sent_only: bool = False,
     ) -> Session:
         """Write the user message and the (possibly partial) reply in one append.
 
@@ -997,7 +1195,9 @@ class Conversation:
         reply ends must not lose the turn (cancelled in the middle, a Redis append may be
         sent or not). A second cancellation (a shutdown past its grace period) gives up.
         """
-        write = asyncio.create_task(self._write_turn(turn, session, text, model, status))
+        write = asyncio.create_task(
+            self._write_turn(turn, session, text, model, status, sent_only=sent_only)
+        )
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -1018,7 +1218,14 @@ class Conversation:
             raise
 
     async def _write_turn(
-        self, turn: _Turn, session: Session, text: str, model: str, status: MessageStatus
+        self,
+        turn: _Turn,
+        session: Session,
+        text: str,
+        model: str,
+        status: MessageStatus,
+        *,
+        sent_only: bool = False,
     ) -> Session:
         request_id = turn.request.request_id
         now = utcnow()
@@ -1026,7 +1233,10 @@ class Conversation:
             MessageStatus.FAILED if status is MessageStatus.FAILED else (MessageStatus.COMPLETE)
         )
         messages = [Message(Role.USER, text, now, user_status, request_id)]
-        reply = "".join(turn.parts)
+        reply = turn.text()
+        if sent_only:
+            # A reply cut short keeps what reached the stream, not what was still queued.
+            reply = reply[: turn.reply.sent_chars]
         # A failed turn keeps its reply only if the model said something; any other turn
         # that reached the model keeps its (possibly empty, possibly partial) reply.
         if reply or status is not MessageStatus.FAILED:
@@ -1035,8 +1245,13 @@ class Conversation:
             )
         try:
             stored = await self._core.store.append(session.session_id, messages)
-        except ChatError:
-            log.warning("could not store turn %r of session %s", request_id, session.session_id)
+        except ChatError as error:
+            log.warning(
+                "could not store turn %r of session %s: %s",
+                request_id,
+                session.session_id,
+                error.detail,
+            )
             raise
         return await self._core.retention.turn_stored(stored)
 
@@ -1068,6 +1283,13 @@ def shown(session: Session, identity: Identity) -> Session:
     if identity.admin or not session.owner:
         return session
     return dataclasses.replace(session, owner="")
+
+
+def _shutdown_error() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down: this reply was cut short (what was sent of it is kept, "
+        "marked interrupted); reconnect, to another replica if there is one, to go on"
+    )
 
 
 def _failed_user_message(history: Sequence[Message]) -> str:

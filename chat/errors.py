@@ -69,6 +69,19 @@ __all__ = [
 ]
 
 
+def excerpt(text: str, limit: int = 40) -> str:
+    """``text`` as an error message may quote it: ``repr``, cut to ``limit`` characters.
+
+    (For the server's messages; not part of the public API.)
+
+    >>> excerpt("x" * 100, 5)
+    "'xxxxx…' (100 characters)"
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit] + '…'!r} ({len(text)} characters)"
+
+
 class StatusCode(enum.IntEnum):
     """gRPC status codes (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)."""
 
@@ -101,6 +114,11 @@ class ChatError(Exception):
 
     @property
     def message(self) -> str:
+        return str(self)
+
+    @property
+    def detail(self) -> str:
+        """What the server's log (or its operator) is told: the message, or more."""
         return str(self)
 
 
@@ -147,7 +165,9 @@ class SessionNotFound(ChatError):
     status = StatusCode.NOT_FOUND
 
     def __init__(self, session_id: str) -> None:
-        super().__init__(f"session {session_id!r} not found (it may have been deleted or expired)")
+        super().__init__(
+            f"session {excerpt(session_id)} not found (it may have been deleted or expired)"
+        )
         self.session_id = session_id
 
 
@@ -204,7 +224,29 @@ class Unavailable(ChatError):
 
 
 class StoreUnavailable(Unavailable):
-    """The session store cannot be reached."""
+    """The session store cannot be reached.
+
+    The message is what clients are told; :attr:`detail` says where the store is and what
+    failed, for the server's log (clients have no business knowing the store's address).
+
+    >>> error = StoreUnavailable(detail="Redis at redis://10.0.0.5:6379/0 is unreachable")
+    >>> (str(error), error.detail)  # doctest: +NORMALIZE_WHITESPACE
+    ('the session store is unreachable; try again in a moment',
+     'Redis at redis://10.0.0.5:6379/0 is unreachable')
+    """
+
+    def __init__(
+        self,
+        message: str = "the session store is unreachable; try again in a moment",
+        *,
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self._detail = detail
+
+    @property
+    def detail(self) -> str:
+        return self._detail or str(self)
 
 
 class ServerUnreachable(Unavailable):

@@ -8,6 +8,7 @@ of the wire messages has no counterpart here.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 
@@ -63,9 +64,33 @@ class EventKind(enum.IntEnum):
 
 @dataclass(slots=True, eq=False)
 class ReplyCounter:
-    """Counts the chunks of one reply as they leave the outbox."""
+    """Counts the chunks of one reply as they leave the outbox, and their text."""
 
     chunks: int = 0
+    #: Characters of the reply's chunks that left the outbox for the stream (less those its
+    #: writer then could not write): what a reply cut short keeps, so that the stored text
+    #: is the text the client was sent.
+    sent_chars: int = 0
+    #: Set by :meth:`wait_sent` while it waits (the outbox wakes it as chunks leave).
+    waiter: asyncio.Future[None] | None = None
+
+    def note_sent(self, chars: int) -> None:
+        self.sent_chars += chars
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_sent(self, chars: int) -> None:
+        """Wait until ``chars`` characters of the reply have left the outbox."""
+        while self.sent_chars < chars:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
 
 @dataclass(slots=True)

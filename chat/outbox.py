@@ -24,8 +24,10 @@ class Outbox:
       ahead of a slow client without bound; :meth:`put_nowait` never waits (small control
       events). PONG goes through :meth:`put_urgent`, ahead of queued chunks.
     - :meth:`get` waits for at least one event and returns every event queued, with
-      ``chunk_number`` and ``total_chunks`` set. With ``coalesce``, consecutive chunks of one
-      reply in that batch become one chunk of at most ``max_chunk_chars`` characters.
+      ``chunk_number`` and ``total_chunks`` set (and counts the text of the chunks as sent;
+      a writer that cannot write what it took says so with :meth:`not_written`). With
+      ``coalesce``, consecutive chunks of one reply in that batch become one chunk of at
+      most ``max_chunk_chars`` characters.
     - :meth:`close` wakes the consumer; :meth:`get` then returns what is left, and ``None``
       once empty.
     """
@@ -112,6 +114,10 @@ class Outbox:
             if event.kind is EventKind.CHUNK:
                 reply.chunks += 1
                 event.chunk_number = reply.chunks
+                # ReplyCounter.note_sent, inline: this runs for every chunk.
+                reply.sent_chars += len(event.chunk_text)
+                if reply.waiter is not None:
+                    reply.wake()
                 chunks += 1
             else:
                 event.total_chunks = reply.chunks
@@ -119,6 +125,16 @@ class Outbox:
             self._stats.total_chunks_sent += chunks
         batch.extend(items)
         return batch
+
+    def not_written(self, events: list[Event]) -> None:
+        """The writer could not write ``events`` (taken with :meth:`get`): the stream ended.
+
+        Their chunks' text is taken off their replies' sent count, so that what a reply
+        cut short keeps is only what reached the stream.
+        """
+        for event in events:
+            if event.reply is not None and event.kind is EventKind.CHUNK:
+                event.reply.sent_chars -= len(event.chunk_text)
 
     def _merge(self, items: list[Event]) -> list[Event]:
         merged: list[Event] = []

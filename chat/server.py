@@ -28,6 +28,7 @@ from chat._compat import (
     server_configuration,
 )
 from chat._cork import CorkedTransport, CorkingProtocol
+from chat._receive import ACCEPT_ENCODING, guarded
 from chat._reflection import with_reflection
 from chat.auth import Authenticator, NoAuth
 from chat.backends import ModelBackend
@@ -37,6 +38,7 @@ from chat.config import ServerConfig
 from chat.context import ContextBudget
 from chat.core import ChatCore
 from chat.errors import BackendError, ConfigurationError
+from chat.health import StoreHealth
 from chat.metrics import Metrics
 from chat.quota import QuotaKeeper, open_counters
 from chat.secret import keep_headers_out_of_logs
@@ -60,6 +62,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Seconds streams get, past the grace period, to write the final events of the replies the
+#: shutdown cut short; a client that does not read them meanwhile is cut off.
+FINAL_EVENTS_WITHIN = 1.0
 
 
 def create_authenticator(config: ServerConfig) -> Authenticator:
@@ -290,6 +296,8 @@ class ChatServer:
         # stopped in its process would wait forever (and could still start calls on it).
         self._connections: set[CorkedTransport] = set()
         self._serving = ServiceStatus()
+        # The store's part of the health status (chat.health.StoreHealth sets it).
+        self._store_reachable = ServiceStatus()
         self._closed = asyncio.Event()
         self._stopping = False
         # Set to cut the grace period short (a second SIGINT or SIGTERM).
@@ -367,6 +375,12 @@ class ChatServer:
                 quotas=quotas,
                 model_check=config.effective_model_check,
                 observer=telemetry,
+                health=StoreHealth(
+                    store,
+                    interval=config.store_check_interval,
+                    timeout=max(2.0, config.store_check_interval),
+                    on_change=self._store_reachable.set,
+                ),
             )
             # The default model is checked now, not at the first turn of every session
             # (a strict check refuses to start; a listing that fails checks nothing).
@@ -382,14 +396,17 @@ class ChatServer:
                     "grpc.reflection.v1alpha.ServerReflection",
                 ]
             service = ChatService(core, auth=authenticator, open_services=tuple(open_services))
-            health = Health({service: [self._serving], OVERALL: [self._serving]})
+            checks = [self._serving, self._store_reachable]
+            health = Health({service: checks, OVERALL: checks})
             handlers: list[IServable] = [service, health]
             if config.reflection != "off":
                 handlers = with_reflection(handlers)
+            handlers = guarded(handlers, max_receive_bytes=config.limits.max_receive_bytes)
             keepalive = config.keepalive_time or None
             self._server = HookedServer(
                 handlers,
                 wrap_protocol=lambda inner: CorkingProtocol(inner, self._connections),
+                response_headers=[ACCEPT_ENCODING],
                 config=server_configuration(
                     keepalive_time=keepalive, keepalive_timeout=config.keepalive_timeout
                 ),
@@ -416,6 +433,8 @@ class ChatServer:
         retention = config.retention
         if retention.session_ttl is not None or retention.max_sessions is not None:
             self._sweeper = asyncio.create_task(core.retention.run())
+        self._store_reachable.set(True)
+        self._tasks.append(asyncio.create_task(core.health.run()))
         if config.heartbeat:
             self._tasks.append(asyncio.create_task(self._send_heartbeats(core, config.heartbeat)))
         if config.max_connection_age:
@@ -466,12 +485,14 @@ class ChatServer:
     async def stop(self, grace_period: float | None = None) -> None:
         """Shut down gracefully.
 
-        Health turns NOT_SERVING and new messages are refused with UNAVAILABLE. Each Chat
-        stream finishes the turns it has queued, then gets a STATUS event with error code
-        UNAVAILABLE asking its client to end the stream (which then ends with OK) and
-        reconnect elsewhere. After ``grace_period`` seconds (default: the config's) the
-        streams still open are cancelled, keeping partial replies as INTERRUPTED, and the
-        store and backend are closed.
+        Health turns NOT_SERVING and new sessions and messages are refused with UNAVAILABLE.
+        Each Chat stream finishes the turns it has queued, then gets a STATUS event with
+        error code UNAVAILABLE asking its client to end the stream (which then ends with
+        OK) and reconnect elsewhere. After ``grace_period`` seconds (default: the config's)
+        the turns still running are stopped: each reply cut short keeps the text its client
+        was sent, as INTERRUPTED, and ends with an ERROR event (UNAVAILABLE), and each
+        stream with that STATUS and a clean end (:data:`FINAL_EVENTS_WITHIN` seconds are
+        given to write them). Then connections close, and the store and backend.
         """
         if self._stopping or self._server is None or self._core is None:
             return
@@ -482,11 +503,20 @@ class ChatServer:
         try:
             if not await self._wait_idle_or_hurry(grace):
                 log.warning(
-                    "%d streams (%d replies) still open after %.1fs; cancelling them",
+                    "%d streams (%d replies) still open after %.1fs; ending them",
                     self._core.stats.active_streams,
                     self._core.stats.active_replies,
                     grace,
                 )
+                # Each reply cut short gets a final event, and each stream a clean end,
+                # before the connections close: clients are not left guessing.
+                self._core.interrupt()
+                if not await self._core.wait_idle(FINAL_EVENTS_WITHIN):
+                    log.warning(
+                        "%d streams did not take their final events within %.1fs; cancelling them",
+                        self._core.stats.active_streams,
+                        FINAL_EVENTS_WITHIN,
+                    )
             self._server.close()
             await self._server.wait_closed()
             if closed := self._close_connections():

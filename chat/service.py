@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.const
-from google.rpc import error_details_pb2
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.events import RecvRequest
@@ -47,9 +46,11 @@ from chat._proto import (
     session_to_wire,
     stats_to_wire,
 )
+from chat._receive import MalformedMessage
+from chat._status import grpc_error, status_details
 from chat.auth import LOCAL, Authenticator, Credentials, NoAuth
 from chat.core import ChatCore, Conversation
-from chat.errors import ChatError, InvalidArgument, RateLimited, Unauthenticated
+from chat.errors import ChatError, Unauthenticated
 
 if TYPE_CHECKING:
     from grpclib.server import Stream
@@ -72,32 +73,13 @@ _QuotaUsage = message_class("QuotaUsage")
 _LOCAL = Credentials(LOCAL)
 
 
-def status_details(error: ChatError) -> list[Any] | None:
-    """The standard error details (``google.rpc``) that go with ``error``'s status.
-
-    ``BadRequest`` names the field of an :class:`~chat.errors.InvalidArgument` and
-    ``RetryInfo`` says how long to wait after a rate limit, so clients act on data rather
-    than on the wording of the message.
-    """
-    if isinstance(error, InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.problem
-        )
-        return [error_details_pb2.BadRequest(field_violations=[violation])]
-    if isinstance(error, RateLimited) and error.retry_after is not None:
-        info = error_details_pb2.RetryInfo()
-        info.retry_delay.FromNanoseconds(round(error.retry_after * 1e9))
-        return [info]
-    return None
-
-
 @contextmanager
 def _grpc_status() -> Iterator[None]:
     """Raise every :class:`ChatError` as the gRPC status it names."""
     try:
         yield
     except ChatError as error:
-        raise GRPCError(Status(int(error.status)), error.message, status_details(error)) from error
+        raise grpc_error(error) from error
 
 
 def _handler_name(method: str) -> str:
@@ -258,18 +240,32 @@ class ChatService:
                 reader.cancel()
                 await asyncio.wait((reader,))
             failure = None if reader.cancelled() else reader.exception()
+        if isinstance(failure, GRPCError):
+            # The request stream itself was refused (too large, cut short, an encoding we
+            # do not accept): its status, as for a unary call.
+            raise failure
         if isinstance(failure, Unauthenticated):
             # The credential was revoked (or expired) while the stream was open.
             raise GRPCError(Status.UNAUTHENTICATED, failure.message)
         if failure is not None:
-            raise GRPCError(Status.INTERNAL, f"could not read the request stream: {failure}")
+            log.error("could not read a Chat request stream", exc_info=failure)
+            raise GRPCError(Status.INTERNAL, "could not read the request stream")
 
     async def _read(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         # grpclib swallows what goes wrong here unless we say so: anything but a clean end
         # of input closes the outbox, so the writer stops and the handler reports it.
         recheck = conversation.credentials.recheck
         try:
-            while (message := await stream.recv_message()) is not None:
+            while True:
+                try:
+                    message = await stream.recv_message()
+                except MalformedMessage as malformed:
+                    # Framed correctly, so the stream can go on: the client is told, and
+                    # its other requests (and replies in flight) are not lost.
+                    await conversation.refuse(malformed.error)
+                    continue
+                if message is None:
+                    break
                 request = request_from_wire(message)
                 try:
                     await recheck()
@@ -296,19 +292,29 @@ class ChatService:
         outbox = conversation.outbox
         clock = self._clock
         while (batch := await outbox.get()) is not None:
-            for start in range(0, len(batch), _WRITE_SLICE):
-                if start:
-                    # grpclib writes to the socket without ever suspending, so a long
-                    # batch would hold the event loop while every other stream (and new
-                    # connections) waits: let them run between slices.
-                    await asyncio.sleep(0)
-                # One timestamp per slice: its events leave together.
-                timestamp = clock.now()
-                payloads = [encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]]
-                # A slice in one HTTP/2 write; one by one where a listener must see each.
-                if not await send_batch(stream, payloads):
-                    for payload in payloads:
-                        await stream.send_message(EncodedMessage(payload))
+            written = 0
+            try:
+                for start in range(0, len(batch), _WRITE_SLICE):
+                    if start:
+                        # grpclib writes to the socket without ever suspending, so a long
+                        # batch would hold the event loop while every other stream (and new
+                        # connections) waits: let them run between slices.
+                        await asyncio.sleep(0)
+                    # One timestamp per slice: its events leave together.
+                    timestamp = clock.now()
+                    payloads = [
+                        encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]
+                    ]
+                    # A slice in one HTTP/2 write; one by one where a listener must see each.
+                    if not await send_batch(stream, payloads):
+                        for payload in payloads:
+                            await stream.send_message(EncodedMessage(payload))
+                    written = start + len(payloads)
+            except BaseException:
+                # The stream is ending (cancelled, or the client is gone): what was taken
+                # and not written does not count as sent.
+                outbox.not_written(batch[written:])
+                raise
             if len(outbox):
                 # More is waiting already (get() would return at once): others first.
                 await asyncio.sleep(0)

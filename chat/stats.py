@@ -55,10 +55,12 @@ class ServerStatsInfo:
     expired_sessions: int
     evicted_sessions: int
     trimmed_messages: int
+    #: The server cannot reach its session store now (``active_sessions`` is the last count).
+    store_unreachable: bool = False
 
 
 #: What the snapshot takes from outside the counters (the core knows these).
-_CONTEXT = ("version", "backend", "model", "store", "active_sessions")
+_CONTEXT = ("version", "backend", "model", "store", "active_sessions", "store_unreachable")
 #: What the snapshot computes from the counters.
 _COMPUTED = ("uptime_seconds", "avg_response_time")
 
@@ -91,7 +93,14 @@ class ServerStats:
         self.response_time_total += processing_time
 
     def snapshot(
-        self, *, version: str, backend: str, model: str, store: str, active_sessions: int
+        self,
+        *,
+        version: str,
+        backend: str,
+        model: str,
+        store: str,
+        active_sessions: int,
+        store_unreachable: bool = False,
     ) -> ServerStatsInfo:
         done = self.successful_requests
         counters = {
@@ -105,6 +114,7 @@ class ServerStats:
             model=model,
             store=store,
             active_sessions=active_sessions,
+            store_unreachable=store_unreachable,
             uptime_seconds=time.monotonic() - self.started_monotonic,
             avg_response_time=self.response_time_total / done if done else 0.0,
             **counters,

@@ -306,3 +306,137 @@ turn_histories = st.builds(
     st.lists(st.tuples(st.sampled_from(TURN_KINDS), user_message, text), max_size=12),
     st.integers(0, 2),
 )
+
+
+# -- hostile requests on the wire (the fuzz suite) ------------------------------------------
+
+_SERVICE = chatpb.CHAT_PROTO_DESCRIPTOR.services_by_name["ChatService"]
+#: Every RPC of ChatService, by name.
+RPC_NAMES = tuple(sorted(method.name for method in _SERVICE.methods))
+#: Numbers that do not fit a 32-bit field (sent as raw varints, which protobuf truncates).
+_WIDE_NUMBERS = (2**31, -(2**31) - 1, 2**32 + 1, 2**63 - 1, -(2**63), 2**64 - 1, -1)
+
+
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint (negative numbers as their 64-bit two's complement)."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return varint(number << 3 | wire_type)
+
+
+def _request_type(rpc: str) -> Any:
+    return _SERVICE.methods_by_name[rpc].input_type
+
+
+@st.composite
+def valid_request(draw: st.DrawFn, rpc: str) -> bytes:
+    """A well-formed request of ``rpc`` with arbitrary values (ids, text, numbers)."""
+    out = bytearray()
+    for field in _request_type(rpc).fields:
+        if not draw(st.booleans()):
+            continue
+        if field.type == _TYPE.TYPE_STRING:
+            value = draw(st.one_of(text, st.uuids().map(str))).encode()
+            out += _key(field.number, 2) + varint(len(value)) + value
+        elif field.type == _TYPE.TYPE_BOOL:
+            out += _key(field.number, 0) + varint(draw(st.integers(0, 1)))
+        elif field.type in (_TYPE.TYPE_INT32, _TYPE.TYPE_ENUM):
+            out += _key(field.number, 0) + varint(draw(st.integers(-5, 2**31 - 1)))
+    return bytes(out)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes) -> bytes:
+    """``data`` with bytes flipped, inserted, deleted or cut off."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        operation = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "append"]))
+        at = draw(st.integers(0, len(out)))
+        if operation == "flip" and out:
+            index = min(at, len(out) - 1)
+            out[index] ^= draw(st.integers(1, 255))
+        elif operation == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif operation == "delete":
+            del out[at : at + draw(st.integers(1, 8))]
+        elif operation == "truncate":
+            del out[at:]
+        else:
+            out += draw(st.binary(min_size=1, max_size=16))
+    return bytes(out)
+
+
+@st.composite
+def extreme_request(draw: st.DrawFn, rpc: str) -> bytes:
+    """A request with one field at an extreme: a huge or invalid string, a number that
+    does not fit, the wrong wire type, or an unknown field."""
+    fields = list(_request_type(rpc).fields)
+    number = draw(st.sampled_from([f.number for f in fields])) if fields else 1
+    field = next((f for f in fields if f.number == number), None)
+    kind = draw(st.sampled_from(["long", "huge", "utf8", "wide", "wire", "unknown", "empty"]))
+    if kind == "long":
+        value = b"x" * draw(st.sampled_from([129, 201, 513, 32_001]))
+        return _key(number, 2) + varint(len(value)) + value
+    if kind == "huge":
+        # Over the fuzzed server's --max-receive-bytes (64 KiB).
+        return _key(number, 2) + varint(70_000) + b"y" * 70_000
+    if kind == "utf8":
+        return _key(number, 2) + b"\x04\xff\xfe\xc0\x80"
+    if kind == "wide" and field is not None and field.type != _TYPE.TYPE_STRING:
+        return _key(number, 0) + varint(draw(st.sampled_from(_WIDE_NUMBERS)))
+    if kind == "wire":
+        return _key(number, draw(st.sampled_from([1, 3, 4, 5, 6, 7]))) + bytes(8)
+    if kind == "unknown":
+        return _key(draw(st.integers(100, 2**29 - 1)), 0) + varint(7)
+    return b""
+
+
+def request_bodies(rpc: str) -> st.SearchStrategy[bytes]:
+    """Bodies of ``rpc`` requests: random bytes, mutated valid ones, extreme values."""
+    return st.one_of(
+        st.binary(max_size=256),
+        valid_request(rpc).flatmap(mutated),
+        extreme_request(rpc),
+        st.tuples(valid_request(rpc), extreme_request(rpc)).map(b"".join),
+    )
+
+
+#: How the bodies are framed on the stream.
+FRAMINGS = (
+    "plain",
+    "long",
+    "short",
+    "flag-only",
+    "gzip",
+    "gzip-corrupt",
+    "unknown-encoding",
+    "huge-prefix",
+    "two",
+    "cut-prefix",
+    "none",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WireCase:
+    """One hostile call: the RPC, its bodies, how they are framed."""
+
+    rpc: str
+    bodies: tuple[bytes, ...]
+    framing: str
+
+
+@st.composite
+def wire_cases(draw: st.DrawFn) -> WireCase:
+    rpc = draw(st.sampled_from(RPC_NAMES))
+    count = draw(st.integers(1, 4)) if rpc == "Chat" else 1
+    bodies = tuple(draw(request_bodies(rpc)) for _ in range(count))
+    return WireCase(rpc, bodies, draw(st.sampled_from(FRAMINGS)))

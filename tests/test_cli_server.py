@@ -36,6 +36,18 @@ def test_options_build_one_config(captured: list[ServerConfig]) -> None:
     assert config.host == "localhost"
 
 
+def test_receive_limit_and_store_checks_are_options(captured: list[ServerConfig]) -> None:
+    result = CliRunner().invoke(
+        cli.main, ["--max-receive-bytes", "65536", "--store-check-interval", "0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = captured
+    assert config.limits.max_receive_bytes == 65536
+    assert config.store_check_interval == 0.5
+    defaults = CliRunner().invoke(cli.main, ["--help"]).output
+    assert "4194304" in defaults
+
+
 def test_environment_variables_map_onto_options(captured: list[ServerConfig]) -> None:
     env = {"CHAT_PORT": "7000", "CHAT_BACKEND": "echo", "CHAT_GRACE_PERIOD": "2.5"}
     result = CliRunner().invoke(cli.main, [], env=env)

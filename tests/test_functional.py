@@ -80,6 +80,11 @@ def test_a_grpcio_client_generated_from_chat_proto_interoperates(grpcio_stubs: P
     result = json.loads(completed.stdout)
 
     assert result["health"] == {"": "SERVING", "ChatService": "SERVING"}
+    # grpcio clients may compress their requests (gzip): the server reads them.
+    gzip = result["gzip"]
+    assert gzip["title"] == "gzip " * 30
+    assert gzip["last"] == "RESPONSE_COMPLETE"
+    assert gzip["reply"].endswith("compressed " * 20)
     reflection = result["reflection"]
     assert "ChatService" in reflection["services"]
     assert "grpc.health.v1.Health" in reflection["services"]
@@ -378,7 +383,13 @@ async def test_stopping_in_process_ends_the_clients_connections() -> None:
             backend.release("partial")
             await stream.until("r1", [T.CHUNK])
             await server.stop(grace_period=0)
-            # The reply in flight is cut off: the client hears of it, instead of waiting.
+            # The reply in flight is cut off: the client hears of it, instead of waiting,
+            # first from the final events of the reply and the stream...
+            final = await stream.recv()
+            assert (final.type, final.error_code) == (T.ERROR, Status.UNAVAILABLE.value)
+            goaway = await stream.recv()
+            assert goaway.status_kind == chatpb.StatusKind.SHUTDOWN
+            # ...then, as it did not end its side when asked, from the connection closing.
             with pytest.raises((StreamTerminatedError, GRPCError, ConnectionError)):
                 await stream.recv()
         # And the old connection takes no new calls.

@@ -44,7 +44,8 @@ async def test_a_sqlite_file_from_before_owners_upgrades_and_keeps_its_sessions(
         tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
     finally:
         check.close()
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
+    assert "secrets" in tables
     assert "tokens" in tables
 
 

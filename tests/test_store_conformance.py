@@ -528,3 +528,45 @@ async def test_create_with_max_owned_counts_and_creates_in_one_step(store: Sessi
     assert sum(r is None for r in results) == 3
     assert all(r is None or isinstance(r, OwnerLimitReached) for r in results)
     assert await store.count(owner="carol") == 3
+
+
+# -- health and secrets ---------------------------------------------------------------------
+
+
+async def test_ping_answers_while_the_store_can_serve(store: SessionStore) -> None:
+    await store.ping()
+    await store.create(session("s"))
+    await store.ping()
+
+
+async def test_a_secret_is_made_once_per_name(store: SessionStore) -> None:
+    first = await store.secret("page-tokens")
+    assert len(first) == 32
+    assert await store.secret("page-tokens") == first
+    assert await store.secret("other") not in (first, b"")
+
+
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
+async def test_servers_sharing_a_store_share_its_secrets_also_after_a_restart(
+    kind: str, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    url = store_url(kind, tmp_path, prefix)
+    try:
+        one, two = open_store(url), open_store(url)
+        await one.open()
+        await two.open()
+        try:
+            made = await asyncio.gather(one.secret("k"), two.secret("k"))
+            assert made[0] == made[1]
+        finally:
+            await one.aclose()
+            await two.aclose()
+        again = open_store(url)
+        await again.open()
+        try:
+            assert await again.secret("k") == made[0]
+        finally:
+            await again.aclose()
+    finally:
+        await delete_prefix(prefix)

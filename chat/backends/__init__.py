@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from chat.errors import excerpt
 from chat.types import FinishReason, Role, Usage
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Model names warned about once each (--model-check warn), at most.
+_MAX_WARNED = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +148,13 @@ class ModelChecker:
         if served is None or model in served:
             return None
         names = ", ".join(sorted(served)[:20])
-        problem = f"{model!r} is not served by the {self.backend.name} backend; available: {names}"
+        problem = (
+            f"{excerpt(model)} is not served by the {self.backend.name} backend; available: {names}"
+        )
         if self.mode is ModelCheck.STRICT:
             return problem
-        if model not in self._warned:
+        # Bounded: clients choose the names, and each would stay here for good.
+        if model not in self._warned and len(self._warned) < _MAX_WARNED:
             self._warned.add(model)
             log.warning(
                 "%s; using it anyway (--model-check warn: a server that loads models on "

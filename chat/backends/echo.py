@@ -74,21 +74,25 @@ class EchoBackend:
         return self._models
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        words = split_words(echo_reply(request))
+        # Word by word from the text, not from a list of every word: a long reply holds
+        # one string while it streams, not thousands.
         finish = FinishReason.STOP
         limit = request.max_output_tokens
-        if limit is not None and len(words) > limit:
-            # A word counts as a token here, as in the usage reported.
-            words, finish = words[:limit], FinishReason.LENGTH
-        for index, word in enumerate(words):
-            if self._pace and index:
+        count = 0
+        for match in _WORD.finditer(echo_reply(request)):
+            if limit is not None and count >= limit:
+                # A word counts as a token here, as in the usage reported.
+                finish = FinishReason.LENGTH
+                break
+            if self._pace and count:
                 await asyncio.sleep(self._pace)
-            yield Delta(word)
+            count += 1
+            yield Delta(match.group())
         # The words of all messages: split once, joined by a space (no word spans two).
         prompt_words = len(" ".join([m.content for m in request.messages]).split())
         yield Delta(
             finish_reason=finish,
-            usage=Usage(prompt_tokens=prompt_words, completion_tokens=len(words)),
+            usage=Usage(prompt_tokens=prompt_words, completion_tokens=count),
         )
 
     async def aclose(self) -> None:

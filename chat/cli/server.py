@@ -254,6 +254,20 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate
     help="Longest message accepted.",
 )
 @click.option(
+    "--max-receive-bytes",
+    default=default_of(Limits, "max_receive_bytes"),
+    type=click.IntRange(min=1024),
+    help="Largest request message accepted (bytes, after decompression); larger ones are "
+    "refused with RESOURCE_EXHAUSTED before they are read.",
+)
+@click.option(
+    "--store-check-interval",
+    default=_server_default("store_check_interval"),
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between probes of the session store: health is NOT_SERVING while it "
+    "does not answer.",
+)
+@click.option(
     "--grace-period",
     default=_server_default("grace_period"),
     type=click.FloatRange(min=0),
@@ -427,6 +441,8 @@ def main(
     store: str,
     pace: float,
     max_message_chars: int,
+    max_receive_bytes: int,
+    store_check_interval: float,
     session_ttl: float,
     max_sessions: int,
     max_messages_per_session: int,
@@ -496,7 +512,8 @@ def main(
             pace=pace,
             grace_period=grace_period,
             event_loop=event_loop,
-            limits=Limits(max_message_chars=max_message_chars),
+            limits=Limits(max_message_chars=max_message_chars, max_receive_bytes=max_receive_bytes),
+            store_check_interval=store_check_interval,
             retention=Retention(
                 session_ttl=session_ttl or None,
                 max_sessions=max_sessions or None,
@@ -539,7 +556,8 @@ def main(
         with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
             runner.run(serve(config, ready=_banner))
     except ChatError as error:
-        raise click.ClickException(error.message) from error
+        # The operator is told all (where the store is, say), not just what a client sees.
+        raise click.ClickException(error.detail) from error
     except OSError as error:
         message = f"cannot listen on {ServerConfig(host=host, port=port).address}: {error}"
         if error.errno == errno.EADDRINUSE:

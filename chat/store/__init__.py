@@ -83,6 +83,17 @@ class SessionStore(Protocol):
         """Connect, create files and upgrade the schema as needed. Calling it again is a no-op."""
         ...
 
+    async def ping(self) -> None:
+        """Check, in one attempt and without retrying, that the store can serve requests;
+        :class:`~chat.errors.StoreUnavailable` if not (the server's health follows it)."""
+        ...
+
+    async def secret(self, name: str) -> bytes:
+        """32 random bytes named ``name``, made when first asked for and then the same for
+        every server sharing this store, across restarts (the server signs page tokens
+        with them, so that any replica accepts a token another one issued)."""
+        ...
+
     async def create(self, session: Session, *, max_owned: int | None = None) -> None:
         """Store a new session (with no messages); ``ValueError`` if its id exists.
 

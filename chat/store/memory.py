@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -32,9 +33,16 @@ class MemoryStore:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._locks = LocalLocks()
+        self._secrets: dict[str, bytes] = {}
 
     async def open(self) -> None:
         return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def secret(self, name: str) -> bytes:
+        return self._secrets.setdefault(name, secrets.token_bytes(32))
 
     def _entry(self, session_id: str) -> _Entry:
         entry = self._entries.get(session_id)

@@ -15,6 +15,7 @@ key                        type         holds
 ``p:schema``               string       the layout version (2: ``by-owner`` exists)
 ``p:lock:ID``              string       the turn lock's owner token, with a lease
 ``p:append:OP``            string       marks an append as done, so a retry never repeats it
+``p:secret:NAME``          string       a secret shared by the servers (signs page tokens)
 =========================  ===========  ====================================================
 
 Sessions written before owners existed have no ``owner`` field and belong to ``anonymous``;
@@ -272,6 +273,12 @@ end
 return 0
 """
 
+# KEYS: secret; ARGV: a fresh value, used if there is none yet
+_SECRET = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -358,6 +365,7 @@ class RedisStore:
                 "acquire": _ACQUIRE,
                 "renew": _RENEW,
                 "release": _RELEASE,
+                "secret": _SECRET,
             }.items()
         }
         self._created_key = self._key("by-created")
@@ -384,15 +392,17 @@ class RedisStore:
                 return await operation()
             except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 if attempt + 1 < attempts:
-                    log.warning("Redis %s failed (%s); retrying", what, error)
+                    # DEBUG: during an outage every request fails so; the server's store
+                    # health logs the outage once.
+                    log.debug("Redis %s failed (%s); retrying", what, error)
                     await asyncio.sleep(
                         backoff(attempt + 1, initial=0.05, maximum=0.25, multiplier=5)
                     )
                     continue
                 reason = str(error).rstrip(".") or type(error).__name__
                 raise StoreUnavailable(
-                    f"the session store (Redis at {self._location}) is unreachable ({reason}); "
-                    "check that Redis is running, then try again"
+                    detail=f"the session store (Redis at {self._location}) is unreachable "
+                    f"({reason}); check that Redis is running"
                 ) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -404,7 +414,7 @@ class RedisStore:
 
     async def open(self) -> None:
         if self._closed:
-            raise StoreUnavailable(f"the Redis store {self._location} is closed")
+            raise StoreUnavailable(detail=f"the Redis store {self._location} is closed")
         await self._call("ping", self._client.ping, retry=True)
         schema = self._key("schema")
         if await self._call("schema", lambda: self._client.get(schema), retry=True) != "2":
@@ -429,6 +439,15 @@ class RedisStore:
     async def aclose(self) -> None:
         self._closed = True
         await self._client.aclose()
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping, retry=False)
+
+    async def secret(self, name: str) -> bytes:
+        value = await self._script(
+            "secret", [self._key("secret", name)], [secrets.token_hex(32)], retry=True
+        )
+        return bytes.fromhex(value)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -622,7 +641,7 @@ class RedisStore:
                     log.warning(
                         "could not release the lock of session %s (%s); it expires in %.1fs",
                         session_id,
-                        error,
+                        error.detail,
                         self.lock_lease,
                     )
 
@@ -646,7 +665,7 @@ class RedisStore:
             try:
                 held = await self._script("renew", [key], [token, self._lease_ms], retry=True)
             except StoreUnavailable as error:
-                log.warning("could not renew the lock of session %s: %s", session_id, error)
+                log.warning("could not renew the lock of session %s: %s", session_id, error.detail)
                 continue
             if not held:
                 log.error(

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,16 @@ MIGRATIONS: tuple[Migration, ...] = (
                 token_hash TEXT NOT NULL UNIQUE,
                 admin INTEGER NOT NULL DEFAULT 0,
                 created_at TEXT NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        5,
+        "secrets shared by the servers using the file (the key that signs page tokens)",
+        (
+            """CREATE TABLE secrets (
+                name TEXT PRIMARY KEY,
+                value BLOB NOT NULL
             )""",
         ),
     ),
@@ -373,7 +384,7 @@ class SqliteStore:
             await self.open()
         db, executor = self._db, self._executor
         if db is None or executor is None:
-            raise StoreUnavailable(f"the SQLite store {self.path} is closed")
+            raise StoreUnavailable(detail=f"the SQLite store {self.path} is closed")
         call = functools.partial(operation, db, *args)
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, call)
@@ -381,8 +392,26 @@ class SqliteStore:
             # "database is locked" past the busy timeout, a full disk, an I/O error: the
             # store is there but cannot serve now.
             raise StoreUnavailable(
-                f"the SQLite store {self.path} cannot serve the request: {error}"
+                detail=f"the SQLite store {self.path} cannot serve the request: {error}"
             ) from error
+
+    async def ping(self) -> None:
+        await self._run(self._ping_sync)
+
+    @staticmethod
+    def _ping_sync(db: sqlite3.Connection) -> None:
+        db.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+
+    async def secret(self, name: str) -> bytes:
+        return await self._run(self._secret_sync, name, secrets.token_bytes(32))
+
+    @classmethod
+    def _secret_sync(cls, db: sqlite3.Connection, name: str, fresh: bytes) -> bytes:
+        with cls._transaction(db):
+            # The first server to ask makes it; every other one (and every restart) reads it.
+            db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, fresh))
+            (value,) = db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(value)
 
     # -- operations (each runs on the worker thread, each write in one transaction) ---------
 

@@ -112,7 +112,24 @@ def main(target: str, generated: str) -> None:
             result["after_delete"] = "found"
         except grpc.RpcError as error:
             result["after_delete"] = error.code().name
+    result["gzip"] = gzip_calls(target, pb, rpc)
     print(json.dumps(result))
+
+
+def gzip_calls(target: str, pb: Any, rpc: Any) -> dict[str, Any]:
+    """A session and a turn over a channel that compresses every request with gzip."""
+    with grpc.insecure_channel(target, compression=grpc.Compression.Gzip) as channel:
+        stub = rpc.ChatServiceStub(channel)
+        created = stub.CreateSession(pb.CreateSessionRequest(title="gzip " * 30), timeout=10)
+        request = pb.ChatRequest(
+            session_id=created.session_id, message="compressed " * 20, request_id="g1"
+        )
+        events = list(stub.Chat(iter([request]), timeout=30))
+        return {
+            "title": created.session.title,
+            "last": pb.ChatResponse.Type.Name(events[-1].type),
+            "reply": "".join(e.chunk_text for e in events),
+        }
 
 
 def reflect(channel: grpc.Channel) -> dict[str, Any]:
