@@ -58,6 +58,8 @@ from chat.client import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    Watch,
+    WatchEvent,
     WhoAmI,
 )
 from chat.config import ServerConfig
@@ -196,6 +198,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Usage",
+    "Watch",
+    "WatchEvent",
     "WhoAmI",
     "__version__",
     "create_backend",

@@ -30,7 +30,7 @@ The package's modules each do one job: ``_config`` (what a client is configured 
 :class:`ChatClient` facade). They are private; import from ``chat.client`` or ``chat``.
 """
 
-from chat.client._client import ChatClient, Notices, ReplyStream
+from chat.client._client import ChatClient, Notices, ReplyStream, Watch
 from chat.client._config import (
     DEFAULT_TARGET,
     ClientConfig,
@@ -54,6 +54,7 @@ from chat.client._results import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WatchEvent,
     WhoAmI,
 )
 from chat.stats import ServerStatsInfo
@@ -81,6 +82,8 @@ __all__ = [
     "ServingStatus",
     "SessionList",
     "SessionUpdated",
+    "Watch",
+    "WatchEvent",
     "WhoAmI",
     "format_target",
     "parse_target",
@@ -107,6 +110,8 @@ for _value in (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    Watch,
+    WatchEvent,
     WhoAmI,
     format_target,
     parse_target,

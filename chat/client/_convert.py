@@ -230,7 +230,12 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
     kind = response.type
     if kind == chatpb.ChatResponseType.CHUNK:
         return ReplyChunk(
-            response.request_id, response.session_id, response.chunk_text, response.chunk_number
+            response.request_id,
+            response.session_id,
+            response.chunk_text,
+            response.chunk_number,
+            response.turn_id,
+            response.seq,
         )
     if kind == chatpb.ChatResponseType.RESPONSE_START:
         return ReplyStarted(
@@ -239,6 +244,8 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             response.model,
             response.context_messages,
             response.omitted_messages,
+            response.turn_id,
+            response.seq,
         )
     if kind == chatpb.ChatResponseType.RESPONSE_COMPLETE:
         return ReplyCompleted(
@@ -250,6 +257,8 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             message_count=response.message_count,
             model=response.model,
             usage=to_usage(response.usage),
+            turn_id=response.turn_id,
+            seq=response.seq,
         )
     if kind == chatpb.ChatResponseType.ERROR:
         return ReplyFailed(
@@ -261,12 +270,26 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             total_chunks=response.total_chunks,
             retry_after=response.retry_after or None,
             field=response.error_field,
+            turn_id=response.turn_id,
+            seq=response.seq,
         )
     return ReplyStatus(
         response.request_id,
         response.session_id,
         response.status_message,
         response.omitted_messages,
+        response.turn_id,
+        response.seq,
+    )
+
+
+def to_session_updated(response: chatpb.ChatResponse) -> SessionUpdated:
+    return SessionUpdated(
+        session_id=response.session_id,
+        message=response.status_message,
+        message_count=response.message_count,
+        session=None if response.session is None else to_session(response.session),
+        kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
     )
 
 
@@ -274,13 +297,11 @@ def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | 
     """The notice for an event that answers no request in flight; ``None``: drop it."""
     kind = response.type
     if kind == chatpb.ChatResponseType.SESSION_UPDATE:
-        return SessionUpdated(
-            session_id=response.session_id,
-            message=response.status_message,
-            message_count=response.message_count,
-            session=None if response.session is None else to_session(response.session),
-            kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
-        )
+        return to_session_updated(response)
+    if response.turn_id:
+        # An event of a turn this client is not waiting for (one it stopped reading, or a
+        # watched one): the watch has it, it is nobody's notice.
+        return None
     if (
         kind == chatpb.ChatResponseType.STATUS
         and response.status_kind == chatpb.StatusKind.HEARTBEAT
