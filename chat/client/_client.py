@@ -258,7 +258,18 @@ class ReplyStream:
         how = f"RESUME after seq {self._last_seq}" if self.turn_id else "the message again"
         log.info("reply %s: connection lost (%s); sending %s", self.request_id, error, how)
         self._resuming = bool(self.turn_id)
-        self._conn, self._pending = await connector.submit(self._request(), continues=self._pending)
+        try:
+            self._conn, self._pending = await connector.submit(
+                self._request(), continues=self._pending
+            )
+        except ServerUnreachable as failure:
+            if isinstance(failure, ConnectionLost):
+                raise
+            # Still a reply cut by a lost connection, as callers catch it.
+            raise ConnectionLost(
+                connector.config.target,
+                f"{error.reason}; the reply could not be resumed: {failure.reason}",
+            ) from failure
         self.resumes += 1
         connector.counters.replies_resumed += 1
         return True
