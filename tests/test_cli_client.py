@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -527,3 +529,101 @@ def test_a_session_with_a_reply_limit(server: ServerProcess) -> None:
     assert (answer["text"], answer["finish_reason"]) == ("Echo #1 (1 ", "length")
     shown = run(server, "sessions", "show", session["session_id"])
     assert "3 tokens" in shown.stdout
+
+
+# -- live sessions -----------------------------------------------------------------------------
+
+
+def test_sessions_take_their_concurrency_and_disconnect_policies(server: ServerProcess) -> None:
+    created = run(
+        server,
+        "sessions",
+        "create",
+        "--concurrency",
+        "reject",
+        "--on-disconnect",
+        "cancel",
+        "--json",
+    )
+    assert created.exit_code == 0, created.output
+    session = json.loads(created.stdout)
+    assert (session["concurrency_policy"], session["on_disconnect"]) == ("reject", "cancel")
+    assert (session["turn_running"], session["watchers"]) == (False, 0)
+    session_id = session["session_id"]
+
+    updated = run(
+        server, "sessions", "update", session_id[:10], "--concurrency", "interrupt", "--json"
+    )
+    assert updated.exit_code == 0, updated.output
+    changed = json.loads(updated.stdout)
+    # Only what was given changes.
+    assert (changed["concurrency_policy"], changed["on_disconnect"]) == ("interrupt", "cancel")
+    renamed = run(server, "sessions", "update", session_id, "--on-disconnect", "continue")
+    assert renamed.exit_code == 0, renamed.output
+    assert re.search(r"on disconnect\s+continue", renamed.stdout)
+    shown = run(server, "sessions", "show", session_id)
+    assert re.search(r"concurrency\s+interrupt", shown.stdout)
+    assert re.search(r"now\s+idle, 0 watching", shown.stdout)
+
+    bad = run(server, "sessions", "update", session_id, "--concurrency", "sometimes")
+    assert bad.exit_code == 2
+    missing = run(server, "sessions", "update", "0" * 8, "--title", "x")
+    assert missing.exit_code == 4
+
+
+class _Lines:
+    """The lines a process writes to a pipe, read by a thread: ``next`` waits, bounded."""
+
+    def __init__(self, stream: Any) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put("")
+
+    def next(self) -> str:
+        line = self._lines.get(timeout=TIMEOUT)
+        assert line, "the process closed its output"
+        return line
+
+
+def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c(
+    server: ServerProcess,
+) -> None:
+    session_id = run(server, "sessions", "create").stdout.strip()
+    command = [str(Path(sys.executable).with_name("chat-client")), "-t", server.address]
+    watcher = subprocess.Popen(
+        [*command, "watch", session_id[:8], "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
+        # Said once the server has taken the WATCH: what is sent from now on is seen.
+        assert err.next().startswith(f"watching session {session_id}")
+        asked = run(server, "ask", "--session", session_id, "watched from afar")
+        assert asked.exit_code == 0, asked.output
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] != "completed":
+            events.append(json.loads(out.next()))
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(TIMEOUT) == 0
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+    turn = [e for e in events if e["type"] != "session_update"]
+    assert turn[0]["type"] == "started"
+    assert [e["seq"] for e in turn] == list(range(1, len(turn) + 1))
+    assert len({e["turn_id"] for e in turn}) == 1
+    assert not any(e["mine"] for e in turn)
+    assert "".join(e["text"] for e in turn if e["type"] == "chunk") + "\n" == asked.stdout
+    assert turn[-1]["finish_reason"] == "stop"
+
+
+def test_watch_of_an_unknown_session_is_not_found(server: ServerProcess) -> None:
+    result = run(server, "watch", "0" * 8)
+    assert result.exit_code == 4

@@ -165,6 +165,38 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     assert finish(child) == 0
 
 
+def test_join_shows_another_clients_reply_live_marked_as_not_yours(
+    paced_server: ServerProcess,
+) -> None:
+    created = CliRunner().invoke(main, ["-t", paced_server.address, "sessions", "create"])
+    assert created.exit_code == 0, created.output
+    session_id = created.stdout.strip()
+    child = spawn("--target", paced_server.address)
+    prompt_session(child)
+    child.sendline(f"/join {session_id[:8]}")
+    # Said once the session is watched: what another client sends from now on shows here.
+    child.expect(f"Joined session {session_id[:8]}")
+    assert prompt_session(child) == session_id[:8]
+
+    elsewhere = CliRunner().invoke(
+        main, ["-t", paced_server.address, "ask", "--session", session_id, "sent from elsewhere"]
+    )
+    assert elsewhere.exit_code == 0, elsewhere.output
+    # Labelled as another client's, and streamed whole to its end.
+    child.expect(re.escape("Other client › "))
+    child.expect(re.escape("Echo #1 (1 message in context): sent from elsewhere"))
+    assert prompt_session(child) == session_id[:8]
+
+    # This client's own reply in the session is not labelled as another's.
+    child.logfile_read = transcript = io.StringIO()
+    child.sendline("and mine")
+    child.expect(re.escape("Echo #2 (3 messages in context): and mine"))
+    prompt_session(child)
+    assert "Other client" not in transcript.getvalue()
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
 def colours(output: str) -> list[str]:
     """The colour parameters of the SGR sequences in ``output`` (bold and the like allowed)."""
     found = []
