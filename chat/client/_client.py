@@ -529,9 +529,16 @@ class Watch:
             raise RuntimeError("use `async with client.watch(session_id) as watch`")
         connector = self._connector
         while True:
-            item = await self._sink.queue.get()
+            sink = self._sink
+            try:
+                async with asyncio.timeout(connector.config.keepalive):
+                    item = await sink.queue.get()
+            except TimeoutError:
+                # A quiet session, or a dead connection: a loss is queued here if it is dead.
+                await connector.check_alive(sink.conn)
+                continue
             if isinstance(item, ChatError):
-                if isinstance(item, ConnectionLost) and connector.resumable(self._sink.conn):
+                if isinstance(item, ConnectionLost) and connector.resumable(sink.conn):
                     log.info("watch of %s: %s; watching again", self.session_id, item)
                     await self._watch()
                     continue
