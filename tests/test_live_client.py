@@ -9,12 +9,12 @@ message exactly, each chunk once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from chat import (
@@ -74,8 +74,10 @@ async def _one_cut_reply(server: ChatServer, offsets: list[int]) -> None:
     async with proxy, ChatClient(proxy.target, reconnect=RECONNECT, keepalive=1.0) as client:
         session = await client.create_session(on_disconnect=DisconnectPolicy.CONTINUE)
         proxy.arm(offsets)
-        events = await read_all(client.send(session.session_id, WORDS))
+        reply = client.send(session.session_id, WORDS)
+        events = await read_all(reply)
         proxy.arm([])
+        event(f"cuts: {proxy.cuts}, resumes: {reply.resumes}")
         completed = events[-1]
         assert isinstance(completed, ReplyCompleted), events
         assert completed.finish_reason is FinishReason.STOP
@@ -234,6 +236,13 @@ async def test_a_reply_that_cannot_be_resumed_raises_connection_lost() -> None:
 # -- watching -------------------------------------------------------------------------------
 
 
+def watchers_are(client: ChatClient, session_id: str, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await client.get_session(session_id)).watchers == count
+
+    return check
+
+
 async def _watched(client: ChatClient, session_id: str, ready: asyncio.Event) -> list[WatchEvent]:
     """The watch's events up to the end of the first turn."""
     events: list[WatchEvent] = []
@@ -254,6 +263,7 @@ async def test_a_watcher_sees_another_clients_reply_as_its_sender_does() -> None
             ready = asyncio.Event()
             watching = asyncio.create_task(_watched(watcher, session.session_id, ready))
             await asyncio.wait_for(ready.wait(), TIMEOUT)
+            assert (await sender.get_session(session.session_id)).watchers == 1
             sent = await read_all(sender.send(session.session_id, "watch this"))
             seen = await asyncio.wait_for(watching, TIMEOUT)
             turn_events = [w for w in seen if not isinstance(w.event, SessionUpdated)]
@@ -265,8 +275,8 @@ async def test_a_watcher_sees_another_clients_reply_as_its_sender_does() -> None
             assert "".join(
                 w.event.text for w in turn_events if isinstance(w.event, ReplyChunk)
             ) == "".join(c.text for c in chunks_of(sent))
-            info = await sender.get_session(session.session_id)
-            assert info.watchers == 1
+            # The watch ended with its block (UNWATCH).
+            await eventually(watchers_are(sender, session.session_id, 0), "the UNWATCH")
 
 
 async def test_a_watch_marks_this_clients_own_turns_and_replays_a_running_one() -> None:

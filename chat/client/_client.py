@@ -276,6 +276,8 @@ class ReplyStream:
 
     def _give_up(self) -> None:
         self._done = True
+        if self.turn_id:
+            self._connector.turn_ended(self.turn_id)
         pending = self._pending
         if pending is not None and pending.resumable and not pending.failure_counted:
             # A loss was not counted as a failure while the reply could still go on.

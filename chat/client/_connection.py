@@ -157,6 +157,10 @@ class Connector:
         self.own_turns: dict[str, None] = {}
         #: The watches of each watched session.
         self.watches: dict[str, set[WatchSink]] = {}
+        # The events so far of this client's turns that are running: a server does not
+        # send a stream's own turns to its watch, so a watch that begins mid-turn starts
+        # with these.
+        self._running: dict[str, list[chatpb.ChatResponse]] = {}
         #: The server started a reply without a turn id: it predates live sessions, so it
         #: can neither resume a turn nor recognise a message sent again.
         self.legacy_server = False
@@ -182,8 +186,16 @@ class Connector:
         if len(own) > _MAX_OWN_TURNS:
             del own[next(iter(own))]
 
+    def turn_ended(self, turn_id: str) -> None:
+        """A turn of this client ended without its final event (the reply gave up)."""
+        self._running.pop(turn_id, None)
+
     def add_watch(self, sink: WatchSink) -> None:
         self.watches.setdefault(sink.session_id, set()).add(sink)
+        for events in self._running.values():
+            if events[0].session_id == sink.session_id:
+                for event in events:
+                    sink.queue.put_nowait(event)
 
     def remove_watch(self, sink: WatchSink) -> None:
         sinks = self.watches.get(sink.session_id)
@@ -223,6 +235,7 @@ class Connector:
     async def aclose(self) -> None:
         self._closed = True
         await self.disconnect()
+        self._running.clear()
 
     async def _open(self) -> Connection:
         """One attempt to open the channel and the Chat stream, checked with a PING."""
@@ -426,6 +439,10 @@ class Connector:
             if pending is not None and pending.is_turn:
                 # Before the watches see it: a watch tells this client's turns by their ids.
                 self.remember_turn(response.turn_id)
+                if kind in _convert.TERMINAL:
+                    self._running.pop(response.turn_id, None)
+                else:
+                    self._running.setdefault(response.turn_id, []).append(response)
             if self.watches:
                 self._to_watches(conn, response)
         elif kind == chatpb.ChatResponseType.SESSION_UPDATE and self.watches:
