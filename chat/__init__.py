@@ -66,6 +66,7 @@ from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits
 from chat.errors import (
+    Aborted,
     BackendAuthError,
     BackendBadRequest,
     BackendError,
@@ -88,6 +89,8 @@ from chat.errors import (
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
+    TurnNotFound,
+    TurnOutOfRange,
     Unauthenticated,
     Unavailable,
 )
@@ -114,6 +117,7 @@ from chat.types import (
 )
 
 __all__ = [
+    "Aborted",
     "BackendAuthError",
     "BackendBadRequest",
     "BackendError",
@@ -195,6 +199,8 @@ __all__ = [
     "StatusCode",
     "StatusKind",
     "StoreUnavailable",
+    "TurnNotFound",
+    "TurnOutOfRange",
     "Unauthenticated",
     "Unavailable",
     "Usage",

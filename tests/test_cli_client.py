@@ -108,7 +108,11 @@ def test_stats_health_and_ping(server: ServerProcess) -> None:
     assert stats.exit_code == 0, stats.output
     data = json.loads(stats.stdout)
     assert (data["backend"], data["store"]) == ("echo", "memory")
-    assert "uptime" in run(server, "stats").stdout
+    live = ("active_watchers", "replay_turns", "replay_bytes", "replay_evicted_events")
+    assert all(isinstance(data[name], int) for name in (*live, "resumed_turns"))
+    table = run(server, "stats").stdout
+    assert "uptime" in table
+    assert re.search(r"replay log\s+\d+ turns, \d+ bytes", table)
 
     health = run(server, "health")
     assert (health.exit_code, health.stdout) == (0, "SERVING\n")
@@ -589,6 +593,10 @@ class _Lines:
         assert line, "the process closed its output"
         return line
 
+    def join(self) -> None:
+        """Wait for the end of the output (the process has exited)."""
+        self._thread.join(TIMEOUT)
+
 
 def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c(
     server: ServerProcess,
@@ -601,8 +609,8 @@ def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c
         stderr=subprocess.PIPE,
         text=True,
     )
+    out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
     try:
-        out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
         # Said once the server has taken the WATCH: what is sent from now on is seen.
         assert err.next().startswith(f"watching session {session_id}")
         asked = run(server, "ask", "--session", session_id, "watched from afar")
@@ -615,6 +623,10 @@ def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c
     finally:
         watcher.kill()
         watcher.wait(TIMEOUT)
+        for lines, pipe in ((out, watcher.stdout), (err, watcher.stderr)):
+            lines.join()
+            if pipe is not None:
+                pipe.close()
     turn = [e for e in events if e["type"] != "session_update"]
     assert turn[0]["type"] == "started"
     assert [e["seq"] for e in turn] == list(range(1, len(turn) + 1))

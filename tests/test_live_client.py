@@ -91,7 +91,9 @@ async def _one_cut_reply(server: ChatServer, offsets: list[int]) -> None:
         assert {e.turn_id for e in events} == {turn_id}
         text = "".join(c.text for c in chunks)
         # One turn stored, whatever was sent again: the reply is its assistant message.
-        history = await client.history(session.session_id)
+        # (Read directly: a unary call on a connection cut an instant ago is not retried.)
+        async with ChatClient(f"127.0.0.1:{server.port}") as direct:
+            history = await direct.history(session.session_id)
         assert [(m.role, m.status) for m in history] == [
             (Role.USER, MessageStatus.COMPLETE),
             (Role.ASSISTANT, MessageStatus.COMPLETE),

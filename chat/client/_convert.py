@@ -32,6 +32,7 @@ from chat.client._results import (
     WhoAmI,
 )
 from chat.errors import (
+    Aborted,
     BackendRateLimited,
     BackendTimeout,
     ChatError,
@@ -180,6 +181,8 @@ def error_from_status(
         return InvalidArgument.from_message(field or "request", message)
     if status is StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(message)
+    if status is StatusCode.ABORTED:
+        return Aborted(message)
     if status is StatusCode.UNAVAILABLE:
         return Unavailable(message)
     if status is StatusCode.DEADLINE_EXCEEDED:
@@ -293,6 +296,17 @@ def to_session_updated(response: chatpb.ChatResponse) -> SessionUpdated:
     )
 
 
+#: STATUS kinds that are nobody's notice: a heartbeat (sent to keep proxies from closing a
+#: silent stream), and the answers to WATCH and UNWATCH (the watch has its own).
+_NOT_NOTICES = frozenset(
+    {
+        chatpb.StatusKind.HEARTBEAT,
+        chatpb.StatusKind.WATCHING,
+        chatpb.StatusKind.NOT_WATCHING,
+    }
+)
+
+
 def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | None:
     """The notice for an event that answers no request in flight; ``None``: drop it."""
     kind = response.type
@@ -302,11 +316,7 @@ def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | 
         # An event of a turn this client is not waiting for (one it stopped reading, or a
         # watched one): the watch has it, it is nobody's notice.
         return None
-    if (
-        kind == chatpb.ChatResponseType.STATUS
-        and response.status_kind == chatpb.StatusKind.HEARTBEAT
-    ):
-        # Sent to keep proxies from closing a silent stream: nothing to tell anyone.
+    if kind == chatpb.ChatResponseType.STATUS and response.status_kind in _NOT_NOTICES:
         return None
     if kind in (chatpb.ChatResponseType.STATUS, chatpb.ChatResponseType.ERROR):
         error = kind == chatpb.ChatResponseType.ERROR
