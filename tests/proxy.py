@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
+
+from tests.helpers import TIMEOUT
 
 
 @dataclass(eq=False)
@@ -154,3 +157,48 @@ class CuttingProxy:
                 await writer.drain()
         # One side closed: so does the other (a proxy that half-closes hides nothing).
         writer.transport.abort()
+
+
+class ProxyThread:
+    """A :class:`CuttingProxy` on an event loop of its own, in a thread: for clients that
+    run in other processes (``chat-client`` commands, the REPL in a pseudo-terminal).
+
+    >>> with ProxyThread(server.port) as proxy:                    # doctest: +SKIP
+    ...     run_client("--target", proxy.target)
+    ...     proxy.cut_all()
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._proxy = CuttingProxy(upstream_port)
+
+    @property
+    def target(self) -> str:
+        return self._proxy.target
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._proxy.__aenter__(), self._loop).result(TIMEOUT)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        closing = self._proxy.__aexit__(None, None, None)
+        asyncio.run_coroutine_threadsafe(closing, self._loop).result(TIMEOUT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(TIMEOUT)
+        self._loop.close()
+
+    def cut_all(self) -> int:
+        """Cut the open connections now (see :meth:`CuttingProxy.cut_all`)."""
+
+        async def cut() -> int:
+            return self._proxy.cut_all()
+
+        return asyncio.run_coroutine_threadsafe(cut(), self._loop).result(TIMEOUT)

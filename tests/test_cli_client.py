@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 
 from chat.cli.client import EXIT_CODES, main
 from tests.helpers import TIMEOUT, ServerProcess, running_server_process
+from tests.proxy import ProxyThread
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -639,3 +640,44 @@ def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c
 def test_watch_of_an_unknown_session_is_not_found(server: ServerProcess) -> None:
     result = run(server, "watch", "0" * 8)
     assert result.exit_code == 4
+
+
+@pytest.mark.slow
+def test_ask_keeps_its_reply_through_a_dropped_connection() -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    with (
+        running_server_process("--pace", "0.02", "--store", "memory://") as paced,
+        ProxyThread(paced.port) as proxy,
+    ):
+        asking = subprocess.Popen(
+            [str(Path(sys.executable).with_name("chat-client")), "-t", proxy.target, "ask", words],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Unbuffered: what is read before communicate() must not stay in a buffer.
+            bufsize=0,
+        )
+        try:
+            assert asking.stdout is not None
+            head = b""
+            while len(head) < 4:
+                piece = asking.stdout.read(4 - len(head))
+                assert piece, "chat-client ended before the reply"
+                head += piece
+            assert head == b"Echo"
+            # Mid-reply: the connection dies (the server lives on, and so does the turn).
+            assert proxy.cut_all() == 1
+            out, err = asking.communicate(timeout=TIMEOUT)
+        finally:
+            asking.kill()
+            asking.wait(TIMEOUT)
+        assert asking.returncode == 0, err
+        session_id = UUID.search(err.decode())
+        assert session_id is not None
+        shown = run(paced, "sessions", "show", session_id.group(), "--json")
+        messages = json.loads(shown.stdout)["messages"]
+        assert [(m["role"], m["status"]) for m in messages] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        # Each chunk once: stdout is the stored reply exactly.
+        assert head + out == (messages[1]["content"] + "\n").encode()

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from chat.cli.client import main
 from tests.helpers import TIMEOUT, ServerProcess, running_server_process
+from tests.proxy import ProxyThread
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +196,36 @@ def test_join_shows_another_clients_reply_live_marked_as_not_yours(
     assert "Other client" not in transcript.getvalue()
     child.sendline("/quit")
     assert finish(child) == 0
+
+
+def test_a_reply_streaming_when_the_connection_drops_goes_on_to_its_end(
+    paced_server: ServerProcess,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    with ProxyThread(paced_server.port) as proxy:
+        child = spawn("--target", proxy.target, "--render", "plain")
+        child.logfile_read = transcript = io.StringIO()
+        prompt_session(child)
+        child.sendline(words)
+        expect_reply_start(child)
+        assert proxy.cut_all() == 1
+        child.expect("reconnected to")
+        child.expect(re.escape("w38 w39"))
+        session = prompt_session(child)
+        child.sendline("/history")
+        # Stored whole, not cut short: no tag after it.
+        child.expect(r"Assistant › Echo #1 \(1 message in context\): w0 w1[^\r\n]*w39\r?\n")
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
+    assert session is not None
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", transcript.getvalue())
+    assert "cut short" not in output
+    # Plain rendering writes each chunk as it comes: each word of the reply once, around
+    # the notices of the loss and the reconnection.
+    start = output.index("Echo #1")
+    reply = re.sub(r"· [^\r\n]*\r?\n", "", output[start : output.index("w39", start) + 3])
+    assert reply == f"Echo #1 (1 message in context): {words}"
 
 
 def colours(output: str) -> list[str]:

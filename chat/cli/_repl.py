@@ -76,6 +76,7 @@ from chat.client import (
 from chat.errors import (
     ChatError,
     ConfigurationError,
+    ConnectionLost,
     ServerUnreachable,
     SessionNotFound,
     StatusCode,
@@ -843,7 +844,12 @@ class _Repl:
             if started:
                 self._end_reply(markdown)
                 markdown = None
-            self._report_loss(error.message, as_error=True)
+            if self._loss_shown is not None and isinstance(error, ConnectionLost):
+                # The loss was said (the client then tried to resume the reply): say why
+                # the reply did not go on, not the loss again.
+                self.error(f"the reply could not go on: {error.reason}", EXIT_UNREACHABLE)
+            else:
+                self._report_loss(error.message, as_error=True)
             self._last_turn.cut_short = True
             self.note("The reply was cut short; /retry sends your message again.")
         finally:
