@@ -18,8 +18,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from chat import (
+    Aborted,
     ChatClient,
     ChatServer,
+    ConcurrencyPolicy,
     ConnectionLost,
     DisconnectPolicy,
     EchoBackend,
@@ -294,3 +296,89 @@ async def test_a_watch_marks_this_clients_own_turns_and_replays_a_running_one() 
         assert all(w.is_mine for w in turn_events)
         assert [w.seq for w in turn_events] == [e.seq for e in [first, *rest]]
         assert turn_events[0].seq == 1
+
+
+async def test_a_watch_goes_on_after_its_connection_is_cut_without_repeating_an_event() -> None:
+    async with serving(pace=0.01) as server:
+        proxy = CuttingProxy(server.port)
+        direct = f"127.0.0.1:{server.port}"
+        async with (
+            proxy,
+            ChatClient(proxy.target, reconnect=RECONNECT) as watcher,
+            ChatClient(direct) as sender,
+        ):
+            session = await sender.create_session()
+            seen: list[WatchEvent] = []
+            async with (
+                watcher.watch(session.session_id) as watch,
+                sender.send(session.session_id, WORDS) as reply,
+            ):
+                async with asyncio.timeout(TIMEOUT):
+                    async for item in watch:
+                        seen.append(item)
+                        if isinstance(item.event, ReplyChunk) and item.event.number == 3:
+                            # Mid-turn: the watch watches again on a new connection, and
+                            # the running turn is replayed to it from its start.
+                            assert proxy.cut_all() == 1
+                        if isinstance(item.event, ReplyCompleted):
+                            break
+                sent = await read_all(reply)
+        turn = [w for w in seen if not isinstance(w.event, SessionUpdated)]
+        assert [w.seq for w in turn] == list(range(1, len(turn) + 1))
+        assert "".join(w.event.text for w in turn if isinstance(w.event, ReplyChunk)) == "".join(
+            c.text for c in chunks_of(sent)
+        )
+        assert proxy.accepted == 2
+
+
+# -- session policies, as the client sees them -------------------------------------------------
+
+
+async def test_a_session_that_rejects_a_second_message_raises_aborted() -> None:
+    async with serving(pace=0.01) as server, ChatClient(f"127.0.0.1:{server.port}") as client:
+        session = await client.create_session(concurrency_policy=ConcurrencyPolicy.REJECT)
+        async with client.send(session.session_id, WORDS) as running:
+            assert isinstance(await anext(running), ReplyStarted)
+            with pytest.raises(Aborted):
+                await client.ask(session.session_id, "meanwhile")
+            await read_all(running)
+        # Nothing of the refused message is stored.
+        history = await client.history(session.session_id)
+        assert [m.role for m in history] == [Role.USER, Role.ASSISTANT]
+        assert history[0].content == WORDS
+
+
+async def test_a_session_that_interrupts_cancels_the_running_reply() -> None:
+    async with serving(pace=0.01) as server, ChatClient(f"127.0.0.1:{server.port}") as client:
+        session = await client.create_session(concurrency_policy=ConcurrencyPolicy.INTERRUPT)
+        async with client.send(session.session_id, WORDS) as running:
+            assert isinstance(await anext(running), ReplyStarted)
+            second = await client.ask(session.session_id, "instead")
+            first = await read_all(running)
+        assert isinstance(first[-1], ReplyCompleted)
+        assert first[-1].finish_reason is FinishReason.CANCELLED
+        assert second.finish_reason is FinishReason.STOP
+        history = await client.history(session.session_id)
+        assert [m.status for m in history if m.role is Role.ASSISTANT] == [
+            MessageStatus.CANCELLED,
+            MessageStatus.COMPLETE,
+        ]
+
+
+async def test_with_on_disconnect_cancel_a_resumed_reply_ends_cancelled_as_stored() -> None:
+    async with serving(pace=0.01) as server:
+        proxy = CuttingProxy(server.port)
+        async with proxy, ChatClient(proxy.target, reconnect=RECONNECT) as client:
+            session = await client.create_session(on_disconnect=DisconnectPolicy.CANCEL)
+            async with client.send(session.session_id, WORDS) as reply:
+                events = [await anext(reply) for _ in range(4)]
+                assert proxy.cut_all() == 1
+                events += await read_all(reply)
+            history = await client.history(session.session_id)
+        assert reply.resumes == 1
+        completed = events[-1]
+        assert isinstance(completed, ReplyCompleted)
+        assert completed.finish_reason is FinishReason.CANCELLED
+        assert history[1].status is MessageStatus.CANCELLED
+        assert reply.text == history[1].content
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
