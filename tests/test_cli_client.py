@@ -317,6 +317,9 @@ def test_ask_json_carries_the_figures_of_the_summary(server: ServerProcess) -> N
     again = run(server, "ask", "--json", "--session", first["session_id"], "again")
     answer = json.loads(again.stdout)
     assert answer["context_messages"] == 3
+    assert answer["turn_id"]
+    assert answer["turn_id"] != first["turn_id"]
+    assert answer["resumes"] == 0
     assert answer["omitted_messages"] == 0
     assert answer["chunks"] == 7
     assert 0 < answer["first_chunk_time"] <= answer["response_time"]

@@ -321,6 +321,8 @@ def reply_json(reply: Reply) -> dict[str, Any]:
     return {
         "session_id": reply.session_id,
         "request_id": reply.request_id,
+        "turn_id": reply.turn_id,
+        "resumes": reply.resumes,
         "text": reply.text,
         "finish_reason": reply.finish_reason.name.lower(),
         "model": reply.model,

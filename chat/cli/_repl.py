@@ -396,7 +396,12 @@ class _Repl:
         commands = [
             _Command("help", "", "this list", self.cmd_help),
             _Command("new", "[title]", "start a new session and switch to it", self.cmd_new),
-            _Command("join", "<id>", "switch to a session (id or unique prefix)", self.cmd_join),
+            _Command(
+                "join",
+                "<id>",
+                "switch to a session (id or unique prefix); others' replies show live",
+                self.cmd_join,
+            ),
             _Command("sessions", "[n]", "list the newest sessions", self.cmd_sessions),
             _Command("info", "", "describe the current session", self.cmd_info),
             _Command("history", "", "show the current session's messages", self.cmd_history),
