@@ -23,6 +23,11 @@ reached raises :class:`~chat.errors.ServerUnreachable`, a connection that breaks
 :class:`~chat.errors.DeadlineExceeded`. With a :class:`ReconnectPolicy` the client
 reconnects by itself, with exponential backoff and jitter, the next time it is used after a
 loss; sessions live on the server, so every session id stays valid across reconnections.
+A reply streaming when the connection is lost then goes on: the :class:`ReplyStream`
+resumes its turn on the new connection (``RESUME`` from the last ``seq`` it has, or the
+message sent again under its ``client_message_id``) and yields every event once.
+:meth:`ChatClient.watch` follows a session's turns, whoever sends them (:class:`Watch`,
+:class:`WatchEvent`).
 
 The package's modules each do one job: ``_config`` (what a client is configured with),
 ``_results`` (what it returns), ``_convert`` (chatpb messages to those types),
