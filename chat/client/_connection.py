@@ -62,6 +62,9 @@ TRANSPORT_ERRORS = (
     EOFError,
 )
 
+#: Marks a running turn whose events were too many to keep (see ``_MAX_KEPT_EVENTS``).
+_TOO_LONG = chatpb.ChatResponse()
+
 #: Makes the channel of each new connection.
 ChannelFactory = Callable[[], Channel]
 
@@ -116,6 +119,10 @@ _MAX_EXPECTED = 8
 
 #: Turns of this client remembered, so that a watch can tell them from the others'.
 _MAX_OWN_TURNS = 1024
+
+#: Events of one of this client's running turns kept for a watch that begins mid-turn; a
+#: longer reply is not kept (such a watch gets it from where it is).
+_MAX_KEPT_EVENTS = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -193,7 +200,7 @@ class Connector:
     def add_watch(self, sink: WatchSink) -> None:
         self.watches.setdefault(sink.session_id, set()).add(sink)
         for events in self._running.values():
-            if events[0].session_id == sink.session_id:
+            if events[0].session_id == sink.session_id and events[-1] is not _TOO_LONG:
                 for event in events:
                     sink.queue.put_nowait(event)
 
@@ -442,7 +449,13 @@ class Connector:
                 if kind in _convert.TERMINAL:
                     self._running.pop(response.turn_id, None)
                 else:
-                    self._running.setdefault(response.turn_id, []).append(response)
+                    kept = self._running.setdefault(response.turn_id, [])
+                    if len(kept) < _MAX_KEPT_EVENTS:
+                        kept.append(response)
+                    elif kept[-1] is not _TOO_LONG:
+                        # Past the bound: freed, but for the first event (its session is
+                        # read from it) and the marker that says the rest were not kept.
+                        self._running[response.turn_id] = [kept[0], _TOO_LONG]
             if self.watches:
                 self._to_watches(conn, response)
         elif kind == chatpb.ChatResponseType.SESSION_UPDATE and self.watches:
