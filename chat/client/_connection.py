@@ -450,9 +450,11 @@ class Connector:
                     self._running.pop(response.turn_id, None)
                 else:
                     kept = self._running.setdefault(response.turn_id, [])
-                    if len(kept) < _MAX_KEPT_EVENTS:
+                    if kept and kept[-1] is _TOO_LONG:
+                        pass
+                    elif len(kept) < _MAX_KEPT_EVENTS:
                         kept.append(response)
-                    elif kept[-1] is not _TOO_LONG:
+                    else:
                         # Past the bound: freed, but for the first event (its session is
                         # read from it) and the marker that says the rest were not kept.
                         self._running[response.turn_id] = [kept[0], _TOO_LONG]
