@@ -402,3 +402,19 @@ async def test_a_watch_begun_late_in_a_long_own_reply_gets_it_from_where_it_is(
         assert turn[0] > read[-1].seq
         assert turn == list(range(turn[0], rest[-1].seq + 1))
         assert not client._connector._running
+
+
+async def test_one_message_sent_twice_at_once_is_one_turn_whose_events_both_get() -> None:
+    async with serving(pace=0.005) as server:
+        target = f"127.0.0.1:{server.port}"
+        async with ChatClient(target) as one, ChatClient(target) as two:
+            session = await one.create_session()
+            first, second = await asyncio.gather(
+                one.ask(session.session_id, "at once", client_message_id="twice"),
+                two.ask(session.session_id, "at once", client_message_id="twice"),
+            )
+            assert first.turn_id == second.turn_id
+            assert first.text == second.text
+            history = await one.history(session.session_id)
+            assert [m.role for m in history] == [Role.USER, Role.ASSISTANT]
+            assert history[1].content == first.text
