@@ -684,3 +684,36 @@ def test_ask_keeps_its_reply_through_a_dropped_connection() -> None:
         ]
         # Each chunk once: stdout is the stored reply exactly.
         assert head + out == (messages[1]["content"] + "\n").encode()
+
+
+def test_watch_shows_each_reply_on_a_line_of_its_own_marked_by_whose_it_is(
+    server: ServerProcess,
+) -> None:
+    session_id = run(server, "sessions", "create").stdout.strip()
+    command = [str(Path(sys.executable).with_name("chat-client")), "-t", server.address]
+    watcher = subprocess.Popen(
+        [*command, "watch", session_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
+    try:
+        assert err.next().startswith(f"watching session {session_id}")
+        for text in ("first words", "second words"):
+            assert run(server, "ask", "--session", session_id, text).exit_code == 0
+        lines = [out.next(), out.next()]
+        # Deleting the session ends the watch, which says so.
+        assert run(server, "sessions", "delete", session_id).exit_code == 0
+        assert watcher.wait(TIMEOUT) == 0
+        deleted = out.next()
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+        for lines_of, pipe in ((out, watcher.stdout), (err, watcher.stderr)):
+            lines_of.join()
+            if pipe is not None:
+                pipe.close()
+    turn = r"\[turn [0-9a-f]{8}, another client\] Assistant › "
+    assert re.fullmatch(turn + re.escape("Echo #1 (1 message in context): first words\n"), lines[0])
+    assert re.fullmatch(
+        turn + re.escape("Echo #2 (3 messages in context): second words\n"), lines[1]
+    )
+    assert deleted.startswith("· ")
