@@ -95,6 +95,7 @@ from chat.errors import (
     Unavailable,
 )
 from chat.events import Event, EventKind, Request, RequestKind
+from chat.replay import MemoryReplayLog, ReplayLog, ReplaySettings, ReplayStats
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.server import ChatServer, create_backend, serve
@@ -153,6 +154,7 @@ __all__ = [
     "GenerationRequest",
     "InvalidArgument",
     "Limits",
+    "MemoryReplayLog",
     "MemoryStore",
     "Message",
     "MessageStatus",
@@ -168,6 +170,9 @@ __all__ = [
     "RateLimited",
     "ReconnectPolicy",
     "RemoteSettings",
+    "ReplayLog",
+    "ReplaySettings",
+    "ReplayStats",
     "Reply",
     "ReplyChunk",
     "ReplyCompleted",
