@@ -124,7 +124,6 @@ def session_table(
     table.add_column("messages", justify="right")
     table.add_column("model", no_wrap=True)
     table.add_column("last activity", no_wrap=True)
-    table.add_column("now", no_wrap=True)
     for session in sessions:
         table.add_row(
             "›" if session.session_id == current else "",
@@ -133,7 +132,6 @@ def session_table(
             str(session.message_count),
             session.model,
             _ago(session.last_activity),
-            _live_state(session) if session.turn_running or session.watchers else "",
         )
     return table
 
@@ -143,13 +141,12 @@ def session_lines(sessions: Sequence[Session]) -> list[str]:
 
     Tab-separated, with a header line: ``cut -f1``, ``awk -F'\t'`` and spreadsheets read it.
     """
-    lines = ["id\ttitle\tmessages\tmodel\tlast activity\tturn running\twatchers"]
+    lines = ["id\ttitle\tmessages\tmodel\tlast activity"]
     for session in sessions:
         title = " ".join(session.title.split())  # a title must not break the columns
-        running = "yes" if session.turn_running else "no"
         lines.append(
             f"{session.session_id}\t{title}\t{session.message_count}\t{session.model}\t"
-            f"{_time(session.last_activity)}\t{running}\t{session.watchers}"
+            f"{_time(session.last_activity)}"
         )
     return lines
 
