@@ -72,18 +72,29 @@ async def turn_messages(client: ChatClient, session_id: str, turn_id: str) -> li
 # -- a reply survives cut connections -----------------------------------------------------------
 
 
-async def _one_cut_reply(server: ChatServer, offsets: list[int]) -> None:
+#: How the stored assistant message of a reply that ended so reads.
+_STORED_AS = {
+    FinishReason.STOP: MessageStatus.COMPLETE,
+    FinishReason.CANCELLED: MessageStatus.CANCELLED,
+}
+
+
+async def _one_cut_reply(server: ChatServer, offsets: list[int], policy: DisconnectPolicy) -> None:
     proxy = CuttingProxy(server.port)
     async with proxy, ChatClient(proxy.target, reconnect=RECONNECT, keepalive=1.0) as client:
-        session = await client.create_session(on_disconnect=DisconnectPolicy.CONTINUE)
+        session = await client.create_session(on_disconnect=policy)
         proxy.arm(offsets)
         reply = client.send(session.session_id, WORDS)
         events = await read_all(reply)
         proxy.arm([])
-        event(f"cuts: {proxy.cuts}, resumes: {reply.resumes}")
         completed = events[-1]
         assert isinstance(completed, ReplyCompleted), events
-        assert completed.finish_reason is FinishReason.STOP
+        event(f"{policy.name}: {completed.finish_reason.name}, resumed {reply.resumes}")
+        if policy is DisconnectPolicy.CONTINUE:
+            assert completed.finish_reason is FinishReason.STOP
+        else:
+            # Cancelled if a cut came while the turn ran, complete if none did.
+            assert completed.finish_reason in _STORED_AS
         chunks = chunks_of(events)
         # Each event once, in order: seq 1..n over the turn, chunk numbers 1..k.
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
@@ -99,7 +110,7 @@ async def _one_cut_reply(server: ChatServer, offsets: list[int]) -> None:
             history = await direct.history(session.session_id)
         assert [(m.role, m.status) for m in history] == [
             (Role.USER, MessageStatus.COMPLETE),
-            (Role.ASSISTANT, MessageStatus.COMPLETE),
+            (Role.ASSISTANT, _STORED_AS[completed.finish_reason]),
         ]
         assert history[0].content == WORDS
         assert history[1].content == text
@@ -120,9 +131,9 @@ def test_a_reply_cut_anywhere_is_reassembled_exactly_each_chunk_once() -> None:
                 deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
             )
-            @given(offsets=cut_points)
-            def cut(offsets: list[int]) -> None:
-                runner.run(_one_cut_reply(server, offsets))
+            @given(offsets=cut_points, policy=st.sampled_from(list(DisconnectPolicy)[1:]))
+            def cut(offsets: list[int], policy: DisconnectPolicy) -> None:
+                runner.run(_one_cut_reply(server, offsets, policy))
 
             cut()
         finally:
