@@ -3,9 +3,19 @@ logs them; a stream gone, its turns' events go to their logs alone."""
 
 from __future__ import annotations
 
-from chat.events import Event, EventKind, ReplyCounter
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat import ChatCore, Limits, MemoryStore
+from chat.core import Conversation
+from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
 from chat.outbox import FINAL_SINK, LOG_SINK, Outbox
 from chat.replay import MemoryReplayLog
+from tests import strategies
+from tests.backends import ScriptedBackend
+from tests.helpers import TIMEOUT
 from tests.replay_conformance import collect
 
 
@@ -91,3 +101,49 @@ async def test_when_the_stream_goes_the_log_gets_what_was_queued() -> None:
         (EventKind.RESPONSE_COMPLETE, 2),
     ]
     assert (cancelled.sent_chars, running_on.sent_chars) == (0, len("queued"))
+
+
+@settings(max_examples=30)
+@given(deltas=strategies.deltas, coalesce=st.booleans(), data=st.data())
+async def test_a_resume_after_any_seq_gets_exactly_the_events_after_it(
+    deltas: list[str], coalesce: bool, data: st.DataObject
+) -> None:
+    core = ChatCore(MemoryStore(), ScriptedBackend(deltas), limits=Limits(coalesce_chunks=coalesce))
+    session = await core.create_session()
+    async with core.open_conversation() as sender:
+        await sender.handle(Request(RequestKind.MESSAGE, session.session_id, "hi", "r1"))
+        sent = await _until_final(sender)
+    assert [e.seq for e in sent] == list(range(1, len(sent) + 1))
+    after = data.draw(st.integers(0, len(sent)), label="after_seq")
+    async with core.open_conversation() as resumer:
+        await resumer.handle(
+            Request(
+                RequestKind.RESUME, session.session_id, turn_id=sent[0].turn_id, after_seq=after
+            )
+        )
+        resumer.finish_input()
+        replayed = await _drain(resumer)
+    assert [_view(e) for e in replayed] == [_view(e) for e in sent[after:]]
+    _, history = await core.read_session(session.session_id)
+    text = "".join(e.chunk_text for e in sent[:after] + replayed if e.kind is EventKind.CHUNK)
+    assert history[-1].content == text == "".join(deltas)
+
+
+def _view(e: Event) -> tuple[object, ...]:
+    return (e.turn_id, e.seq, e.kind, e.chunk_text, e.chunk_number, e.total_chunks, e.request_id)
+
+
+async def _until_final(conversation: Conversation) -> list[Event]:
+    events: list[Event] = []
+    while not events or events[-1].kind not in (EventKind.RESPONSE_COMPLETE, EventKind.ERROR):
+        batch = await asyncio.wait_for(conversation.outbox.get(), TIMEOUT)
+        assert batch is not None
+        events.extend(batch)
+    return events
+
+
+async def _drain(conversation: Conversation) -> list[Event]:
+    events: list[Event] = []
+    while (batch := await asyncio.wait_for(conversation.outbox.get(), TIMEOUT)) is not None:
+        events.extend(batch)
+    return events
