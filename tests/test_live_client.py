@@ -140,6 +140,60 @@ def test_a_reply_cut_anywhere_is_reassembled_exactly_each_chunk_once() -> None:
             runner.run(server.stop())
 
 
+async def _one_cut_watch(server: ChatServer, offsets: list[int]) -> None:
+    proxy = CuttingProxy(server.port)
+    direct = f"127.0.0.1:{server.port}"
+    async with (
+        proxy,
+        ChatClient(proxy.target, reconnect=RECONNECT, keepalive=1.0) as watcher,
+        ChatClient(direct) as sender,
+    ):
+        session = await sender.create_session()
+        seen: list[WatchEvent] = []
+        async with watcher.watch(session.session_id) as watch:
+            proxy.arm(offsets)
+            async with sender.send(session.session_id, WORDS) as reply:
+                async with asyncio.timeout(TIMEOUT):
+                    async for item in watch:
+                        if not isinstance(item.event, SessionUpdated):
+                            seen.append(item)
+                        if isinstance(item.event, ReplyCompleted):
+                            break
+                sent = await read_all(reply)
+            proxy.arm([])
+        # The watch's events of the turn: the sender's, each once, in order.
+        assert [(w.seq, type(w.event)) for w in seen] == [(e.seq, type(e)) for e in sent]
+        assert {w.turn_id for w in seen} == {reply.turn_id}
+        history = await sender.history(session.session_id)
+        text = "".join(w.event.text for w in seen if isinstance(w.event, ReplyChunk))
+        assert text == history[1].content
+
+
+def test_a_watch_cut_anywhere_sees_each_event_of_the_turn_once() -> None:
+    cut_points = st.lists(st.integers(min_value=0, max_value=6000), max_size=3)
+    with asyncio.Runner() as runner:
+        # Slow enough that the turn outlasts a reconnection: a turn that began and ended
+        # while a watch was away is not replayed to it (only running ones and those it
+        # was in the middle of are).
+        config = ServerConfig(host="127.0.0.1", port=0, store="memory://", pace=0.005)
+        server = ChatServer(config)
+        runner.run(server.start())
+        try:
+
+            @settings(
+                max_examples=max(10, settings().max_examples // 2),
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+            )
+            @given(offsets=cut_points)
+            def cut(offsets: list[int]) -> None:
+                runner.run(_one_cut_watch(server, offsets))
+
+            cut()
+        finally:
+            runner.run(server.stop())
+
+
 async def test_a_cut_before_the_turn_began_sends_the_message_again_with_its_id() -> None:
     async with serving(pace=0.01) as server:
         proxy = CuttingProxy(server.port)
@@ -429,3 +483,38 @@ async def test_one_message_sent_twice_at_once_is_one_turn_whose_events_both_get(
             history = await one.history(session.session_id)
             assert [m.role for m in history] == [Role.USER, Role.ASSISTANT]
             assert history[1].content == first.text
+
+
+async def test_a_watch_cut_mid_turn_gets_the_rest_even_when_the_turn_ended_meanwhile() -> None:
+    async with serving(pace=0.01) as server:
+        proxy = CuttingProxy(server.port)
+        async with (
+            proxy,
+            ChatClient(proxy.target, reconnect=RECONNECT) as watcher,
+            ChatClient(f"127.0.0.1:{server.port}") as sender,
+        ):
+            session = await sender.create_session()
+            seen: list[WatchEvent] = []
+            async with watcher.watch(session.session_id) as watch:
+                sent = sender.send(session.session_id, WORDS)
+                await sent.start()
+                async with asyncio.timeout(TIMEOUT):
+                    async for item in watch:
+                        seen.append(item)
+                        if isinstance(item.event, ReplyChunk) and item.event.number == 3:
+                            break
+                    # The watcher hears nothing more while the turn runs to its end.
+                    proxy.freeze()
+                    events = await read_all(sent)
+                    assert proxy.cut_all() == 1
+                    # The WATCH on the new connection has no running turn to replay: the
+                    # rest comes from the RESUME of the turn it was in the middle of.
+                    async for item in watch:
+                        seen.append(item)
+                        if isinstance(item.event, ReplyCompleted):
+                            break
+        turn = [w for w in seen if not isinstance(w.event, SessionUpdated)]
+        assert [w.seq for w in turn] == [e.seq for e in events]
+        assert "".join(w.event.text for w in turn if isinstance(w.event, ReplyChunk)) == "".join(
+            c.text for c in chunks_of(events)
+        )

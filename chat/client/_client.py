@@ -436,8 +436,10 @@ class Watch:
     :class:`WatchEvent` for every event of every turn of the session, from any client (a
     turn running when the watch began is replayed from its start), and for its session
     updates. With a :class:`ReconnectPolicy` the watch goes on after a lost connection: it
-    watches again on the new one, and the events it had already yielded are not yielded
-    twice. Without one, a lost connection raises :class:`~chat.errors.ConnectionLost`.
+    watches again on the new one and resumes the turns it was in the middle of (one that
+    ended meanwhile too, while the server keeps it), and the events it had already yielded
+    are not yielded twice. Without one, a lost connection raises
+    :class:`~chat.errors.ConnectionLost`.
 
     >>> async def follow(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
     ...     async with client.watch(session_id) as watch:
@@ -452,6 +454,10 @@ class Watch:
         self._sink: WatchSink | None = None
         # The last seq yielded of each recent turn: replays and copies are dropped.
         self._seen: dict[str, int] = {}
+        # The turns begun and not ended, as far as this watch saw them; the RESUMEs of
+        # them after a reconnection, by request id.
+        self._open: set[str] = set()
+        self._resumes: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
         await self._watch()
@@ -523,6 +529,45 @@ class Watch:
             )
         self._sink = sink
 
+    async def _resume_open_turns(self) -> None:
+        """RESUME, into the new watch, the turns it was in the middle of when the connection
+        was lost: one that ended meanwhile would not come with the WATCH."""
+        sink = self._sink
+        assert sink is not None
+        connector = self._connector
+        self._resumes.clear()
+        for turn_id in list(self._open):
+            request_id = str(uuid.uuid4())
+            self._resumes[request_id] = turn_id
+            # Its events go to the watch (a running turn comes with the WATCH too: each
+            # event is yielded once all the same).
+            sink.conn.pending[request_id] = Pending(
+                request_id, is_turn=False, queue=sink.queue, counted=False
+            )
+            request = chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.RESUME,
+                session_id=self.session_id,
+                turn_id=turn_id,
+                after_seq=self._seen.get(turn_id, 0),
+                request_id=request_id,
+            )
+            if not await connector.write(sink.conn, request):
+                raise ConnectionLost(connector.config.target, "the connection closed")
+
+    async def _watch_again(self) -> None:
+        """WATCH on a new connection; one lost again at once is tried again, within the
+        reconnection policy's attempts (each reconnection backs off by itself)."""
+        policy = self._connector.config.reconnect
+        attempts = 1 if policy is None else policy.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._watch()
+                await self._resume_open_turns()
+                return
+            except ConnectionLost:
+                if attempt == attempts:
+                    raise
+
     def __aiter__(self) -> Self:
         return self
 
@@ -542,17 +587,26 @@ class Watch:
             if isinstance(item, ChatError):
                 if isinstance(item, ConnectionLost) and connector.resumable(sink.conn):
                     log.info("watch of %s: %s; watching again", self.session_id, item)
-                    await self._watch()
+                    await self._watch_again()
                     continue
                 raise item
             if item.type == chatpb.ChatResponseType.SESSION_UPDATE:
                 return WatchEvent(self.session_id, _convert.to_session_updated(item))
             turn_id = item.turn_id
+            if not turn_id:
+                # A RESUME refused: the server no longer has the turn (its end is in the
+                # history, if it was stored).
+                self._open.discard(self._resumes.pop(item.request_id, ""))
+                continue
             if item.seq:
                 if item.seq <= self._seen.get(turn_id, 0):
                     continue  # already yielded (the sender's copy, or a replay)
                 self._seen[turn_id] = item.seq
                 self._seen = _recent(self._seen)
+                if item.type in _convert.TERMINAL:
+                    self._open.discard(turn_id)
+                else:
+                    self._open.add(turn_id)
             return WatchEvent(
                 self.session_id,
                 _convert.to_reply_event(item),

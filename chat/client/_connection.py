@@ -85,6 +85,8 @@ class Pending:
     resumable: bool = False
     #: The loss that ended it was counted as a failed reply.
     failure_counted: bool = False
+    #: Its events count in the client's statistics (not those a watch resumes).
+    counted: bool = True
 
 
 @dataclass(slots=True, eq=False)
@@ -472,7 +474,10 @@ class Connector:
                 self.publish(notice)
             return
         counters = self.counters
-        if kind == chatpb.ChatResponseType.CHUNK:
+        if not pending.counted:
+            if kind in _convert.TERMINAL:
+                del conn.pending[response.request_id]
+        elif kind == chatpb.ChatResponseType.CHUNK:
             counters.chunks_received += 1
             pending.chunks += 1
             if pending.first_chunk_after is None:
