@@ -249,6 +249,8 @@ class _MemoryTurn:
         self.wakeups = _Wakeups()
 
     def append(self, event: Event) -> None:
+        # Runs for every event a client is sent: the least work that keeps the bounds.
+        log = self._log
         if event.kind is _CHUNK:
             text = event.chunk_text
             self.items.append(text)
@@ -256,11 +258,10 @@ class _MemoryTurn:
         else:
             self.items.append(event)
             size = event_size(event)
-        self.size += size
-        log = self._log
-        log._bytes += size
         if self.index < 0:
             log._start_turn(self)
+        self.size += size
+        log._bytes += size
         if log._bytes > log._max_bytes:
             log._evict()
         if self.wakeups.waiters:
