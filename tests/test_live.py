@@ -20,7 +20,7 @@ from chat.events import Request
 from chat.observe import NoObserver, TurnObservation
 from chat.replay import EVENT_OVERHEAD, MemoryReplayLog, ReplaySettings
 from chat.service import ChatService
-from chat.types import DisconnectPolicy
+from chat.types import DisconnectPolicy, MessageStatus, Role
 from tests.backends import GatedBackend, ScriptedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text
 
@@ -298,6 +298,63 @@ async def test_on_disconnect_continue_runs_the_reply_to_its_end_and_cancel_stops
         assert rest[-1].type == T.RESPONSE_COMPLETE
         assert reply_text(rest) == ("after" if continues else "")
         assert core.stats.active_replies == 0
+
+
+async def test_a_reply_left_running_can_be_cancelled_from_the_stream_that_resumed_it(
+    stub: chatpb.ChatServiceStub, gated_core: ChatCore, gated: GatedBackend
+) -> None:
+    session_id = await new_session(stub)
+    lost = ChatStream(stub)
+    await lost.__aenter__()
+    lost.message(session_id, "hi", "r1")
+    gated.release("kept ")
+    start = await lost.recv()
+    await lost.recv()
+    await lost.close()
+
+    async def gone() -> bool:
+        return gated_core.stats.active_streams == 0
+
+    await eventually(gone, "the server to see the client go")
+    async with ChatStream(stub) as again:
+        again.send(resume(session_id, start.turn_id, 2, "back"))
+        again.send(chatpb.ChatRequest(type=R.CANCEL, session_id=session_id, request_id="r1"))
+        ended = await again.until_complete("back")
+    assert ended[-1].type == T.RESPONSE_COMPLETE
+    assert ended[-1].finish_reason == chatpb.FinishReason.CANCELLED
+    await asyncio.wait_for(gated.closed.wait(), TIMEOUT)
+    stored = await history(stub, session_id)
+    assert (stored[-1].content, stored[-1].status) == ("kept ", chatpb.MessageStatus.CANCELLED)
+
+
+async def test_a_shutdown_ends_a_reply_left_running_at_the_end_of_its_grace_period() -> None:
+    backend = GatedBackend()
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=0.2)
+    server = ChatServer(config, backend=backend)
+    await server.start()
+    try:
+        async with Channel("127.0.0.1", server.port) as channel:
+            stub = chatpb.ChatServiceStub(channel)
+            session_id = await new_session(stub)
+            stream = ChatStream(stub)
+            await stream.__aenter__()
+            stream.message(session_id, "hi", "r1")
+            backend.release("so far")
+            await stream.recv()
+            await stream.recv()
+            await stream.close()
+
+            async def gone() -> bool:
+                return server.core.stats.active_streams == 0
+
+            await eventually(gone, "the server to see the client go")
+            assert server.core.stats.active_replies == 1
+            store = server.core.store
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT)
+    assert backend.closed.is_set()
+    (reply,) = [m for m in await store.messages(session_id) if m.role is Role.ASSISTANT]
+    assert (reply.content, reply.status) == ("so far", MessageStatus.INTERRUPTED)
 
 
 async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
