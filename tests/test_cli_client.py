@@ -710,7 +710,8 @@ def test_watch_shows_each_reply_on_a_line_of_its_own_marked_by_whose_it_is(
             lines_of.join()
             if pipe is not None:
                 pipe.close()
-    turn = r"\[turn [0-9a-f]{8}, another client\] Assistant › "
+    # (A turn id is the server's to choose: any characters but those that end it here.)
+    turn = r"\[turn [^\s,\]]{1,8}, another client\] Assistant › "
     assert re.fullmatch(turn + re.escape("Echo #1 (1 message in context): first words\n"), lines[0])
     assert re.fullmatch(
         turn + re.escape("Echo #2 (3 messages in context): second words\n"), lines[1]
