@@ -454,13 +454,16 @@ class Watch:
         self._sink: WatchSink | None = None
         # The last seq yielded of each recent turn: replays and copies are dropped.
         self._seen: dict[str, int] = {}
-        # The turns begun and not ended, as far as this watch saw them; the RESUMEs of
-        # them after a reconnection, by request id.
+        # The turns begun and not ended, as far as this watch saw them.
         self._open: set[str] = set()
+        # The turns this watch gets through a RESUME of its own (the request id), and
+        # the other way round: only that RESUME's events of the turn count.
+        self._followed: dict[str, str] = {}
         self._resumes: dict[str, str] = {}
 
     async def __aenter__(self) -> Self:
         await self._watch()
+        await self._follow_turns()
         return self
 
     async def __aexit__(
@@ -473,6 +476,8 @@ class Watch:
         if sink is None:
             return
         self._connector.remove_watch(sink)
+        for request_id in self._resumes:
+            sink.conn.pending.pop(request_id, None)
         if sink.conn.lost is None and not sink.conn.closing:
             request = chatpb.ChatRequest(
                 type=chatpb.ChatRequestType.UNWATCH,
@@ -529,18 +534,20 @@ class Watch:
             )
         self._sink = sink
 
-    async def _resume_open_turns(self) -> None:
-        """RESUME, into the new watch, the turns it was in the middle of when the connection
-        was lost: one that ended meanwhile would not come with the WATCH."""
+    async def _follow_turns(self) -> None:
+        """RESUME into the watch what the WATCH does not bring: the turns it was in the
+        middle of when a connection was lost (one may have ended meanwhile), and this
+        client's own running turns (a server does not send a stream's own turns to its
+        watch). Each from the last event the watch yielded of it."""
         sink = self._sink
         assert sink is not None
         connector = self._connector
+        self._followed.clear()
         self._resumes.clear()
-        for turn_id in list(self._open):
+        for turn_id in {*self._open, *connector.running_turns(self.session_id)}:
             request_id = str(uuid.uuid4())
+            self._followed[turn_id] = request_id
             self._resumes[request_id] = turn_id
-            # Its events go to the watch (a running turn comes with the WATCH too: each
-            # event is yielded once all the same).
             sink.conn.pending[request_id] = Pending(
                 request_id, is_turn=False, queue=sink.queue, counted=False
             )
@@ -562,7 +569,7 @@ class Watch:
         for attempt in range(1, attempts + 1):
             try:
                 await self._watch()
-                await self._resume_open_turns()
+                await self._follow_turns()
                 return
             except ConnectionLost:
                 if attempt == attempts:
@@ -595,9 +602,14 @@ class Watch:
             turn_id = item.turn_id
             if not turn_id:
                 # A RESUME refused: the server no longer has the turn (its end is in the
-                # history, if it was stored).
-                self._open.discard(self._resumes.pop(item.request_id, ""))
+                # history, if it was stored); its other copies count again.
+                refused = self._resumes.pop(item.request_id, "")
+                self._open.discard(refused)
+                self._followed.pop(refused, None)
                 continue
+            followed = self._followed.get(turn_id)
+            if followed is not None and item.request_id != followed:
+                continue  # the RESUME brings this turn, in order, from where the watch is
             if item.seq:
                 if item.seq <= self._seen.get(turn_id, 0):
                     continue  # already yielded (the sender's copy, or a replay)
@@ -605,6 +617,7 @@ class Watch:
                 self._seen = _recent(self._seen)
                 if item.type in _convert.TERMINAL:
                     self._open.discard(turn_id)
+                    self._followed.pop(turn_id, None)
                 else:
                     self._open.add(turn_id)
             return WatchEvent(

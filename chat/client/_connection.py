@@ -62,9 +62,6 @@ TRANSPORT_ERRORS = (
     EOFError,
 )
 
-#: Marks a running turn whose events were too many to keep (see ``_MAX_KEPT_EVENTS``).
-_TOO_LONG = chatpb.ChatResponse()
-
 #: Makes the channel of each new connection.
 ChannelFactory = Callable[[], Channel]
 
@@ -122,10 +119,6 @@ _MAX_EXPECTED = 8
 #: Turns of this client remembered, so that a watch can tell them from the others'.
 _MAX_OWN_TURNS = 1024
 
-#: Events of one of this client's running turns kept for a watch that begins mid-turn; a
-#: longer reply is not kept (such a watch gets it from where it is).
-_MAX_KEPT_EVENTS = 10_000
-
 
 @dataclass(slots=True, eq=False)
 class Connection:
@@ -166,10 +159,9 @@ class Connector:
         self.own_turns: dict[str, None] = {}
         #: The watches of each watched session.
         self.watches: dict[str, set[WatchSink]] = {}
-        # The events so far of this client's turns that are running: a server does not
-        # send a stream's own turns to its watch, so a watch that begins mid-turn starts
-        # with these.
-        self._running: dict[str, list[chatpb.ChatResponse]] = {}
+        # This client's turns that are running, and their sessions: a server does not send
+        # a stream's own turns to its watch, so a watch that begins mid-turn asks for them.
+        self._running: dict[str, str] = {}
         #: The server started a reply without a turn id: it predates live sessions, so it
         #: can neither resume a turn nor recognise a message sent again.
         self.legacy_server = False
@@ -199,12 +191,12 @@ class Connector:
         """A turn of this client ended without its final event (the reply gave up)."""
         self._running.pop(turn_id, None)
 
+    def running_turns(self, session_id: str) -> list[str]:
+        """This client's turns of ``session_id`` that are running (as far as it knows)."""
+        return [turn for turn, session in self._running.items() if session == session_id]
+
     def add_watch(self, sink: WatchSink) -> None:
         self.watches.setdefault(sink.session_id, set()).add(sink)
-        for events in self._running.values():
-            if events[0].session_id == sink.session_id and events[-1] is not _TOO_LONG:
-                for event in events:
-                    sink.queue.put_nowait(event)
 
     def remove_watch(self, sink: WatchSink) -> None:
         sinks = self.watches.get(sink.session_id)
@@ -450,16 +442,8 @@ class Connector:
                 self.remember_turn(response.turn_id)
                 if kind in _convert.TERMINAL:
                     self._running.pop(response.turn_id, None)
-                else:
-                    kept = self._running.setdefault(response.turn_id, [])
-                    if kept and kept[-1] is _TOO_LONG:
-                        pass
-                    elif len(kept) < _MAX_KEPT_EVENTS:
-                        kept.append(response)
-                    else:
-                        # Past the bound: freed, but for the first event (its session is
-                        # read from it) and the marker that says the rest were not kept.
-                        self._running[response.turn_id] = [kept[0], _TOO_LONG]
+                elif response.turn_id not in self._running:
+                    self._running[response.turn_id] = response.session_id
             if self.watches:
                 self._to_watches(conn, response)
         elif kind == chatpb.ChatResponseType.SESSION_UPDATE and self.watches:
