@@ -504,3 +504,23 @@ async def test_a_watch_cut_mid_turn_gets_the_rest_even_when_the_turn_ended_meanw
         assert "".join(w.event.text for w in turn if isinstance(w.event, ReplyChunk)) == "".join(
             c.text for c in chunks_of(events)
         )
+
+
+async def test_a_resumed_reply_can_still_be_cancelled() -> None:
+    async with serving(pace=0.02) as server:
+        proxy = CuttingProxy(server.port)
+        async with proxy, ChatClient(proxy.target, reconnect=RECONNECT) as client:
+            session = await client.create_session(on_disconnect=DisconnectPolicy.CONTINUE)
+            async with client.send(session.session_id, WORDS) as reply:
+                events = [await anext(reply) for _ in range(3)]
+                assert proxy.cut_all() == 1
+                # The next event comes on the new connection, from the RESUME.
+                events.append(await anext(reply))
+                assert reply.resumes == 1
+                await reply.cancel()
+                events += await read_all(reply)
+            history = await client.history(session.session_id)
+        completed = events[-1]
+        assert isinstance(completed, ReplyCompleted)
+        assert completed.finish_reason is FinishReason.CANCELLED
+        assert (history[1].content, history[1].status) == (reply.text, MessageStatus.CANCELLED)
