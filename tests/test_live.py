@@ -388,6 +388,23 @@ async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
                         return core.stats.active_replies == 0
 
                     await eventually(idle, "the reply to end")
+                # A stream that watches and resumes, and goes away while watching.
+                async with ChatStream(stub) as other:
+                    other.send(
+                        chatpb.ChatRequest(type=R.WATCH, session_id=session_id, request_id="w")
+                    )
+                    await other.until("w", [T.STATUS])
+                    other.send(send_once(session_id, "again", "m-1"))
+                    other.send(send_once(session_id, "again2", "m-1"))
+                    backend.release("y")
+                    backend.finish()
+                    await other.until_complete("again")
+                    await other.until_complete("again2")
+
+                async def closed() -> bool:
+                    return core.stats.active_streams == 0 and core.stats.active_watchers == 0
+
+                await eventually(closed, "the watching stream to close")
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             left = sorted(
@@ -404,7 +421,7 @@ async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
             gc.garbage.clear()
             gc.enable()
     assert left == []
-    assert len(await core.store.messages(session_id)) == 6
+    assert len(await core.store.messages(session_id)) == 8
 
 
 # -- WATCH ------------------------------------------------------------------------------------
