@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from click.testing import CliRunner, Result
 
 from chat.cli.client import EXIT_CODES, main
 from tests.helpers import TIMEOUT, ServerProcess, running_server_process
+from tests.proxy import ProxyThread
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -106,7 +109,11 @@ def test_stats_health_and_ping(server: ServerProcess) -> None:
     assert stats.exit_code == 0, stats.output
     data = json.loads(stats.stdout)
     assert (data["backend"], data["store"]) == ("echo", "memory")
-    assert "uptime" in run(server, "stats").stdout
+    live = ("active_watchers", "replay_turns", "replay_bytes", "replay_evicted_events")
+    assert all(isinstance(data[name], int) for name in (*live, "resumed_turns"))
+    table = run(server, "stats").stdout
+    assert "uptime" in table
+    assert re.search(r"replay log\s+\d+ turns, \d+ bytes", table)
 
     health = run(server, "health")
     assert (health.exit_code, health.stdout) == (0, "SERVING\n")
@@ -310,6 +317,9 @@ def test_ask_json_carries_the_figures_of_the_summary(server: ServerProcess) -> N
     again = run(server, "ask", "--json", "--session", first["session_id"], "again")
     answer = json.loads(again.stdout)
     assert answer["context_messages"] == 3
+    assert answer["turn_id"]
+    assert answer["turn_id"] != first["turn_id"]
+    assert answer["resumes"] == 0
     assert answer["omitted_messages"] == 0
     assert answer["chunks"] == 7
     assert 0 < answer["first_chunk_time"] <= answer["response_time"]
@@ -526,3 +536,184 @@ def test_a_session_with_a_reply_limit(server: ServerProcess) -> None:
     assert (answer["text"], answer["finish_reason"]) == ("Echo #1 (1 ", "length")
     shown = run(server, "sessions", "show", session["session_id"])
     assert "3 tokens" in shown.stdout
+
+
+# -- live sessions -----------------------------------------------------------------------------
+
+
+def test_sessions_take_their_concurrency_and_disconnect_policies(server: ServerProcess) -> None:
+    created = run(
+        server,
+        "sessions",
+        "create",
+        "--concurrency",
+        "reject",
+        "--on-disconnect",
+        "cancel",
+        "--json",
+    )
+    assert created.exit_code == 0, created.output
+    session = json.loads(created.stdout)
+    assert (session["concurrency_policy"], session["on_disconnect"]) == ("reject", "cancel")
+    assert (session["turn_running"], session["watchers"]) == (False, 0)
+    session_id = session["session_id"]
+
+    updated = run(
+        server, "sessions", "update", session_id[:10], "--concurrency", "interrupt", "--json"
+    )
+    assert updated.exit_code == 0, updated.output
+    changed = json.loads(updated.stdout)
+    # Only what was given changes.
+    assert (changed["concurrency_policy"], changed["on_disconnect"]) == ("interrupt", "cancel")
+    renamed = run(server, "sessions", "update", session_id, "--on-disconnect", "continue")
+    assert renamed.exit_code == 0, renamed.output
+    assert re.search(r"on disconnect\s+continue", renamed.stdout)
+    shown = run(server, "sessions", "show", session_id)
+    assert re.search(r"concurrency\s+interrupt", shown.stdout)
+    assert re.search(r"now\s+idle, 0 watching", shown.stdout)
+
+    bad = run(server, "sessions", "update", session_id, "--concurrency", "sometimes")
+    assert bad.exit_code == 2
+    missing = run(server, "sessions", "update", "0" * 8, "--title", "x")
+    assert missing.exit_code == 4
+
+
+class _Lines:
+    """The lines a process writes to a pipe, read by a thread: ``next`` waits, bounded."""
+
+    def __init__(self, stream: Any) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put("")
+
+    def next(self) -> str:
+        line = self._lines.get(timeout=TIMEOUT)
+        assert line, "the process closed its output"
+        return line
+
+    def join(self) -> None:
+        """Wait for the end of the output (the process has exited)."""
+        self._thread.join(TIMEOUT)
+
+
+def test_watch_json_prints_another_clients_reply_one_event_per_line_until_ctrl_c(
+    server: ServerProcess,
+) -> None:
+    session_id = run(server, "sessions", "create").stdout.strip()
+    command = [str(Path(sys.executable).with_name("chat-client")), "-t", server.address]
+    watcher = subprocess.Popen(
+        [*command, "watch", session_id[:8], "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
+    try:
+        # Said once the server has taken the WATCH: what is sent from now on is seen.
+        assert err.next().startswith(f"watching session {session_id}")
+        asked = run(server, "ask", "--session", session_id, "watched from afar")
+        assert asked.exit_code == 0, asked.output
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] != "completed":
+            events.append(json.loads(out.next()))
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(TIMEOUT) == 0
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+        for lines, pipe in ((out, watcher.stdout), (err, watcher.stderr)):
+            lines.join()
+            if pipe is not None:
+                pipe.close()
+    turn = [e for e in events if e["type"] != "session_update"]
+    assert turn[0]["type"] == "started"
+    assert [e["seq"] for e in turn] == list(range(1, len(turn) + 1))
+    assert len({e["turn_id"] for e in turn}) == 1
+    assert not any(e["mine"] for e in turn)
+    assert "".join(e["text"] for e in turn if e["type"] == "chunk") + "\n" == asked.stdout
+    assert turn[-1]["finish_reason"] == "stop"
+
+
+def test_watch_of_an_unknown_session_is_not_found(server: ServerProcess) -> None:
+    result = run(server, "watch", "0" * 8)
+    assert result.exit_code == 4
+
+
+@pytest.mark.slow
+def test_ask_keeps_its_reply_through_a_dropped_connection() -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    with (
+        running_server_process("--pace", "0.02", "--store", "memory://") as paced,
+        ProxyThread(paced.port) as proxy,
+    ):
+        asking = subprocess.Popen(
+            [str(Path(sys.executable).with_name("chat-client")), "-t", proxy.target, "ask", words],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Unbuffered: what is read before communicate() must not stay in a buffer.
+            bufsize=0,
+        )
+        try:
+            assert asking.stdout is not None
+            head = b""
+            while len(head) < 4:
+                piece = asking.stdout.read(4 - len(head))
+                assert piece, "chat-client ended before the reply"
+                head += piece
+            assert head == b"Echo"
+            # Mid-reply: the connection dies (the server lives on, and so does the turn).
+            assert proxy.cut_all() == 1
+            out, err = asking.communicate(timeout=TIMEOUT)
+        finally:
+            asking.kill()
+            asking.wait(TIMEOUT)
+        assert asking.returncode == 0, err
+        session_id = UUID.search(err.decode())
+        assert session_id is not None
+        shown = run(paced, "sessions", "show", session_id.group(), "--json")
+        messages = json.loads(shown.stdout)["messages"]
+        assert [(m["role"], m["status"]) for m in messages] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        # Each chunk once: stdout is the stored reply exactly.
+        assert head + out == (messages[1]["content"] + "\n").encode()
+
+
+def test_watch_shows_each_reply_on_a_line_of_its_own_marked_by_whose_it_is(
+    server: ServerProcess,
+) -> None:
+    session_id = run(server, "sessions", "create").stdout.strip()
+    command = [str(Path(sys.executable).with_name("chat-client")), "-t", server.address]
+    watcher = subprocess.Popen(
+        [*command, "watch", session_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = _Lines(watcher.stdout), _Lines(watcher.stderr)
+    try:
+        assert err.next().startswith(f"watching session {session_id}")
+        for text in ("first words", "second words"):
+            assert run(server, "ask", "--session", session_id, text).exit_code == 0
+        lines = [out.next(), out.next()]
+        # Deleting the session ends the watch, which says so.
+        assert run(server, "sessions", "delete", session_id).exit_code == 0
+        assert watcher.wait(TIMEOUT) == 0
+        deleted = out.next()
+    finally:
+        watcher.kill()
+        watcher.wait(TIMEOUT)
+        for lines_of, pipe in ((out, watcher.stdout), (err, watcher.stderr)):
+            lines_of.join()
+            if pipe is not None:
+                pipe.close()
+    # (A turn id is the server's to choose: any characters but those that end it here.)
+    turn = r"\[turn [^\s,\]]{1,8}, another client\] Assistant › "
+    assert re.fullmatch(turn + re.escape("Echo #1 (1 message in context): first words\n"), lines[0])
+    assert re.fullmatch(
+        turn + re.escape("Echo #2 (3 messages in context): second words\n"), lines[1]
+    )
+    assert deleted.startswith("· ")

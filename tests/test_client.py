@@ -36,6 +36,7 @@ from chat import (
     ConnectionStateChanged,
     DeadlineExceeded,
     Delta,
+    DisconnectPolicy,
     EchoBackend,
     FailedPrecondition,
     FinishReason,
@@ -612,10 +613,10 @@ async def test_each_connection_gets_a_new_channel_from_the_factory(server: ChatS
     assert connections.open == 0
 
 
-async def test_a_cut_connection_fails_the_reply_and_the_policy_reconnects() -> None:
+async def test_a_cut_connection_fails_the_reply_without_a_policy() -> None:
     async with serving(pace=PACE) as server:
         connections = InMemoryConnections(server)
-        async with connections.client(reconnect=FAST_RECONNECT) as client:
+        async with connections.client() as client:
             session = await client.create_session()
             # Paced: the reply is still streaming when the connection is cut.
             reply = client.send(session.session_id, LONG_TEXT)
@@ -629,8 +630,35 @@ async def test_a_cut_connection_fails_the_reply_and_the_policy_reconnects() -> N
                         pass
             assert client.pending_requests == 0
             assert client.stats.replies_failed == 1
+            await client.connect()
             again = await client.ask(session.session_id, "and now?")
             assert again.text.endswith("and now?")
+            assert connections.opened == 2
+
+
+async def test_a_cut_connection_reconnects_and_the_reply_goes_on() -> None:
+    async with serving(pace=PACE) as server:
+        connections = InMemoryConnections(server)
+        async with connections.client(reconnect=FAST_RECONNECT) as client:
+            session = await client.create_session(on_disconnect=DisconnectPolicy.CONTINUE)
+            reply = client.send(session.session_id, " ".join(LONG_TEXT.split()[:30]))
+            async with client.notices() as notices, reply:
+                events: list[object] = [await anext(reply), await anext(reply)]
+                assert isinstance(events[0], ReplyStarted)
+                assert connections.drop() == 1
+                await next_notice(notices, state_is(ConnectionState.LOST))
+                events += [event async for event in reply]
+            assert isinstance(events[-1], ReplyCompleted)
+            assert events[-1].finish_reason is FinishReason.STOP
+            chunks = [e for e in events if isinstance(e, ReplyChunk)]
+            assert [c.number for c in chunks] == list(range(1, len(chunks) + 1))
+            history = await client.history(session.session_id)
+            assert reply.result is not None
+            assert reply.result.resumes == 1
+            assert history[-1].content == reply.text == "".join(c.text for c in chunks)
+            assert client.pending_requests == 0
+            assert client.stats.replies_failed == 0
+            assert client.stats.replies_resumed == 1
             assert connections.opened == 2
             assert client.stats.reconnections == 1
 
@@ -753,8 +781,9 @@ async def test_a_server_that_goes_silent_mid_reply_is_detected_by_keepalive() ->
 
 @pytest.mark.slow
 async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
+    policy = ReconnectPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
     with running_server_process("--pace", "0.2") as process:
-        async with ChatClient(process.address, reconnect=FAST_RECONNECT) as client:
+        async with ChatClient(process.address, reconnect=policy) as client:
             session = await client.create_session()
 
             async def read_while_the_server_dies(reply: ReplyStream) -> None:
@@ -768,8 +797,9 @@ async def test_a_reply_cut_by_a_dying_server_raises_connection_lost() -> None:
             assert client.stats.replies_failed == 1
             assert client.pending_requests == 0
             assert not client.connected
-            # Leaving the reply's block did not reconnect just to cancel a reply that is gone.
-            assert client.stats.connection_attempts == 1
+            # The policy's attempts to resume it; leaving the reply's block did not
+            # reconnect again just to cancel a reply that is gone.
+            assert client.stats.connection_attempts == 1 + policy.max_attempts
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from chat.cli.client import main
 from tests.helpers import TIMEOUT, ServerProcess, running_server_process
+from tests.proxy import ProxyThread
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +164,71 @@ def test_ctrl_c_cancels_a_streaming_reply_and_the_history_shows_it(
     # Ctrl-C on an empty line leaves, cleanly.
     child.sendintr()
     assert finish(child) == 0
+
+
+def test_join_shows_another_clients_reply_live_marked_as_not_yours(
+    paced_server: ServerProcess,
+) -> None:
+    created = CliRunner().invoke(main, ["-t", paced_server.address, "sessions", "create"])
+    assert created.exit_code == 0, created.output
+    session_id = created.stdout.strip()
+    child = spawn("--target", paced_server.address)
+    prompt_session(child)
+    child.sendline(f"/join {session_id[:8]}")
+    # Said once the session is watched: what another client sends from now on shows here.
+    child.expect(f"Joined session {session_id[:8]}")
+    assert prompt_session(child) == session_id[:8]
+
+    elsewhere = CliRunner().invoke(
+        main, ["-t", paced_server.address, "ask", "--session", session_id, "sent from elsewhere"]
+    )
+    assert elsewhere.exit_code == 0, elsewhere.output
+    # Labelled as another client's, and streamed whole to its end.
+    child.expect(re.escape("Other client › "))
+    child.expect(re.escape("Echo #1 (1 message in context): sent from elsewhere"))
+    assert prompt_session(child) == session_id[:8]
+
+    # This client's own reply in the session is not labelled as another's.
+    child.logfile_read = transcript = io.StringIO()
+    child.sendline("and mine")
+    child.expect(re.escape("Echo #2 (3 messages in context): and mine"))
+    prompt_session(child)
+    # (The end of the other client's reply may still be drawn meanwhile: only this reply
+    # is looked at.)
+    assert "Other client › Echo #2" not in transcript.getvalue()
+    assert re.search(r"Assistant ›[^›]*Echo #2", transcript.getvalue())
+    child.sendline("/quit")
+    assert finish(child) == 0
+
+
+def test_a_reply_streaming_when_the_connection_drops_goes_on_to_its_end(
+    paced_server: ServerProcess,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    with ProxyThread(paced_server.port) as proxy:
+        child = spawn("--target", proxy.target, "--render", "plain")
+        child.logfile_read = transcript = io.StringIO()
+        prompt_session(child)
+        child.sendline(words)
+        expect_reply_start(child)
+        assert proxy.cut_all() == 1
+        child.expect("reconnected to")
+        child.expect(re.escape("w38 w39"))
+        session = prompt_session(child)
+        child.sendline("/history")
+        # Stored whole, not cut short: no tag after it.
+        child.expect(r"Assistant › Echo #1 \(1 message in context\): w0 w1[^\r\n]*w39\r?\n")
+        prompt_session(child)
+        child.sendline("/quit")
+        assert finish(child) == 0
+    assert session is not None
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", transcript.getvalue())
+    assert "cut short" not in output
+    # Plain rendering writes each chunk as it comes: each word of the reply once, around
+    # the notices of the loss and the reconnection.
+    start = output.index("Echo #1")
+    reply = re.sub(r"· [^\r\n]*\r?\n", "", output[start : output.index("w39", start) + 3])
+    assert reply == f"Echo #1 (1 message in context): {words}"
 
 
 def colours(output: str) -> list[str]:

@@ -16,10 +16,23 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from chat.client import ClientStats, Reply, ServerStatsInfo, WhoAmI
+from chat.client import (
+    ClientStats,
+    Reply,
+    ReplyChunk,
+    ReplyCompleted,
+    ReplyStarted,
+    ReplyStatus,
+    ServerStatsInfo,
+    SessionUpdated,
+    WatchEvent,
+    WhoAmI,
+)
 from chat.errors import BackendRateLimited, ChatError, InvalidArgument
 from chat.types import (
+    ConcurrencyPolicy,
     ContextPolicy,
+    DisconnectPolicy,
     FinishReason,
     Message,
     MessageStatus,
@@ -44,6 +57,7 @@ __all__ = [
     "session_lines",
     "session_table",
     "short_id",
+    "watch_event_json",
 ]
 
 _STATUS_TAGS = {
@@ -87,8 +101,14 @@ def _ago(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-def _policy(policy: ContextPolicy) -> str:
-    return "server default" if policy is ContextPolicy.UNSPECIFIED else policy.name.lower()
+def _policy(policy: ContextPolicy | ConcurrencyPolicy | DisconnectPolicy) -> str:
+    return "server default" if policy == 0 else policy.name.lower()
+
+
+def _live_state(session: Session) -> str:
+    """``reply running, 2 watching``: what is happening in the session now."""
+    running = "reply running" if session.turn_running else "idle"
+    return f"{running}, {session.watchers} watching"
 
 
 def session_table(
@@ -149,6 +169,9 @@ def session_details(session: Session) -> Table:
             ("messages", str(session.message_count)),
             ("system prompt", session.system_prompt or Text("(none)", style="dim")),
             ("context policy", _policy(session.context_policy)),
+            ("concurrency", _policy(session.concurrency_policy)),
+            ("on disconnect", _policy(session.on_disconnect)),
+            ("now", _live_state(session)),
             (
                 "reply limit",
                 f"{session.max_reply_tokens} tokens"
@@ -228,6 +251,14 @@ def server_stats_table(info: ServerStatsInfo, *, target: str) -> Table:
             ("chunks sent", str(info.total_chunks_sent)),
             ("open streams", str(info.active_streams)),
             ("replies in flight", str(info.active_replies)),
+            ("watching", f"{info.active_watchers} streams"),
+            (
+                "replay log",
+                f"{info.replay_turns} turns, {info.replay_bytes} bytes; "
+                f"{info.replay_evicted_events} events evicted, "
+                f"{info.replay_expired_turns} turns expired",
+            ),
+            ("resumed turns", str(info.resumed_turns)),
         ]
     )
 
@@ -269,7 +300,11 @@ def session_json(session: Session, messages: Sequence[Message] | None = None) ->
         "message_count": session.message_count,
         "system_prompt": session.system_prompt,
         "context_policy": session.context_policy.name.lower(),
+        "concurrency_policy": session.concurrency_policy.name.lower(),
+        "on_disconnect": session.on_disconnect.name.lower(),
         "max_reply_tokens": session.max_reply_tokens,
+        "turn_running": session.turn_running,
+        "watchers": session.watchers,
         "created_at": _time(session.created_at),
         "last_activity": _time(session.last_activity),
     }
@@ -283,6 +318,8 @@ def reply_json(reply: Reply) -> dict[str, Any]:
     return {
         "session_id": reply.session_id,
         "request_id": reply.request_id,
+        "turn_id": reply.turn_id,
+        "resumes": reply.resumes,
         "text": reply.text,
         "finish_reason": reply.finish_reason.name.lower(),
         "model": reply.model,
@@ -335,6 +372,44 @@ def error_json(error: ChatError) -> dict[str, Any]:
     if isinstance(error, BackendRateLimited) and error.retry_after is not None:
         data["retry_after"] = error.retry_after
     return {"error": data}
+
+
+def watch_event_json(item: WatchEvent) -> dict[str, Any]:
+    """One event of ``chat-client watch --json``: a line of its own."""
+    event = item.event
+    data: dict[str, Any] = {"session_id": item.session_id}
+    if isinstance(event, SessionUpdated):
+        data.update(
+            type="session_update",
+            kind=event.kind.name.lower(),
+            message=event.message,
+            message_count=event.message_count,
+        )
+        return data
+    data.update(turn_id=item.turn_id, seq=item.seq, mine=item.is_mine, request_id=event.request_id)
+    if isinstance(event, ReplyStarted):
+        data.update(
+            type="started",
+            model=event.model,
+            context_messages=event.context_messages,
+            omitted_messages=event.omitted_messages,
+        )
+    elif isinstance(event, ReplyChunk):
+        data.update(type="chunk", number=event.number, text=event.text)
+    elif isinstance(event, ReplyStatus):
+        data.update(type="status", message=event.message)
+    elif isinstance(event, ReplyCompleted):
+        data.update(
+            type="completed",
+            finish_reason=event.finish_reason.name.lower(),
+            total_chunks=event.total_chunks,
+            message_count=event.message_count,
+            model=event.model,
+            usage=_usage(event.usage),
+        )
+    else:
+        data.update(type="failed", code=event.code.name, message=event.message)
+    return data
 
 
 def server_stats_json(info: ServerStatsInfo) -> dict[str, Any]:

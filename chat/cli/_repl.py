@@ -70,10 +70,13 @@ from chat.client import (
     ServerNotice,
     ServingStatus,
     SessionUpdated,
+    Watch,
+    WatchEvent,
 )
 from chat.errors import (
     ChatError,
     ConfigurationError,
+    ConnectionLost,
     ServerUnreachable,
     SessionNotFound,
     StatusCode,
@@ -96,7 +99,11 @@ _RETRYABLE = frozenset(
 
 #: Another client typing: not worth a line of its own.
 _TYPING = frozenset({SessionUpdateKind.TYPING_STARTED, SessionUpdateKind.TYPING_STOPPED})
-_STYLE = Style.from_dict({"you": "bold ansigreen", "session": "ansicyan", "offline": "ansired"})
+_STYLE = Style.from_dict(
+    {"you": "bold ansigreen", "session": "ansicyan", "offline": "ansired", "other": "bold ansiblue"}
+)
+#: What marks a reply to another client's message, in a joined session.
+_OTHER_LABEL = "Other client › "
 
 
 log = logging.getLogger(__name__)
@@ -143,6 +150,10 @@ class _LineReader(Protocol):
         """While inside, pass each line typed to ``on_line`` (a reply is streaming)."""
         ...
 
+    def refresh(self) -> None:
+        """Draw the prompt again (what it shows changed)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -177,6 +188,10 @@ class _TerminalReader:
         except (EOFError, KeyboardInterrupt):
             # Caught here: a KeyboardInterrupt leaving a task would stop the event loop.
             return None
+
+    def refresh(self) -> None:
+        if self._session.app.is_running:
+            self._session.app.invalidate()
 
     @contextlib.contextmanager
     def typeahead(self, on_line: Callable[[str], None]) -> Iterator[None]:
@@ -293,6 +308,9 @@ class _PlainReader:
         # Lines of a script are read in order, after the reply.
         yield
 
+    def refresh(self) -> None:
+        return None  # no prompt
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -307,6 +325,18 @@ class _Command:
     usage: str
     help: str
     run: Callable[[str], Awaitable[bool | None]]
+
+
+@dataclass(slots=True)
+class _WatchedTurn:
+    """A reply of another client in the joined session, as far as it was shown."""
+
+    turn_id: str
+    text: str = ""
+    #: Characters of ``text`` printed so far; at the prompt, whole lines only (the line
+    #: being written is shown in the prompt until it ends).
+    printed: int = 0
+    labelled: bool = False
 
 
 @dataclass(slots=True)
@@ -360,10 +390,18 @@ class _Repl:
         self._typeahead: deque[str] = deque()
         self._watcher: asyncio.Task[None] | None = None
         self._prompting = False
+        # The joined session whose other clients' replies are shown live (/join).
+        self._following: tuple[str, asyncio.Task[None]] | None = None
+        self._watched: _WatchedTurn | None = None
         commands = [
             _Command("help", "", "this list", self.cmd_help),
             _Command("new", "[title]", "start a new session and switch to it", self.cmd_new),
-            _Command("join", "<id>", "switch to a session (id or unique prefix)", self.cmd_join),
+            _Command(
+                "join",
+                "<id>",
+                "switch to a session (id or unique prefix); others' replies show live",
+                self.cmd_join,
+            ),
             _Command("sessions", "[n]", "list the newest sessions", self.cmd_sessions),
             _Command("info", "", "describe the current session", self.cmd_info),
             _Command("history", "", "show the current session's messages", self.cmd_history),
@@ -416,7 +454,15 @@ class _Repl:
 
     def prompt(self) -> FormattedText:
         """``You [0720e2e4] ›``: the current session, and whether the client is offline."""
-        fragments = [("class:you", "You")]
+        fragments: list[tuple[str, str]] = []
+        turn = self._watched
+        if turn is not None and self.reader.interactive:
+            # Another client's reply, the line being written: it goes above once it ends.
+            rest = turn.text[turn.printed :]
+            if rest or not turn.labelled:
+                label = "" if turn.labelled else _OTHER_LABEL
+                fragments += [("class:other", label), ("", rest), ("", "\n")]
+        fragments.append(("class:you", "You"))
         if self.session is not None:
             fragments += [("", " "), ("class:session", f"[{short_id(self.session.session_id)}]")]
         if not self.client.connected:
@@ -460,6 +506,7 @@ class _Repl:
                     task.cancel()
                 if self._background:
                     await asyncio.wait(self._background)
+                await self._stop_following()
                 await self.client.aclose()
                 await self._stop_watching()
                 self.reader.close()
@@ -493,6 +540,8 @@ class _Repl:
                 raise
             self.note("(interrupted)")
             return True
+        finally:
+            await self._follow_current()
 
     async def _run_cancellable(self, work: Awaitable[_T]) -> _T:
         """Run ``work`` as a task that Ctrl-C (SIGINT) may cancel."""
@@ -586,6 +635,85 @@ class _Repl:
         if isinstance(notice, ServerNotice):
             return f"· server: {notice.message}"
         return None
+
+    # -- following a joined session ------------------------------------------------------------
+
+    async def _start_following(self, session_id: str) -> None:
+        """Watch ``session_id``: other clients' replies show as they stream."""
+        await self._stop_following()
+        watch = self.client.watch(session_id)
+        await watch.__aenter__()  # a refusal is this command's error
+        self._following = (session_id, asyncio.create_task(self._follow(watch)))
+
+    async def _stop_following(self) -> None:
+        following, self._following = self._following, None
+        if following is not None:
+            following[1].cancel()
+            await asyncio.wait((following[1],))
+        if self._watched is not None:
+            self._watched = None
+            self.reader.refresh()
+
+    async def _follow_current(self) -> None:
+        """Stop following a session that is no longer the current one."""
+        if self._following is None:
+            return
+        current = None if self.session is None else self.session.session_id
+        if self._following[0] != current or self._following[1].done():
+            await self._stop_following()
+
+    async def _follow(self, watch: Watch) -> None:
+        try:
+            async for item in watch:
+                if not item.is_mine and not isinstance(item.event, SessionUpdated):
+                    # Session updates are notices already (typing, changes, deletion).
+                    await self._show_watched(item)
+        except ChatError as error:
+            self.note(f"· stopped following session {short_id(watch.session_id)}: {error.message}")
+        finally:
+            with contextlib.suppress(ChatError):
+                await watch.__aexit__(None, None, None)
+
+    async def _show_watched(self, item: WatchEvent) -> None:
+        event = item.event
+        turn = self._watched
+        if turn is None or turn.turn_id != item.turn_id:
+            turn = self._watched = _WatchedTurn(item.turn_id)
+        end = event if isinstance(event, ReplyCompleted | ReplyFailed) else None
+        final = end is not None
+        if isinstance(event, ReplyChunk):
+            turn.text += event.text
+        at_prompt = self._prompting and self.reader.interactive
+        # At the prompt only whole lines go above it; elsewhere everything, as it comes.
+        cut = turn.text.rfind("\n") + 1 if at_prompt and not final else len(turn.text)
+        piece = turn.text[turn.printed : cut]
+        turn.printed = max(turn.printed, cut)
+        show = functools.partial(self._print_watched, turn, piece, end)
+        if piece or final:
+            if at_prompt:
+                await run_in_terminal(show)
+            else:
+                show()
+        if final:
+            self._watched = None
+        self.reader.refresh()
+
+    def _print_watched(
+        self, turn: _WatchedTurn, piece: str, end: ReplyCompleted | ReplyFailed | None
+    ) -> None:
+        if not turn.labelled:
+            turn.labelled = True
+            self.out.print(Text(_OTHER_LABEL, style="bold blue"), end="")
+        if piece:
+            self.out.out(piece, end="", highlight=False)
+        if end is None:
+            return
+        if not turn.text.endswith("\n"):
+            self.out.print()
+        if isinstance(end, ReplyFailed):
+            self.note(f"[another client's reply failed: {end.message}]")
+        elif end.finish_reason is FinishReason.CANCELLED:
+            self.note("[another client's reply was cancelled]")
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -721,7 +849,12 @@ class _Repl:
             if started:
                 self._end_reply(markdown)
                 markdown = None
-            self._report_loss(error.message, as_error=True)
+            if self._loss_shown is not None and isinstance(error, ConnectionLost):
+                # The loss was said (the client then tried to resume the reply): say why
+                # the reply did not go on, not the loss again.
+                self.error(f"the reply could not go on: {error.reason}", EXIT_UNREACHABLE)
+            else:
+                self._report_loss(error.message, as_error=True)
             self._last_turn.cut_short = True
             self.note("The reply was cut short; /retry sends your message again.")
         finally:
@@ -808,10 +941,14 @@ class _Repl:
             return
         session = await self.client.find_session(wanted)
         self.session = session
+        await self._start_following(session.session_id)
         title = f" “{session.title}”" if session.title else ""
+        live = ", a reply running" if session.turn_running else ""
+        watchers = f", {session.watchers} watching" if session.watchers else ""
         self.say(
             f"Joined session {short_id(session.session_id)}{title} "
-            f"({session.message_count} messages)."
+            f"({session.message_count} messages{live}{watchers}); "
+            "other clients' replies show here as they stream."
         )
 
     async def cmd_sessions(self, argument: str) -> None:
@@ -986,6 +1123,7 @@ class _Repl:
             self.unreachable(error, config)
             self.note(f"Still using {self.config.target}.")
             return
+        await self._stop_following()
         await self._stop_watching()
         await self.client.aclose()
         self.config, self.client = config, client

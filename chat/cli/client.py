@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from chat.cli._render import (
     session_json,
     session_lines,
     session_table,
+    watch_event_json,
     who_am_i_text,
 )
 from chat.cli._sigint import on_sigint
@@ -59,16 +61,26 @@ from chat.client import (
     ReplyFailed,
     ReplyStarted,
     ServingStatus,
+    SessionUpdated,
+    WatchEvent,
     WhoAmI,
 )
 from chat.errors import ChatError, ConfigurationError, ServerUnreachable
 from chat.secret import Secret
-from chat.types import ContextPolicy, FinishReason, Session
+from chat.types import (
+    ConcurrencyPolicy,
+    ContextPolicy,
+    DisconnectPolicy,
+    FinishReason,
+    Session,
+    SessionUpdateKind,
+)
 
 __all__ = ["ENV_PREFIX", "EXIT_CODES", "exit_code_for", "main"]
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
+_E = TypeVar("_E", bound=enum.Enum)
 
 #: Every environment variable of chat-client starts with this.
 ENV_PREFIX = "CHAT"
@@ -641,16 +653,39 @@ def sessions_delete(session_id: str, as_json: bool) -> None:
         click.echo(f"deleted session {deleted_id} ({count} messages)")
 
 
-@sessions.command("create")
-@click.option("--title", default="", help="Human-readable title.")
-@click.option("--system", default="", help="System prompt.")
-@click.option("--model", default="", help="Model (the server's default when empty).")
-@click.option(
+_context_policy_option = click.option(
     "--context-policy",
     type=click.Choice(["truncate", "reject"]),
     default=None,
     help="What to do when the history outgrows the model's context (server default: truncate).",
 )
+_concurrency_option = click.option(
+    "--concurrency",
+    type=click.Choice(["queue", "reject", "interrupt"]),
+    default=None,
+    help="A message sent while a reply runs: waits its turn, is refused, or interrupts it "
+    "(server default: queue).",
+)
+_on_disconnect_option = click.option(
+    "--on-disconnect",
+    type=click.Choice(["cancel", "continue"]),
+    default=None,
+    help="A reply whose client goes away: stops at once, or runs to its end and is kept for "
+    "the client to resume (server default: its --on-disconnect).",
+)
+
+
+def _choice(kind: type[_E], value: str | None) -> _E | None:
+    return None if value is None else kind[value.upper()]
+
+
+@sessions.command("create")
+@click.option("--title", default="", help="Human-readable title.")
+@click.option("--system", default="", help="System prompt.")
+@click.option("--model", default="", help="Model (the server's default when empty).")
+@_context_policy_option
+@_concurrency_option
+@_on_disconnect_option
 @click.option(
     "--max-reply-tokens",
     type=click.IntRange(0, 2**31 - 1),
@@ -664,12 +699,13 @@ def sessions_create(
     system: str,
     model: str,
     context_policy: str | None,
+    concurrency: str | None,
+    on_disconnect: str | None,
     max_reply_tokens: int,
     as_json: bool,
 ) -> None:
     """Create a session and print its id."""
     config = _settings().config()
-    policy = ContextPolicy[context_policy.upper()] if context_policy else ContextPolicy.UNSPECIFIED
 
     async def work() -> Session:
         async with ChatClient.from_config(config) as client:
@@ -677,7 +713,11 @@ def sessions_create(
                 title=title,
                 system_prompt=system,
                 model=model,
-                context_policy=policy,
+                context_policy=_choice(ContextPolicy, context_policy) or ContextPolicy.UNSPECIFIED,
+                concurrency_policy=_choice(ConcurrencyPolicy, concurrency)
+                or ConcurrencyPolicy.UNSPECIFIED,
+                on_disconnect=_choice(DisconnectPolicy, on_disconnect)
+                or DisconnectPolicy.UNSPECIFIED,
                 max_reply_tokens=max_reply_tokens,
             )
 
@@ -686,6 +726,145 @@ def sessions_create(
         _print_json(session_json(session))
     else:
         click.echo(session.session_id)
+
+
+@sessions.command("update")
+@click.argument("session_id")
+@click.option("--title", default=None, help="New title.")
+@click.option("--system", default=None, help='New system prompt ("" removes it).')
+@click.option("--model", default=None, help="Model of the following replies.")
+@_context_policy_option
+@_concurrency_option
+@_on_disconnect_option
+@click.option(
+    "--max-reply-tokens",
+    type=click.IntRange(0, 2**31 - 1),
+    default=None,
+    help="Longest reply the model is asked for, in tokens (0: the server's default).",
+)
+@json_option
+@_shared_options
+def sessions_update(
+    session_id: str,
+    title: str | None,
+    system: str | None,
+    model: str | None,
+    context_policy: str | None,
+    concurrency: str | None,
+    on_disconnect: str | None,
+    max_reply_tokens: int | None,
+    as_json: bool,
+) -> None:
+    """Change the settings given of a session (SESSION_ID may be a unique prefix); show it."""
+    config = _settings().config()
+
+    async def work() -> Session:
+        async with ChatClient.from_config(config) as client:
+            session = await client.find_session(session_id)
+            return await client.update_session(
+                session.session_id,
+                title=title,
+                system_prompt=system,
+                model=model,
+                context_policy=_choice(ContextPolicy, context_policy),
+                concurrency_policy=_choice(ConcurrencyPolicy, concurrency),
+                on_disconnect=_choice(DisconnectPolicy, on_disconnect),
+                max_reply_tokens=max_reply_tokens,
+            )
+
+    session = _run(config, work(), as_json=as_json)
+    if as_json:
+        _print_json(session_json(session))
+    else:
+        make_console().print(session_details(session))
+
+
+# -- watch --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session_id")
+@json_option
+@_shared_options
+def watch(session_id: str, as_json: bool) -> None:
+    """Print a session's activity as it happens, until Ctrl-C (SESSION_ID may be a prefix).
+
+    Every reply of the session streams as it is written, whichever client sent the message
+    (a reply already running is shown from its start), with typing and changes to the
+    session. With --json: one JSON object per line, per event. Ctrl-C ends it (exit 0);
+    so does the session's deletion.
+    """
+    config = _settings().config()
+    _run(config, _watch(config, session_id, as_json), as_json=as_json)
+
+
+async def _watch(config: ClientConfig, wanted: str, as_json: bool) -> None:
+    stopping = asyncio.Event()
+    with on_sigint(stopping.set):
+        async with ChatClient.from_config(config) as client:
+            session = await client.find_session(wanted)
+            async with client.watch(session.session_id) as events:
+                click.echo(f"watching session {session.session_id} (Ctrl-C to stop)", err=True)
+                show = _WatchPrinter(as_json)
+                stop = asyncio.ensure_future(stopping.wait())
+                try:
+                    while True:
+                        following = asyncio.ensure_future(anext(events))
+                        await asyncio.wait((following, stop), return_when=asyncio.FIRST_COMPLETED)
+                        if not following.done():
+                            following.cancel()
+                            await asyncio.wait((following,))
+                            break
+                        if not show(following.result()):
+                            break
+                finally:
+                    stop.cancel()
+                    show.end()
+
+
+class _WatchPrinter:
+    """Shows a watched session's events: replies as they stream, or JSON lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self._json = as_json
+        self._mid_line = False
+
+    def __call__(self, item: WatchEvent) -> bool:
+        """Show ``item``; ``False`` once the session is gone."""
+        event = item.event
+        if self._json:
+            click.echo(json.dumps(watch_event_json(item), ensure_ascii=False))
+            sys.stdout.flush()
+        elif isinstance(event, SessionUpdated):
+            if event.kind not in (SessionUpdateKind.TURN_COMPLETED, SessionUpdateKind.UNSPECIFIED):
+                self.end()
+                click.echo(f"· {event.message}")
+        elif isinstance(event, ReplyStarted):
+            self.end()
+            who = "you" if item.is_mine else "another client"
+            click.echo(f"[turn {item.turn_id[:8]}, {who}] Assistant › ", nl=False)
+            self._mid_line = True
+        elif isinstance(event, ReplyChunk):
+            click.echo(event.text, nl=False)
+            sys.stdout.flush()
+            self._mid_line = True
+        elif isinstance(event, ReplyCompleted):
+            self.end()
+            if event.finish_reason is not FinishReason.STOP:
+                click.echo(f"  [{event.finish_reason.name.lower()}]")
+        elif isinstance(event, ReplyFailed):
+            self.end()
+            click.echo(f"  [failed: {event.message}]")
+        return not (
+            isinstance(event, SessionUpdated) and event.kind is SessionUpdateKind.SESSION_DELETED
+        )
+
+    def end(self) -> None:
+        """End the reply's line, if one is open."""
+        if self._mid_line:
+            click.echo()
+            sys.stdout.flush()
+            self._mid_line = False
 
 
 # -- server -------------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ reached raises :class:`~chat.errors.ServerUnreachable`, a connection that breaks
 :class:`~chat.errors.DeadlineExceeded`. With a :class:`ReconnectPolicy` the client
 reconnects by itself, with exponential backoff and jitter, the next time it is used after a
 loss; sessions live on the server, so every session id stays valid across reconnections.
+A reply streaming when the connection is lost then goes on: the :class:`ReplyStream`
+resumes its turn on the new connection (``RESUME`` from the last ``seq`` it has, or the
+message sent again under its ``client_message_id``) and yields every event once.
+:meth:`ChatClient.watch` follows a session's turns, whoever sends them (:class:`Watch`,
+:class:`WatchEvent`).
 
 The package's modules each do one job: ``_config`` (what a client is configured with),
 ``_results`` (what it returns), ``_convert`` (chatpb messages to those types),
@@ -30,7 +35,7 @@ The package's modules each do one job: ``_config`` (what a client is configured 
 :class:`ChatClient` facade). They are private; import from ``chat.client`` or ``chat``.
 """
 
-from chat.client._client import ChatClient, Notices, ReplyStream
+from chat.client._client import ChatClient, Notices, ReplyStream, Watch
 from chat.client._config import (
     DEFAULT_TARGET,
     ClientConfig,
@@ -54,6 +59,7 @@ from chat.client._results import (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    WatchEvent,
     WhoAmI,
 )
 from chat.stats import ServerStatsInfo
@@ -81,6 +87,8 @@ __all__ = [
     "ServingStatus",
     "SessionList",
     "SessionUpdated",
+    "Watch",
+    "WatchEvent",
     "WhoAmI",
     "format_target",
     "parse_target",
@@ -107,6 +115,8 @@ for _value in (
     ServingStatus,
     SessionList,
     SessionUpdated,
+    Watch,
+    WatchEvent,
     WhoAmI,
     format_target,
     parse_target,

@@ -28,6 +28,7 @@ from chat.client._connection import (
     Connection,
     Connector,
     Pending,
+    WatchSink,
     describe,
 )
 from chat.client._results import (
@@ -41,6 +42,7 @@ from chat.client._results import (
     ReplyStarted,
     ServingStatus,
     SessionList,
+    WatchEvent,
     WhoAmI,
 )
 from chat.errors import (
@@ -50,6 +52,7 @@ from chat.errors import (
     InvalidArgument,
     ServerUnreachable,
     SessionNotFound,
+    StatusCode,
 )
 from chat.secret import Secret
 from chat.stats import ServerStatsInfo
@@ -58,7 +61,10 @@ from chat.types import (
     ConcurrencyPolicy,
     ContextPolicy,
     DisconnectPolicy,
+    FinishReason,
     Message,
+    MessageStatus,
+    Role,
     Session,
     SessionUpdateKind,
 )
@@ -85,16 +91,49 @@ class ReplyStream:
 
     :attr:`text` is what the chunks read so far say; :attr:`result` is the whole
     :class:`Reply` once a ``ReplyCompleted`` was read.
+
+    With a :class:`ReconnectPolicy` a reply survives the loss of its connection: the client
+    reconnects and asks for the rest of the turn (``RESUME`` after the last ``seq`` it
+    has) or, when no event of the turn had come yet, sends the message again with the same
+    :attr:`client_message_id` (the server attaches it to the turn it started, if it had).
+    Every event is yielded once, in order. When the server no longer has the turn (past its
+    replay window), the stored assistant message completes the reply if it is there; if it
+    is not, :class:`~chat.errors.ConnectionLost` is raised. A ``RETRY`` is not sent twice:
+    one cut before its first event raises ``ConnectionLost``.
     """
 
     def __init__(
-        self, connector: Connector, kind: chatpb.ChatRequestType, session_id: str, text: str
+        self,
+        connector: Connector,
+        kind: chatpb.ChatRequestType,
+        session_id: str,
+        text: str,
+        *,
+        client_message_id: str | None = None,
+        history: Callable[[str], Awaitable[list[Message]]] | None = None,
     ) -> None:
         self._connector = connector
         self._kind = kind
         self._text = text
+        self._history = history
         self.session_id = session_id
         self.request_id = str(uuid.uuid4())
+        #: Sent with a MESSAGE (a new UUID unless given), and again with it if it is resent.
+        self.client_message_id = (
+            (client_message_id or str(uuid.uuid4()))
+            if kind == chatpb.ChatRequestType.MESSAGE
+            else ""
+        )
+        #: The server's id of the turn, once one of its events came (``""`` before).
+        self.turn_id = ""
+        #: How often the reply went on on a new connection.
+        self.resumes = 0
+        self._last_seq = 0
+        self._chunks = 0
+        # Resumptions since the last event that moved the reply on: bounded by the policy.
+        self._attempts = 0
+        self._resuming = False
+        self._backlog: list[ReplyEvent] = []
         self._pending: Pending | None = None
         self._conn: Connection | None = None
         self._done = False
@@ -105,7 +144,7 @@ class ReplyStream:
     @property
     def done(self) -> bool:
         """Whether the terminal event was delivered (or the connection was lost)."""
-        return self._done
+        return self._done and not self._backlog
 
     @property
     def text(self) -> str:
@@ -117,17 +156,27 @@ class ReplyStream:
         """The whole reply, once its ``ReplyCompleted`` was read; ``None`` before or on failure."""
         return self._result
 
+    def _request(self) -> chatpb.ChatRequest:
+        if self.turn_id:
+            return chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.RESUME,
+                session_id=self.session_id,
+                turn_id=self.turn_id,
+                after_seq=self._last_seq,
+                request_id=self.request_id,
+            )
+        return chatpb.ChatRequest(
+            type=self._kind,
+            session_id=self.session_id,
+            message=self._text,
+            request_id=self.request_id,
+            client_message_id=self.client_message_id,
+        )
+
     async def start(self) -> None:
         """Send the request (done by the first iteration if not called)."""
         if self._pending is None:
-            self._conn, self._pending = await self._connector.submit(
-                chatpb.ChatRequest(
-                    type=self._kind,
-                    session_id=self.session_id,
-                    message=self._text,
-                    request_id=self.request_id,
-                )
-            )
+            self._conn, self._pending = await self._connector.submit(self._request())
 
     async def cancel(self) -> None:
         """Ask the server to stop this reply; it then ends with ``ReplyCompleted(CANCELLED)``.
@@ -149,27 +198,155 @@ class ReplyStream:
         return self
 
     async def __anext__(self) -> ReplyEvent:
+        if self._backlog:
+            return self._take(self._backlog.pop(0))
         if self._done:
             raise StopAsyncIteration
         await self.start()
+        try:
+            while True:
+                item = await self._next_item()
+                if isinstance(item, ChatError):
+                    if await self._carry_on(item):
+                        continue
+                    self._give_up()
+                    raise item
+                if item.seq:
+                    if item.turn_id == self.turn_id and item.seq <= self._last_seq:
+                        continue  # replayed, and already yielded
+                    self.turn_id, self._last_seq = item.turn_id, item.seq
+                    self._attempts = 0
+                elif self._resuming and item.type == chatpb.ChatResponseType.ERROR:
+                    # The RESUME was refused (the turn is past the replay window, or the
+                    # server does not know it): what was stored is all there is.
+                    self._done = True
+                    self._backlog = await self._rest_from_history(item)
+                    return self._take(self._backlog.pop(0))
+                if item.type in _convert.TERMINAL:
+                    self._done = True
+                return self._take(_convert.to_reply_event(item))
+        except ChatError:
+            self._give_up()
+            raise
+
+    async def _next_item(self) -> chatpb.ChatResponse | ChatError:
         assert self._pending is not None
         assert self._conn is not None
         while True:
             try:
                 async with asyncio.timeout(self._connector.config.keepalive):
-                    item = await self._pending.queue.get()
-                break
+                    return await self._pending.queue.get()
             except TimeoutError:
                 # Silent for a while: a loss is queued here if the stream is dead.
                 await self._connector.check_alive(self._conn)
-        if isinstance(item, ChatError):
-            self._done = True
-            raise item
-        if item.type in _convert.TERMINAL:
-            self._done = True
-        event = _convert.to_reply_event(item)
+
+    async def _carry_on(self, error: ChatError) -> bool:
+        """After a lost connection: carry the reply on on a new one, if it can be."""
+        connector = self._connector
+        policy = connector.config.reconnect
+        if (
+            policy is None
+            or not isinstance(error, ConnectionLost)
+            or not connector.resumable(self._conn)
+            or connector.legacy_server
+            # A RETRY sent twice might run twice: only a turn with an id is resumed.
+            or not (self.turn_id or self.client_message_id)
+            or self._attempts >= policy.max_attempts
+        ):
+            return False
+        self._attempts += 1
+        how = f"RESUME after seq {self._last_seq}" if self.turn_id else "the message again"
+        log.info("reply %s: connection lost (%s); sending %s", self.request_id, error, how)
+        self._resuming = bool(self.turn_id)
+        try:
+            self._conn, self._pending = await connector.submit(
+                self._request(), continues=self._pending
+            )
+        except ServerUnreachable as failure:
+            if isinstance(failure, ConnectionLost):
+                raise
+            # Still a reply cut by a lost connection, as callers catch it.
+            raise ConnectionLost(
+                connector.config.target,
+                f"{error.reason}; the reply could not be resumed: {failure.reason}",
+            ) from failure
+        self.resumes += 1
+        connector.counters.replies_resumed += 1
+        return True
+
+    def _give_up(self) -> None:
+        self._done = True
+        if self.turn_id:
+            self._connector.turn_ended(self.turn_id)
+        pending = self._pending
+        if pending is not None and pending.resumable and not pending.failure_counted:
+            # A loss was not counted as a failure while the reply could still go on.
+            pending.failure_counted = True
+            self._connector.counters.replies_failed += 1
+
+    async def _rest_from_history(self, refusal: chatpb.ChatResponse) -> list[ReplyEvent]:
+        """The rest of the reply from the stored assistant message of its turn."""
+        code = _convert.status_name(refusal.error_code)
+        stored: Message | None = None
+        position = 0
+        if self._history is not None:
+            messages = await self._history(self.session_id)
+            found = [
+                (index, m)
+                for index, m in enumerate(messages, 1)
+                if m.role is Role.ASSISTANT and m.turn_id == self.turn_id
+            ]
+            if found:
+                position, stored = found[0]
+        target = self._connector.config.target
+        if stored is None or not stored.content.startswith(self.text):
+            raise ConnectionLost(
+                target,
+                f"the connection was lost mid-reply and the server no longer has the turn "
+                f"({code}); its reply is not stored",
+            )
+        log.info("reply %s: RESUME refused (%s); completed as stored", self.request_id, code)
+        events: list[ReplyEvent] = []
+        rest = stored.content[len(self.text) :]
+        total = self._chunks
+        if rest:
+            total += 1
+            events.append(ReplyChunk(self.request_id, self.session_id, rest, total, self.turn_id))
+        if stored.status is MessageStatus.FAILED:
+            events.append(
+                ReplyFailed(
+                    request_id=self.request_id,
+                    session_id=self.session_id,
+                    code=StatusCode.UNKNOWN,
+                    message="the reply failed after it started; the partial reply is kept",
+                    started=True,
+                    total_chunks=total,
+                    retry_after=None,
+                    turn_id=self.turn_id,
+                )
+            )
+        else:
+            complete = stored.status is MessageStatus.COMPLETE
+            events.append(
+                ReplyCompleted(
+                    request_id=self.request_id,
+                    session_id=self.session_id,
+                    finish_reason=FinishReason.STOP if complete else FinishReason.CANCELLED,
+                    total_chunks=total,
+                    processing_time=0.0,
+                    message_count=position,
+                    model=stored.model,
+                    usage=stored.usage,
+                    turn_id=self.turn_id,
+                )
+            )
+        return events
+
+    def _take(self, event: ReplyEvent) -> ReplyEvent:
+        assert self._pending is not None
         if isinstance(event, ReplyChunk):
             self._parts.append(event.text)
+            self._chunks += 1
         elif isinstance(event, ReplyStarted):
             self._started = event
         elif isinstance(event, ReplyCompleted):
@@ -188,6 +365,8 @@ class ReplyStream:
                 context_messages=0 if started is None else started.context_messages,
                 omitted_messages=0 if started is None else started.omitted_messages,
                 first_chunk_time=self._pending.first_chunk_after,
+                turn_id=self.turn_id,
+                resumes=self.resumes,
             )
         return event
 
@@ -247,6 +426,215 @@ class Notices:
 
     async def __anext__(self) -> Notice:
         return await self._queue.get()
+
+
+class Watch:
+    """The live events of one session; use ``async with client.watch(session_id) as watch``.
+
+    Entering sends ``WATCH`` (and fails with the server's error, e.g.
+    :class:`~chat.errors.SessionNotFound`); leaving sends ``UNWATCH``. Iterating yields a
+    :class:`WatchEvent` for every event of every turn of the session, from any client (a
+    turn running when the watch began is replayed from its start), and for its session
+    updates. With a :class:`ReconnectPolicy` the watch goes on after a lost connection: it
+    watches again on the new one and resumes the turns it was in the middle of (one that
+    ended meanwhile too, while the server keeps it), and the events it had already yielded
+    are not yielded twice. Without one, a lost connection raises
+    :class:`~chat.errors.ConnectionLost`.
+
+    >>> async def follow(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
+    ...     async with client.watch(session_id) as watch:
+    ...         async for item in watch:
+    ...             if isinstance(item.event, ReplyChunk) and not item.is_mine:
+    ...                 print(item.event.text, end="", flush=True)
+    """
+
+    def __init__(self, connector: Connector, session_id: str) -> None:
+        self._connector = connector
+        self.session_id = session_id
+        self._sink: WatchSink | None = None
+        # The last seq yielded of each recent turn: replays and copies are dropped.
+        self._seen: dict[str, int] = {}
+        # The turns begun and not ended, as far as this watch saw them.
+        self._open: set[str] = set()
+        # The turns this watch gets through a RESUME of its own (the request id), and
+        # the other way round: only that RESUME's events of the turn count.
+        self._followed: dict[str, str] = {}
+        self._resumes: dict[str, str] = {}
+
+    async def __aenter__(self) -> Self:
+        await self._watch()
+        await self._follow_turns()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return
+        self._connector.remove_watch(sink)
+        for request_id in self._resumes:
+            sink.conn.pending.pop(request_id, None)
+        if sink.conn.lost is None and not sink.conn.closing:
+            request = chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.UNWATCH,
+                session_id=self.session_id,
+                request_id=str(uuid.uuid4()),
+            )
+            with contextlib.suppress(ChatError):
+                await self._connector.write(sink.conn, request)
+
+    async def _watch(self) -> None:
+        connector = self._connector
+        if self._sink is not None:
+            connector.remove_watch(self._sink)
+            self._sink = None
+        conn = await connector.ready()
+        # Registered before the WATCH goes out: the replay of a running turn may come first.
+        sink = WatchSink(self.session_id, conn)
+        connector.add_watch(sink)
+        request_id = str(uuid.uuid4())
+        pending = Pending(request_id, is_turn=False)
+        conn.pending[request_id] = pending
+        try:
+            request = chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.WATCH,
+                session_id=self.session_id,
+                request_id=request_id,
+            )
+            if not await connector.write(conn, request):
+                raise ConnectionLost(connector.config.target, "the connection closed")
+            async with asyncio.timeout(connector.config.timeout):
+                # The answer: a STATUS (watching), or the ERROR of a refused WATCH.
+                answer = await pending.queue.get()
+        except TimeoutError:
+            connector.remove_watch(sink)
+            raise DeadlineExceeded(
+                f"no answer to WATCH from {connector.config.target} "
+                f"within {connector.config.timeout:g}s"
+            ) from None
+        except BaseException:
+            connector.remove_watch(sink)
+            raise
+        finally:
+            conn.pending.pop(request_id, None)
+        if isinstance(answer, ChatError):
+            connector.remove_watch(sink)
+            raise answer
+        if answer.type == chatpb.ChatResponseType.ERROR:
+            connector.remove_watch(sink)
+            raise _convert.error_from_status(
+                answer.error_code,
+                answer.error_message,
+                session_id=self.session_id,
+                field=answer.error_field,
+            )
+        self._sink = sink
+
+    async def _follow_turns(self) -> None:
+        """RESUME into the watch what the WATCH does not bring: the turns it was in the
+        middle of when a connection was lost (one may have ended meanwhile), and this
+        client's own running turns (a server does not send a stream's own turns to its
+        watch). Each from the last event the watch yielded of it."""
+        sink = self._sink
+        assert sink is not None
+        connector = self._connector
+        self._followed.clear()
+        self._resumes.clear()
+        for turn_id in {*self._open, *connector.running_turns(self.session_id)}:
+            request_id = str(uuid.uuid4())
+            self._followed[turn_id] = request_id
+            self._resumes[request_id] = turn_id
+            sink.conn.pending[request_id] = Pending(
+                request_id, is_turn=False, queue=sink.queue, counted=False
+            )
+            request = chatpb.ChatRequest(
+                type=chatpb.ChatRequestType.RESUME,
+                session_id=self.session_id,
+                turn_id=turn_id,
+                after_seq=self._seen.get(turn_id, 0),
+                request_id=request_id,
+            )
+            if not await connector.write(sink.conn, request):
+                raise ConnectionLost(connector.config.target, "the connection closed")
+
+    async def _watch_again(self) -> None:
+        """WATCH on a new connection; one lost again at once is tried again, within the
+        reconnection policy's attempts (each reconnection backs off by itself)."""
+        policy = self._connector.config.reconnect
+        attempts = 1 if policy is None else policy.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._watch()
+                await self._follow_turns()
+                return
+            except ConnectionLost:
+                if attempt == attempts:
+                    raise
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._sink is None:
+            raise RuntimeError("use `async with client.watch(session_id) as watch`")
+        connector = self._connector
+        while True:
+            sink = self._sink
+            try:
+                async with asyncio.timeout(connector.config.keepalive):
+                    item = await sink.queue.get()
+            except TimeoutError:
+                # A quiet session, or a dead connection: a loss is queued here if it is dead.
+                await connector.check_alive(sink.conn)
+                continue
+            if isinstance(item, ChatError):
+                if isinstance(item, ConnectionLost) and connector.resumable(sink.conn):
+                    log.info("watch of %s: %s; watching again", self.session_id, item)
+                    await self._watch_again()
+                    continue
+                raise item
+            if item.type == chatpb.ChatResponseType.SESSION_UPDATE:
+                return WatchEvent(self.session_id, _convert.to_session_updated(item))
+            turn_id = item.turn_id
+            if not turn_id:
+                # A RESUME refused: the server no longer has the turn (its end is in the
+                # history, if it was stored); its other copies count again.
+                refused = self._resumes.pop(item.request_id, "")
+                self._open.discard(refused)
+                self._followed.pop(refused, None)
+                continue
+            followed = self._followed.get(turn_id)
+            if followed is not None and item.request_id != followed:
+                continue  # the RESUME brings this turn, in order, from where the watch is
+            if item.seq:
+                if item.seq <= self._seen.get(turn_id, 0):
+                    continue  # already yielded (the sender's copy, or a replay)
+                self._seen[turn_id] = item.seq
+                self._seen = _recent(self._seen)
+                if item.type in _convert.TERMINAL:
+                    self._open.discard(turn_id)
+                    self._followed.pop(turn_id, None)
+                else:
+                    self._open.add(turn_id)
+            return WatchEvent(
+                self.session_id,
+                _convert.to_reply_event(item),
+                is_mine=turn_id in connector.own_turns,
+            )
+
+
+#: Turns a watch remembers the last seq of.
+_WATCH_MEMORY = 256
+
+
+def _recent(seen: dict[str, int]) -> dict[str, int]:
+    if len(seen) <= _WATCH_MEMORY:
+        return seen
+    return dict(list(seen.items())[-_WATCH_MEMORY // 2 :])
 
 
 class ChatClient:
@@ -389,14 +777,27 @@ class ChatClient:
 
     # -- conversation ------------------------------------------------------------------------
 
-    def send(self, session_id: str, text: str) -> ReplyStream:
+    def send(
+        self, session_id: str, text: str, *, client_message_id: str | None = None
+    ) -> ReplyStream:
         """Send ``text`` to session ``session_id``; iterate the result for the reply's events.
+
+        ``client_message_id`` identifies the message to the server (a new UUID by default):
+        a message sent twice with the same id, by a resend after a reconnect or by two
+        calls, starts one turn; the second send gets the events of that turn.
 
         >>> async def demo(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
         ...     async for event in client.send(session_id, "Hello"):
         ...         print(event)
         """
-        return ReplyStream(self._connector, chatpb.ChatRequestType.MESSAGE, session_id, text)
+        return ReplyStream(
+            self._connector,
+            chatpb.ChatRequestType.MESSAGE,
+            session_id,
+            text,
+            client_message_id=client_message_id,
+            history=self.history,
+        )
 
     def retry(self, session_id: str) -> ReplyStream:
         """Run the session's last user message again, after its turn failed.
@@ -404,12 +805,26 @@ class ChatClient:
         The reply fails with :class:`~chat.errors.FailedPrecondition` when the last message
         did not fail.
         """
-        return ReplyStream(self._connector, chatpb.ChatRequestType.RETRY, session_id, "")
+        return ReplyStream(
+            self._connector, chatpb.ChatRequestType.RETRY, session_id, "", history=self.history
+        )
 
-    async def ask(self, session_id: str, text: str) -> Reply:
+    async def ask(
+        self, session_id: str, text: str, *, client_message_id: str | None = None
+    ) -> Reply:
         """Send ``text`` and return the whole reply; raise its typed error if it failed."""
-        async with self.send(session_id, text) as reply:
+        async with self.send(session_id, text, client_message_id=client_message_id) as reply:
             return await reply.collect()
+
+    def watch(self, session_id: str) -> Watch:
+        """Follow the live activity of ``session_id``: every turn, whoever sent it.
+
+        >>> async def demo(client: ChatClient, session_id: str) -> None:  # doctest: +SKIP
+        ...     async with client.watch(session_id) as watch:
+        ...         async for item in watch:
+        ...             print(item.turn_id, item.seq, item.is_mine, item.event)
+        """
+        return Watch(self._connector, session_id)
 
     async def cancel(self, request_id: str = "", *, session_id: str = "") -> None:
         """Stop the reply to ``request_id``, or every reply of ``session_id`` on this connection.

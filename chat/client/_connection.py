@@ -77,6 +77,23 @@ class Pending:
     first_chunk_after: float | None = None
     chunks: int = 0
     queue: asyncio.Queue[chatpb.ChatResponse | ChatError] = field(default_factory=asyncio.Queue)
+    #: Its reply may go on on the next connection (the :class:`ReplyStream` resumes it), so
+    #: a loss is not yet a failed reply.
+    resumable: bool = False
+    #: The loss that ended it was counted as a failed reply.
+    failure_counted: bool = False
+    #: Its events count in the client's statistics (not those a watch resumes).
+    counted: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class WatchSink:
+    """Where the events of a watched session go (:class:`~chat.client.Watch`)."""
+
+    session_id: str
+    #: The connection whose stream was asked to WATCH; its loss is put in the queue.
+    conn: Connection
+    queue: asyncio.Queue[chatpb.ChatResponse | ChatError] = field(default_factory=asyncio.Queue)
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +116,9 @@ class _OwnChanges:
 #: follow the session) must not pile up.
 _MAX_EXPECTED = 8
 
+#: Turns of this client remembered, so that a watch can tell them from the others'.
+_MAX_OWN_TURNS = 1024
+
 
 @dataclass(slots=True, eq=False)
 class Connection:
@@ -114,6 +134,8 @@ class Connection:
     reader: asyncio.Task[None] | None = None
     lost: ChatError | None = None
     closing: bool = False
+    #: Closed by :meth:`Connector.disconnect`: its replies end with it, nothing resumes.
+    closed_by_client: bool = False
 
 
 class Connector:
@@ -133,6 +155,55 @@ class Connector:
         self.counters = Counters()
         self._rng = random.Random()
         self._own: dict[str, _OwnChanges] = {}
+        #: The turn ids of this client's replies, oldest first (a dict as an ordered set).
+        self.own_turns: dict[str, None] = {}
+        #: The watches of each watched session.
+        self.watches: dict[str, set[WatchSink]] = {}
+        # This client's turns that are running, and their sessions: a server does not send
+        # a stream's own turns to its watch, so a watch that begins mid-turn asks for them.
+        self._running: dict[str, str] = {}
+        #: The server started a reply without a turn id: it predates live sessions, so it
+        #: can neither resume a turn nor recognise a message sent again.
+        self.legacy_server = False
+
+    def resumable(self, conn: Connection | None) -> bool:
+        """Whether a reply cut by the loss of ``conn`` goes on on the next connection.
+
+        Only with a :class:`ReconnectPolicy`, and not after :meth:`disconnect` or
+        :meth:`aclose`: a client that closed its connection ended its replies with it.
+        """
+        return (
+            self.config.reconnect is not None
+            and not self._closed
+            and conn is not None
+            and not conn.closed_by_client
+        )
+
+    def remember_turn(self, turn_id: str) -> None:
+        own = self.own_turns
+        if turn_id in own:
+            return
+        own[turn_id] = None
+        if len(own) > _MAX_OWN_TURNS:
+            del own[next(iter(own))]
+
+    def turn_ended(self, turn_id: str) -> None:
+        """A turn of this client ended without its final event (the reply gave up)."""
+        self._running.pop(turn_id, None)
+
+    def running_turns(self, session_id: str) -> list[str]:
+        """This client's turns of ``session_id`` that are running (as far as it knows)."""
+        return [turn for turn, session in self._running.items() if session == session_id]
+
+    def add_watch(self, sink: WatchSink) -> None:
+        self.watches.setdefault(sink.session_id, set()).add(sink)
+
+    def remove_watch(self, sink: WatchSink) -> None:
+        sinks = self.watches.get(sink.session_id)
+        if sinks is not None:
+            sinks.discard(sink)
+            if not sinks:
+                del self.watches[sink.session_id]
 
     @property
     def connected(self) -> bool:
@@ -158,12 +229,14 @@ class Connector:
     async def disconnect(self) -> None:
         conn, self.current, self._lost = self.current, None, None
         if conn is not None:
+            conn.closed_by_client = True
             await self._close_connection(conn, "the client disconnected")
             self.publish(ConnectionStateChanged(ConnectionState.CLOSED, self.config.target))
 
     async def aclose(self) -> None:
         self._closed = True
         await self.disconnect()
+        self._running.clear()
 
     async def _open(self) -> Connection:
         """One attempt to open the channel and the Chat stream, checked with a PING."""
@@ -346,15 +419,35 @@ class Connector:
             )
 
     def _fail_pending(self, conn: Connection, error: ChatError) -> None:
+        resumable = self.resumable(conn)
         for pending in conn.pending.values():
-            if pending.is_turn:
+            if pending.is_turn and not (pending.resumable and resumable):
+                pending.failure_counted = True
                 self.counters.replies_failed += 1
             pending.queue.put_nowait(error)
         conn.pending.clear()
+        for sinks in self.watches.values():
+            for sink in sinks:
+                if sink.conn is conn:
+                    sink.queue.put_nowait(error)
 
     def _dispatch(self, conn: Connection, response: chatpb.ChatResponse) -> None:
         kind = response.type
         pending = conn.pending.get(response.request_id) if response.request_id else None
+        if kind == chatpb.ChatResponseType.RESPONSE_START and not response.turn_id:
+            self.legacy_server = True
+        if response.turn_id:
+            if pending is not None and pending.is_turn:
+                # Before the watches see it: a watch tells this client's turns by their ids.
+                self.remember_turn(response.turn_id)
+                if kind in _convert.TERMINAL:
+                    self._running.pop(response.turn_id, None)
+                elif response.turn_id not in self._running:
+                    self._running[response.turn_id] = response.session_id
+            if self.watches:
+                self._to_watches(conn, response)
+        elif kind == chatpb.ChatResponseType.SESSION_UPDATE and self.watches:
+            self._to_watches(conn, response)
         if pending is None:
             notice = _convert.to_notice(response)
             if notice is None:
@@ -365,7 +458,10 @@ class Connector:
                 self.publish(notice)
             return
         counters = self.counters
-        if kind == chatpb.ChatResponseType.CHUNK:
+        if not pending.counted:
+            if kind in _convert.TERMINAL:
+                del conn.pending[response.request_id]
+        elif kind == chatpb.ChatResponseType.CHUNK:
             counters.chunks_received += 1
             pending.chunks += 1
             if pending.first_chunk_after is None:
@@ -384,6 +480,11 @@ class Connector:
                     counters.succeeded_chunks += pending.chunks
                     counters.response_time_total += time.monotonic() - pending.sent_at
         pending.queue.put_nowait(response)
+
+    def _to_watches(self, conn: Connection, response: chatpb.ChatResponse) -> None:
+        for sink in self.watches.get(response.session_id, ()):
+            if sink.conn is conn:
+                sink.queue.put_nowait(response)
 
     def publish(self, notice: Notice) -> None:
         for queue in self.subscribers:
@@ -435,12 +536,30 @@ class Connector:
 
     # -- requests on the stream --------------------------------------------------------------
 
-    async def submit(self, request: chatpb.ChatRequest) -> tuple[Connection, Pending]:
-        """Send a request that expects answers; return where it went and its queue."""
+    async def submit(
+        self, request: chatpb.ChatRequest, *, continues: Pending | None = None
+    ) -> tuple[Connection, Pending]:
+        """Send a request that expects answers; return where it went and its queue.
+
+        ``continues``: the request of a reply cut by a lost connection, which this one (a
+        RESUME, or the MESSAGE sent again) carries on; its timings go on.
+        """
+        kind = request.type
         pending = Pending(
             request.request_id,
-            is_turn=request.type in (chatpb.ChatRequestType.MESSAGE, chatpb.ChatRequestType.RETRY),
+            is_turn=kind
+            in (
+                chatpb.ChatRequestType.MESSAGE,
+                chatpb.ChatRequestType.RETRY,
+                chatpb.ChatRequestType.RESUME,
+            ),
+            resumable=kind == chatpb.ChatRequestType.RESUME
+            or (kind == chatpb.ChatRequestType.MESSAGE and bool(request.client_message_id)),
         )
+        if continues is not None:
+            pending.sent_at = continues.sent_at
+            pending.first_chunk_after = continues.first_chunk_after
+            pending.chunks = continues.chunks
         if pending.is_turn and not request.traceparent:
             request.traceparent = current_traceparent()
         for _ in range(3):
@@ -452,7 +571,7 @@ class Connector:
                 conn.pending.pop(request.request_id, None)
                 raise
             if sent:
-                if pending.is_turn:
+                if pending.is_turn and continues is None:
                     self.counters.messages_sent += 1
                 return conn, pending
             # The connection went away while this request waited to be written (the server

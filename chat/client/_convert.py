@@ -32,6 +32,7 @@ from chat.client._results import (
     WhoAmI,
 )
 from chat.errors import (
+    Aborted,
     BackendRateLimited,
     BackendTimeout,
     ChatError,
@@ -180,6 +181,8 @@ def error_from_status(
         return InvalidArgument.from_message(field or "request", message)
     if status is StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(message)
+    if status is StatusCode.ABORTED:
+        return Aborted(message)
     if status is StatusCode.UNAVAILABLE:
         return Unavailable(message)
     if status is StatusCode.DEADLINE_EXCEEDED:
@@ -230,7 +233,12 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
     kind = response.type
     if kind == chatpb.ChatResponseType.CHUNK:
         return ReplyChunk(
-            response.request_id, response.session_id, response.chunk_text, response.chunk_number
+            response.request_id,
+            response.session_id,
+            response.chunk_text,
+            response.chunk_number,
+            response.turn_id,
+            response.seq,
         )
     if kind == chatpb.ChatResponseType.RESPONSE_START:
         return ReplyStarted(
@@ -239,6 +247,8 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             response.model,
             response.context_messages,
             response.omitted_messages,
+            response.turn_id,
+            response.seq,
         )
     if kind == chatpb.ChatResponseType.RESPONSE_COMPLETE:
         return ReplyCompleted(
@@ -250,6 +260,8 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             message_count=response.message_count,
             model=response.model,
             usage=to_usage(response.usage),
+            turn_id=response.turn_id,
+            seq=response.seq,
         )
     if kind == chatpb.ChatResponseType.ERROR:
         return ReplyFailed(
@@ -261,31 +273,50 @@ def to_reply_event(response: chatpb.ChatResponse) -> ReplyEvent:
             total_chunks=response.total_chunks,
             retry_after=response.retry_after or None,
             field=response.error_field,
+            turn_id=response.turn_id,
+            seq=response.seq,
         )
     return ReplyStatus(
         response.request_id,
         response.session_id,
         response.status_message,
         response.omitted_messages,
+        response.turn_id,
+        response.seq,
     )
+
+
+def to_session_updated(response: chatpb.ChatResponse) -> SessionUpdated:
+    return SessionUpdated(
+        session_id=response.session_id,
+        message=response.status_message,
+        message_count=response.message_count,
+        session=None if response.session is None else to_session(response.session),
+        kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
+    )
+
+
+#: STATUS kinds that are nobody's notice: a heartbeat (sent to keep proxies from closing a
+#: silent stream), and the answers to WATCH and UNWATCH (the watch has its own).
+_NOT_NOTICES = frozenset(
+    {
+        chatpb.StatusKind.HEARTBEAT,
+        chatpb.StatusKind.WATCHING,
+        chatpb.StatusKind.NOT_WATCHING,
+    }
+)
 
 
 def to_notice(response: chatpb.ChatResponse) -> SessionUpdated | ServerNotice | None:
     """The notice for an event that answers no request in flight; ``None``: drop it."""
     kind = response.type
     if kind == chatpb.ChatResponseType.SESSION_UPDATE:
-        return SessionUpdated(
-            session_id=response.session_id,
-            message=response.status_message,
-            message_count=response.message_count,
-            session=None if response.session is None else to_session(response.session),
-            kind=to_enum(SessionUpdateKind, response.update_kind, SessionUpdateKind.UNSPECIFIED),
-        )
-    if (
-        kind == chatpb.ChatResponseType.STATUS
-        and response.status_kind == chatpb.StatusKind.HEARTBEAT
-    ):
-        # Sent to keep proxies from closing a silent stream: nothing to tell anyone.
+        return to_session_updated(response)
+    if response.turn_id:
+        # An event of a turn this client is not waiting for (one it stopped reading, or a
+        # watched one): the watch has it, it is nobody's notice.
+        return None
+    if kind == chatpb.ChatResponseType.STATUS and response.status_kind in _NOT_NOTICES:
         return None
     if kind in (chatpb.ChatResponseType.STATUS, chatpb.ChatResponseType.ERROR):
         error = kind == chatpb.ChatResponseType.ERROR

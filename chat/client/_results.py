@@ -35,6 +35,10 @@ class ReplyStarted:
     context_messages: int
     #: Older messages the context budget left out.
     omitted_messages: int
+    #: The server's id of the turn and this event's position in it (``""`` and 0 from a
+    #: server without live sessions).
+    turn_id: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,10 @@ class ReplyChunk:
     text: str
     #: 1-based, consecutive.
     number: int
+    #: The server's id of the turn and this event's position in it (``""`` and 0 from a
+    #: server without live sessions).
+    turn_id: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,10 @@ class ReplyStatus:
     session_id: str
     message: str
     omitted_messages: int
+    #: The server's id of the turn and this event's position in it (``""`` and 0 from a
+    #: server without live sessions).
+    turn_id: str = ""
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +84,10 @@ class ReplyCompleted:
     message_count: int
     model: str
     usage: Usage | None
+    #: The server's id of the turn and this event's position in it (``""`` and 0 from a
+    #: server without live sessions).
+    turn_id: str = ""
+    seq: int = 0
 
     @property
     def cancelled(self) -> bool:
@@ -92,6 +108,10 @@ class ReplyFailed:
     retry_after: float | None
     #: For ``INVALID_ARGUMENT``: the request field that is wrong, when the server named one.
     field: str = ""
+    #: The server's id of the turn and this event's position in it (``""`` and 0 from a
+    #: server without live sessions).
+    turn_id: str = ""
+    seq: int = 0
 
     def error(self) -> ChatError:
         """The typed exception for this failure."""
@@ -135,6 +155,11 @@ class Reply:
     omitted_messages: int = 0
     #: Seconds from sending the request to the first chunk; ``None`` for a reply without one.
     first_chunk_time: float | None = None
+    #: The server's id of the turn (``""`` from a server without live sessions).
+    turn_id: str = ""
+    #: How often the reply was resumed after a lost connection (RESUME, or the message sent
+    #: again with its ``client_message_id``).
+    resumes: int = 0
 
 
 class ConnectionState(enum.Enum):
@@ -192,6 +217,32 @@ Notice = SessionUpdated | ServerNotice | ConnectionStateChanged
 
 
 @dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One event of a watched session (:meth:`~chat.client.ChatClient.watch`).
+
+    :attr:`event` is a reply event of one of the session's turns, started by this client
+    (:attr:`is_mine`) or by any other one, or a :class:`SessionUpdated`: someone typing, a
+    turn stored, the session changed or deleted. The events of a turn come in order, each
+    once, with the same ``turn_id`` and ``seq`` as its sender got them.
+    """
+
+    session_id: str
+    event: ReplyEvent | SessionUpdated
+    #: The turn was started by this client (on any of its connections).
+    is_mine: bool = False
+
+    @property
+    def turn_id(self) -> str:
+        """The turn's id; ``""`` for a session update."""
+        return "" if isinstance(self.event, SessionUpdated) else self.event.turn_id
+
+    @property
+    def seq(self) -> int:
+        """The event's position in its turn; 0 for a session update."""
+        return 0 if isinstance(self.event, SessionUpdated) else self.event.seq
+
+
+@dataclass(frozen=True, slots=True)
 class ClientStats:
     """What this client measured since it was made (:attr:`ChatClient.stats`)."""
 
@@ -202,6 +253,8 @@ class ClientStats:
     #: Replies that ended with an ERROR or were cut short by a lost connection.
     replies_failed: int = 0
     replies_cancelled: int = 0
+    #: Times a reply went on after a lost connection, on the next one (RESUME or resend).
+    replies_resumed: int = 0
     chunks_received: int = 0
     #: Mean seconds from sending a message to the end of its reply (succeeded replies).
     average_response_time: float = 0.0
@@ -226,6 +279,7 @@ class Counters:
     replies_succeeded: int = 0
     replies_failed: int = 0
     replies_cancelled: int = 0
+    replies_resumed: int = 0
     chunks_received: int = 0
     #: Chunks of the replies counted in ``replies_succeeded``.
     succeeded_chunks: int = 0
@@ -244,6 +298,7 @@ class Counters:
             replies_succeeded=succeeded,
             replies_failed=self.replies_failed,
             replies_cancelled=self.replies_cancelled,
+            replies_resumed=self.replies_resumed,
             chunks_received=self.chunks_received,
             average_response_time=self.response_time_total / succeeded if succeeded else 0.0,
             average_first_chunk_time=(
