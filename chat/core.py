@@ -889,7 +889,9 @@ class Conversation:
                     core.stats.total_requests += 1
                     core.stats.failed_requests += 1
                     turn = self._new_turn(request, turn_id)
-                    self._turn_error(turn, _rejected())
+                    rejected = _rejected()
+                    self._observe_refused(request, turn.received, rejected)
+                    self._turn_error(turn, rejected)
                     self._turn_done(turn)
                     return
                 if policy is ConcurrencyPolicy.INTERRUPT:
@@ -897,9 +899,17 @@ class Conversation:
         except ChatError as error:
             core.stats.total_requests += 1
             core.stats.failed_requests += 1
+            # Counted as a turn that failed, as one refused in its lane is (metrics, the
+            # access log): whether the client sent a client_message_id does not matter.
+            self._observe_refused(request, time.monotonic(), error)
             self._error(request, error)
             return
         self._submit_turn(request, turn_id)
+
+    def _observe_refused(self, request: Request, received: float, error: ChatError) -> None:
+        """Report a turn refused before it reached a lane: it failed with ``error``."""
+        observed = self._core.observer.turn(request, received=received)
+        observed.finished(FinishReason.ERROR, None, chunks=0, error=error)
 
     def _new_turn(self, request: Request, turn_id: str) -> _Turn:
         turn = _Turn(request, sink=self.outbox)
