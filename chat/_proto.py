@@ -35,8 +35,11 @@ from chat.types import Message, Session, SessionPatch, Usage, format_timestamp
 
 __all__ = [
     "CHAT_SERVICE",
+    "CHUNK_OWN_FIELDS",
+    "CHUNK_SHARED_FIELDS",
     "EVENT_RENAMES",
     "MESSAGE_RENAMES",
+    "NOT_ON_CHUNKS",
     "REQUEST_RENAMES",
     "ChunkEncoder",
     "EncodedMessage",
@@ -166,6 +169,32 @@ def encode_event(event: Event, timestamp: str) -> bytes:
     if event.session is not None:
         _fill_session(response.session, event.session)
     return bytes(response.SerializeToString())
+
+
+#: The ChatResponse fields a reply's chunk carries: those its reply shares, written once per
+#: reply by :class:`ChunkEncoder`, and its own. Every other field of ChatResponse is
+#: :data:`NOT_ON_CHUNKS`; a test checks that the three cover ChatResponse, so a new field
+#: must be placed (and, if chunks carry it, written by the encoder) before the tests pass.
+CHUNK_SHARED_FIELDS = ("type", "session_id", "request_id", "turn_id")
+CHUNK_OWN_FIELDS = ("timestamp", "chunk_text", "chunk_number", "seq")
+NOT_ON_CHUNKS = (
+    "status_message",
+    "context_messages",
+    "total_chunks",
+    "processing_time",
+    "message_count",
+    "error_message",
+    "finish_reason",
+    "usage",
+    "model",
+    "error_code",
+    "omitted_messages",
+    "retry_after",
+    "session",
+    "update_kind",
+    "status_kind",
+    "error_field",
+)
 
 
 class ChunkEncoder:

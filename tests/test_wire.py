@@ -20,8 +20,11 @@ from hypothesis import given
 
 import chatpb
 from chat._proto import (
+    CHUNK_OWN_FIELDS,
+    CHUNK_SHARED_FIELDS,
     EVENT_RENAMES,
     MESSAGE_RENAMES,
+    NOT_ON_CHUNKS,
     REQUEST_RENAMES,
     ChunkEncoder,
     EncodedMessage,
@@ -218,6 +221,17 @@ def test_a_patch_sets_only_the_fields_the_request_sets() -> None:
     assert patch_from_wire(update) == SessionPatch(title="", max_reply_tokens=5)
     assert patch_from_wire(message_class("UpdateSessionRequest")(session_id="s")) == (
         SessionPatch()
+    )
+
+
+def test_every_chat_response_field_is_placed_for_the_chunk_encoder() -> None:
+    # A new ChatResponse field fails here until it is placed: carried by chunks (and then
+    # written by ChunkEncoder, which the test below checks on real turns) or not.
+    placed = [*CHUNK_SHARED_FIELDS, *CHUNK_OWN_FIELDS, *NOT_ON_CHUNKS]
+    assert len(placed) == len(set(placed)), "a field is placed twice"
+    assert set(placed) ^ wire_fields("ChatResponse") == set(), (
+        "place every ChatResponse field in chat._proto: CHUNK_SHARED_FIELDS, "
+        "CHUNK_OWN_FIELDS or NOT_ON_CHUNKS"
     )
 
 
