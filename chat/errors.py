@@ -11,6 +11,9 @@ status codes.
     ├── InvalidArgument           INVALID_ARGUMENT     a request field is wrong; names it
     │   └── ContextTooLong        INVALID_ARGUMENT     history too long, policy rejects
     ├── SessionNotFound           NOT_FOUND            no session with that id (or not the caller's)
+    ├── TurnNotFound              NOT_FOUND            RESUME: no such turn in the replay log
+    ├── TurnOutOfRange            OUT_OF_RANGE         RESUME: its events left the replay log
+    ├── Aborted                   ABORTED              a turn runs and the session rejects another
     ├── Unauthenticated           UNAUTHENTICATED      missing, bad or revoked credentials
     ├── PermissionDenied          PERMISSION_DENIED    authenticated, but not allowed (admins only)
     ├── RateLimited               RESOURCE_EXHAUSTED   carries ``retry_after``
@@ -42,6 +45,7 @@ import enum
 from typing import ClassVar
 
 __all__ = [
+    "Aborted",
     "BackendAuthError",
     "BackendBadRequest",
     "BackendError",
@@ -64,6 +68,8 @@ __all__ = [
     "SessionNotFound",
     "StatusCode",
     "StoreUnavailable",
+    "TurnNotFound",
+    "TurnOutOfRange",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -169,6 +175,40 @@ class SessionNotFound(ChatError):
             f"session {excerpt(session_id)} not found (it may have been deleted or expired)"
         )
         self.session_id = session_id
+
+
+class TurnNotFound(ChatError):
+    """RESUME named a turn the replay log has never held (or not for this session)."""
+
+    status = StatusCode.NOT_FOUND
+
+    def __init__(self, turn_id: str) -> None:
+        super().__init__(
+            f"turn {excerpt(turn_id)} not found; its messages, if it was stored, are in "
+            "the session's history (GetSessionInfo)"
+        )
+        self.turn_id = turn_id
+
+
+class TurnOutOfRange(ChatError):
+    """The events a RESUME asks for are no longer in the replay log (past the window, or
+    dropped to keep the log within its size)."""
+
+    status = StatusCode.OUT_OF_RANGE
+
+    def __init__(self, turn_id: str) -> None:
+        super().__init__(
+            f"turn {excerpt(turn_id)} is no longer in the replay log (past the replay window "
+            "or its size); its stored reply is in the session's history (GetSessionInfo)"
+        )
+        self.turn_id = turn_id
+
+
+class Aborted(ChatError):
+    """A turn of the session is running and the session's concurrency policy refuses
+    another meanwhile (``CONCURRENCY_POLICY_REJECT``); nothing was stored."""
+
+    status = StatusCode.ABORTED
 
 
 class Unauthenticated(ChatError):

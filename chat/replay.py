@@ -1,0 +1,512 @@
+"""The replay log: the events of running and recent turns, for RESUME, WATCH and resends.
+
+Every event of a turn (STATUS, RESPONSE_START, CHUNK..., RESPONSE_COMPLETE or ERROR) is
+appended to the turn's :class:`TurnLog` as it leaves the sender's outbox, numbered (``seq``)
+and with its ``turn_id``: the log holds exactly what the sender got. A client that lost its
+connection follows the turn from the last ``seq`` it has (:meth:`ReplayLog.follow`); a
+watcher gets every turn of a session (:meth:`ReplayLog.watch`); a MESSAGE resent with the
+same ``client_message_id`` finds the turn it started (:meth:`ReplayLog.claim`).
+
+One :class:`ReplayLog` per :class:`~chat.core.ChatCore`. :class:`MemoryReplayLog` keeps it in
+the server process; with the Redis store a Redis implementation keeps it where every replica
+reads it. Both run the conformance suite in ``tests/replay_conformance.py``.
+
+Bounds (:class:`ReplaySettings`): a turn's events are kept while it runs and for ``window``
+seconds after it ends; all turns together hold at most ``max_bytes`` (each event counted as
+its text plus :data:`EVENT_OVERHEAD`). Over the bytes, ended turns go first, oldest first,
+then the oldest events of running turns; a RESUME before what is left gets
+:class:`~chat.errors.TurnOutOfRange`. Dropped events are counted (:class:`ReplayStats`).
+
+>>> import asyncio
+>>> from chat.events import Event, EventKind
+>>> async def demo() -> list[int]:
+...     log = MemoryReplayLog()
+...     turn = log.begin("s-1", "t-1", "r-1")
+...     for seq, kind in enumerate((EventKind.RESPONSE_START, EventKind.RESPONSE_COMPLETE), 1):
+...         turn.append(Event(kind, session_id="s-1", turn_id="t-1", seq=seq))
+...     turn.end()
+...     return [event.seq async for event in log.follow("s-1", "t-1", after_seq=0)]
+>>> asyncio.run(demo())
+[1, 2]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chat.errors import TurnNotFound, TurnOutOfRange
+from chat.events import Event
+
+__all__ = [
+    "EVENT_OVERHEAD",
+    "MemoryReplayLog",
+    "ReplayLog",
+    "ReplaySettings",
+    "ReplayStats",
+    "TurnLog",
+    "event_size",
+]
+
+#: Bytes counted for an event besides its text: about what an :class:`~chat.events.Event`
+#: object costs in memory (and more than it costs encoded).
+EVENT_OVERHEAD = 256
+#: Turns whose events expired or were dropped, remembered so that a RESUME of one gets
+#: OUT_OF_RANGE (it existed) rather than NOT_FOUND.
+_FORGOTTEN = 65_536
+#: Eviction brings the log down to this share of ``max_bytes``, so that it runs once per
+#: many appends rather than on each.
+_LOW_WATER = 0.9
+
+
+def event_size(event: Event) -> int:
+    """The size :class:`ReplaySettings.max_bytes` counts for ``event``."""
+    return (
+        len(event.chunk_text) + len(event.status_message) + len(event.error_message)
+    ) + EVENT_OVERHEAD
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySettings:
+    """The bounds of a replay log (``--replay-window``, ``--replay-max-bytes``)."""
+
+    #: Seconds a turn's events are kept after it ends (and client_message_ids remembered).
+    window: float = 600.0
+    #: Most bytes all turns' events may take, counted by :func:`event_size`.
+    max_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.window > 0:
+            raise ValueError(f"window must be > 0 seconds, not {self.window}")
+        if self.max_bytes < EVENT_OVERHEAD:
+            raise ValueError(f"max_bytes must be >= {EVENT_OVERHEAD}, not {self.max_bytes}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayStats:
+    """What a replay log holds now, and what it has dropped (this process's view)."""
+
+    #: Turns whose events are held (running, or ended within the window).
+    turns: int = 0
+    #: Their size, as :func:`event_size` counts it.
+    bytes: int = 0
+    #: Events dropped to stay within ``max_bytes``.
+    evicted_events: int = 0
+    #: Ended turns dropped at the end of the window.
+    expired_turns: int = 0
+
+
+class TurnLog(Protocol):
+    """The log of one turn, written by the turn (from :meth:`Outbox.get` and the like)."""
+
+    def append(self, event: Event) -> None:
+        """Add the turn's next event (``seq`` and ``turn_id`` set). Called for every event
+        the sender gets, so it must be cheap: no I/O, no await."""
+        ...
+
+    def end(self) -> None:
+        """The turn's final event was appended: keep it for the window, then drop it."""
+        ...
+
+
+class ReplayLog(Protocol):
+    """The events of running and recent turns, per session."""
+
+    def begin(self, session_id: str, turn_id: str, request_id: str) -> TurnLog:
+        """Start the log of a new turn (from then on it is :meth:`running_turn`)."""
+        ...
+
+    def follow(self, session_id: str, turn_id: str, after_seq: int) -> AsyncGenerator[Event, None]:
+        """The turn's events after ``after_seq``, then live ones until its final event.
+
+        Raises :class:`~chat.errors.TurnNotFound` (no such turn of that session) or
+        :class:`~chat.errors.TurnOutOfRange` (its events after ``after_seq`` are gone) on
+        the first step, before any event; ``TurnOutOfRange`` later if a follower falls so far
+        behind that events it has not read yet are dropped. Events are the log's own: copy
+        them before changing anything.
+        """
+        ...
+
+    def watch(self, session_id: str) -> AsyncGenerator[Event, None]:
+        """Every event of every turn of the session from now on, turn after turn; a turn
+        running when the watch begins is replayed from its start (from its oldest event
+        still held). A watcher too slow to keep up skips what was dropped. Counted in
+        :meth:`watchers` while open; ends only when closed (or the log is)."""
+        ...
+
+    async def watchers(self, session_id: str) -> int:
+        """The open :meth:`watch` iterators of the session."""
+        ...
+
+    async def claim(self, session_id: str, client_message_id: str, turn_id: str) -> str | None:
+        """Tie ``client_message_id`` to ``turn_id`` for the session, unless it is tied
+        already: ``None`` if claimed now, else the turn it belongs to. Remembered at least
+        for the window (and while that turn runs)."""
+        ...
+
+    async def running_turn(self, session_id: str) -> str | None:
+        """The oldest turn of the session begun and not ended, if any."""
+        ...
+
+    def stats(self) -> ReplayStats: ...
+
+    async def aclose(self) -> None:
+        """Stop: open followers and watchers end."""
+        ...
+
+
+# -- in memory ------------------------------------------------------------------------------
+
+
+class _Wakeups:
+    """Futures of tasks waiting for something to happen."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiters)
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done() or waiter.cancelled():
+                # Cancelled: not left behind for the next wake().
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+
+class _MemoryTurn:
+    """One turn's events in a :class:`MemoryReplayLog`: its :class:`TurnLog`."""
+
+    __slots__ = (
+        "_log",
+        "ended_at",
+        "events",
+        "first_seq",
+        "gone",
+        "index",
+        "request_id",
+        "session",
+        "size",
+        "turn_id",
+        "wakeups",
+    )
+
+    def __init__(
+        self, log: MemoryReplayLog, session: _MemorySession, turn_id: str, request_id: str
+    ) -> None:
+        self._log = log
+        self.session = session
+        self.turn_id = turn_id
+        self.request_id = request_id
+        self.events: list[Event] = []
+        #: The ``seq`` of ``events[0]`` (events before it were dropped).
+        self.first_seq = 1
+        self.size = 0
+        #: Its place among the session's turns, once its first event is appended (-1 before).
+        self.index = -1
+        self.ended_at: float | None = None
+        #: Dropped from the log (expired, or evicted whole).
+        self.gone = False
+        self.wakeups = _Wakeups()
+
+    def append(self, event: Event) -> None:
+        self.events.append(event)
+        size = (
+            len(event.chunk_text) + len(event.status_message) + len(event.error_message)
+        ) + EVENT_OVERHEAD
+        self.size += size
+        log = self._log
+        log._bytes += size
+        if self.index < 0:
+            log._start_turn(self)
+        if log._bytes > log._max_bytes:
+            log._evict()
+        if self.wakeups:
+            self.wakeups.wake()
+
+    def end(self) -> None:
+        if self.ended_at is None and not self.gone:
+            self._log._end_turn(self)
+        self.wakeups.wake()
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.events) - 1
+
+    def drop_front(self, count: int) -> int:
+        """Drop the oldest ``count`` events; return their size."""
+        dropped = self.events[:count]
+        del self.events[:count]
+        self.first_seq += len(dropped)
+        size = sum(map(event_size, dropped))
+        self.size -= size
+        return size
+
+
+@dataclass(slots=True, eq=False)
+class _MemorySession:
+    session_id: str
+    #: Turns that have appended an event, in the order they did (the order watchers see).
+    turns: list[_MemoryTurn] = field(default_factory=list)
+    #: Turns begun and not ended, oldest first.
+    running: dict[str, _MemoryTurn] = field(default_factory=dict)
+    next_index: int = 0
+    watchers: int = 0
+    wakeups: _Wakeups = field(default_factory=_Wakeups)
+
+    def idle(self) -> bool:
+        return not self.turns and not self.running and not self.watchers
+
+
+class MemoryReplayLog:
+    """A :class:`ReplayLog` in the server process (the default; one per core).
+
+    ``on_evicted`` is told how many events each eviction dropped (the core passes
+    :meth:`Observer.replay_evicted <chat.observe.Observer.replay_evicted>`); ``clock`` is
+    the monotonic clock the window is measured with.
+    """
+
+    def __init__(
+        self,
+        settings: ReplaySettings | None = None,
+        *,
+        on_evicted: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings = settings or ReplaySettings()
+        self._window = settings.window
+        self._max_bytes = settings.max_bytes
+        self._on_evicted = on_evicted
+        self._clock = clock
+        self._sessions: dict[str, _MemorySession] = {}
+        self._turns: dict[str, _MemoryTurn] = {}
+        #: Ended turns, in the order they ended.
+        self._ended: OrderedDict[str, _MemoryTurn] = OrderedDict()
+        self._forgotten: OrderedDict[str, str] = OrderedDict()
+        self._claims: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._bytes = 0
+        self._evicted_events = 0
+        self._expired_turns = 0
+        self._closed = False
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    def begin(self, session_id: str, turn_id: str, request_id: str) -> TurnLog:
+        self._expire()
+        if turn_id in self._turns:
+            raise ValueError(f"turn {turn_id!r} has begun already")
+        session = self._session(session_id)
+        turn = _MemoryTurn(self, session, turn_id, request_id)
+        self._turns[turn_id] = turn
+        session.running[turn_id] = turn
+        return turn
+
+    async def follow(
+        self, session_id: str, turn_id: str, after_seq: int
+    ) -> AsyncGenerator[Event, None]:
+        self._expire()
+        turn = self._turns.get(turn_id)
+        if turn is None or turn.session.session_id != session_id:
+            if self._forgotten.get(turn_id) == session_id:
+                raise TurnOutOfRange(turn_id)
+            raise TurnNotFound(turn_id)
+        seq = max(after_seq, 0)
+        if seq < turn.first_seq - 1:
+            raise TurnOutOfRange(turn_id)
+        while True:
+            if seq < turn.first_seq - 1:
+                # Dropped while this follower was behind.
+                raise TurnOutOfRange(turn_id)
+            if seq < turn.last_seq:
+                seq += 1
+                yield turn.events[seq - turn.first_seq]
+                continue
+            if turn.ended_at is not None or turn.gone or self._closed:
+                return
+            await turn.wakeups.wait()
+
+    async def watch(self, session_id: str) -> AsyncGenerator[Event, None]:
+        self._expire()
+        session = self._session(session_id)
+        session.watchers += 1
+        try:
+            next_index = session.next_index
+            for turn in session.turns:
+                if turn.ended_at is None:
+                    next_index = turn.index
+                    break
+            while not self._closed:
+                upcoming = next((t for t in session.turns if t.index >= next_index), None)
+                if upcoming is None:
+                    await session.wakeups.wait()
+                    continue
+                turn = upcoming
+                next_index = turn.index + 1
+                seq = 0
+                while not self._closed:
+                    # A watcher that fell behind what is held skips the gap.
+                    seq = max(seq, turn.first_seq - 1)
+                    if seq < turn.last_seq:
+                        seq += 1
+                        yield turn.events[seq - turn.first_seq]
+                        continue
+                    if turn.ended_at is not None or turn.gone:
+                        break
+                    await turn.wakeups.wait()
+        finally:
+            session.watchers -= 1
+            self._maybe_forget(session)
+
+    async def watchers(self, session_id: str) -> int:
+        session = self._sessions.get(session_id)
+        return 0 if session is None else session.watchers
+
+    async def claim(self, session_id: str, client_message_id: str, turn_id: str) -> str | None:
+        self._expire()
+        key = (session_id, client_message_id)
+        claimed = self._claims.get(key)
+        if claimed is not None:
+            return claimed[0]
+        self._claims[key] = (turn_id, self._clock())
+        return None
+
+    async def running_turn(self, session_id: str) -> str | None:
+        session = self._sessions.get(session_id)
+        if session is None or not session.running:
+            return None
+        return next(iter(session.running))
+
+    def stats(self) -> ReplayStats:
+        self._expire()
+        return ReplayStats(
+            turns=len(self._turns),
+            bytes=self._bytes,
+            evicted_events=self._evicted_events,
+            expired_turns=self._expired_turns,
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for session in self._sessions.values():
+            session.wakeups.wake()
+        for turn in self._turns.values():
+            turn.wakeups.wake()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> _MemorySession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _MemorySession(session_id)
+        return session
+
+    def _maybe_forget(self, session: _MemorySession) -> None:
+        if session.idle() and self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+
+    def _start_turn(self, turn: _MemoryTurn) -> None:
+        session = turn.session
+        turn.index = session.next_index
+        session.next_index += 1
+        session.turns.append(turn)
+        session.wakeups.wake()
+
+    def _end_turn(self, turn: _MemoryTurn) -> None:
+        turn.ended_at = self._clock()
+        turn.session.running.pop(turn.turn_id, None)
+        self._ended[turn.turn_id] = turn
+
+    def _drop(self, turn: _MemoryTurn) -> None:
+        """Take ``turn`` out of the log (its events' bytes are the caller's to count)."""
+        turn.gone = True
+        self._turns.pop(turn.turn_id, None)
+        self._ended.pop(turn.turn_id, None)
+        session = turn.session
+        session.running.pop(turn.turn_id, None)
+        if turn in session.turns:
+            session.turns.remove(turn)
+        self._forgotten[turn.turn_id] = session.session_id
+        if len(self._forgotten) > _FORGOTTEN:
+            self._forgotten.popitem(last=False)
+        turn.wakeups.wake()
+        self._maybe_forget(session)
+
+    def _expire(self) -> None:
+        """Drop the turns that ended more than the window ago, and the claims as old whose
+        turn is gone."""
+        if not self._ended and not self._claims:
+            return
+        now = self._clock()
+        horizon = now - self._window
+        while self._ended:
+            turn = next(iter(self._ended.values()))
+            assert turn.ended_at is not None
+            if turn.ended_at > horizon:
+                break
+            self._bytes -= turn.size
+            turn.first_seq += len(turn.events)
+            turn.events = []
+            turn.size = 0
+            self._drop(turn)
+            self._expired_turns += 1
+        while self._claims:
+            key, (turn_id, claimed_at) = next(iter(self._claims.items()))
+            if claimed_at > horizon:
+                break
+            if turn_id in self._turns:
+                # Its turn is still held (running, say): remembered as long as it is.
+                self._claims[key] = (turn_id, now)
+                self._claims.move_to_end(key)
+                continue
+            del self._claims[key]
+
+    def _evict(self) -> None:
+        """Bring the log down to its low water: whole ended turns first, oldest first, then
+        the oldest events of running turns, oldest turn first."""
+        target = int(self._max_bytes * _LOW_WATER)
+        evicted = 0
+        while self._bytes > target and self._ended:
+            turn = next(iter(self._ended.values()))
+            evicted += len(turn.events)
+            self._bytes -= turn.size
+            turn.first_seq += len(turn.events)
+            turn.events = []
+            turn.size = 0
+            self._drop(turn)
+        if self._bytes > target:
+            for turn in list(self._turns.values()):
+                if self._bytes <= target:
+                    break
+                excess = self._bytes - target
+                count = 0
+                freed = 0
+                for event in turn.events:
+                    if freed >= excess:
+                        break
+                    freed += event_size(event)
+                    count += 1
+                self._bytes -= turn.drop_front(count)
+                evicted += count
+                turn.wakeups.wake()
+        if evicted:
+            self._evicted_events += evicted
+            if self._on_evicted is not None:
+                self._on_evicted(evicted)
