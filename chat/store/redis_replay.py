@@ -1,0 +1,838 @@
+"""The replay log in Redis: any server of a fleet resumes or watches a turn another one runs.
+
+Used with a ``redis://`` store, with the store's URL and prefix. Layout, for a prefix ``p``:
+
+==============================  ==========  ===================================================
+key                             type        holds
+==============================  ==========  ===================================================
+``p:replay:SID``                stream      the session's turn events, oldest first: fields
+                                            ``t`` (turn id), ``s`` (seq), ``e`` (the event as
+                                            ``ChatResponse`` bytes); an entry with ``x``
+                                            instead of ``e`` marks the end of turn ``t``
+``p:replay-turn:SID:TID``       hash        the turn: ``first`` (its first entry), ``last_seq``,
+                                            ``trimmed`` (the last seq dropped), ``bytes``,
+                                            ``ended``; ``gone`` once it was dropped whole (kept
+                                            one window, so a RESUME is told OUT_OF_RANGE)
+``p:replay-alive:SID:TID``      string      present while the turn's server runs it (a lease)
+``p:replay-running:SID``        string      the turn running on the session (a lease)
+``p:replay-turns``              sorted set  ``SID|TID`` by last activity (ms): expiry, eviction
+``p:replay-bytes``              string      the bytes every turn in the log holds
+``p:replay-claim:SID:CMID``     string      the turn a ``client_message_id`` started
+``p:replay-watchers:SID``       sorted set  the session's watchers, scored by lease expiry
+==============================  ==========  ===================================================
+
+Writes are batched: :meth:`RedisTurnLog.append` only puts the event on a list (it is called
+for every event a turn sends), and one flusher task per server sends everything waiting in
+one pipeline, one script per session. While a pipeline is in flight the next batch builds up,
+so the batch grows with the load and an idle server adds no delay. A script adds an event only
+when its ``seq`` is past the turn's ``last_seq``, so a flush retried after a lost reply stores
+nothing twice.
+
+Readers (:meth:`RedisReplayLog.follow`, :meth:`RedisReplayLog.watch`) read the stream with
+``XRANGE`` from a turn's first entry, then ``XREAD BLOCK`` from the last entry they saw: the
+stream's order is the order of the appends, and a cursor on entry ids neither skips nor
+repeats an entry. A reader checks each turn's ``seq`` to be contiguous; a gap (events dropped
+to keep the log within its bytes) ends a follow with :class:`~chat.errors.TurnOutOfRange`.
+
+Bounds, kept by the same scripts: turns idle (ended, or their server dead) for longer than the
+window are dropped whole (``expired_turns``); above ``max_bytes`` (payload bytes plus a fixed
+overhead per event, summed over the fleet) ended turns are dropped oldest first, then the
+oldest events of a running turn (``evicted_events``). Time is this server's clock
+(``clock``), passed to the scripts; leases (a turn's server alive, watchers) are Redis TTLs
+and scores, renewed every third of the store's ``lock_lease``, so a server killed with
+SIGKILL leaves no running turn and no watchers behind after one lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from chat._proto import decode_event, encode_event
+from chat.errors import StoreUnavailable, TurnNotFound, TurnOutOfRange, Unavailable
+from chat.events import Event
+from chat.replay import ReplaySettings, ReplayStats, event_size
+from chat.store.redis import RedisStore
+
+__all__ = ["RedisReplayLog", "RedisTurnLog"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Connections to Redis at most: each follower and watcher holds one while it waits in
+#: XREAD BLOCK (``max_connections`` in the store URL overrides it).
+_CONNECTIONS = 4096
+#: Entries read per XRANGE / XREAD call.
+_PAGE = 512
+#: Milliseconds an XREAD waits before a reader checks that its turn's server still runs it
+#: (well below the store client's socket timeout).
+_BLOCK_MS = 1000
+
+# -- scripts ------------------------------------------------------------------------------
+# Every script that can drop anything gets the time (ms, this server's clock) and the bounds,
+# keeps them, and returns {total bytes, turns, evicted events, expired turns}: the stats
+# follow each call.
+
+_BOUNDS = """
+local prefix, now = ARGV[1], tonumber(ARGV[2])
+local window, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
+local turns_key, bytes_key = KEYS[1], KEYS[2]
+local evicted, expired = 0, 0
+
+local function split(member)
+  local cut = string.find(member, '|[^|]*$')
+  return string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
+end
+
+-- the stream, the turn's record, its lease, the session's running turns
+local function names(sid, turn)
+  return prefix .. ':replay:' .. sid, prefix .. ':replay-turn:' .. sid .. ':' .. turn,
+    prefix .. ':replay-alive:' .. sid .. ':' .. turn, prefix .. ':replay-running:' .. sid
+end
+
+local function field_of(entry, name)
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
+-- Delete the turn's entries from ``start`` on; with ``budget``, only until ``total`` less
+-- what went is within it. Returns the events deleted, their bytes, and the last seq and
+-- entry id deleted.
+local function delete_entries(stream, turn, start, budget, total)
+  local events, bytes, last_seq, last_id = 0, 0, nil, nil
+  local cursor = start
+  while true do
+    local entries = redis.call('XRANGE', stream, cursor, '+', 'COUNT', 256)
+    if #entries == 0 then break end
+    for _, entry in ipairs(entries) do
+      if field_of(entry, 't') == turn then
+        if budget and total - bytes <= budget then return events, bytes, last_seq, last_id end
+        redis.call('XDEL', stream, entry[1])
+        last_id = entry[1]
+        if field_of(entry, 'x') then return events, bytes, last_seq, last_id end
+        events = events + 1
+        bytes = bytes + tonumber(field_of(entry, 'n'))
+        last_seq = tonumber(field_of(entry, 's'))
+      end
+      cursor = '(' .. entry[1]
+    end
+  end
+  return events, bytes, last_seq, last_id
+end
+
+-- Take the turn out of the log; its record stays a window as a tombstone (OUT_OF_RANGE).
+local function drop_turn(member)
+  local sid, turn = split(member)
+  local stream, meta, alive_key, running_key = names(sid, turn)
+  local first = redis.call('HGET', meta, 'first')
+  local events = 0
+  if first then events = delete_entries(stream, turn, first, nil, 0) end
+  local recorded = tonumber(redis.call('HGET', meta, 'bytes') or '0')
+  local last_seq = redis.call('HGET', meta, 'last_seq') or '0'
+  redis.call('DEL', meta, alive_key)
+  redis.call('HSET', meta, 'gone', '1', 'trimmed', last_seq)
+  redis.call('PEXPIRE', meta, math.max(window, 1000))
+  redis.call('ZREM', turns_key, member)
+  redis.call('ZREM', running_key, turn)
+  if redis.call('XLEN', stream) == 0 then redis.call('DEL', stream) end
+  redis.call('DECRBY', bytes_key, recorded)
+  return events
+end
+
+local function alive(sid, turn)
+  local _, meta, alive_key = names(sid, turn)
+  return redis.call('HGET', meta, 'ended') ~= '1' and redis.call('EXISTS', alive_key) == 1
+end
+
+local function keep_bounds()
+  -- the window: turns idle that long (ended, or their server gone) go whole; a running
+  -- turn never does (its server renews its lease)
+  local horizon = '(' .. (now - window)
+  local idle = redis.call('ZRANGE', turns_key, '-inf', horizon, 'BYSCORE', 'LIMIT', 0, 256)
+  for _, member in ipairs(idle) do
+    local sid, turn = split(member)
+    if alive(sid, turn) then
+      redis.call('ZADD', turns_key, now, member)
+    else
+      drop_turn(member)
+      expired = expired + 1
+    end
+  end
+  -- the bytes: ended turns oldest first, then the oldest events of running ones
+  local total = tonumber(redis.call('GET', bytes_key) or '0')
+  if total <= max_bytes then return end
+  local running = {}
+  for _, member in ipairs(redis.call('ZRANGE', turns_key, 0, 255)) do
+    if total <= max_bytes then return end
+    local sid, turn = split(member)
+    if alive(sid, turn) then
+      running[#running + 1] = member
+    else
+      local _, meta = names(sid, turn)
+      total = total - tonumber(redis.call('HGET', meta, 'bytes') or '0')
+      evicted = evicted + drop_turn(member)
+    end
+  end
+  for _, member in ipairs(running) do
+    if total <= max_bytes then return end
+    local sid, turn = split(member)
+    local stream, meta = names(sid, turn)
+    local first = redis.call('HGET', meta, 'first')
+    if first then
+      local events, bytes, last_seq, last_id = delete_entries(stream, turn, first, max_bytes, total)
+      if events > 0 then
+        redis.call('HSET', meta, 'trimmed', last_seq, 'first', last_id)
+        redis.call('HINCRBY', meta, 'bytes', -bytes)
+        redis.call('DECRBY', bytes_key, bytes)
+        total = total - bytes
+        evicted = evicted + events
+      end
+    end
+  end
+end
+
+local function result()
+  local total = tonumber(redis.call('GET', bytes_key) or '0')
+  return {total, redis.call('ZCARD', turns_key), evicted, expired}
+end
+"""
+
+# KEYS: turns, bytes, stream, running, order
+# ARGV: prefix, now_ms, window_ms, max_bytes, session, lease_ms, then (op, turn, seq, size,
+# payload) for each write: op b (begin), a (append the event ``payload``), e (end).
+_FLUSH = (
+    _BOUNDS
+    + """
+local stream, running_key, sid, lease = KEYS[3], KEYS[4], ARGV[5], tonumber(ARGV[6])
+local added = 0
+for i = 7, #ARGV, 5 do
+  local op, turn, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local _, meta, alive_key = names(sid, turn)
+  local member = sid .. '|' .. turn
+  if op == 'b' then
+    if redis.call('EXISTS', meta) == 0 then
+      redis.call('HSET', meta, 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
+      redis.call('ZADD', turns_key, now, member)
+      redis.call('SET', alive_key, '1', 'PX', lease)
+      redis.call('ZADD', running_key, redis.call('INCR', KEYS[5]), turn)
+    end
+  elseif redis.call('HGET', meta, 'gone') ~= '1' and redis.call('HGET', meta, 'ended') ~= '1' then
+    local last = tonumber(redis.call('HGET', meta, 'last_seq') or '-1')
+    local id = nil
+    if op == 'a' and last >= 0 and seq > last then
+      local size = tonumber(ARGV[i + 3])
+      id = redis.call('XADD', stream, '*', 't', turn, 's', seq, 'n', size, 'e', ARGV[i + 4])
+      redis.call('HSET', meta, 'last_seq', seq)
+      redis.call('HINCRBY', meta, 'bytes', size)
+      added = added + size
+    elseif op == 'e' and last >= 0 then
+      -- within the bounds while it runs: over them its own oldest events go, not all of it
+      redis.call('INCRBY', bytes_key, added)
+      added = 0
+      keep_bounds()
+      id = redis.call('XADD', stream, '*', 't', turn, 's', last, 'x', '1')
+      redis.call('HSET', meta, 'ended', '1')
+      redis.call('DEL', alive_key)
+      redis.call('ZREM', running_key, turn)
+    end
+    if id then
+      redis.call('HSETNX', meta, 'first', id)
+      redis.call('ZADD', turns_key, 'XX', now, member)
+    end
+  end
+end
+redis.call('INCRBY', bytes_key, added)
+-- a safety net: what nobody touches for two windows goes, whatever the scripts missed
+for _, key in ipairs({stream, running_key}) do
+  if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, 2 * window + 60000) end
+end
+keep_bounds()
+return result()
+"""
+)
+
+# KEYS: turns, bytes; ARGV: prefix, now_ms, window_ms, max_bytes, lease_ms, then session,
+# turn pairs of the turns this server runs: their leases renewed, their activity now.
+_RENEW = (
+    _BOUNDS
+    + """
+local lease = tonumber(ARGV[5])
+for i = 6, #ARGV, 2 do
+  local sid, turn = ARGV[i], ARGV[i + 1]
+  local stream, meta, alive_key = names(sid, turn)
+  if redis.call('EXISTS', meta) == 1 and redis.call('HGET', meta, 'gone') ~= '1' then
+    redis.call('SET', alive_key, '1', 'PX', lease)
+    redis.call('ZADD', turns_key, 'XX', now, sid .. '|' .. turn)
+    if redis.call('EXISTS', stream) == 1 then redis.call('PEXPIRE', stream, 2 * window + 60000) end
+  end
+end
+keep_bounds()
+return result()
+"""
+)
+
+# KEYS: turns, bytes, meta, stream; ARGV: prefix, now_ms, window_ms, max_bytes. The bounds
+# kept, then the turn's record and the stream's last entry id (or 0-0).
+_FOLLOW_START = (
+    _BOUNDS
+    + """
+keep_bounds()
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+return {result(), redis.call('HGETALL', KEYS[3]), last and last[1] or '0-0'}
+"""
+)
+
+# KEYS: running, stream; ARGV: prefix, session. The session's oldest running turn (the
+# running ones that lost their server are forgotten), where a watch starts (that turn's first
+# entry, inclusive, or after the stream's last entry) and whether inclusive.
+_RUNNING = """
+local turn = nil
+for _, candidate in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local base = ARGV[1] .. ':replay-'
+  if redis.call('EXISTS', base .. 'alive:' .. ARGV[2] .. ':' .. candidate) == 1 then
+    turn = candidate
+    break
+  end
+  redis.call('ZREM', KEYS[1], candidate)
+end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+local tail = last and last[1] or '0-0'
+if turn then
+  local first = redis.call('HGET', ARGV[1] .. ':replay-turn:' .. ARGV[2] .. ':' .. turn, 'first')
+  if first then return {turn, first, 1} end
+end
+return {turn or false, tail, 0}
+"""
+
+# KEYS: claim; ARGV: turn, seconds
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: watchers; ARGV: now_ms
+_COUNT_WATCHERS = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class _Closed(Exception):
+    """The log was closed while a reader waited."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    session_id: str
+    op: str  # b (begin), a (append), e (end)
+    turn_id: str
+    event: Event | None = None
+
+
+class RedisTurnLog:
+    """One turn's events on their way to Redis: :meth:`append` is a list append."""
+
+    __slots__ = ("_log", "request_id", "session_id", "turn_id")
+
+    def __init__(self, log: RedisReplayLog, session_id: str, turn_id: str, request_id: str) -> None:
+        self._log = log
+        self.session_id = session_id
+        self.turn_id = turn_id
+        self.request_id = request_id
+
+    def append(self, event: Event) -> None:
+        log = self._log
+        log._pending.append(_Op(self.session_id, "a", self.turn_id, event))
+        log._queued += 1
+        if not log._wake.is_set():
+            log._wake.set()
+
+    def end(self) -> None:
+        self._log._end(self)
+
+
+class RedisReplayLog:
+    """The :class:`~chat.replay.ReplayLog` of every server sharing a Redis store URL (and
+    prefix): a turn one server runs is followed, watched and claimed from any other.
+
+    ``on_evicted`` is told how many events this server's writes evicted; ``clock`` is the
+    wall clock the window is measured with (the servers' clocks are taken to agree to well
+    within the window).
+
+    >>> replay = RedisReplayLog("redis://localhost:6379/0?prefix=staging")  # doctest: +SKIP
+    >>> turn = replay.begin("s-1", "t-1", "r-1")                           # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str,
+        settings: ReplaySettings | None = None,
+        *,
+        on_evicted: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # The store's URL, client settings and error handling, in a client of its own that
+        # keeps bytes as bytes (the events are protobuf).
+        self._redis = RedisStore(url, decode_responses=False, max_connections=_CONNECTIONS)
+        self._client = self._redis._client
+        self.settings = settings = settings or ReplaySettings()
+        self._on_evicted = on_evicted
+        self._clock = clock
+        self._lease_ms = round(self._redis.lock_lease * 1000)
+        script = self._client.register_script
+        self._flush_script = script(_FLUSH)
+        self._renew_script = script(_RENEW)
+        self._follow_start = script(_FOLLOW_START)
+        self._running_script = script(_RUNNING)
+        self._claim_script = script(_CLAIM)
+        self._count_watchers = script(_COUNT_WATCHERS)
+        self._turns_key = self._key("replay-turns")
+        self._bytes_key = self._key("replay-bytes")
+        self._order_key = self._key("replay-order")
+        # Writes waiting for the flusher, and how many were queued / written so far (a
+        # reader of this server first waits for the writes queued before it).
+        self._pending: list[_Op] = []
+        self._pending_claims: list[str] = []
+        self._queued = 0
+        self._written = 0
+        self._begun_unwritten = 0
+        self._wake = asyncio.Event()
+        self._written_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        #: Turns this server runs (their leases are renewed), and their claims.
+        self._running: dict[tuple[str, str], RedisTurnLog] = {}
+        self._claims: dict[tuple[str, str], str] = {}
+        #: Watchers of this server, by session: their members in the session's lease set.
+        self._watching: dict[str, set[str]] = {}
+        self._replica = secrets.token_hex(6)
+        # The stats: the fleet's bytes and turns as of the last script, this server's
+        # evictions and expiries.
+        self._bytes = 0
+        self._turns = 0
+        self._evicted_events = 0
+        self._expired_turns = 0
+        self._closed = False
+
+    def _key(self, *parts: str) -> str:
+        return self._redis._key(*parts)
+
+    @property
+    def location(self) -> str:
+        return self._redis.location
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin(self, session_id: str, turn_id: str, request_id: str) -> RedisTurnLog:
+        turn = RedisTurnLog(self, session_id, turn_id, request_id)
+        self._running[(session_id, turn_id)] = turn
+        self._begun_unwritten += 1
+        self._enqueue(_Op(session_id, "b", turn_id))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        self._start_renewer()
+        return turn
+
+    def _end(self, turn: RedisTurnLog) -> None:
+        if self._running.pop((turn.session_id, turn.turn_id), None) is None:
+            return  # ended already
+        self._enqueue(_Op(turn.session_id, "e", turn.turn_id))
+        claim = self._claims.pop((turn.session_id, turn.turn_id), None)
+        if claim is not None:
+            # Remembered a whole window after the turn, however long it ran.
+            self._pending_claims.append(claim)
+
+    def _enqueue(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._queued += 1
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            claims, self._pending_claims = self._pending_claims, []
+            try:
+                await self._flush(batch, claims)
+            except StoreUnavailable as error:
+                # The turns go on (their messages are stored by the session store, which
+                # reports the outage itself); resuming or watching them is what is lost.
+                log.warning("replay log: %d writes lost: %s", len(batch), error.detail)
+            except Exception:
+                log.exception("replay log: %d writes lost", len(batch))
+            self._written += len(batch)
+            self._begun_unwritten -= sum(1 for op in batch if op.op == "b")
+            self._wake_readers()
+
+    async def _flush(self, batch: Sequence[_Op], claims: Sequence[str]) -> None:
+        by_session: dict[str, list[Any]] = {}
+        for op in batch:
+            args = by_session.setdefault(op.session_id, [])
+            event = op.event
+            if event is None:
+                args += (op.op, op.turn_id, 0, 0, b"")
+            else:
+                args += (op.op, op.turn_id, event.seq, event_size(event), encode_event(event, ""))
+        bounds = self._bounds()
+        window = self._window_seconds
+
+        async def send() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for session_id, args in by_session.items():
+                    await self._flush_script(
+                        keys=[
+                            self._turns_key,
+                            self._bytes_key,
+                            self._key("replay", session_id),
+                            self._key("replay-running", session_id),
+                            self._order_key,
+                        ],
+                        args=[*bounds, session_id, self._lease_ms, *args],
+                        client=pipe,
+                    )
+                for claim in claims:
+                    pipe.expire(claim, window)
+                return list(await pipe.execute())
+
+        # Safe to retry: a script adds only events past the turn's last seq.
+        results = await self._redis._call("replay write", send, retry=True)
+        for result in results[: len(by_session)]:
+            self._note(result)
+
+    def _bounds(self) -> list[Any]:
+        return [
+            self._redis.prefix,
+            round(self._clock() * 1000),
+            round(self.settings.window * 1000),
+            self.settings.max_bytes,
+        ]
+
+    @property
+    def _window_seconds(self) -> int:
+        return max(1, math.ceil(self.settings.window))
+
+    def _note(self, result: Sequence[Any]) -> None:
+        total, turns, evicted, expired = (int(value) for value in result)
+        self._bytes, self._turns = total, turns
+        if evicted:
+            self._evicted_events += evicted
+            if self._on_evicted is not None:
+                self._on_evicted(evicted)
+        self._expired_turns += expired
+
+    def _wake_readers(self) -> None:
+        waiting = []
+        for target, future in self._written_waiters:
+            if self._written >= target:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((target, future))
+        self._written_waiters = waiting
+
+    async def _sync(self) -> None:
+        """Wait until the writes this server queued so far are in Redis (or failed)."""
+        if self._written >= self._queued or self._flusher is None:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._written_waiters.append((self._queued, future))
+        await future
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while self._running or self._watching:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                await self._renew()
+            except StoreUnavailable as error:
+                log.warning("replay log: could not renew leases: %s", error.detail)
+
+    async def _renew(self) -> None:
+        running = [part for session_turn in self._running for part in session_turn]
+        claims = [self._claims[key] for key in self._running if key in self._claims]
+        expiry = round(self._clock() * 1000) + self._lease_ms
+        window = self._window_seconds
+
+        async def send() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                await self._renew_script(
+                    keys=[self._turns_key, self._bytes_key],
+                    args=[*self._bounds(), self._lease_ms, *running],
+                    client=pipe,
+                )
+                for claim in claims:
+                    pipe.expire(claim, window)
+                for session_id, members in self._watching.items():
+                    key = self._key("replay-watchers", session_id)
+                    pipe.zadd(key, dict.fromkeys(members, expiry))
+                    pipe.pexpire(key, self._lease_ms)
+                return list(await pipe.execute())
+
+        results = await self._redis._call("replay renew", send, retry=True)
+        self._note(results[0])
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
+        async def unless_closed() -> T:
+            if self._closed:
+                raise _Closed
+            return await operation()
+
+        return await self._redis._call("replay read", unless_closed, retry=True)
+
+    async def _entries(
+        self,
+        stream: str,
+        start: str,
+        *,
+        inclusive: bool,
+        idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncGenerator[tuple[str, dict[bytes, bytes]], None]:
+        """The stream's entries from ``start`` on, then live ones; ``idle`` is awaited when
+        nothing came for a while (it raises to end the reading). Ends when the log closes."""
+        client = self._client
+        last = start
+        cursor = start if inclusive else f"({start}"
+        try:
+            while True:
+                page: Any = await self._read(
+                    lambda: client.xrange(stream, cursor, "+", count=_PAGE)  # noqa: B023
+                )
+                for entry_id, fields in page:
+                    last = entry_id.decode()
+                    yield last, fields
+                if len(page) < _PAGE:
+                    break
+                cursor = f"({last}"
+            while True:
+                found: Any = await self._read(
+                    lambda: client.xread({stream: last}, count=_PAGE, block=_BLOCK_MS)  # noqa: B023
+                )
+                if not found:
+                    if idle is not None:
+                        await idle()
+                    continue
+                for _name, entries in found:
+                    for entry_id, fields in entries:
+                        last = entry_id.decode()
+                        yield last, fields
+        except _Closed:
+            return
+        except StoreUnavailable:
+            if self._closed:
+                return
+            raise
+
+    async def _turn_record(self, session_id: str, turn_id: str) -> tuple[dict[str, str], str]:
+        keys = [
+            self._turns_key,
+            self._bytes_key,
+            self._key("replay-turn", session_id, turn_id),
+            self._key("replay", session_id),
+        ]
+        bounds = self._bounds()
+        result, flat, tail = await self._read(lambda: self._follow_start(keys=keys, args=bounds))
+        self._note(result)
+        record = {
+            name.decode(): value.decode() for name, value in zip(flat[::2], flat[1::2], strict=True)
+        }
+        return record, tail.decode()
+
+    async def follow(
+        self, session_id: str, turn_id: str, after_seq: int
+    ) -> AsyncGenerator[Event, None]:
+        """The turn's events after ``after_seq``, then live until its end.
+
+        :class:`~chat.errors.TurnNotFound` for a turn the log never had,
+        :class:`~chat.errors.TurnOutOfRange` when events it asks for were dropped (before
+        any event, or at the gap), :class:`~chat.errors.Unavailable` when the server running
+        the turn stopped (its lease ran out) before the turn's end.
+        """
+        await self._sync()
+        record, tail = await self._turn_record(session_id, turn_id)
+        if not record:
+            raise TurnNotFound(turn_id)
+        if record.get("gone") or int(record.get("trimmed", "0")) > after_seq:
+            raise TurnOutOfRange(turn_id)
+        alive_key = self._key("replay-alive", session_id, turn_id)
+
+        async def idle() -> None:
+            # Nothing for a while: the turn may be quiet (a slow model), or its server dead.
+            current, _ = await self._turn_record(session_id, turn_id)
+            if not current or current.get("gone"):
+                raise TurnOutOfRange(turn_id)
+            if current.get("ended"):
+                return  # its end is in the stream: the next read has it
+            if not await self._read(lambda: self._client.exists(alive_key)):
+                raise Unavailable(f"the server running turn {turn_id} stopped before its end")
+
+        first = record.get("first")
+        entries = self._entries(
+            self._key("replay", session_id),
+            first or tail,
+            inclusive=first is not None,
+            idle=idle,
+        )
+        wanted = turn_id.encode()
+        expected = max(after_seq, 0) + 1
+        async with contextlib.aclosing(entries):
+            async for _entry_id, fields in entries:
+                if fields.get(b"t") != wanted:
+                    continue
+                seq = int(fields[b"s"])
+                if b"x" in fields:  # the end: its seq is the turn's last
+                    if seq >= expected:
+                        raise TurnOutOfRange(turn_id)
+                    return
+                if seq < expected:
+                    continue
+                if seq > expected:
+                    raise TurnOutOfRange(turn_id)
+                expected += 1
+                yield decode_event(fields[b"e"])
+
+    async def watch(self, session_id: str) -> AsyncGenerator[Event, None]:
+        """Every event of every turn of the session from now on (a running turn from its
+        oldest event held), from any server; counted as a watcher while open."""
+        await self._sync()
+        _turn, start, inclusive = await self._running_now(session_id)
+        member = f"{self._replica}:{secrets.token_hex(6)}"
+        await self._add_watcher(session_id, member)
+        try:
+            entries = self._entries(self._key("replay", session_id), start, inclusive=inclusive)
+            async with contextlib.aclosing(entries):
+                async for _entry_id, fields in entries:
+                    payload = fields.get(b"e")
+                    if payload is not None:
+                        yield decode_event(payload)
+        finally:
+            await asyncio.shield(self._remove_watcher(session_id, member))
+
+    async def _running_now(self, session_id: str) -> tuple[str | None, str, bool]:
+        keys = [self._key("replay-running", session_id), self._key("replay", session_id)]
+        args = [self._redis.prefix, session_id]
+        turn, start, inclusive = await self._read(
+            lambda: self._running_script(keys=keys, args=args)
+        )
+        return (turn.decode() if turn else None), start.decode(), bool(inclusive)
+
+    async def _add_watcher(self, session_id: str, member: str) -> None:
+        key = self._key("replay-watchers", session_id)
+        expiry = round(self._clock() * 1000) + self._lease_ms
+
+        async def add() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {member: expiry})
+                pipe.pexpire(key, self._lease_ms)
+                await pipe.execute()
+
+        await self._redis._call("replay watch", add, retry=True)
+        self._watching.setdefault(session_id, set()).add(member)
+        self._start_renewer()
+
+    async def _remove_watcher(self, session_id: str, member: str) -> None:
+        members = self._watching.get(session_id)
+        if members is not None:
+            members.discard(member)
+            if not members:
+                del self._watching[session_id]
+        if self._closed:
+            return  # aclose took them all out
+        key = self._key("replay-watchers", session_id)
+        try:
+            await self._redis._call(
+                "replay unwatch", lambda: self._client.zrem(key, member), retry=True
+            )
+        except StoreUnavailable as error:
+            log.warning("replay log: a watcher stays counted for a lease: %s", error.detail)
+
+    async def watchers(self, session_id: str) -> int:
+        """Streams watching the session, on every server (a dead server's, for a lease)."""
+        key = self._key("replay-watchers", session_id)
+        now = round(self._clock() * 1000)
+        found = await self._redis._call(
+            "replay watchers", lambda: self._count_watchers(keys=[key], args=[now]), retry=True
+        )
+        return int(found)
+
+    # -- claims and the running turn ----------------------------------------------------------
+
+    async def claim(self, session_id: str, client_message_id: str, turn_id: str) -> str | None:
+        """``None`` if ``client_message_id`` is now the session's for ``turn_id``, else the
+        turn that has it already (on any server)."""
+        key = self._key("replay-claim", session_id, client_message_id)
+        window = self._window_seconds
+        found = await self._redis._call(
+            "replay claim",
+            lambda: self._claim_script(keys=[key], args=[turn_id, window]),
+            # A retry after a lost reply finds its own claim: that is the claim made.
+            retry=True,
+        )
+        if found is None or found.decode() == turn_id:
+            self._claims[(session_id, turn_id)] = key
+            return None
+        return str(found.decode())
+
+    async def running_turn(self, session_id: str) -> str | None:
+        await self._sync()
+        turn, _start, _inclusive = await self._running_now(session_id)
+        return turn
+
+    # -- the rest -----------------------------------------------------------------------------
+
+    def stats(self) -> ReplayStats:
+        """The fleet's turns and bytes as of this server's last call to Redis (and the turns
+        it began since), the events and turns this server's calls dropped."""
+        return ReplayStats(
+            turns=self._turns + self._begun_unwritten,
+            bytes=self._bytes,
+            evicted_events=self._evicted_events,
+            expired_turns=self._expired_turns,
+        )
+
+    async def aclose(self) -> None:
+        """Write what is waiting (for a lease at most), end the readers, disconnect."""
+        if self._closed:
+            return
+        try:
+            async with asyncio.timeout(self._lease_ms / 1000):
+                await self._sync()
+        except TimeoutError:
+            log.warning("replay log: closed with %d writes lost", len(self._pending))
+        self._closed = True
+        watching, self._watching = self._watching, {}
+        if watching:
+
+            async def unwatch() -> None:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for session_id, members in watching.items():
+                        pipe.zrem(self._key("replay-watchers", session_id), *members)
+                    await pipe.execute()
+
+            try:
+                await self._redis._call("replay unwatch", unwatch, retry=True)
+            except StoreUnavailable as error:
+                log.warning("replay log: watchers stay counted for a lease: %s", error.detail)
+        tasks = [task for task in (self._flusher, self._renewer) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._redis.aclose()
