@@ -209,7 +209,8 @@ end
 
 # KEYS: turns, bytes, stream, running, order
 # ARGV: prefix, now_ms, window_ms, max_bytes, session, lease_ms, then (op, turn, seq, size,
-# payload) for each write: op b (begin), a (append the event ``payload``), e (end).
+# payload) for each write: op b (begin), a (append the event ``payload``), e (end); for b
+# and e, ``seq`` is when they happened (ms).
 _FLUSH = (
     _BOUNDS
     + """
@@ -222,13 +223,13 @@ for i = 7, #ARGV, 5 do
   if op == 'b' then
     if redis.call('EXISTS', meta) == 0 then
       redis.call('HSET', meta, 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
-      redis.call('ZADD', turns_key, now, member)
+      redis.call('ZADD', turns_key, seq, member)
       redis.call('SET', alive_key, '1', 'PX', lease)
       redis.call('ZADD', running_key, redis.call('INCR', KEYS[5]), turn)
     end
   elseif redis.call('HGET', meta, 'gone') ~= '1' and redis.call('HGET', meta, 'ended') ~= '1' then
     local last = tonumber(redis.call('HGET', meta, 'last_seq') or '-1')
-    local id = nil
+    local id, at = nil, now
     if op == 'a' and last >= 0 and seq > last then
       local size = tonumber(ARGV[i + 3])
       id = redis.call('XADD', stream, '*', 't', turn, 's', seq, 'n', size, 'e', ARGV[i + 4])
@@ -241,13 +242,14 @@ for i = 7, #ARGV, 5 do
       added = 0
       keep_bounds()
       id = redis.call('XADD', stream, '*', 't', turn, 's', last, 'x', '1')
+      at = seq
       redis.call('HSET', meta, 'ended', '1')
       redis.call('DEL', alive_key)
       redis.call('ZREM', running_key, turn)
     end
     if id then
       redis.call('HSETNX', meta, 'first', id)
-      redis.call('ZADD', turns_key, 'XX', now, member)
+      redis.call('ZADD', turns_key, 'XX', at, member)
     end
   end
 end
@@ -337,6 +339,8 @@ class _Op:
     op: str  # b (begin), a (append), e (end)
     turn_id: str
     event: Event | None = None
+    #: When a begin or an end happened (ms): the turn's activity, whenever it is written.
+    at: int = 0
 
 
 class RedisTurnLog:
@@ -437,7 +441,7 @@ class RedisReplayLog:
         turn = RedisTurnLog(self, session_id, turn_id, request_id)
         self._running[(session_id, turn_id)] = turn
         self._begun_unwritten += 1
-        self._enqueue(_Op(session_id, "b", turn_id))
+        self._enqueue(_Op(session_id, "b", turn_id, at=self._now_ms()))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self._start_renewer()
@@ -446,7 +450,7 @@ class RedisReplayLog:
     def _end(self, turn: RedisTurnLog) -> None:
         if self._running.pop((turn.session_id, turn.turn_id), None) is None:
             return  # ended already
-        self._enqueue(_Op(turn.session_id, "e", turn.turn_id))
+        self._enqueue(_Op(turn.session_id, "e", turn.turn_id, at=self._now_ms()))
         claim = self._claims.pop((turn.session_id, turn.turn_id), None)
         if claim is not None:
             # Remembered a whole window after the turn, however long it ran.
@@ -482,7 +486,7 @@ class RedisReplayLog:
             args = by_session.setdefault(op.session_id, [])
             event = op.event
             if event is None:
-                args += (op.op, op.turn_id, 0, 0, b"")
+                args += (op.op, op.turn_id, op.at, 0, b"")
             else:
                 args += (op.op, op.turn_id, event.seq, event_size(event), encode_event(event, ""))
         bounds = self._bounds()
@@ -511,10 +515,13 @@ class RedisReplayLog:
         for result in results[: len(by_session)]:
             self._note(result)
 
+    def _now_ms(self) -> int:
+        return round(self._clock() * 1000)
+
     def _bounds(self) -> list[Any]:
         return [
             self._redis.prefix,
-            round(self._clock() * 1000),
+            self._now_ms(),
             round(self.settings.window * 1000),
             self.settings.max_bytes,
         ]
