@@ -52,7 +52,6 @@ import math
 import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chat._proto import decode_event, encode_event
@@ -215,45 +214,72 @@ _FLUSH = (
     _BOUNDS
     + """
 local stream, running_key, sid, lease = KEYS[3], KEYS[4], ARGV[5], tonumber(ARGV[6])
-local added = 0
+-- Each turn's record is read once and written once per call (a batch has many events).
+local states = {}
+local function state_of(turn)
+  local st = states[turn]
+  if st == nil then
+    local _, meta, alive_key = names(sid, turn)
+    local found = redis.call('HMGET', meta, 'gone', 'ended', 'last_seq', 'first')
+    st = {
+      meta = meta, alive_key = alive_key, member = sid .. '|' .. turn,
+      writable = found[1] ~= '1' and found[2] ~= '1' and found[3] ~= false,
+      last = tonumber(found[3] or '-1'), first = found[4], new_first = nil, bytes = 0, at = nil,
+    }
+    states[turn] = st
+  end
+  return st
+end
+local function commit()
+  local added = 0
+  for _, st in pairs(states) do
+    if st.at then
+      redis.call('HSET', st.meta, 'last_seq', st.last)
+      if st.bytes ~= 0 then redis.call('HINCRBY', st.meta, 'bytes', st.bytes) end
+      if st.new_first then redis.call('HSETNX', st.meta, 'first', st.new_first) end
+      redis.call('ZADD', turns_key, 'XX', st.at, st.member)
+      added = added + st.bytes
+    end
+  end
+  states = {}
+  redis.call('INCRBY', bytes_key, added)
+end
 for i = 7, #ARGV, 5 do
   local op, turn, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local _, meta, alive_key = names(sid, turn)
-  local member = sid .. '|' .. turn
   if op == 'b' then
+    local _, meta, alive_key = names(sid, turn)
     if redis.call('EXISTS', meta) == 0 then
       redis.call('HSET', meta, 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
-      redis.call('ZADD', turns_key, seq, member)
+      redis.call('ZADD', turns_key, seq, sid .. '|' .. turn)
       redis.call('SET', alive_key, '1', 'PX', lease)
       redis.call('ZADD', running_key, redis.call('INCR', KEYS[5]), turn)
     end
-  elseif redis.call('HGET', meta, 'gone') ~= '1' and redis.call('HGET', meta, 'ended') ~= '1' then
-    local last = tonumber(redis.call('HGET', meta, 'last_seq') or '-1')
-    local id, at = nil, now
-    if op == 'a' and last >= 0 and seq > last then
+    states[turn] = nil
+  elseif op == 'a' then
+    local st = state_of(turn)
+    if st.writable and seq > st.last then
       local size = tonumber(ARGV[i + 3])
-      id = redis.call('XADD', stream, '*', 't', turn, 's', seq, 'n', size, 'e', ARGV[i + 4])
-      redis.call('HSET', meta, 'last_seq', seq)
-      redis.call('HINCRBY', meta, 'bytes', size)
-      added = added + size
-    elseif op == 'e' and last >= 0 then
-      -- within the bounds while it runs: over them its own oldest events go, not all of it
-      redis.call('INCRBY', bytes_key, added)
-      added = 0
-      keep_bounds()
-      id = redis.call('XADD', stream, '*', 't', turn, 's', last, 'x', '1')
-      at = seq
-      redis.call('HSET', meta, 'ended', '1')
-      redis.call('DEL', alive_key)
+      local id = redis.call('XADD', stream, '*', 't', turn, 's', seq, 'n', size, 'e', ARGV[i + 4])
+      if not st.first and not st.new_first then st.new_first = id end
+      st.last, st.bytes, st.at = seq, st.bytes + size, now
+    end
+  elseif op == 'e' and state_of(turn).writable then
+    -- within the bounds while it runs: over them its own oldest events go, not all of it
+    commit()
+    keep_bounds()
+    local st = state_of(turn)
+    if st.writable then
+      local id = redis.call('XADD', stream, '*', 't', turn, 's', st.last, 'x', '1')
+      if not st.first then redis.call('HSET', st.meta, 'first', id) end
+      redis.call('HSET', st.meta, 'ended', '1')
+      redis.call('ZADD', turns_key, 'XX', seq, st.member)
+      redis.call('DEL', st.alive_key)
       redis.call('ZREM', running_key, turn)
     end
-    if id then
-      redis.call('HSETNX', meta, 'first', id)
-      redis.call('ZADD', turns_key, 'XX', at, member)
-    end
+    states[turn] = nil
   end
 end
-redis.call('INCRBY', bytes_key, added)
+commit()
 -- a safety net: what nobody touches for two windows goes, whatever the scripts missed
 for _, key in ipairs({stream, running_key}) do
   if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, 2 * window + 60000) end
@@ -333,14 +359,10 @@ class _Closed(Exception):
     """The log was closed while a reader waited."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    session_id: str
-    op: str  # b (begin), a (append), e (end)
-    turn_id: str
-    event: Event | None = None
-    #: When a begin or an end happened (ms): the turn's activity, whenever it is written.
-    at: int = 0
+#: A write waiting for the flusher: session id, op (b begin, a append, e end), turn id, the
+#: event (appends), and when a begin or an end happened (ms): a tuple, as it is made for
+#: every event.
+_Op = tuple[str, str, str, Event | None, int]
 
 
 class RedisTurnLog:
@@ -356,7 +378,7 @@ class RedisTurnLog:
 
     def append(self, event: Event) -> None:
         log = self._log
-        log._pending.append(_Op(self.session_id, "a", self.turn_id, event))
+        log._pending.append((self.session_id, "a", self.turn_id, event, 0))
         log._queued += 1
         if not log._wake.is_set():
             log._wake.set()
@@ -441,7 +463,7 @@ class RedisReplayLog:
         turn = RedisTurnLog(self, session_id, turn_id, request_id)
         self._running[(session_id, turn_id)] = turn
         self._begun_unwritten += 1
-        self._enqueue(_Op(session_id, "b", turn_id, at=self._now_ms()))
+        self._enqueue((session_id, "b", turn_id, None, self._now_ms()))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self._start_renewer()
@@ -450,7 +472,7 @@ class RedisReplayLog:
     def _end(self, turn: RedisTurnLog) -> None:
         if self._running.pop((turn.session_id, turn.turn_id), None) is None:
             return  # ended already
-        self._enqueue(_Op(turn.session_id, "e", turn.turn_id, at=self._now_ms()))
+        self._enqueue((turn.session_id, "e", turn.turn_id, None, self._now_ms()))
         claim = self._claims.pop((turn.session_id, turn.turn_id), None)
         if claim is not None:
             # Remembered a whole window after the turn, however long it ran.
@@ -477,18 +499,17 @@ class RedisReplayLog:
             except Exception:
                 log.exception("replay log: %d writes lost", len(batch))
             self._written += len(batch)
-            self._begun_unwritten -= sum(1 for op in batch if op.op == "b")
+            self._begun_unwritten -= sum(1 for op in batch if op[1] == "b")
             self._wake_readers()
 
     async def _flush(self, batch: Sequence[_Op], claims: Sequence[str]) -> None:
         by_session: dict[str, list[Any]] = {}
-        for op in batch:
-            args = by_session.setdefault(op.session_id, [])
-            event = op.event
+        for session_id, op, turn_id, event, at in batch:
+            args = by_session.setdefault(session_id, [])
             if event is None:
-                args += (op.op, op.turn_id, op.at, 0, b"")
+                args += (op, turn_id, at, 0, b"")
             else:
-                args += (op.op, op.turn_id, event.seq, event_size(event), encode_event(event, ""))
+                args += (op, turn_id, event.seq, event_size(event), encode_event(event, ""))
         bounds = self._bounds()
         window = self._window_seconds
 
