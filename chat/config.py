@@ -16,6 +16,7 @@ from chat.context import ContextSettings
 from chat.core import Limits
 from chat.errors import ConfigurationError
 from chat.quota import Quotas
+from chat.replay import ReplaySettings
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.store import default_store_url
@@ -24,6 +25,7 @@ __all__ = [
     "API_KEY_ENV_VARS",
     "BACKENDS",
     "DEFAULT_COALESCE_WINDOW",
+    "DISCONNECT_POLICIES",
     "EVENT_LOOPS",
     "MODEL_CHECKS",
     "REFLECTION_MODES",
@@ -35,6 +37,9 @@ REFLECTION_MODES = ("public", "authenticated", "off")
 
 #: Event loops ``--event-loop`` accepts: ``auto`` is uvloop when it is installed.
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+#: What ``--on-disconnect`` accepts: what a reply does when its client goes away.
+DISCONNECT_POLICIES = ("continue", "cancel")
 
 #: Backend names ``--backend`` accepts.
 BACKENDS = ("echo", "openai", "gemini")
@@ -135,6 +140,12 @@ class ServerConfig:
     #: Send a heartbeat on a Chat stream that has been silent this many seconds (0: never),
     #: for proxies that close silent streams while a model thinks.
     heartbeat: float = 15.0
+    #: What a reply does when its client goes away, for sessions without their own setting
+    #: (:data:`DISCONNECT_POLICIES`): ``continue`` runs it to its end and stores it (a
+    #: client that comes back resumes it), ``cancel`` stops the model at once.
+    on_disconnect: str = "continue"
+    #: How long, and how much, the replay log keeps (RESUME, WATCH, resends).
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
 
     @property
     def tls(self) -> bool:
@@ -189,6 +200,11 @@ class ServerConfig:
         if self.model_check is not None and self.model_check not in MODEL_CHECKS:
             raise ConfigurationError(
                 f"unknown model check {self.model_check!r}; choose one of {', '.join(MODEL_CHECKS)}"
+            )
+        if self.on_disconnect not in DISCONNECT_POLICIES:
+            raise ConfigurationError(
+                f"unknown --on-disconnect {self.on_disconnect!r}; "
+                f"choose one of {', '.join(DISCONNECT_POLICIES)}"
             )
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, not {self.grace_period}")

@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import operator
+import secrets
 import time
 import uuid
 from collections import deque
@@ -39,6 +41,7 @@ from chat.auth import LOCAL, Credentials, Identity
 from chat.backends import Delta, GenerationRequest, ModelBackend, ModelCheck, ModelChecker
 from chat.context import ContextBudget, estimate_tokens
 from chat.errors import (
+    Aborted,
     BackendError,
     ChatError,
     ContextTooLong,
@@ -49,13 +52,16 @@ from chat.errors import (
     RateLimited,
     SessionNotFound,
     StoreUnavailable,
+    TurnNotFound,
+    TurnOutOfRange,
     Unavailable,
 )
 from chat.events import Event, EventKind, ReplyCounter, Request, RequestKind
 from chat.health import StoreHealth
 from chat.observe import NO_OBSERVER, NO_TURN, Observer, TurnObservation
-from chat.outbox import Outbox
+from chat.outbox import FINAL_SINK, LOG_SINK, LogSink, Outbox
 from chat.quota import QuotaKeeper, QuotaUsage
+from chat.replay import MemoryReplayLog, ReplayLog
 from chat.retention import Retention, RetentionKeeper
 from chat.stats import ServerStats, ServerStatsInfo
 from chat.store import OwnerLimitReached, SessionStore
@@ -94,6 +100,18 @@ _REQUEST_IDS = (
     "timestamp",
     "traceparent",
 )
+#: The fields of an event copied for another stream (its turn record stays behind).
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event) if f.name != "reply")
+_event_values = operator.attrgetter(*_EVENT_FIELDS)
+
+
+def _replayed(event: Event, request_id: str = "") -> Event:
+    """A copy of a logged ``event`` for another stream (with ``request_id`` if given): not
+    tied to its turn, so that outbox neither renumbers nor merges it."""
+    copy = Event(*_event_values(event))
+    if request_id:
+        copy.request_id = request_id
+    return copy
 
 
 def _too_long(name: str, value: str, limit: int) -> InvalidArgument:
@@ -155,7 +173,11 @@ class ChatCore:
         model_check: ModelCheck = ModelCheck.STRICT,
         observer: Observer | None = None,
         health: StoreHealth | None = None,
+        replay: ReplayLog | None = None,
+        on_disconnect: DisconnectPolicy = DisconnectPolicy.CONTINUE,
     ) -> None:
+        if on_disconnect is DisconnectPolicy.UNSPECIFIED:
+            raise ValueError("on_disconnect must be CANCEL or CONTINUE")
         self.store = store
         self.quotas = quotas or QuotaKeeper()
         self.backend = backend
@@ -166,6 +188,11 @@ class ChatCore:
         self.stats = stats or ServerStats()
         #: Told about every turn (metrics, traces, access logs; :mod:`chat.observe`).
         self.observer = observer or NO_OBSERVER
+        #: The events of running and recent turns (RESUME, WATCH, resends); in this process
+        #: unless one is given (the Redis one, where the Redis store is used).
+        self.replay: ReplayLog = replay or MemoryReplayLog(on_evicted=self.observer.replay_evicted)
+        #: What a turn of a session without its own setting does when its stream goes away.
+        self.on_disconnect = on_disconnect
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
         self._page_tokens: PageTokens | None = None
         # The last session count read, per owner (None: everyone's), for stats during a
@@ -174,6 +201,8 @@ class ChatCore:
         self._subscribers: dict[str, set[Conversation]] = {}
         self._conversations: set[Conversation] = set()
         self._streams_of: dict[str, int] = {}
+        #: Closed streams whose turns run on (``DisconnectPolicy.CONTINUE``).
+        self._detached: set[Conversation] = set()
         self._draining = False
         self._last_created = datetime.min.replace(tzinfo=UTC)
         self._idle = asyncio.Event()
@@ -242,7 +271,17 @@ class ChatCore:
         return session
 
     async def get_session(self, session_id: str, identity: Identity = LOCAL) -> Session:
-        return shown(await self._owned(session_id, identity), identity)
+        session = await self._live(await self._owned(session_id, identity))
+        return shown(session, identity)
+
+    async def _live(self, session: Session) -> Session:
+        """``session`` with its live state: whether a turn runs, how many watch it."""
+        session_id = session.session_id
+        running = await self.replay.running_turn(session_id) is not None
+        watchers = await self.replay.watchers(session_id)
+        if not running and not watchers:
+            return session
+        return dataclasses.replace(session, turn_running=running, watchers=watchers)
 
     async def get_history(self, session_id: str, identity: Identity = LOCAL) -> list[Message]:
         await self._owned(session_id, identity)
@@ -256,7 +295,7 @@ class ChatCore:
         # identity's whole history before refusing would tell, by its time, that it exists.
         await self._owned(session_id, identity)
         session, history = await self.store.read(session_id)
-        return shown(session, identity), history
+        return shown(await self._live(session), identity), history
 
     async def update_session(
         self, session_id: str, patch: SessionPatch, identity: Identity = LOCAL
@@ -360,6 +399,7 @@ class ChatCore:
             store=self.store.kind,
             active_sessions=self._known_sessions.get(owner, 0),
             store_unreachable=unreachable,
+            replay=self.replay.stats(),
         )
         if identity.admin:
             return full
@@ -459,7 +499,7 @@ class ChatCore:
     def interrupt(self) -> None:
         """The grace period is over: end every stream's turns now, each with a final event
         (see :meth:`Conversation.interrupt`), then the streams themselves."""
-        for conversation in list(self._conversations):
+        for conversation in [*self._conversations, *self._detached]:
             conversation.interrupt()
 
     async def wait_idle(self, within: float) -> bool:
@@ -519,8 +559,20 @@ class ChatCore:
         else:
             self._streams_of[name] -= 1
         self.stats.active_streams -= 1
-        if not self._conversations:
+        if not self._conversations and not self._detached:
             self._idle.set()
+
+    def _detached_done(self, conversation: Conversation) -> None:
+        """The last turn a closed stream left running has ended."""
+        self._detached.discard(conversation)
+        if not self._conversations and not self._detached:
+            self._idle.set()
+
+    def _cancel_session_turns(self, session_id: str) -> None:
+        """Cancel every turn of ``session_id`` running or queued in this process
+        (``CONCURRENCY_POLICY_INTERRUPT``)."""
+        for conversation in [*self._conversations, *self._detached]:
+            conversation.cancel_session(session_id)
 
     # -- session updates pushed to other streams ------------------------------------------
 
@@ -586,6 +638,13 @@ class _Turn:
     observed: TurnObservation = NO_TURN
     #: Tokens of the prompt as counted for the context (the token budget's estimate).
     prompt_tokens: int = 0
+    #: Where the turn's events go: its stream's outbox, or once the stream is gone, the
+    #: turn's replay log alone (:class:`~chat.outbox.LogSink`).
+    sink: Outbox | LogSink = LOG_SINK
+    #: Runs to its end if its stream goes away (the session's ``on_disconnect``).
+    continues: bool = False
+    #: Its final event (RESPONSE_COMPLETE or ERROR) was sent.
+    ended: bool = False
 
     def compact(self) -> None:
         """Join the latest chunks into a block: a long reply is thousands of small strings,
@@ -635,6 +694,14 @@ class Conversation:
         self._request_backlog = 4 * limits.outbox_high_water
         self._lanes: dict[str, _Lane] = {}
         self._sessions: set[str] = set()
+        #: RESUMEs and resends replaying a turn into this stream.
+        self._replays: set[asyncio.Task[None]] = set()
+        #: WATCHes of this stream, by session.
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        #: Sessions this stream follows for their updates because it watches them.
+        self._watch_follows: set[str] = set()
+        #: Turns started on this stream: a watch of their session does not repeat them.
+        self._own_turns: set[str] = set()
         self._input_done = False
         self._draining = False
         self._closing = False
@@ -675,11 +742,17 @@ class Conversation:
         elif kind == RequestKind.MESSAGE or kind == RequestKind.RETRY:
             if self._validate_turn(request) is None and not await self._admit(request):
                 return
-            self._submit_turn(request)
+            await self._start_turn(request)
         elif kind == RequestKind.CANCEL:
             self._cancel(request)
         elif kind == RequestKind.TYPING_START or kind == RequestKind.TYPING_STOP:
             await self._typing(request)
+        elif kind == RequestKind.RESUME:
+            await self._resume(request)
+        elif kind == RequestKind.WATCH:
+            await self._watch(request)
+        elif kind == RequestKind.UNWATCH:
+            self._unwatch(request)
         else:
             self._error(request, InvalidArgument("type", f"unknown request type {kind}"))
 
@@ -733,7 +806,7 @@ class Conversation:
         return sum(len(lane.pending) for lane in self._lanes.values())
 
     def _maybe_finish(self) -> None:
-        if self._lanes:
+        if self._lanes or self._replays:
             return
         if self._draining and not self._input_done:
             self._draining = False  # say it once
@@ -747,23 +820,26 @@ class Conversation:
                 )
             )
         if self._input_done:
+            # Watches last as long as the client sends; its half-close ends them.
+            for task in self._watches.values():
+                task.cancel()
             self.outbox.close()
 
-    def _error(self, request: Request, error: ChatError, reply: ReplyCounter | None = None) -> None:
-        """Send an ERROR; with ``reply``, it ends a reply that had started streaming."""
-        event = Event(
-            EventKind.ERROR,
-            session_id=request.session_id,
-            request_id=request.request_id,
-            error_message=error.message,
-            error_code=int(error.status),
-            error_field=error.field if isinstance(error, InvalidArgument) else "",
-            reply=reply,
-            finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
-        )
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            event.retry_after = error.retry_after
-        self.outbox.put_nowait(event)
+    def _error(self, request: Request, error: ChatError) -> None:
+        """Send an ERROR for a request that is not (or not yet) a turn."""
+        self.outbox.put_nowait(_error_event(request, error))
+
+    def _turn_error(self, turn: _Turn, error: ChatError) -> None:
+        """End ``turn`` with an ERROR (after its reply started, it ends the reply)."""
+        event = _error_event(turn.request, error, turn.reply)
+        if not turn.started:
+            event.finish_reason = FinishReason.UNSPECIFIED
+        self._final(turn, event)
+
+    def _final(self, turn: _Turn, event: Event) -> None:
+        """Send the final event of ``turn`` (it ends the turn's replay log)."""
+        turn.ended = True
+        turn.sink.put_nowait(event)
 
     async def _admit(self, request: Request) -> bool:
         """Count the turn against the identity's quotas; an ERROR (nothing stored) if over."""
@@ -781,7 +857,63 @@ class Conversation:
             return False
         return True
 
-    def _submit_turn(self, request: Request) -> None:
+    async def _start_turn(self, request: Request) -> None:
+        """A MESSAGE or RETRY: a resend attaches to its turn; a session whose turn runs
+        applies its concurrency policy; else the turn is queued in its lane."""
+        core = self._core
+        if self._validate_turn(request) is not None:
+            self._submit_turn(request)
+            return
+        session_id = request.session_id
+        turn_id = _new_turn_id()
+        session: Session | None = None
+        resend = request.client_message_id if request.kind == RequestKind.MESSAGE else ""
+        try:
+            if resend:
+                # The owner's first: another identity must not take a message id (nor
+                # learn, by an answer, that the session exists).
+                session = await core._owned(session_id, self.identity, admin=False)
+                claimed = await core.replay.claim(session_id, resend, turn_id)
+                if claimed is not None:
+                    core.stats.total_requests += 1
+                    self._replay(request, claimed, 0)
+                    return
+            running = await core.replay.running_turn(session_id)
+            if running is not None:
+                if session is None:
+                    session = await core._owned(session_id, self.identity, admin=False)
+                policy = session.concurrency_policy
+                if policy is ConcurrencyPolicy.REJECT:
+                    # A turn of its own (and logged), so that a resend of this message
+                    # gets the same answer.
+                    core.stats.total_requests += 1
+                    core.stats.failed_requests += 1
+                    turn = self._new_turn(request, turn_id)
+                    self._turn_error(turn, _rejected())
+                    self._turn_done(turn)
+                    return
+                if policy is ConcurrencyPolicy.INTERRUPT:
+                    core._cancel_session_turns(session_id)
+        except ChatError as error:
+            core.stats.total_requests += 1
+            core.stats.failed_requests += 1
+            self._error(request, error)
+            return
+        self._submit_turn(request, turn_id)
+
+    def _new_turn(self, request: Request, turn_id: str) -> _Turn:
+        turn = _Turn(request, sink=self.outbox)
+        reply = turn.reply
+        reply.turn_id = turn_id
+        reply.log = self._core.replay.begin(request.session_id, turn_id, request.request_id)
+        self._own_turns.add(turn_id)
+        return turn
+
+    def _turn_done(self, turn: _Turn) -> None:
+        if turn.request.session_id not in self._watches:
+            self._own_turns.discard(turn.reply.turn_id)
+
+    def _submit_turn(self, request: Request, turn_id: str = "") -> None:
         core = self._core
         core.stats.total_requests += 1
         error = self._validate_turn(request)
@@ -792,7 +924,7 @@ class Conversation:
         lane = self._lanes.get(request.session_id)
         if lane is None:
             lane = self._lanes[request.session_id] = _Lane()
-        turn = _Turn(request)
+        turn = self._new_turn(request, turn_id or _new_turn_id())
         turn.observed = core.observer.turn(request, received=turn.received)
         lane.pending.append(turn)
         if lane.worker is None:
@@ -847,6 +979,9 @@ class Conversation:
                 )
             )
             return
+        self._cancel_turns(targets)
+
+    def _cancel_turns(self, targets: Sequence[tuple[str, _Turn]]) -> None:
         for session_id, turn in targets:
             turn.cancelled = True
             lane = self._lanes[session_id]
@@ -857,6 +992,14 @@ class Conversation:
                 # Never started: answer at once; nothing is stored.
                 lane.pending.remove(turn)
                 self._complete_cancelled(turn)
+
+    def cancel_session(self, session_id: str) -> None:
+        """Cancel every turn of ``session_id`` on this stream (running or queued)."""
+        lane = self._lanes.get(session_id)
+        if lane is not None:
+            self._cancel_turns(
+                [(session_id, t) for t in (lane.current, *lane.pending) if t is not None]
+            )
 
     async def _typing(self, request: Request) -> None:
         try:
@@ -876,6 +1019,127 @@ class Conversation:
             self._sessions.add(session_id)
             self._core._subscribe(session_id, self)
 
+    # -- replay: RESUME, resends, WATCH ---------------------------------------------------------
+
+    async def _resume(self, request: Request) -> None:
+        core = self._core
+        try:
+            await core._owned(request.session_id, self.identity, admin=False)
+            if not request.turn_id:
+                raise InvalidArgument("turn_id", "is required: the turn to resume")
+            if request.after_seq < 0:
+                raise InvalidArgument("after_seq", "must not be negative")
+        except ChatError as error:
+            self._error(request, error)
+            return
+        core.stats.resumed_turns += 1
+        self._replay(request, request.turn_id, request.after_seq)
+
+    def _replay(self, request: Request, turn_id: str, after_seq: int) -> None:
+        """Send the events of ``turn_id`` after ``after_seq`` into this stream, then its
+        live ones to its end, with the request's ``request_id`` (if it has one)."""
+        task = asyncio.create_task(self._send_replay(request, turn_id, after_seq))
+        self._replays.add(task)
+        task.add_done_callback(self._replay_done)
+
+    def _replay_done(self, task: asyncio.Task[None]) -> None:
+        self._replays.discard(task)
+        if not self._closing:
+            self._maybe_finish()
+
+    async def _send_replay(self, request: Request, turn_id: str, after_seq: int) -> None:
+        core = self._core
+        request_id = request.request_id
+        outbox = self.outbox
+        try:
+            follow = core.replay.follow(request.session_id, turn_id, after_seq)
+            async with aclosing(follow) as events:
+                async for event in events:
+                    if not await outbox.put(_replayed(event, request_id)):
+                        return
+        except TurnNotFound as error:
+            self._error(request, await self._forgotten(request.session_id, turn_id, error))
+        except ChatError as error:
+            self._error(request, error)
+
+    async def _forgotten(self, session_id: str, turn_id: str, error: ChatError) -> ChatError:
+        """OUT_OF_RANGE rather than NOT_FOUND for a turn the log no longer has but the
+        history does (this process's log may never have had it: another replica's, or
+        from before a restart)."""
+        try:
+            history = await self._core.store.messages(session_id)
+        except ChatError:
+            return error
+        if any(message.turn_id == turn_id for message in history):
+            return TurnOutOfRange(turn_id)
+        return error
+
+    async def _watch(self, request: Request) -> None:
+        session_id = request.session_id
+        try:
+            await self._core._owned(session_id, self.identity, admin=False)
+        except ChatError as error:
+            self._error(request, error)
+            return
+        if session_id not in self._watches:
+            if session_id not in self._sessions:
+                self._watch_follows.add(session_id)
+                self._follow(session_id)
+            self._watches[session_id] = asyncio.create_task(self._send_watch(session_id))
+        self.outbox.put_nowait(
+            Event(
+                EventKind.STATUS,
+                session_id=session_id,
+                request_id=request.request_id,
+                status_message="watching the session",
+                status_kind=StatusKind.WATCHING,
+            )
+        )
+
+    def _unwatch(self, request: Request) -> None:
+        session_id = request.session_id
+        task = self._watches.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+        if session_id in self._watch_follows:
+            self._watch_follows.discard(session_id)
+            self._sessions.discard(session_id)
+            self._core._unsubscribe(session_id, self)
+        self.outbox.put_nowait(
+            Event(
+                EventKind.STATUS,
+                session_id=session_id,
+                request_id=request.request_id,
+                status_message="not watching the session",
+                status_kind=StatusKind.NOT_WATCHING,
+            )
+        )
+
+    async def _send_watch(self, session_id: str) -> None:
+        """The events of the session's turns, as their senders got them; those of this
+        stream's own turns it has already."""
+        core = self._core
+        own = self._own_turns
+        outbox = self.outbox
+        core.stats.active_watchers += 1
+        core.observer.watchers_changed(1)
+        try:
+            async with aclosing(core.replay.watch(session_id)) as events:
+                async for event in events:
+                    if event.turn_id in own:
+                        if event.kind is EventKind.RESPONSE_COMPLETE or event.kind is (
+                            EventKind.ERROR
+                        ):
+                            own.discard(event.turn_id)
+                        continue
+                    if not await outbox.put(_replayed(event)):
+                        return
+        finally:
+            core.stats.active_watchers -= 1
+            core.observer.watchers_changed(-1)
+            if self._watches.get(session_id) is asyncio.current_task():
+                del self._watches[session_id]
+
     # -- turns ------------------------------------------------------------------------------
 
     async def _serve_lane(self, session_id: str, lane: _Lane) -> None:
@@ -893,7 +1157,11 @@ class Conversation:
             lane.worker = None
             if self._lanes.get(session_id) is lane:
                 del self._lanes[session_id]
-            self._maybe_finish()
+            if self._closing:
+                if not self._lanes:
+                    self._core._detached_done(self)
+            else:
+                self._maybe_finish()
 
     async def _run_turn(self, turn: _Turn) -> None:
         core = self._core
@@ -905,6 +1173,8 @@ class Conversation:
             await core._owned(session_id, self.identity, admin=False)
             async with core.store.lock(session_id):
                 session = await core.retention.turn_starting(session_id)
+                policy = session.on_disconnect or core.on_disconnect
+                turn.continues = policy is DisconnectPolicy.CONTINUE
                 self._follow(session_id)
                 history = await core.store.messages(session_id)
                 text = request.message
@@ -927,7 +1197,7 @@ class Conversation:
                     raise
                 if context.omitted:
                     plural = "" if context.omitted == 1 else "s"
-                    await self.outbox.put(
+                    await turn.sink.put(
                         Event(
                             EventKind.STATUS,
                             session_id=session_id,
@@ -939,6 +1209,7 @@ class Conversation:
                             ),
                             omitted_messages=context.omitted,
                             status_kind=StatusKind.CONTEXT_TRUNCATED,
+                            reply=turn.reply,
                         )
                     )
                 start = Event(
@@ -948,6 +1219,7 @@ class Conversation:
                     context_messages=context.conversation_messages,
                     omitted_messages=context.omitted,
                     model=model,
+                    reply=turn.reply,
                 )
                 turn.prompt_tokens = context.tokens
                 turn.observed.started(model, context.omitted)
@@ -964,7 +1236,12 @@ class Conversation:
         except ChatError as error:
             core.stats.failed_requests += 1
             turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
-            self._error(request, error, turn.reply if turn.started else None)
+            self._turn_error(turn, error)
+        except asyncio.CancelledError:
+            if not turn.ended:
+                # Followers and watchers of the turn (its log) see it end.
+                self._final(turn, _cancelled_event(turn))
+            raise
         except Exception:
             log.exception("turn %r on session %s failed", request.request_id, session_id)
             core.stats.failed_requests += 1
@@ -972,27 +1249,20 @@ class Conversation:
             turn.observed.finished(
                 FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=internal
             )
-            self._error(request, internal, turn.reply if turn.started else None)
+            self._turn_error(turn, internal)
         finally:
             turn.release()
+            self._turn_done(turn)
 
     def _complete_cancelled(self, turn: _Turn) -> None:
         """Answer a turn cancelled before it reached the model: nothing is stored."""
         self._core.stats.cancelled_requests += 1
         turn.observed.finished(FinishReason.CANCELLED, None, chunks=0)
         if turn.interrupted:
-            self._error(turn.request, _shutdown_error())
-            return
-        self.outbox.put_nowait(
-            Event(
-                EventKind.RESPONSE_COMPLETE,
-                session_id=turn.request.session_id,
-                request_id=turn.request.request_id,
-                finish_reason=FinishReason.CANCELLED,
-                processing_time=time.monotonic() - turn.received,
-                reply=turn.reply,
-            )
-        )
+            self._turn_error(turn, _shutdown_error())
+        else:
+            self._final(turn, _cancelled_event(turn))
+        self._turn_done(turn)
 
     async def _generate(
         self,
@@ -1005,7 +1275,7 @@ class Conversation:
         """Send ``start`` (RESPONSE_START), stream the model's reply, store the turn, and end
         it with COMPLETE or ERROR."""
         core = self._core
-        await self.outbox.wait_below(core.limits.outbox_high_water)
+        await turn.sink.wait_below(core.limits.outbox_high_water)
         core.stats.active_replies += 1
         task = turn.generation = asyncio.create_task(self._pump(turn, generation))
         # RESPONSE_START is queued once the pump task exists (nothing runs in between, so it
@@ -1013,7 +1283,7 @@ class Conversation:
         # A model that answers at once (echo) has its first chunks queued by then, and they
         # leave with RESPONSE_START in one write; a remote model suspends on its request, and
         # the writer sends RESPONSE_START in the same pass of the loop as before.
-        self.outbox.put_nowait(start)
+        turn.sink.put_nowait(start)
         turn.started = True
         if turn.cancelled:
             task.cancel()
@@ -1035,6 +1305,7 @@ class Conversation:
                     )
                     await asyncio.shield(self._spend(turn))
                 turn.observed.finished(FinishReason.CANCELLED, turn.usage, chunks=turn.chunks)
+                self._final(turn, _cancelled_event(turn))
                 raise
         finally:
             turn.generation = None
@@ -1056,7 +1327,7 @@ class Conversation:
             await self._spend(turn)
             core.stats.failed_requests += 1
             turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
-            self._error(turn.request, error, turn.reply)
+            self._turn_error(turn, error)
             return
         else:
             status = MessageStatus.COMPLETE
@@ -1066,7 +1337,8 @@ class Conversation:
         if status is MessageStatus.COMPLETE:
             core.stats.record_success(processing_time)
         turn.observed.finished(turn.finish, turn.usage, chunks=turn.chunks)
-        self.outbox.put_nowait(
+        self._final(
+            turn,
             Event(
                 EventKind.RESPONSE_COMPLETE,
                 session_id=session.session_id,
@@ -1077,7 +1349,7 @@ class Conversation:
                 usage=turn.usage,
                 model=generation.model,
                 reply=turn.reply,
-            )
+            ),
         )
         core._publish(stored, SessionUpdateKind.TURN_COMPLETED, "reply completed", exclude=self)
 
@@ -1101,10 +1373,9 @@ class Conversation:
         await self._store_turn(turn, session, text, model, status, sent_only=True)
         await self._spend(turn)
         turn.observed.finished(FinishReason.ERROR, turn.usage, chunks=turn.chunks, error=error)
-        self._error(turn.request, error, turn.reply)
+        self._turn_error(turn, error)
 
     async def _pump(self, turn: _Turn, generation: GenerationRequest) -> None:
-        outbox = self.outbox
         limit = self._core.limits.max_chunk_chars
         session_id = turn.request.session_id
         request_id = turn.request.request_id
@@ -1115,15 +1386,17 @@ class Conversation:
                 text = delta.text
                 while text:
                     piece, text = text[:limit], text[limit:]
-                    await outbox.put(
-                        Event(
-                            EventKind.CHUNK,
-                            session_id=session_id,
-                            request_id=request_id,
-                            chunk_text=piece,
-                            reply=turn.reply,
-                        )
+                    chunk = Event(
+                        EventKind.CHUNK,
+                        session_id=session_id,
+                        request_id=request_id,
+                        chunk_text=piece,
+                        reply=turn.reply,
                     )
+                    sink = turn.sink
+                    if not await sink.put(chunk) and turn.sink is not sink:
+                        # The stream went away while this waited; the turn runs on.
+                        turn.sink.put_nowait(chunk)
                     if not parts:
                         turn.observed.first_token()
                     # Only after the chunk is queued: the stored reply is exactly what the
@@ -1232,7 +1505,8 @@ class Conversation:
         user_status = (
             MessageStatus.FAILED if status is MessageStatus.FAILED else (MessageStatus.COMPLETE)
         )
-        messages = [Message(Role.USER, text, now, user_status, request_id)]
+        turn_id = turn.reply.turn_id
+        messages = [Message(Role.USER, text, now, user_status, request_id, turn_id=turn_id)]
         reply = turn.text()
         if sent_only:
             # A reply cut short keeps what reached the stream, not what was still queued.
@@ -1241,7 +1515,7 @@ class Conversation:
         # that reached the model keeps its (possibly empty, possibly partial) reply.
         if reply or status is not MessageStatus.FAILED:
             messages.append(
-                Message(Role.ASSISTANT, reply, now, status, request_id, model, turn.usage)
+                Message(Role.ASSISTANT, reply, now, status, request_id, model, turn.usage, turn_id)
             )
         try:
             stored = await self._core.store.append(session.session_id, messages)
@@ -1258,23 +1532,59 @@ class Conversation:
     # -- shutdown ---------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Cancel every turn, keep partial replies, unsubscribe, close the outbox."""
+        """The stream is gone: a reply whose session says ``continue`` runs on into its
+        replay log; every other turn is cancelled (keeping its partial reply). Then
+        unsubscribe and close the outbox."""
         if self._closing:
             return
         self._closing = True
         core = self._core
-        workers = [lane.worker for lane in self._lanes.values() if lane.worker is not None]
-        for worker in workers:
-            worker.cancel()
+        # What the turns say from now on goes to their logs alone: all of it for a reply
+        # that runs on, else only what ends it (its chunks would never reach the client,
+        # and are not stored either).
+        sinks: dict[int, LogSink] = {}
+        detached: list[_Lane] = []
+        workers = []
+        for lane in self._lanes.values():
+            current = lane.current
+            # Not while the server drains: it cannot keep a reply beyond its grace period.
+            if (
+                current is not None
+                and current.continues
+                and not current.cancelled
+                and not core.draining
+            ):
+                current.sink = LOG_SINK
+                detached.append(lane)
+            elif current is not None:
+                current.sink = FINAL_SINK
+                sinks[id(current.reply)] = FINAL_SINK
+            while lane.pending:
+                turn = lane.pending.popleft()
+                turn.sink = FINAL_SINK
+                sinks[id(turn.reply)] = FINAL_SINK
+                turn.cancelled = True
+                self._final(turn, _cancelled_event(turn))
+                self._turn_done(turn)
+            if lane not in detached and lane.worker is not None:
+                workers.append(lane.worker)
+        for event in self.outbox.take_pending():
+            if event.reply is not None:
+                sinks.get(id(event.reply), LOG_SINK).put_nowait(event)
+        self.outbox.close()
+        tasks = [*workers, *self._replays, *self._watches.values()]
+        for task in tasks:
+            task.cancel()
         try:
-            if workers:
-                await asyncio.wait(workers)
+            if tasks:
+                await asyncio.wait(tasks)
         finally:
             for session_id in self._sessions:
                 core._unsubscribe(session_id, self)
             self._sessions.clear()
-            self._lanes.clear()
-            self.outbox.close()
+            self._lanes = {sid: lane for sid, lane in self._lanes.items() if lane in detached}
+            if self._lanes:
+                core._detached.add(self)
             core._stream_closed(self)
 
 
@@ -1283,6 +1593,44 @@ def shown(session: Session, identity: Identity) -> Session:
     if identity.admin or not session.owner:
         return session
     return dataclasses.replace(session, owner="")
+
+
+def _new_turn_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _error_event(request: Request, error: ChatError, reply: ReplyCounter | None = None) -> Event:
+    event = Event(
+        EventKind.ERROR,
+        session_id=request.session_id,
+        request_id=request.request_id,
+        error_message=error.message,
+        error_code=int(error.status),
+        error_field=error.field if isinstance(error, InvalidArgument) else "",
+        reply=reply,
+        finish_reason=FinishReason.UNSPECIFIED if reply is None else FinishReason.ERROR,
+    )
+    if isinstance(error, RateLimited) and error.retry_after is not None:
+        event.retry_after = error.retry_after
+    return event
+
+
+def _cancelled_event(turn: _Turn) -> Event:
+    return Event(
+        EventKind.RESPONSE_COMPLETE,
+        session_id=turn.request.session_id,
+        request_id=turn.request.request_id,
+        finish_reason=FinishReason.CANCELLED,
+        processing_time=time.monotonic() - turn.received,
+        reply=turn.reply,
+    )
+
+
+def _rejected() -> Aborted:
+    return Aborted(
+        "a reply of this session is running and the session's concurrency policy is "
+        "reject: send the message again once it ends"
+    )
 
 
 def _shutdown_error() -> Unavailable:

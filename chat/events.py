@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from chat.types import FinishReason, Session, SessionUpdateKind, StatusKind, Usage
+
+if TYPE_CHECKING:
+    from chat.replay import TurnLog
 
 __all__ = ["Event", "EventKind", "ReplyCounter", "Request", "RequestKind"]
 
@@ -64,8 +68,20 @@ class EventKind(enum.IntEnum):
 
 @dataclass(slots=True, eq=False)
 class ReplyCounter:
-    """Counts the chunks of one reply as they leave the outbox, and their text."""
+    """The live record of one turn: numbers its events as they leave the outbox (``seq``,
+    and ``chunk_number`` for chunks), counts their text, and logs them for replay.
 
+    Every event of a turn refers to it (``Event.reply``); where an event leaves for the
+    client (:meth:`Outbox.get <chat.outbox.Outbox.get>`, or a turn's log alone once its
+    client is gone) it gets the next ``seq`` and the ``turn_id``, and goes to ``log``, which
+    therefore holds exactly what the client was sent. ``log`` is let go once the final
+    event is in it.
+    """
+
+    turn_id: str = ""
+    #: The ``seq`` of the turn's last event numbered.
+    seq: int = 0
+    log: TurnLog | None = None
     chunks: int = 0
     #: Characters of the reply's chunks that left the outbox for the stream (less those its
     #: writer then could not write): what a reply cut short keeps, so that the stored text
@@ -120,6 +136,7 @@ class Event:
     error_field: str = ""
     turn_id: str = ""
     seq: int = 0
-    # The reply a CHUNK, RESPONSE_COMPLETE or ERROR belongs to; numbers are filled in from
-    # it when the event leaves the outbox.
+    # The turn every event of a turn belongs to (STATUS, RESPONSE_START, CHUNK,
+    # RESPONSE_COMPLETE, ERROR); numbers (seq, chunk_number, total_chunks) and the turn_id
+    # are filled in from it when the event leaves the outbox.
     reply: ReplyCounter | None = field(default=None, repr=False, compare=False)

@@ -11,10 +11,38 @@ import asyncio
 import time
 from collections import deque
 
-from chat.events import Event, EventKind
+from chat.events import Event, EventKind, ReplyCounter
 from chat.stats import ServerStats
 
-__all__ = ["Outbox"]
+__all__ = ["FINAL_SINK", "LOG_SINK", "LogSink", "Outbox", "stamp"]
+
+_FINAL = (EventKind.RESPONSE_COMPLETE, EventKind.ERROR)
+
+
+def stamp(event: Event, reply: ReplyCounter) -> None:
+    """Number a turn's event as it leaves, and log it: ``seq``, ``turn_id``, and for a
+    chunk ``chunk_number`` (its text counted as sent), else ``total_chunks``. The turn's
+    log is ended by its final event and let go (nothing refers back to the turn then).
+
+    :meth:`Outbox.get` does the same inline for chunks: it runs for every chunk sent.
+    """
+    if event.kind is EventKind.CHUNK:
+        reply.chunks += 1
+        event.chunk_number = reply.chunks
+        reply.sent_chars += len(event.chunk_text)
+        if reply.waiter is not None:
+            reply.wake()
+    else:
+        event.total_chunks = reply.chunks
+    reply.seq += 1
+    event.seq = reply.seq
+    event.turn_id = reply.turn_id
+    log = reply.log
+    if log is not None:
+        log.append(event)
+        if event.kind in _FINAL:
+            log.end()
+            reply.log = None
 
 
 class Outbox:
@@ -75,11 +103,24 @@ class Outbox:
         self._urgent.append(event)
         self._readable.set()
 
-    async def put(self, event: Event) -> None:
+    async def put(self, event: Event) -> bool:
+        """Queue ``event`` once fewer than ``high_water`` are; ``False`` if the outbox was
+        closed instead (the event is dropped)."""
         while len(self._items) >= self._high_water and not self._closed:
             self._writable.clear()
             await self._writable.wait()
+        if self._closed:
+            return False
         self.put_nowait(event)
+        return True
+
+    def take_pending(self) -> list[Event]:
+        """Take the queued events (not the urgent ones) out, unnumbered: the stream is
+        going away and its turns' events go on elsewhere (:class:`LogSink`)."""
+        items = list(self._items)
+        self._items.clear()
+        self._writable.set()
+        return items
 
     async def wait_below(self, limit: int) -> None:
         """Wait while ``limit`` or more events are queued (urgent ones included)."""
@@ -112,15 +153,21 @@ class Outbox:
             if reply is None:
                 continue
             if event.kind is EventKind.CHUNK:
+                # stamp(), inline: this runs for every chunk.
                 reply.chunks += 1
                 event.chunk_number = reply.chunks
-                # ReplyCounter.note_sent, inline: this runs for every chunk.
                 reply.sent_chars += len(event.chunk_text)
                 if reply.waiter is not None:
                     reply.wake()
+                reply.seq += 1
+                event.seq = reply.seq
+                event.turn_id = reply.turn_id
+                log = reply.log
+                if log is not None:
+                    log.append(event)
                 chunks += 1
             else:
-                event.total_chunks = reply.chunks
+                stamp(event, reply)
         if self._stats is not None:
             self._stats.total_chunks_sent += chunks
         batch.extend(items)
@@ -144,6 +191,7 @@ class Outbox:
                 last = merged[-1]
                 if (
                     last.kind is EventKind.CHUNK
+                    and event.reply is not None
                     and last.reply is event.reply
                     and len(last.chunk_text) + len(event.chunk_text) <= limit
                 ):
@@ -151,3 +199,41 @@ class Outbox:
                     continue
             merged.append(event)
         return merged
+
+
+class LogSink:
+    """Where the events of a turn whose stream went away go: its log alone.
+
+    It stands in for the stream's :class:`Outbox` (``put``, ``put_nowait``,
+    ``wait_below``), numbering each event at once (:func:`stamp`), with no queue and no
+    flow control: nobody reads it but the replay log. Without ``chunks`` it drops chunks
+    (a reply being cancelled: they were never sent, and are not stored).
+    """
+
+    __slots__ = ("_chunks",)
+
+    closed = False
+
+    def __init__(self, *, chunks: bool = True) -> None:
+        self._chunks = chunks
+
+    def __len__(self) -> int:
+        return 0
+
+    def put_nowait(self, event: Event) -> None:
+        reply = event.reply
+        if reply is not None and (self._chunks or event.kind is not EventKind.CHUNK):
+            stamp(event, reply)
+
+    async def put(self, event: Event) -> bool:
+        self.put_nowait(event)
+        return True
+
+    async def wait_below(self, limit: int) -> None:
+        return None
+
+
+#: Every event to the log (a reply that runs on without its stream).
+LOG_SINK = LogSink()
+#: Only the events that are not chunks (a reply being cancelled as its stream went away).
+FINAL_SINK = LogSink(chunks=False)

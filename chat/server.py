@@ -41,11 +41,13 @@ from chat.errors import BackendError, ConfigurationError
 from chat.health import StoreHealth
 from chat.metrics import Metrics
 from chat.quota import QuotaKeeper, open_counters
+from chat.replay import MemoryReplayLog, ReplayLog
 from chat.secret import keep_headers_out_of_logs
 from chat.service import ChatService
 from chat.store import SessionStore, open_store
 from chat.telemetry import PROVIDERS, Telemetry, provider_name
 from chat.tls import reload_server_context, server_context
+from chat.types import DisconnectPolicy
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -84,6 +86,18 @@ def create_authenticator(config: ServerConfig) -> Authenticator:
         assert config.jwt is not None
         return JwtAuth(config.jwt)
     return NoAuth()
+
+
+def open_replay_log(
+    config: ServerConfig, store: SessionStore, *, on_evicted: Callable[[int], None]
+) -> ReplayLog:
+    """The replay log for ``config`` (RESUME, WATCH, resends), within ``config.replay``.
+
+    The seam for a shared one: with the Redis store, the log belongs in Redis too, so that
+    any replica can replay a turn another produced. For now every store gets the log in
+    this process.
+    """
+    return MemoryReplayLog(config.replay, on_evicted=on_evicted)
 
 
 def exposure_warning(config: ServerConfig) -> str | None:
@@ -375,6 +389,8 @@ class ChatServer:
                 quotas=quotas,
                 model_check=config.effective_model_check,
                 observer=telemetry,
+                replay=open_replay_log(config, store, on_evicted=telemetry.replay_evicted),
+                on_disconnect=DisconnectPolicy[config.on_disconnect.upper()],
                 health=StoreHealth(
                     store,
                     interval=config.store_check_interval,
@@ -530,6 +546,8 @@ class ChatServer:
             self._tasks.clear()
             await self._close_telemetry()
             await self._close_security()
+            if self._core is not None:
+                await self._core.replay.aclose()
             if self._backend is not None:
                 await self._backend.aclose()
             if self._store is not None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 
+from chat.replay import ReplayStats
 from chat.types import utcnow
 
 __all__ = ["ServerStats", "ServerStatsInfo"]
@@ -57,10 +58,33 @@ class ServerStatsInfo:
     trimmed_messages: int
     #: The server cannot reach its session store now (``active_sessions`` is the last count).
     store_unreachable: bool = False
+    #: Streams watching a session now (WATCH).
+    active_watchers: int = 0
+    #: Turns the replay log holds now (running, or ended within the replay window).
+    replay_turns: int = 0
+    #: Their size, as the replay log counts it (text plus a fixed overhead per event).
+    replay_bytes: int = 0
+    #: Events the replay log dropped to stay within its size.
+    replay_evicted_events: int = 0
+    #: Ended turns the replay log dropped at the end of the replay window.
+    replay_expired_turns: int = 0
+    #: RESUME requests served.
+    resumed_turns: int = 0
 
 
 #: What the snapshot takes from outside the counters (the core knows these).
-_CONTEXT = ("version", "backend", "model", "store", "active_sessions", "store_unreachable")
+_CONTEXT = (
+    "version",
+    "backend",
+    "model",
+    "store",
+    "active_sessions",
+    "store_unreachable",
+    "replay_turns",
+    "replay_bytes",
+    "replay_evicted_events",
+    "replay_expired_turns",
+)
 #: What the snapshot computes from the counters.
 _COMPUTED = ("uptime_seconds", "avg_response_time")
 
@@ -87,6 +111,8 @@ class ServerStats:
     expired_sessions: int = 0
     evicted_sessions: int = 0
     trimmed_messages: int = 0
+    active_watchers: int = 0
+    resumed_turns: int = 0
 
     def record_success(self, processing_time: float) -> None:
         self.successful_requests += 1
@@ -101,6 +127,7 @@ class ServerStats:
         store: str,
         active_sessions: int,
         store_unreachable: bool = False,
+        replay: ReplayStats | None = None,
     ) -> ServerStatsInfo:
         done = self.successful_requests
         counters = {
@@ -115,6 +142,10 @@ class ServerStats:
             store=store,
             active_sessions=active_sessions,
             store_unreachable=store_unreachable,
+            replay_turns=0 if replay is None else replay.turns,
+            replay_bytes=0 if replay is None else replay.bytes,
+            replay_evicted_events=0 if replay is None else replay.evicted_events,
+            replay_expired_turns=0 if replay is None else replay.expired_turns,
             uptime_seconds=time.monotonic() - self.started_monotonic,
             avg_response_time=self.response_time_total / done if done else 0.0,
             **counters,

@@ -102,6 +102,8 @@ class StatusKind(enum.IntEnum):
     SHUTDOWN = 2
     HEARTBEAT = 3
     NOTHING_TO_CANCEL = 4
+    WATCHING = 5
+    NOT_WATCHING = 6
 
 
 #: The owner of sessions created without authentication (``--auth none``), and of sessions

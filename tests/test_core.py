@@ -9,6 +9,7 @@ import pytest
 
 from chat import (
     ChatCore,
+    DisconnectPolicy,
     EchoBackend,
     Event,
     EventKind,
@@ -408,8 +409,10 @@ async def test_cancel_with_nothing_in_flight_gets_a_status(
 
 
 async def test_closing_the_conversation_mid_reply_stops_generation_and_keeps_the_partial(
-    gated: GatedBackend, gated_core: ChatCore
+    gated: GatedBackend,
 ) -> None:
+    # What --on-disconnect cancel does (continue: tests/test_live.py).
+    gated_core = ChatCore(MemoryStore(), gated, on_disconnect=DisconnectPolicy.CANCEL)
     tasks_before = len(asyncio.all_tasks())
     session = await gated_core.create_session()
     async with gated_core.open_conversation() as conversation:
@@ -732,7 +735,9 @@ class HeldAppendStore(MemoryStore):
 
 async def test_a_client_leaving_while_its_turn_is_stored_does_not_lose_the_turn() -> None:
     store = HeldAppendStore()
-    core = ChatCore(store, ScriptedBackend(["the whole ", "reply"]))
+    core = ChatCore(
+        store, ScriptedBackend(["the whole ", "reply"]), on_disconnect=DisconnectPolicy.CANCEL
+    )
     session = await core.create_session()
     tasks_before = len(asyncio.all_tasks())
     async with core.open_conversation() as conversation:

@@ -193,7 +193,9 @@ async def test_a_client_that_goes_away_mid_reply_leaves_nothing_behind() -> None
     backend = GatedBackend()
     store = _KeepingStore()
     async with ChatServer(
-        ServerConfig(host="127.0.0.1", port=0), backend=backend, store=store
+        ServerConfig(host="127.0.0.1", port=0, on_disconnect="cancel"),
+        backend=backend,
+        store=store,
     ) as server:
         baseline = len(asyncio.all_tasks())
         channel = Channel("127.0.0.1", server.port)

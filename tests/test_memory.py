@@ -19,7 +19,7 @@ import pytest
 from grpclib.client import Channel
 
 import chatpb
-from chat import ChatCore, ChatServer, MemoryStore, ServerConfig
+from chat import ChatCore, ChatServer, DisconnectPolicy, MemoryStore, ServerConfig
 from chat.backends import Delta, GenerationRequest
 from chat.core import Conversation
 from chat.events import EventKind, Request, RequestKind
@@ -78,7 +78,7 @@ async def _start_reply(conversation: Conversation, session_id: str, request_id: 
 @pytest.mark.usefixtures("no_cyclic_gc")
 async def test_a_reply_cut_off_by_its_stream_closing_leaves_nothing_alive() -> None:
     backend = HoldingBackend()
-    core = ChatCore(MemoryStore(), backend)
+    core = ChatCore(MemoryStore(), backend, on_disconnect=DisconnectPolicy.CANCEL)
     sessions = [await core.create_session() for _ in range(5)]
     async with core.open_conversation() as conversation:
         for n, session in enumerate(sessions):
@@ -90,7 +90,7 @@ async def test_a_reply_cut_off_by_its_stream_closing_leaves_nothing_alive() -> N
 @pytest.mark.usefixtures("no_cyclic_gc")
 async def test_a_reply_stopped_by_cancel_leaves_nothing_alive() -> None:
     backend = HoldingBackend()
-    core = ChatCore(MemoryStore(), backend)
+    core = ChatCore(MemoryStore(), backend, on_disconnect=DisconnectPolicy.CANCEL)
     session = await core.create_session()
     async with core.open_conversation() as conversation:
         await _start_reply(conversation, session.session_id, "r1")
@@ -105,7 +105,9 @@ async def test_a_reply_stopped_by_cancel_leaves_nothing_alive() -> None:
 @pytest.mark.usefixtures("no_cyclic_gc")
 async def test_replies_whose_clients_go_away_leave_nothing_alive_over_the_wire() -> None:
     backend = HoldingBackend()
-    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", grace_period=1.0, on_disconnect="cancel"
+    )
     async with ChatServer(config, backend=backend) as server:
         async with Channel("127.0.0.1", server.port) as channel:
             stub = chatpb.ChatServiceStub(channel)
@@ -149,7 +151,9 @@ _SERVER_SIDE = ("chat.", "grpclib.server.Stream")
 
 async def test_calls_leave_no_reference_cycles_on_the_server() -> None:
     backend = HoldingBackend()
-    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", grace_period=1.0, on_disconnect="cancel"
+    )
     async with ChatServer(config, backend=backend) as server:
         gc.collect()
         gc.disable()

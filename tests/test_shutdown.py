@@ -18,7 +18,7 @@ from grpclib.const import Status
 import chatpb
 from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
 from chat.events import Event, Request, RequestKind
-from chat.types import MessageStatus, Role
+from chat.types import DisconnectPolicy, MessageStatus, Role
 from tests.backends import GatedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text
 
@@ -125,7 +125,8 @@ async def test_new_sessions_are_refused_during_the_drain() -> None:
 
 async def test_what_the_writer_could_not_write_is_not_kept() -> None:
     backend = GatedBackend()
-    core = ChatCore(MemoryStore(), backend)
+    # A reply cancelled as its stream breaks (with continue, it would run on and be whole).
+    core = ChatCore(MemoryStore(), backend, on_disconnect=DisconnectPolicy.CANCEL)
     session = await core.create_session()
     async with core.open_conversation() as conversation:
         await conversation.handle(

@@ -19,6 +19,7 @@ from chat.auth.tokens import TokenRecord, TokenStore, hash_token, new_token, ope
 from chat.config import (
     API_KEY_ENV_VARS,
     BACKENDS,
+    DISCONNECT_POLICIES,
     EVENT_LOOPS,
     MODEL_CHECKS,
     REFLECTION_MODES,
@@ -30,6 +31,7 @@ from chat.errors import ChatError
 from chat.logs import LOG_FORMATS
 from chat.logs import configure as configure_logging
 from chat.quota import Quotas, Rate
+from chat.replay import EVENT_OVERHEAD, ReplaySettings
 from chat.retention import Retention
 from chat.secret import read_api_key
 from chat.server import ChatServer, event_loop_factory, exposure_warning, serve
@@ -413,6 +415,28 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> Rate
     help="Send a heartbeat on Chat streams silent for this many seconds, for proxies that "
     "close silent streams (0: never).",
 )
+@click.option(
+    "--on-disconnect",
+    default=_server_default("on_disconnect"),
+    type=click.Choice(DISCONNECT_POLICIES),
+    help="What a reply does when its client goes away (sessions may say otherwise): "
+    "continue runs it to its end and stores it, so a client that reconnects resumes it; "
+    "cancel stops the model at once.",
+)
+@click.option(
+    "--replay-window",
+    default=ReplaySettings().window,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a reply stays resumable (RESUME) after it ends; also how long a "
+    "client_message_id is remembered.",
+)
+@click.option(
+    "--replay-max-bytes",
+    default=ReplaySettings().max_bytes,
+    type=click.IntRange(min=EVENT_OVERHEAD),
+    help="Most bytes the replay log holds (event text plus a fixed overhead per event); "
+    "over it, the oldest ended replies go first.",
+)
 @click.option("--log-level", default="info", type=click.Choice(_LOG_LEVELS))
 @click.option(
     "--log-format",
@@ -471,6 +495,9 @@ def main(
     max_connection_age: float,
     max_connection_age_grace: float,
     heartbeat: float,
+    on_disconnect: str,
+    replay_window: float,
+    replay_max_bytes: int,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -550,6 +577,8 @@ def main(
             max_connection_age=max_connection_age,
             max_connection_age_grace=max_connection_age_grace,
             heartbeat=heartbeat,
+            on_disconnect=on_disconnect,
+            replay=ReplaySettings(window=replay_window, max_bytes=replay_max_bytes),
         )
         _prepare_telemetry(config)
         _tune_gc()
