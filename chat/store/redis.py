@@ -336,6 +336,9 @@ class RedisStore:
         # For the replay log: a client that keeps bytes (its events are protobuf), with room
         # for a connection per reader waiting in XREAD BLOCK.
         client_url, self.prefix, self.lock_lease, self._location = _parse_url(url)
+        #: The URL this store was opened with (the replay log shares it; secrets and all,
+        #: so never logged: :attr:`location` is what logs show).
+        self.url = url
         settings = dict(parse_qsl(urlsplit(client_url).query))
         defaults: dict[str, Any] = {}
         # Without a socket timeout a silent network partition hangs every call forever.

@@ -248,8 +248,11 @@ for i = 7, #ARGV, 5 do
   local op, turn, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if op == 'b' then
     local _, meta, alive_key = names(sid, turn)
-    if redis.call('EXISTS', meta) == 0 then
-      redis.call('HSET', meta, 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
+    -- (a claim may have made the record already)
+    if redis.call('HSETNX', meta, 'begun', '1') == 1 then
+      redis.call('HSETNX', meta, 'last_seq', 0)
+      redis.call('HSETNX', meta, 'trimmed', 0)
+      redis.call('HSETNX', meta, 'bytes', 0)
       redis.call('ZADD', turns_key, seq, sid .. '|' .. turn)
       redis.call('SET', alive_key, '1', 'PX', lease)
       redis.call('ZADD', running_key, redis.call('INCR', KEYS[5]), turn)
@@ -342,10 +345,19 @@ end
 return {turn or false, tail, 0}
 """
 
-# KEYS: claim; ARGV: turn, seconds
+# KEYS: claim, the turn's record, turns, its lease; ARGV: turn, seconds, member, now_ms,
+# lease_ms. The claimed turn's record exists from now on, so that a resend on another
+# server follows it (and waits for its events) rather than finding no such turn.
 _CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-return redis.call('GET', KEYS[1])
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return redis.call('GET', KEYS[1])
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
+end
+return false
 """
 
 # KEYS: watchers; ARGV: now_ms
@@ -807,10 +819,22 @@ class RedisReplayLog:
         """``None`` if ``client_message_id`` is now the session's for ``turn_id``, else the
         turn that has it already (on any server)."""
         key = self._key("replay-claim", session_id, client_message_id)
-        window = self._window_seconds
+        keys = [
+            key,
+            self._key("replay-turn", session_id, turn_id),
+            self._turns_key,
+            self._key("replay-alive", session_id, turn_id),
+        ]
+        args: list[str | int] = [
+            turn_id,
+            self._window_seconds,
+            f"{session_id}|{turn_id}",
+            self._now_ms(),
+            self._lease_ms,
+        ]
         found = await self._redis._call(
             "replay claim",
-            lambda: self._claim_script(keys=[key], args=[turn_id, window]),
+            lambda: self._claim_script(keys=keys, args=args),
             # A retry after a lost reply finds its own claim: that is the claim made.
             retry=True,
         )
