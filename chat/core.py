@@ -191,6 +191,8 @@ class ChatCore:
         #: The events of running and recent turns (RESUME, WATCH, resends); in this process
         #: unless one is given (the Redis one, where the Redis store is used).
         self.replay: ReplayLog = replay or MemoryReplayLog(on_evicted=self.observer.replay_evicted)
+        # A log shared with other servers (Redis) tells of their INTERRUPTs.
+        self.replay.on_interrupt(self._cancel_session_turns)
         #: What a turn of a session without its own setting does when its stream goes away.
         self.on_disconnect = on_disconnect
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
@@ -894,6 +896,8 @@ class Conversation:
                     return
                 if policy is ConcurrencyPolicy.INTERRUPT:
                     core._cancel_session_turns(session_id)
+                    # The running turn may be another server's.
+                    await core.replay.interrupt(session_id)
         except ChatError as error:
             core.stats.total_requests += 1
             core.stats.failed_requests += 1

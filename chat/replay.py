@@ -153,6 +153,16 @@ class ReplayLog(Protocol):
         """The oldest turn of the session begun and not ended, if any."""
         ...
 
+    async def interrupt(self, session_id: str) -> None:
+        """Ask the other servers sharing this log to cancel their turns of the session
+        (``CONCURRENCY_POLICY_INTERRUPT``; the core cancels this server's own). A log in
+        the process has no other servers: nothing to do."""
+        ...
+
+    def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(session_id)`` when another server interrupts a session."""
+        ...
+
     def stats(self) -> ReplayStats: ...
 
     async def aclose(self) -> None:
@@ -386,6 +396,12 @@ class MemoryReplayLog:
         if claimed is not None:
             return claimed[0]
         self._claims[key] = (turn_id, self._clock())
+        return None
+
+    async def interrupt(self, session_id: str) -> None:
+        return None  # no other servers share it
+
+    def on_interrupt(self, callback: Callable[[str], None]) -> None:
         return None
 
     async def running_turn(self, session_id: str) -> str | None:

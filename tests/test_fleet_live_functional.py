@@ -214,3 +214,33 @@ async def test_a_resume_on_one_replica_of_a_turn_another_produced(prefix: str) -
     assert positions(rest) == positions(sent[2:])
     assert {e.request_id for e in rest} == {"r1"}
     assert [(e.type, e.error_code) for e in unknown] == [(Type.ERROR, Status.NOT_FOUND.value)]
+
+
+async def test_interrupt_on_one_replica_cancels_the_turn_running_on_another(prefix: str) -> None:
+    with replicas(redis_store_url(prefix), "--pace", "0.005") as (one, two):
+        async with stub_for(one) as on_one, stub_for(two) as on_two:
+            created = await on_one.create_session(
+                chatpb.CreateSessionRequest(concurrency_policy=chatpb.ConcurrencyPolicy.INTERRUPT)
+            )
+            session_id = created.session_id
+            async with ChatStream(on_two) as first, ChatStream(on_one) as second:
+                first.message(session_id, WORDS, "long")
+                await first.until("long", [Type.CHUNK])
+                second.message(session_id, "now", "short")
+                await first.until_complete("long")
+                answered = await second.until_complete("short")
+                ended = [e for e in first.received if e.request_id == "long"]
+            messages = await history(on_one, session_id)
+    assert ended[-1].type == Type.RESPONSE_COMPLETE
+    assert ended[-1].finish_reason == chatpb.FinishReason.CANCELLED
+    assert answered[-1].type == Type.RESPONSE_COMPLETE
+    assert [(m.request_id, m.status) for m in messages] == [
+        ("long", chatpb.MessageStatus.COMPLETE),
+        ("long", chatpb.MessageStatus.CANCELLED),
+        ("short", chatpb.MessageStatus.COMPLETE),
+        ("short", chatpb.MessageStatus.COMPLETE),
+    ]
+    # The interrupted reply keeps what its client was sent, a part of the whole.
+    partial = messages[1].content
+    assert partial == "".join(e.chunk_text for e in ended if e.type == Type.CHUNK)
+    assert 0 < len(partial) < len(f"Echo #1 (1 message in context): {WORDS}")

@@ -176,3 +176,21 @@ async def test_a_running_turn_outlives_the_window_and_an_ended_one_does_not(pref
             await collect(log.follow("s-1", "t-1", 0))
         assert log.stats().expired_turns == 1
         assert log.stats().turns == 0
+
+
+async def test_an_interrupt_reaches_the_other_servers_not_its_own(prefix: str) -> None:
+    url = redis_store_url(prefix)
+    async with server_log(url) as one, server_log(url) as two:
+        got: list[str] = []
+        two.on_interrupt(got.append)
+        begin(two, "s-1", "t-1")  # a server listens once it runs turns
+
+        async def heard() -> bool:
+            await one.interrupt("s-1")
+            return bool(got)
+
+        await eventually(heard, "the interrupt heard")
+        await two.interrupt("s-2")  # its own: not for itself
+        await one.interrupt("s-3")
+        await eventually(lambda: _is(asyncio.sleep(0, got[-1]), "s-3"), "the last interrupt")
+        assert set(got) == {"s-1", "s-3"}

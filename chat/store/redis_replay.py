@@ -54,7 +54,10 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
+
 from chat._proto import decode_event, encode_event
+from chat.backoff import backoff
 from chat.errors import StoreUnavailable, TurnNotFound, TurnOutOfRange, Unavailable
 from chat.events import Event
 from chat.replay import ReplaySettings, ReplayStats, event_size
@@ -454,6 +457,10 @@ class RedisReplayLog:
         #: Watchers of this server, by session: their members in the session's lease set.
         self._watching: dict[str, set[str]] = {}
         self._replica = secrets.token_hex(6)
+        #: INTERRUPT from other servers: told the session id (see :meth:`on_interrupt`).
+        self._interrupted: Callable[[str], None] | None = None
+        self._interrupt_channel = self._key("replay-interrupt")
+        self._listener: asyncio.Task[None] | None = None
         # The stats: the fleet's bytes and turns as of the last script, this server's
         # evictions and expiries.
         self._bytes = 0
@@ -472,6 +479,9 @@ class RedisReplayLog:
     # -- writing ------------------------------------------------------------------------------
 
     def begin(self, session_id: str, turn_id: str, request_id: str) -> RedisTurnLog:
+        if self._listener is None and self._interrupted is not None:
+            # From this server's first turn on: another server may interrupt its turns.
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
         turn = RedisTurnLog(self, session_id, turn_id, request_id)
         self._running[(session_id, turn_id)] = turn
         self._begun_unwritten += 1
@@ -848,6 +858,49 @@ class RedisReplayLog:
         turn, _start, _inclusive = await self._running_now(session_id)
         return turn
 
+    # -- INTERRUPT across servers ------------------------------------------------------------
+
+    def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        """``callback(session_id)`` when another server interrupts the session's turns."""
+        self._interrupted = callback
+
+    async def interrupt(self, session_id: str) -> None:
+        """Tell every other server to cancel its turns of the session (PUBLISH: those that
+        listen now; a server runs a turn only while it listens)."""
+        message = f"{self._replica}|{session_id}".encode()
+        channel = self._interrupt_channel
+        await self._redis._call(
+            "replay interrupt",
+            lambda: self._client.publish(channel, message),
+            # Twice is harmless: the second finds nothing more to cancel (of that turn).
+            retry=True,
+        )
+
+    async def _listen(self) -> None:
+        own = f"{self._replica}|".encode()
+        attempt = 0
+        while not self._closed:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._interrupt_channel)
+                attempt = 0
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_BLOCK_MS / 1000
+                    )
+                    if message is None or message["type"] != "message":
+                        continue
+                    data: bytes = message["data"]
+                    if data.startswith(own) or self._interrupted is None:
+                        continue
+                    self._interrupted(data.partition(b"|")[2].decode())
+            except (RedisError, OSError) as error:
+                attempt += 1
+                log.warning("replay log: not listening for interrupts (%s); retrying", error)
+                await asyncio.sleep(backoff(attempt, initial=0.1, maximum=5.0))
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     # -- the rest -----------------------------------------------------------------------------
 
     def stats(self) -> ReplayStats:
@@ -883,7 +936,7 @@ class RedisReplayLog:
                 await self._redis._call("replay unwatch", unwatch, retry=True)
             except StoreUnavailable as error:
                 log.warning("replay log: watchers stay counted for a lease: %s", error.detail)
-        tasks = [task for task in (self._flusher, self._renewer) if task is not None]
+        tasks = [t for t in (self._flusher, self._renewer, self._listener) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
