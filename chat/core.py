@@ -191,8 +191,10 @@ class ChatCore:
         #: The events of running and recent turns (RESUME, WATCH, resends); in this process
         #: unless one is given (the Redis one, where the Redis store is used).
         self.replay: ReplayLog = replay or MemoryReplayLog(on_evicted=self.observer.replay_evicted)
-        # A log shared with other servers (Redis) tells of their INTERRUPTs.
+        # A log shared with other servers (Redis) tells of their INTERRUPTs and session
+        # updates.
         self.replay.on_interrupt(self._cancel_session_turns)
+        self.replay.on_update(self._remote_update)
         #: What a turn of a session without its own setting does when its stream goes away.
         self.on_disconnect = on_disconnect
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
@@ -589,6 +591,24 @@ class ChatCore:
                 del self._subscribers[session_id]
 
     def _publish(
+        self,
+        session: Session,
+        kind: SessionUpdateKind,
+        message: str,
+        *,
+        exclude: Conversation | None = None,
+    ) -> None:
+        self._deliver(session, kind, message, exclude=exclude)
+        # Streams following the session on other servers (a fleet on Redis) get it too.
+        self.replay.publish_update(session, kind, message)
+
+    def _remote_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        """Another server's session update (through the replay log), for this one's streams."""
+        self._deliver(session, kind, message)
+        if kind is SessionUpdateKind.SESSION_DELETED:
+            self._subscribers.pop(session.session_id, None)
+
+    def _deliver(
         self,
         session: Session,
         kind: SessionUpdateKind,

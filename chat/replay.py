@@ -42,6 +42,7 @@ from typing import Protocol
 
 from chat.errors import TurnNotFound, TurnOutOfRange
 from chat.events import Event
+from chat.types import Session, SessionUpdateKind
 
 __all__ = [
     "EVENT_OVERHEAD",
@@ -161,6 +162,15 @@ class ReplayLog(Protocol):
 
     def on_interrupt(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(session_id)`` when another server interrupts a session."""
+        ...
+
+    def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        """Tell the other servers sharing this log of a session update (typing, a change, a
+        turn done), for their streams following the session. Cheap: no I/O, no await."""
+        ...
+
+    def on_update(self, callback: Callable[[Session, SessionUpdateKind, str], None]) -> None:
+        """Call ``callback(session, kind, message)`` for another server's session update."""
         ...
 
     def stats(self) -> ReplayStats: ...
@@ -402,6 +412,12 @@ class MemoryReplayLog:
         return None  # no other servers share it
 
     def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        return None
+
+    def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        return None
+
+    def on_update(self, callback: Callable[[Session, SessionUpdateKind, str], None]) -> None:
         return None
 
     async def running_turn(self, session_id: str) -> str | None:

@@ -244,3 +244,39 @@ async def test_interrupt_on_one_replica_cancels_the_turn_running_on_another(pref
     partial = messages[1].content
     assert partial == "".join(e.chunk_text for e in ended if e.type == Type.CHUNK)
     assert 0 < len(partial) < len(f"Echo #1 (1 message in context): {WORDS}")
+
+
+async def test_a_watcher_gets_typing_and_session_updates_made_on_another_replica(
+    prefix: str,
+) -> None:
+    Kind = chatpb.SessionUpdateKind
+    with replicas(redis_store_url(prefix)) as (one, two):
+        async with stub_for(one) as on_one, stub_for(two) as on_two:
+            session_id = await create_session(on_one)
+            async with ChatStream(on_one) as watcher, ChatStream(on_two) as other:
+                await watch(watcher, session_id)
+                other.send(
+                    chatpb.ChatRequest(
+                        type=chatpb.ChatRequestType.TYPING_START, session_id=session_id
+                    )
+                )
+                other.message(session_id, "hello", "m1")
+                await other.until_complete("m1")
+                await on_two.update_session(
+                    chatpb.UpdateSessionRequest(session_id=session_id, title="renamed")
+                )
+                updates: list[chatpb.ChatResponse] = []
+                while len(updates) < 3:
+                    event = await watcher.recv()
+                    if event.type == Type.SESSION_UPDATE:
+                        updates.append(event)
+    assert [u.update_kind for u in updates] == [
+        Kind.TYPING_STARTED,
+        Kind.TURN_COMPLETED,
+        Kind.SESSION_UPDATED,
+    ]
+    assert updates[1].message_count == 2
+    renamed = updates[2].session
+    assert renamed is not None
+    assert renamed.title == "renamed"
+    assert {u.session_id for u in updates} == {session_id}

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -61,7 +62,9 @@ from chat.backoff import backoff
 from chat.errors import StoreUnavailable, TurnNotFound, TurnOutOfRange, Unavailable
 from chat.events import Event
 from chat.replay import ReplaySettings, ReplayStats, event_size
+from chat.store._codec import session_from_values, session_values
 from chat.store.redis import RedisStore
+from chat.types import Session, SessionUpdateKind
 
 __all__ = ["RedisReplayLog", "RedisTurnLog"]
 
@@ -457,10 +460,13 @@ class RedisReplayLog:
         #: Watchers of this server, by session: their members in the session's lease set.
         self._watching: dict[str, set[str]] = {}
         self._replica = secrets.token_hex(6)
-        #: INTERRUPT from other servers: told the session id (see :meth:`on_interrupt`).
+        #: What other servers tell (INTERRUPTs, session updates), on one channel; and what
+        #: this one will tell them with its next write.
         self._interrupted: Callable[[str], None] | None = None
-        self._interrupt_channel = self._key("replay-interrupt")
+        self._updated: Callable[[Session, SessionUpdateKind, str], None] | None = None
+        self._channel = self._key("replay-fleet")
         self._listener: asyncio.Task[None] | None = None
+        self._pending_messages: list[bytes] = []
         # The stats: the fleet's bytes and turns as of the last script, this server's
         # evictions and expiries.
         self._bytes = 0
@@ -479,17 +485,19 @@ class RedisReplayLog:
     # -- writing ------------------------------------------------------------------------------
 
     def begin(self, session_id: str, turn_id: str, request_id: str) -> RedisTurnLog:
-        if self._listener is None and self._interrupted is not None:
-            # From this server's first turn on: another server may interrupt its turns.
-            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        # From this server's first turn on: another server may interrupt its turns.
+        self._start_listener()
         turn = RedisTurnLog(self, session_id, turn_id, request_id)
         self._running[(session_id, turn_id)] = turn
         self._begun_unwritten += 1
         self._enqueue((session_id, "b", turn_id, None, self._now_ms()))
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        self._start_flusher()
         self._start_renewer()
         return turn
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     def _end(self, turn: RedisTurnLog) -> None:
         if self._running.pop((turn.session_id, turn.turn_id), None) is None:
@@ -512,8 +520,9 @@ class RedisReplayLog:
             self._wake.clear()
             batch, self._pending = self._pending, []
             claims, self._pending_claims = self._pending_claims, []
+            messages, self._pending_messages = self._pending_messages, []
             try:
-                await self._flush(batch, claims)
+                await self._flush(batch, claims, messages)
             except StoreUnavailable as error:
                 # The turns go on (their messages are stored by the session store, which
                 # reports the outage itself); resuming or watching them is what is lost.
@@ -524,7 +533,9 @@ class RedisReplayLog:
             self._begun_unwritten -= sum(1 for op in batch if op[1] == "b")
             self._wake_readers()
 
-    async def _flush(self, batch: Sequence[_Op], claims: Sequence[str]) -> None:
+    async def _flush(
+        self, batch: Sequence[_Op], claims: Sequence[str], messages: Sequence[bytes]
+    ) -> None:
         by_session: dict[str, list[Any]] = {}
         for session_id, op, turn_id, event, at in batch:
             args = by_session.setdefault(session_id, [])
@@ -551,6 +562,9 @@ class RedisReplayLog:
                     )
                 for claim in claims:
                     pipe.expire(claim, window)
+                # After the events written with them (a turn's, then its TURN_COMPLETED).
+                for message in messages:
+                    pipe.publish(self._channel, message)
                 return list(await pipe.execute())
 
         # Safe to retry: a script adds only events past the turn's last seq.
@@ -763,6 +777,7 @@ class RedisReplayLog:
         """Every event of every turn of the session from now on (a running turn from its
         oldest event held), from any server; counted as a watcher while open."""
         await self._sync()
+        self._start_listener()  # a watcher gets the other servers' session updates too
         _turn, start, inclusive = await self._running_now(session_id)
         member = f"{self._replica}:{secrets.token_hex(6)}"
         await self._add_watcher(session_id, member)
@@ -858,17 +873,22 @@ class RedisReplayLog:
         turn, _start, _inclusive = await self._running_now(session_id)
         return turn
 
-    # -- INTERRUPT across servers ------------------------------------------------------------
+    # -- what servers tell each other: INTERRUPTs, session updates -------------------------
+    # One channel (p:replay-fleet), messages ``KIND|REPLICA|BODY``; a server ignores its own.
 
     def on_interrupt(self, callback: Callable[[str], None]) -> None:
         """``callback(session_id)`` when another server interrupts the session's turns."""
         self._interrupted = callback
 
+    def on_update(self, callback: Callable[[Session, SessionUpdateKind, str], None]) -> None:
+        """``callback(session, kind, message)`` for a session update on another server."""
+        self._updated = callback
+
     async def interrupt(self, session_id: str) -> None:
         """Tell every other server to cancel its turns of the session (PUBLISH: those that
         listen now; a server runs a turn only while it listens)."""
-        message = f"{self._replica}|{session_id}".encode()
-        channel = self._interrupt_channel
+        message = self._message(b"i", session_id.encode())
+        channel = self._channel
         await self._redis._call(
             "replay interrupt",
             lambda: self._client.publish(channel, message),
@@ -876,30 +896,59 @@ class RedisReplayLog:
             retry=True,
         )
 
+    def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        """Send a session update (typing, a change, a turn done) to the other servers' streams
+        following the session, with this server's next write."""
+        body = json.dumps(
+            [session.session_id, session.message_count, session_values(session), int(kind), message]
+        )
+        self._pending_messages.append(self._message(b"u", body.encode()))
+        self._start_listener()
+        self._start_flusher()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _message(self, kind: bytes, body: bytes) -> bytes:
+        return b"|".join((kind, self._replica.encode(), body))
+
+    def _start_listener(self) -> None:
+        if self._listener is None and (self._interrupted or self._updated) is not None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
     async def _listen(self) -> None:
-        own = f"{self._replica}|".encode()
         attempt = 0
         while not self._closed:
             pubsub = self._client.pubsub()
             try:
-                await pubsub.subscribe(self._interrupt_channel)
+                await pubsub.subscribe(self._channel)
                 attempt = 0
                 while True:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=_BLOCK_MS / 1000
                     )
-                    if message is None or message["type"] != "message":
-                        continue
-                    data: bytes = message["data"]
-                    if data.startswith(own) or self._interrupted is None:
-                        continue
-                    self._interrupted(data.partition(b"|")[2].decode())
+                    if message is not None and message["type"] == "message":
+                        self._heard(message["data"])
             except (RedisError, OSError) as error:
                 attempt += 1
-                log.warning("replay log: not listening for interrupts (%s); retrying", error)
+                log.warning("replay log: not hearing the other servers (%s); retrying", error)
                 await asyncio.sleep(backoff(attempt, initial=0.1, maximum=5.0))
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _heard(self, data: bytes) -> None:
+        kind, replica, body = data.split(b"|", 2)
+        if replica == self._replica.encode():
+            return
+        try:
+            if kind == b"i" and self._interrupted is not None:
+                self._interrupted(body.decode())
+            elif kind == b"u" and self._updated is not None:
+                session_id, count, values, update, text = json.loads(body)
+                session = session_from_values(session_id, values, count)
+                self._updated(session, SessionUpdateKind(update), text)
+        except Exception:
+            # A newer server's message this one cannot read must not stop the listening.
+            log.exception("replay log: a message from another server could not be handled")
 
     # -- the rest -----------------------------------------------------------------------------
 
