@@ -36,25 +36,22 @@ import io
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._processes import ROOT, Server, percentile, started
+
 SERVERS = ("ours", "base")
 SCENARIOS = ("cost", "hostile")
 #: main before issue 12's work (the merge base of work/hardening).
 DEFAULT_BASE = "fde3b9c"
-_BANNER = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: A 56-chunk echo reply, as in benchmarks.run.
 LOAD_TEXT = " ".join(f"word{i}" for i in range(50))
 PROBE_TEXT = "hello there, how are you"
@@ -107,58 +104,9 @@ def server_command(tree: Path) -> tuple[list[str], dict[str, str]]:
     return command, env
 
 
-@dataclass
-class Server:
-    name: str
-    process: asyncio.subprocess.Process
-    target: str
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-    def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-
-@contextlib.asynccontextmanager
-async def running(name: str, tree: Path, log_dir: Path) -> AsyncIterator[Server]:
+def running(name: str, tree: Path, log_dir: Path) -> contextlib.AbstractAsyncContextManager[Server]:
     command, env = server_command(tree)
-    with _log_file(log_dir, name) as errors:
-        process = await asyncio.create_subprocess_exec(
-            *command, cwd=tree, stdout=asyncio.subprocess.PIPE, stderr=errors, env=env
-        )
-    assert process.stdout is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(30):
-            while (match := _BANNER.search((await process.stdout.readline()).decode())) is None:
-                if process.stdout.at_eof():
-                    raise RuntimeError(f"{name} exited; see {log_dir}/{name}.log")
-        drain = asyncio.create_task(_drain(process.stdout))
-        yield Server(name, process, f"{match['host']}:{match['port']}")
-    finally:
-        if drain is not None:
-            drain.cancel()
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-def _log_file(log_dir: Path, name: str) -> Any:
-    """Where a server's stderr goes (appended), for looking into a failed run."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return open(log_dir / f"{name}.log", "ab")
+    return started(name, command, log_dir, env=env, cwd=tree)
 
 
 def _flag(path: Path, *, up: bool) -> None:
@@ -171,11 +119,6 @@ def _flag(path: Path, *, up: bool) -> None:
 
 def _flagged(path: str | None) -> bool:
     return path is not None and os.path.exists(path)
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
 
 
 async def client(role: str, target: str, *args: str, nice: int = 0, within: float) -> Any:
@@ -203,13 +146,6 @@ async def client(role: str, target: str, *args: str, nice: int = 0, within: floa
 # -- scenarios ---------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def cost(server: Server, s: argparse.Namespace) -> dict[str, float]:
     seconds = str(s.seconds)
     cpu = server.cpu_seconds()
@@ -230,10 +166,10 @@ async def cost(server: Server, s: argparse.Namespace) -> dict[str, float]:
     return {
         "chunks": load["chunks"],
         "cpu_us_per_chunk": 1e6 * cpu / max(1, load["chunks"]),
-        "ping_p50_ms": percentile(probe["ping"], 0.5),
-        "ping_p99_ms": percentile(probe["ping"], 0.99),
-        "first_chunk_p50_ms": percentile(probe["first_chunk"], 0.5),
-        "first_chunk_p99_ms": percentile(probe["first_chunk"], 0.99),
+        "ping_p50_ms": percentile(probe["ping"], 50),
+        "ping_p99_ms": percentile(probe["ping"], 99),
+        "first_chunk_p50_ms": percentile(probe["first_chunk"], 50),
+        "first_chunk_p99_ms": percentile(probe["first_chunk"], 99),
     }
 
 
@@ -262,7 +198,7 @@ async def hostile(server: Server, s: argparse.Namespace, log_dir: Path) -> dict[
     probe = await probe_task
     _flag(stop, up=False)
     return {
-        "probe_ping_p99_ms": percentile(probe["ping"], 0.99),
+        "probe_ping_p99_ms": percentile(probe["ping"], 99),
         "probe_ping_max_ms": max(probe["ping"], default=float("nan")),
         "probe_pings": len(probe["ping"]),
         "calls": attack["calls"],

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import cast
 from grpclib.client import Channel
 
 import chatpb
+from benchmarks._processes import cpu_seconds
 from chat.cli.server import _prepare_telemetry, _tune_gc
 from chat.config import ServerConfig
 from chat.server import ChatServer
@@ -55,7 +55,6 @@ VARIANTS = ("off", "on")
 SPLIT = ("off", "metrics", "traces", "on")
 #: Seconds between scrapes of the "on" server's /metrics (Prometheus is usually set to 15).
 SCRAPE_INTERVAL = 5.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -184,9 +183,7 @@ class _Server:
     metrics_port: int | None
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return cpu_seconds(self.process.pid)
 
 
 async def _start(variant: str) -> _Server:

@@ -40,16 +40,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from benchmarks import h2gen
+from benchmarks._processes import (
+    ROOT,
+    Clients,
+    Server,
+    clients,
+    cpu_seconds,
+    log_file,
+    percentile,
+    started,
+    stop_process,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("ours", "reference")
-_BANNER = re.compile(r"listening on (?P<host>[^\s:]+):(?P<port>\d+)")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_LINE_LIMIT = 64 * 2**20
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 #: 50 words: the echo reply is 56 chunks (RESPONSE_START and RESPONSE_COMPLETE besides).
@@ -188,13 +194,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 # -- servers ---------------------------------------------------------------------------------
 
 
@@ -223,69 +222,6 @@ def server_command(name: str, pace: float, store: str = "memory://") -> list[str
     return [sys.executable, "-m", "benchmarks.reference_server", *common]
 
 
-@dataclass
-class Server:
-    name: str
-    process: asyncio.subprocess.Process
-    target: str
-    drain: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-
-
-def _log_file(log_dir: Path, name: str) -> IO[bytes]:
-    """Where a server's stderr goes (appended), for looking into a failed run."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return open(log_dir / f"{name}.log", "ab")
-
-
-@contextlib.asynccontextmanager
-async def started(
-    name: str, command: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None
-) -> AsyncIterator[Server]:
-    """A server process, once it printed ``listening on HOST:PORT``; stopped afterwards."""
-    with _log_file(log_dir, name) as errors:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=errors,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(30):
-            while (match := _BANNER.search((await process.stdout.readline()).decode())) is None:
-                if process.stdout.at_eof():
-                    raise RuntimeError(f"{name} exited; see {log_dir}/{name}.log")
-        server = Server(name, process, f"{match['host']}:{match['port']}")
-        # Keep reading its output, so that a full pipe never blocks it.
-        server.drain = asyncio.create_task(_drain(process.stdout))
-        yield server
-    finally:
-        await _stop(process)
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-        try:
-            async with asyncio.timeout(10):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
 def running(
     name: str, pace: float, log_dir: Path, store: str = "memory://"
 ) -> contextlib.AbstractAsyncContextManager[Server]:
@@ -293,82 +229,7 @@ def running(
     return started(name, server_command(name, pace, store), log_dir)
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
-
-
 # -- clients ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Clients:
-    """Client processes that print ``ready``, wait for ``go``, and print one JSON line."""
-
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
-
-    async def start(self, commands: Sequence[Sequence[str]], within: float) -> None:
-        for command in commands:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                cwd=ROOT,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                # A result line holds every sample (tens of thousands of numbers).
-                limit=_LINE_LIMIT,
-            )
-            self.processes.append(process)
-        async with asyncio.timeout(within):
-            for process in self.processes:
-                await self.expect(process, "ready")
-
-    @staticmethod
-    async def expect(process: asyncio.subprocess.Process, word: str) -> None:
-        assert process.stdout is not None
-        line = (await process.stdout.readline()).decode().strip()
-        if line != word:
-            raise RuntimeError(f"client said {line!r} instead of {word!r}")
-
-    def go(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.write(b"go\n")
-
-    async def results(self, within: float) -> list[dict[str, Any]]:
-        out = []
-        async with asyncio.timeout(within):
-            for process in self.processes:
-                assert process.stdout is not None
-                line = await process.stdout.readline()
-                if not line:
-                    raise RuntimeError("a client exited without a result")
-                out.append(json.loads(line))
-        return out
-
-    async def stop(self) -> None:
-        for process in self.processes:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError, BrokenPipeError):
-                    assert process.stdin is not None
-                    process.stdin.write(b"stop\n")
-                    process.stdin.close()
-        for process in self.processes:
-            try:
-                async with asyncio.timeout(15):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-@contextlib.asynccontextmanager
-async def clients(commands: Sequence[Sequence[str]], within: float) -> AsyncIterator[Clients]:
-    group = Clients()
-    try:
-        await group.start(commands, within)
-        yield group
-    finally:
-        await group.stop()
 
 
 def generator(
@@ -376,14 +237,6 @@ def generator(
 ) -> contextlib.AbstractAsyncContextManager[Clients]:
     """One ``h2gen`` process running ``params``."""
     return clients([h2gen.command(params)], within)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _failed(result: Mapping[str, Any], what: str) -> None:
@@ -837,7 +690,7 @@ async def nginx(
     config = directory / "nginx.conf"
     config.write_text(nginx_config(directory, port, upstreams, connections))
     try:
-        with _log_file(log_dir, "nginx") as errors:
+        with log_file(log_dir, "nginx") as errors:
             process = await asyncio.create_subprocess_exec(
                 binary, "-p", str(directory), "-c", str(config), "-e", "stderr", stderr=errors
             )
@@ -855,7 +708,7 @@ async def nginx(
                     break
             yield f"127.0.0.1:{port}", process.pid
         finally:
-            await _stop(process)
+            await stop_process(process)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -29,15 +29,16 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks._processes import ROOT, Clients, Server, percentile, started
+from benchmarks._processes import clients as client_processes
+
 SERVERS = ("ours-secured", "reference-secured", "ours-plain")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: The load and probe texts of benchmarks.run: a 56-chunk and a short echo reply.
 LOAD_TEXT = " ".join(f"word{i}" for i in range(50))
 PROBE_TEXT = "hello there, how are you"
@@ -113,136 +114,18 @@ def server_command(name: str, secrets: Secrets) -> list[str]:
     return command
 
 
-@dataclass
-class Server:
-    name: str
-    process: asyncio.subprocess.Process
-    target: str
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+def running(
+    name: str, secrets: Secrets, log_dir: Path
+) -> contextlib.AbstractAsyncContextManager[Server]:
+    return started(name, server_command(name, secrets), log_dir / "secured")
 
 
-def _log_file(log_dir: Path, name: str) -> Any:
-    """Where a server's stderr goes (appended), for looking into a failed run."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return open(log_dir / f"secured-{name}.log", "ab")
-
-
-@contextlib.asynccontextmanager
-async def running(name: str, secrets: Secrets, log_dir: Path) -> AsyncIterator[Server]:
-    with _log_file(log_dir, name) as errors:
-        process = await asyncio.create_subprocess_exec(
-            *server_command(name, secrets),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=errors,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    assert process.stdout is not None
-    drain: asyncio.Task[None] | None = None
-    try:
-        async with asyncio.timeout(30):
-            while b"listening on" not in (line := await process.stdout.readline()):
-                if process.stdout.at_eof():
-                    raise RuntimeError(f"{name} exited; see {log_dir}/secured-{name}.log")
-        address = line.decode().split("listening on ")[1].split()[0]
-        drain = asyncio.create_task(_drain(process.stdout))
-        yield Server(name, process, address)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        if drain is not None:
-            drain.cancel()
-            await asyncio.wait((drain,))
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
-
-
-class Clients:
-    """Client processes: print ``ready``, wait for ``go``, print one JSON line."""
-
-    def __init__(self) -> None:
-        self.processes: list[asyncio.subprocess.Process] = []
-
-    async def start(self, params: Sequence[dict[str, Any]], secure: bool, within: float) -> None:
-        module = "benchmarks.secured_client" if secure else "benchmarks.client"
-        for p in params:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                module,
-                json.dumps(p),
-                cwd=ROOT,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            self.processes.append(process)
-        async with asyncio.timeout(within):
-            for process in self.processes:
-                assert process.stdout is not None
-                said = (await process.stdout.readline()).decode().strip()
-                if said != "ready":
-                    raise RuntimeError(f"a client said {said!r} instead of 'ready'")
-
-    def go(self) -> None:
-        for process in self.processes:
-            assert process.stdin is not None
-            process.stdin.write(b"go\n")
-
-    async def results(self, within: float) -> list[dict[str, Any]]:
-        out = []
-        async with asyncio.timeout(within):
-            for process in self.processes:
-                assert process.stdout is not None
-                line = await process.stdout.readline()
-                if not line:
-                    raise RuntimeError("a client exited without a result")
-                out.append(json.loads(line))
-        return out
-
-    async def stop(self) -> None:
-        for process in self.processes:
-            if process.returncode is None and process.stdin is not None:
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    process.stdin.close()
-        for process in self.processes:
-            try:
-                async with asyncio.timeout(15):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-@contextlib.asynccontextmanager
-async def clients(
+def clients(
     params: Sequence[dict[str, Any]], secure: bool, within: float
-) -> AsyncIterator[Clients]:
-    group = Clients()
-    try:
-        await group.start(params, secure, within)
-        yield group
-    finally:
-        await group.stop()
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+) -> contextlib.AbstractAsyncContextManager[Clients]:
+    """Load clients (``benchmarks.client``, over TLS with a token when ``secure``)."""
+    module = "benchmarks.secured_client" if secure else "benchmarks.client"
+    return client_processes([[sys.executable, "-m", module, json.dumps(p)] for p in params], within)
 
 
 def split(total: int, parts: int) -> list[int]:

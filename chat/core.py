@@ -91,6 +91,11 @@ _INT32_MAX = 2**31 - 1
 _KNOWN_COUNTS = 1024
 #: Chunks of a reply kept as separate strings before they are joined into one block.
 _PARTS_PER_BLOCK = 256
+#: A reply's pump lets the other tasks run after this many chunks even when its model never
+#: makes it wait (echo, or a burst a remote model sent at once): without it, one pass of the
+#: event loop queues whole replies for every stream, and every other stream's PING or first
+#: chunk waits for all of them.
+_CHUNKS_PER_TURN_OF_THE_LOOP = 4
 #: The string fields of a Chat request held to ``Limits.max_id_chars``.
 _REQUEST_IDS = (
     "session_id",
@@ -1429,6 +1434,8 @@ class Conversation:
                     turn.chunks += 1
                     if len(parts) >= _PARTS_PER_BLOCK:
                         turn.compact()
+                    if not turn.chunks % _CHUNKS_PER_TURN_OF_THE_LOOP:
+                        await asyncio.sleep(0)
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:

@@ -56,7 +56,7 @@ __all__ = [
 
 #: Bytes counted for an event besides its text: about what an :class:`~chat.events.Event`
 #: object costs in memory (and more than it costs encoded).
-EVENT_OVERHEAD = 256
+EVENT_OVERHEAD = 300
 #: Turns whose events expired or were dropped, remembered so that a RESUME of one gets
 #: OUT_OF_RANGE (it existed) rather than NOT_FOUND.
 _FORGOTTEN = 65_536

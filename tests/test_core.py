@@ -198,6 +198,27 @@ async def test_ping_is_answered_at_once_while_a_reply_is_streaming(
     assert (await reader.next()).kind is EventKind.RESPONSE_COMPLETE
 
 
+async def test_a_model_that_never_waits_does_not_hold_the_event_loop_for_its_whole_reply(
+    core: ChatCore, chat: tuple[Conversation, Reader]
+) -> None:
+    # Echo answers at once. A 40-chunk reply stays below the outbox's high water, so its pump
+    # never waits for the client: without a turn of the loop now and then, it would be queued
+    # whole before any other task (another stream's PING, say) ran again.
+    conversation, reader = chat
+    session = await core.create_session()
+    words = " ".join(f"w{i}" for i in range(40))
+    await conversation.handle(message(session.session_id, words, "r1"))
+    seen: list[int] = []
+    while not any(e.kind is EventKind.RESPONSE_COMPLETE for e in conversation.outbox._items):
+        seen.append(sum(e.kind is EventKind.CHUNK for e in conversation.outbox._items))
+        await asyncio.sleep(0)
+    chunks = sum(e.kind is EventKind.CHUNK for e in conversation.outbox._items)
+    assert chunks >= 40
+    # This task ran while the reply was being queued, not only before and after it.
+    assert any(0 < queued < chunks for queued in seen), seen
+    assert [e.kind for e in await reader.reply("r1")][-1] is EventKind.RESPONSE_COMPLETE
+
+
 async def test_pong_overtakes_chunks_already_queued() -> None:
     core = ChatCore(MemoryStore(), ScriptedBackend(["w "] * 30), limits=Limits())
     async with core.open_conversation() as conversation:

@@ -18,7 +18,7 @@ from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
 from chat.errors import StatusCode
 from chat.events import Request
 from chat.observe import NoObserver, TurnObservation
-from chat.replay import MemoryReplayLog, ReplaySettings
+from chat.replay import EVENT_OVERHEAD, MemoryReplayLog, ReplaySettings
 from chat.service import ChatService
 from chat.types import DisconnectPolicy
 from tests.backends import GatedBackend, ScriptedBackend
@@ -628,7 +628,7 @@ async def test_a_100k_chunk_reply_keeps_the_log_within_its_bytes_and_counts_evic
         stats = await stub.get_server_stats(chatpb.ServerStatsRequest())
         assert 0 < stats.replay_bytes <= budget
         assert stats.replay_turns == 1
-        assert stats.replay_evicted_events >= chunks + 2 - budget // 256
+        assert stats.replay_evicted_events >= chunks + 2 - budget // EVENT_OVERHEAD
         async with ChatStream(stub) as again:
             again.send(resume(session_id, event.turn_id, 0, "r"))
             (error,) = await again.until_complete("r")
