@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from chat.errors import TurnOutOfRange, Unavailable
 from chat.events import EventKind
 from chat.replay import ReplayLog, ReplaySettings
-from chat.store.redis_replay import RedisReplayLog
+from chat.store.redis_replay import _TAIL_KEEP, RedisReplayLog
 from tests.helpers import TIMEOUT, eventually
 from tests.replay_conformance import *  # noqa: F403
 from tests.replay_conformance import ReplayFactory, begin, collect, summary
-from tests.stores import delete_prefix, redis_store_url, unique_prefix
+from tests.stores import REDIS_URL, delete_prefix, redis_store_url, unique_prefix
 
 
 @asynccontextmanager
@@ -194,3 +196,57 @@ async def test_an_interrupt_reaches_the_other_servers_not_its_own(prefix: str) -
         await one.interrupt("s-3")
         await eventually(lambda: _is(asyncio.sleep(0, got[-1]), "s-3"), "the last interrupt")
         assert set(got) == {"s-1", "s-3"}
+
+
+async def _blocked_readers(name: str) -> int:
+    """Connections named ``name`` waiting in XREAD BLOCK now (other tests, and other
+    programs, may share this Redis)."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        clients = await client.client_list()
+    finally:
+        await client.aclose()
+    return sum(
+        1
+        for c in clients
+        if c.get("name") == name and c.get("cmd") == "xread" and "b" in c.get("flags", "")
+    )
+
+
+async def test_readers_on_one_server_share_one_read_of_the_stream(prefix: str) -> None:
+    async with server_log(redis_store_url(prefix, client_name=prefix)) as log:
+        writer = begin(log, "s-1", "t-1")
+        writer.put(EventKind.RESPONSE_START)
+        watchers = [asyncio.create_task(collect(log.watch("s-1"), count=4)) for _ in range(20)]
+        followers = [asyncio.create_task(collect(log.follow("s-1", "t-1", 0))) for _ in range(5)]
+        await eventually(lambda: _is(log.watchers("s-1"), 20), "20 watchers")
+        await eventually(lambda: _is(_blocked_readers(prefix), 1), "one XREAD for all of them")
+        writer.put(EventKind.CHUNK, "a")
+        writer.put(EventKind.CHUNK, "b")
+        writer.put(EventKind.RESPONSE_COMPLETE)
+        for task in watchers:
+            assert [e.seq for e in await task] == [1, 2, 3, 4]
+        for task in followers:
+            assert [e.seq for e in await task] == [1, 2, 3, 4]
+        await eventually(
+            lambda: _is(_blocked_readers(prefix), 0), "the read stopped with its readers"
+        )
+
+
+async def test_a_reader_behind_what_the_tail_keeps_reads_redis_again(prefix: str) -> None:
+    count = 3 * _TAIL_KEEP
+    async with server_log(redis_store_url(prefix)) as log:
+        writer = begin(log, "s-1", "t-1")
+        writer.put(EventKind.RESPONSE_START)
+        async with contextlib.aclosing(log.follow("s-1", "t-1", 0)) as slow:
+            fast = asyncio.create_task(collect(log.follow("s-1", "t-1", 0)))
+            assert (await anext(slow)).seq == 1
+            # The fast follower keeps the tail reading; the slow one reads nothing meanwhile.
+            for n in range(count):
+                writer.put(EventKind.CHUNK, str(n))
+            writer.put(EventKind.RESPONSE_COMPLETE)
+            everything = await fast
+            rest = [e async for e in slow]
+    assert [e.seq for e in everything] == list(range(1, count + 3))
+    assert [e.seq for e in rest] == list(range(2, count + 3))
+    assert [e.chunk_text for e in rest[:-1]] == [str(n) for n in range(count)]

@@ -46,6 +46,7 @@ SIGKILL leaves no running turn and no watchers behind after one lease.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -74,6 +75,8 @@ T = TypeVar("T")
 #: Connections to Redis at most: each follower and watcher holds one while it waits in
 #: XREAD BLOCK (``max_connections`` in the store URL overrides it).
 _CONNECTIONS = 4096
+#: Entries a session's tail keeps for this server's readers (then the older half goes).
+_TAIL_KEEP = 4096
 #: Entries read per XRANGE / XREAD call.
 _PAGE = 512
 #: Milliseconds an XREAD waits before a reader checks that its turn's server still runs it
@@ -377,6 +380,96 @@ class _Closed(Exception):
     """The log was closed while a reader waited."""
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``MS-SEQ``) as something that sorts as Redis sorts ids."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Entry:
+    """One entry of a session's stream, as this server read it; its event decoded once."""
+
+    __slots__ = ("_event", "fields", "id", "key")
+
+    def __init__(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        self.id = entry_id.decode()
+        self.key = _id_key(self.id)
+        self.fields = fields
+        self._event: Event | None = None
+
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = decode_event(self.fields[b"e"])
+        return self._event
+
+
+class _Tail:
+    """The live end of one session's stream, read by one task for every reader of this
+    server: a new entry is read from Redis and decoded once, however many follow or watch.
+
+    ``entries`` holds what the task read after ``complete_after`` (an id key), oldest first;
+    beyond ``_TAIL_KEEP`` the older half goes (a reader that far behind reads Redis again).
+    """
+
+    __slots__ = (
+        "complete_after",
+        "cursor",
+        "entries",
+        "error",
+        "readers",
+        "stream",
+        "task",
+        "trims",
+        "waiters",
+    )
+
+    def __init__(self, stream: str, start: str) -> None:
+        self.stream = stream
+        self.cursor = start
+        self.complete_after = _id_key(start)
+        self.entries: list[_Entry] = []
+        self.trims = 0
+        self.readers = 0
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def after(self, key: tuple[int, int]) -> int | None:
+        """Where the entries after ``key`` start, or ``None`` if some may be missing."""
+        if key < self.complete_after:
+            return None
+        return bisect.bisect_right(self.entries, key, key=_entry_key)
+
+    def add(self, entries: Sequence[_Entry]) -> None:
+        self.entries.extend(entries)
+        self.cursor = self.entries[-1].id
+        if len(self.entries) > _TAIL_KEEP:
+            cut = len(self.entries) // 2
+            self.complete_after = self.entries[cut - 1].key
+            del self.entries[:cut]
+            self.trims += 1
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+
+
+def _entry_key(entry: _Entry) -> tuple[int, int]:
+    return entry.key
+
+
 #: A write waiting for the flusher: session id, op (b begin, a append, e end), turn id, the
 #: event (appends), and when a begin or an end happened (ms): a tuple, as it is made for
 #: every event.
@@ -467,6 +560,8 @@ class RedisReplayLog:
         self._channel = self._key("replay-fleet")
         self._listener: asyncio.Task[None] | None = None
         self._pending_messages: list[bytes] = []
+        #: The tails of the streams this server's readers are at the end of.
+        self._tails: dict[str, _Tail] = {}
         # The stats: the fleet's bytes and turns as of the last script, this server's
         # evictions and expiries.
         self._bytes = 0
@@ -660,7 +755,14 @@ class RedisReplayLog:
                 raise _Closed
             return await operation()
 
-        return await self._redis._call("replay read", unless_closed, retry=True)
+        result = await self._redis._call("replay read", unless_closed, retry=True)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled while Redis answered: seen to come back with the answer instead of
+            # the CancelledError (a blocking XREAD, redis-py 8), which would leave a
+            # cancelled reader reading.
+            raise asyncio.CancelledError
+        return result
 
     async def _entries(
         self,
@@ -669,41 +771,101 @@ class RedisReplayLog:
         *,
         inclusive: bool,
         idle: Callable[[], Awaitable[None]] | None = None,
-    ) -> AsyncGenerator[tuple[str, dict[bytes, bytes]], None]:
+    ) -> AsyncGenerator[_Entry, None]:
         """The stream's entries from ``start`` on, then live ones; ``idle`` is awaited when
-        nothing came for a while (it raises to end the reading). Ends when the log closes."""
+        nothing came for a while (it raises to end the reading). Ends when the log closes.
+
+        The past is read with XRANGE; at the end, the reader joins the stream's tail (one
+        XREAD BLOCK for all of this server's readers of it), and reads Redis again whenever
+        it falls behind what the tail keeps.
+        """
         client = self._client
         last = start
+        key = _id_key(start)
         cursor = start if inclusive else f"({start}"
+        tail: _Tail | None = None
         try:
             while True:
-                page: Any = await self._read(
-                    lambda: client.xrange(stream, cursor, "+", count=_PAGE)  # noqa: B023
-                )
-                for entry_id, fields in page:
-                    last = entry_id.decode()
-                    yield last, fields
-                if len(page) < _PAGE:
-                    break
-                cursor = f"({last}"
-            while True:
-                found: Any = await self._read(
-                    lambda: client.xread({stream: last}, count=_PAGE, block=_BLOCK_MS)  # noqa: B023
-                )
-                if not found:
-                    if idle is not None:
-                        await idle()
+                if tail is None or (position := tail.after(key)) is None:
+                    page: Any = await self._read(
+                        lambda: client.xrange(stream, cursor, "+", count=_PAGE)  # noqa: B023
+                    )
+                    for entry_id, fields in page:
+                        entry = _Entry(entry_id, fields)
+                        last, key = entry.id, entry.key
+                        yield entry
+                    cursor = f"({last}"
+                    if len(page) == _PAGE:
+                        continue
+                    if tail is None:
+                        tail = self._join_tail(stream, last)
+                    elif key < tail.complete_after:
+                        # What Redis had after ``last`` was read: what the tail dropped
+                        # before it was deleted from the stream too.
+                        key = tail.complete_after
                     continue
-                for _name, entries in found:
-                    for entry_id, fields in entries:
-                        last = entry_id.decode()
-                        yield last, fields
+                trims = tail.trims
+                entries = tail.entries
+                while position < len(entries) and tail.trims == trims:
+                    entry = entries[position]
+                    position += 1
+                    last, key = entry.id, entry.key
+                    yield entry
+                cursor = f"({last}"
+                if tail.trims != trims or position < len(entries):
+                    continue
+                if tail.error is not None:
+                    raise tail.error
+                if self._closed:
+                    return
+                waited = tail.cursor
+                await tail.wait()
+                if tail.cursor == waited and idle is not None:
+                    await idle()  # woken with nothing new: a while went by
         except _Closed:
             return
         except StoreUnavailable:
             if self._closed:
                 return
             raise
+        finally:
+            if tail is not None:
+                self._leave_tail(tail)
+
+    def _join_tail(self, stream: str, last: str) -> _Tail:
+        tail = self._tails.get(stream)
+        if tail is None or tail.task is None or tail.task.done():
+            tail = self._tails[stream] = _Tail(stream, last)
+            tail.task = asyncio.get_running_loop().create_task(self._read_tail(tail))
+        tail.readers += 1
+        return tail
+
+    def _leave_tail(self, tail: _Tail) -> None:
+        tail.readers -= 1
+        if not tail.readers and tail.task is not None:
+            tail.task.cancel()
+            if self._tails.get(tail.stream) is tail:
+                del self._tails[tail.stream]
+
+    async def _read_tail(self, tail: _Tail) -> None:
+        client = self._client
+        try:
+            while True:
+                found: Any = await self._read(
+                    lambda: client.xread({tail.stream: tail.cursor}, count=_PAGE, block=_BLOCK_MS)
+                )
+                for _name, items in found or ():
+                    tail.add([_Entry(entry_id, fields) for entry_id, fields in items])
+                # Also when nothing came: the readers check on their turns meanwhile.
+                tail.wake()
+        except _Closed:
+            pass
+        except StoreUnavailable as error:
+            tail.error = error
+        finally:
+            if self._tails.get(tail.stream) is tail:
+                del self._tails[tail.stream]
+            tail.wake()
 
     async def _turn_record(self, session_id: str, turn_id: str) -> tuple[dict[str, str], str]:
         keys = [
@@ -758,7 +920,8 @@ class RedisReplayLog:
         wanted = turn_id.encode()
         expected = max(after_seq, 0) + 1
         async with contextlib.aclosing(entries):
-            async for _entry_id, fields in entries:
+            async for entry in entries:
+                fields = entry.fields
                 if fields.get(b"t") != wanted:
                     continue
                 seq = int(fields[b"s"])
@@ -771,7 +934,7 @@ class RedisReplayLog:
                 if seq > expected:
                     raise TurnOutOfRange(turn_id)
                 expected += 1
-                yield decode_event(fields[b"e"])
+                yield entry.event()
 
     async def watch(self, session_id: str) -> AsyncGenerator[Event, None]:
         """Every event of every turn of the session from now on (a running turn from its
@@ -784,10 +947,9 @@ class RedisReplayLog:
         try:
             entries = self._entries(self._key("replay", session_id), start, inclusive=inclusive)
             async with contextlib.aclosing(entries):
-                async for _entry_id, fields in entries:
-                    payload = fields.get(b"e")
-                    if payload is not None:
-                        yield decode_event(payload)
+                async for entry in entries:
+                    if b"e" in entry.fields:
+                        yield entry.event()
         finally:
             await asyncio.shield(self._remove_watcher(session_id, member))
 
@@ -986,6 +1148,7 @@ class RedisReplayLog:
             except StoreUnavailable as error:
                 log.warning("replay log: watchers stay counted for a lease: %s", error.detail)
         tasks = [t for t in (self._flusher, self._renewer, self._listener) if t is not None]
+        tasks += [tail.task for tail in self._tails.values() if tail.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
