@@ -67,11 +67,15 @@ from chat.store._codec import session_from_values, session_values
 from chat.store.redis import RedisStore
 from chat.types import Session, SessionUpdateKind
 
-__all__ = ["RedisReplayLog", "RedisTurnLog"]
+__all__ = ["FLUSH_INTERVAL", "RedisReplayLog", "RedisTurnLog"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Seconds between two writes of a server's flusher, at least: what a watcher on another
+#: server or a resume may lag behind the sender, for batches that cost this server a
+#: fraction of the CPU per event.
+FLUSH_INTERVAL = 0.01
 #: Connections to Redis at most: each follower and watcher holds one while it waits in
 #: XREAD BLOCK (``max_connections`` in the store URL overrides it).
 _CONNECTIONS = 4096
@@ -517,6 +521,7 @@ class RedisReplayLog:
         *,
         on_evicted: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.time,
+        flush_interval: float = FLUSH_INTERVAL,
     ) -> None:
         # The store's URL, client settings and error handling, in a client of its own that
         # keeps bytes as bytes (the events are protobuf).
@@ -525,6 +530,7 @@ class RedisReplayLog:
         self.settings = settings = settings or ReplaySettings()
         self._on_evicted = on_evicted
         self._clock = clock
+        self._flush_interval = flush_interval
         self._lease_ms = round(self._redis.lock_lease * 1000)
         script = self._client.register_script
         self._flush_script = script(_FLUSH)
@@ -610,8 +616,17 @@ class RedisReplayLog:
             self._wake.set()
 
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -math.inf
         while True:
             await self._wake.wait()
+            # At most one write per interval: under load a batch holds that long's events
+            # (a pipeline costs this process far more than an event in it); after a quiet
+            # spell the first event goes at once.
+            pause = last + self._flush_interval - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last = loop.time()
             self._wake.clear()
             batch, self._pending = self._pending, []
             claims, self._pending_claims = self._pending_claims, []
