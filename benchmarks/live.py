@@ -31,7 +31,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any, cast
 from grpclib.client import Channel
 
 import chatpb
+from benchmarks._processes import cpu_seconds, percentile
 from chat.cli.server import _tune_gc
 from chat.config import ServerConfig
 from chat.events import Event, EventKind, ReplyCounter
@@ -56,7 +56,6 @@ RESULTS = Path(__file__).parent / "results"
 TEXT = " ".join(f"word{i}" for i in range(50))
 WATCHERS = (0, 1, 10, 100)
 _PER_CONNECTION = 50
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -229,23 +228,27 @@ async def _resume_latency(port: int, resumes: int) -> list[float]:
 
 
 def memory_per_event(events: int) -> dict[str, float]:
+    """What the in-process log keeps per chunk event of a running turn: allocated while the
+    events are made and logged (as the server does, each chunk's text made by the
+    backend), then the events themselves let go, so that only what the log keeps counts."""
     log = MemoryReplayLog(ReplaySettings(max_bytes=2**40))
     reply = ReplyCounter(turn_id="t" * 16)
     reply.log = log.begin("s" * 36, reply.turn_id, "r")
-    words = [f"w{n % 1000} " for n in range(events)]
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    counted = 0
-    for word in words:
+    counted = text = 0
+    for n in range(events):
+        word = f"w{n % 1000} "
         event = Event(
             EventKind.CHUNK, session_id="s" * 36, request_id="r", chunk_text=word, reply=reply
         )
         stamp(event, reply)
         counted += event_size(event)
+        text += len(word)
+    del event, word
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    text = sum(len(w) for w in words)
     return {
         "bytes_per_event": (after - before) / events,
         "counted_bytes_per_event": counted / events,
@@ -262,9 +265,7 @@ class _Server:
     port: int
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return cpu_seconds(self.process.pid)
 
 
 async def _start() -> _Server:
@@ -358,16 +359,11 @@ async def run(s: Settings) -> dict[str, Any]:
     return {"watchers": rounds, "resume_s": latencies, "memory": memory_per_event(s.events)}
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def report(results: dict[str, Any], s: Settings) -> str:
     rounds = results["watchers"]
 
     def median(watchers: int, key: str) -> float:
-        return statistics.median(r[key] for r in rounds[str(watchers)])
+        return float(statistics.median(r[key] for r in rounds[str(watchers)]))
 
     stream = median(0, "cpu_us_per_sent_chunk")
     lines = [
@@ -397,8 +393,8 @@ def report(results: dict[str, Any], s: Settings) -> str:
         "watcher costs the figure in the fourth column per chunk of the turn it watches.",
         "",
         f"Resume latency (new connection to the first replayed chunk, {len(latencies)} "
-        f"resumes): p50 {_quantile(latencies, 0.5) * 1e3:.2f} ms, "
-        f"p99 {_quantile(latencies, 0.99) * 1e3:.2f} ms.",
+        f"resumes): p50 {percentile(latencies, 50) * 1e3:.2f} ms, "
+        f"p99 {percentile(latencies, 99) * 1e3:.2f} ms.",
         "",
         f"Memory per replayed event (one-word chunks, in the in-process replay log): "
         f"{memory['bytes_per_event']:.0f} bytes allocated, of which "

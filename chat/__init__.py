@@ -64,6 +64,7 @@ from chat.config import ServerConfig
 from chat.context import ContextBudget, ContextSettings
 from chat.core import ChatCore, Conversation, Limits
 from chat.errors import (
+    Aborted,
     BackendAuthError,
     BackendBadRequest,
     BackendError,
@@ -86,10 +87,13 @@ from chat.errors import (
     SessionNotFound,
     StatusCode,
     StoreUnavailable,
+    TurnNotFound,
+    TurnOutOfRange,
     Unauthenticated,
     Unavailable,
 )
 from chat.events import Event, EventKind, Request, RequestKind
+from chat.replay import MemoryReplayLog, ReplayLog, ReplaySettings, ReplayStats
 from chat.retention import Retention
 from chat.secret import Secret
 from chat.server import ChatServer, create_backend, serve
@@ -112,6 +116,7 @@ from chat.types import (
 )
 
 __all__ = [
+    "Aborted",
     "BackendAuthError",
     "BackendBadRequest",
     "BackendError",
@@ -147,6 +152,7 @@ __all__ = [
     "GenerationRequest",
     "InvalidArgument",
     "Limits",
+    "MemoryReplayLog",
     "MemoryStore",
     "Message",
     "MessageStatus",
@@ -162,6 +168,9 @@ __all__ = [
     "RateLimited",
     "ReconnectPolicy",
     "RemoteSettings",
+    "ReplayLog",
+    "ReplaySettings",
+    "ReplayStats",
     "Reply",
     "ReplyChunk",
     "ReplyCompleted",
@@ -193,6 +202,8 @@ __all__ = [
     "StatusCode",
     "StatusKind",
     "StoreUnavailable",
+    "TurnNotFound",
+    "TurnOutOfRange",
     "Unauthenticated",
     "Unavailable",
     "Usage",

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import operator
 import secrets
 import time
 import uuid
@@ -105,18 +104,14 @@ _REQUEST_IDS = (
     "timestamp",
     "traceparent",
 )
-#: The fields of an event copied for another stream (its turn record stays behind).
-_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event) if f.name != "reply")
-_event_values = operator.attrgetter(*_EVENT_FIELDS)
 
 
 def _replayed(event: Event, request_id: str = "") -> Event:
-    """A copy of a logged ``event`` for another stream (with ``request_id`` if given): not
-    tied to its turn, so that outbox neither renumbers nor merges it."""
-    copy = Event(*_event_values(event))
+    """A logged ``event`` (a new object, from the replay log) for this stream: with
+    ``request_id`` if given."""
     if request_id:
-        copy.request_id = request_id
-    return copy
+        event.request_id = request_id
+    return event
 
 
 def _too_long(name: str, value: str, limit: int) -> InvalidArgument:

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import operator
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from chat.errors import TurnNotFound, TurnOutOfRange
-from chat.events import Event
+from chat.events import Event, EventKind
 from chat.types import Session, SessionUpdateKind
 
 __all__ = [
@@ -51,18 +53,28 @@ __all__ = [
     "ReplaySettings",
     "ReplayStats",
     "TurnLog",
+    "copy_event",
     "event_size",
 ]
 
-#: Bytes counted for an event besides its text: about what an :class:`~chat.events.Event`
-#: object costs in memory (and more than it costs encoded).
-EVENT_OVERHEAD = 300
+#: Bytes counted for an event besides its text: about what a logged chunk costs beyond
+#: its text, in memory (a string object and its place in the turn's list) or encoded.
+EVENT_OVERHEAD = 64
 #: Turns whose events expired or were dropped, remembered so that a RESUME of one gets
 #: OUT_OF_RANGE (it existed) rather than NOT_FOUND.
 _FORGOTTEN = 65_536
 #: Eviction brings the log down to this share of ``max_bytes``, so that it runs once per
 #: many appends rather than on each.
 _LOW_WATER = 0.9
+
+
+_COPIED = tuple(f.name for f in dataclasses.fields(Event) if f.name != "reply")
+_copied_values = operator.attrgetter(*_COPIED)
+
+
+def copy_event(event: Event) -> Event:
+    """A copy of ``event`` not tied to its turn (``reply`` is ``None``)."""
+    return Event(*_copied_values(event))
 
 
 def event_size(event: Event) -> int:
@@ -128,8 +140,8 @@ class ReplayLog(Protocol):
         Raises :class:`~chat.errors.TurnNotFound` (no such turn of that session) or
         :class:`~chat.errors.TurnOutOfRange` (its events after ``after_seq`` are gone) on
         the first step, before any event; ``TurnOutOfRange`` later if a follower falls so far
-        behind that events it has not read yet are dropped. Events are the log's own: copy
-        them before changing anything.
+        behind that events it has not read yet are dropped. The events are new objects, not
+        tied to the turn (``reply`` is ``None``): the caller may change them.
         """
         ...
 
@@ -186,42 +198,48 @@ class ReplayLog(Protocol):
 class _Wakeups:
     """Futures of tasks waiting for something to happen."""
 
-    __slots__ = ("_waiters",)
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._waiters)
+        self.waiters: list[asyncio.Future[None]] = []
 
     def wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
     async def wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self.waiters.append(waiter)
         try:
             await waiter
         finally:
             if not waiter.done() or waiter.cancelled():
                 # Cancelled: not left behind for the next wake().
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self.waiters.remove(waiter)
+
+
+_CHUNK = EventKind.CHUNK
 
 
 class _MemoryTurn:
-    """One turn's events in a :class:`MemoryReplayLog`: its :class:`TurnLog`."""
+    """One turn's events in a :class:`MemoryReplayLog`: its :class:`TurnLog`.
+
+    A chunk is kept as its text alone (the string the event already had: nothing is
+    allocated for it but its place in ``items``); its event is made again when it is
+    replayed, from the turn's ids and its position. Other events are kept as they are.
+    """
 
     __slots__ = (
         "_log",
+        "chunks_dropped",
         "ended_at",
-        "events",
         "first_seq",
         "gone",
         "index",
+        "items",
         "request_id",
         "session",
         "size",
@@ -236,9 +254,12 @@ class _MemoryTurn:
         self.session = session
         self.turn_id = turn_id
         self.request_id = request_id
-        self.events: list[Event] = []
-        #: The ``seq`` of ``events[0]`` (events before it were dropped).
+        #: The events: a chunk's text, or any other event.
+        self.items: list[str | Event] = []
+        #: The ``seq`` of ``items[0]`` (those before it were dropped).
         self.first_seq = 1
+        #: Chunks among the dropped events (so that chunks are numbered when replayed).
+        self.chunks_dropped = 0
         self.size = 0
         #: Its place among the session's turns, once its first event is appended (-1 before).
         self.index = -1
@@ -248,10 +269,13 @@ class _MemoryTurn:
         self.wakeups = _Wakeups()
 
     def append(self, event: Event) -> None:
-        self.events.append(event)
-        size = (
-            len(event.chunk_text) + len(event.status_message) + len(event.error_message)
-        ) + EVENT_OVERHEAD
+        if event.kind is _CHUNK:
+            text = event.chunk_text
+            self.items.append(text)
+            size = len(text) + EVENT_OVERHEAD
+        else:
+            self.items.append(event)
+            size = event_size(event)
         self.size += size
         log = self._log
         log._bytes += size
@@ -259,7 +283,7 @@ class _MemoryTurn:
             log._start_turn(self)
         if log._bytes > log._max_bytes:
             log._evict()
-        if self.wakeups:
+        if self.wakeups.waiters:
             self.wakeups.wake()
 
     def end(self) -> None:
@@ -269,23 +293,58 @@ class _MemoryTurn:
 
     @property
     def last_seq(self) -> int:
-        return self.first_seq + len(self.events) - 1
+        return self.first_seq + len(self.items) - 1
+
+    def chunks_before(self, seq: int) -> int:
+        """How many chunks the turn has up to ``seq`` (of those held, and dropped)."""
+        held = self.items[: max(0, seq - self.first_seq + 1)]
+        return self.chunks_dropped + sum(1 for item in held if type(item) is str)
+
+    def event(self, seq: int, chunks: int) -> Event:
+        """The event ``seq`` (held), as a new object; ``chunks`` is the number of the
+        chunks before it."""
+        item = self.items[seq - self.first_seq]
+        if type(item) is str:
+            return Event(
+                _CHUNK,
+                session_id=self.session.session_id,
+                request_id=self.request_id,
+                chunk_text=item,
+                chunk_number=chunks + 1,
+                turn_id=self.turn_id,
+                seq=seq,
+            )
+        assert isinstance(item, Event)
+        return copy_event(item)
 
     def drop_front(self, count: int) -> int:
         """Drop the oldest ``count`` events; return their size."""
-        dropped = self.events[:count]
-        del self.events[:count]
+        dropped = self.items[:count]
+        del self.items[:count]
         self.first_seq += len(dropped)
-        size = sum(map(event_size, dropped))
+        size = 0
+        for item in dropped:
+            if type(item) is str:
+                self.chunks_dropped += 1
+                size += len(item) + EVENT_OVERHEAD
+            else:
+                assert isinstance(item, Event)
+                size += event_size(item)
         self.size -= size
         return size
+
+    def drop_all(self) -> int:
+        """Drop every event; return how many."""
+        count = len(self.items)
+        self.drop_front(count)
+        return count
 
 
 @dataclass(slots=True, eq=False)
 class _MemorySession:
     session_id: str
     #: Turns that have appended an event, in the order they did (the order watchers see).
-    turns: list[_MemoryTurn] = field(default_factory=list)
+    turns: deque[_MemoryTurn] = field(default_factory=deque)
     #: Turns begun and not ended, oldest first.
     running: dict[str, _MemoryTurn] = field(default_factory=dict)
     next_index: int = 0
@@ -301,7 +360,8 @@ class MemoryReplayLog:
 
     ``on_evicted`` is told how many events each eviction dropped (the core passes
     :meth:`Observer.replay_evicted <chat.observe.Observer.replay_evicted>`); ``clock`` is
-    the monotonic clock the window is measured with.
+    the monotonic clock the window is measured with. Ended turns are dropped when the log
+    is next used after their window (a turn beginning, a RESUME, a WATCH, ``stats()``).
     """
 
     def __init__(
@@ -351,13 +411,17 @@ class MemoryReplayLog:
         seq = max(after_seq, 0)
         if seq < turn.first_seq - 1:
             raise TurnOutOfRange(turn_id)
+        chunks = turn.chunks_before(seq)
         while True:
             if seq < turn.first_seq - 1:
                 # Dropped while this follower was behind.
                 raise TurnOutOfRange(turn_id)
             if seq < turn.last_seq:
                 seq += 1
-                yield turn.events[seq - turn.first_seq]
+                event = turn.event(seq, chunks)
+                if event.kind is _CHUNK:
+                    chunks += 1
+                yield event
                 continue
             if turn.ended_at is not None or turn.gone or self._closed:
                 return
@@ -380,13 +444,19 @@ class MemoryReplayLog:
                     continue
                 turn = upcoming
                 next_index = turn.index + 1
-                seq = 0
+                seq = turn.first_seq - 1
+                chunks = turn.chunks_dropped
                 while not self._closed:
-                    # A watcher that fell behind what is held skips the gap.
-                    seq = max(seq, turn.first_seq - 1)
+                    if seq < turn.first_seq - 1:
+                        # Too slow to keep up: what was dropped is skipped.
+                        seq = turn.first_seq - 1
+                        chunks = turn.chunks_dropped
                     if seq < turn.last_seq:
                         seq += 1
-                        yield turn.events[seq - turn.first_seq]
+                        event = turn.event(seq, chunks)
+                        if event.kind is _CHUNK:
+                            chunks += 1
+                        yield event
                         continue
                     if turn.ended_at is not None or turn.gone:
                         break
@@ -466,20 +536,25 @@ class MemoryReplayLog:
         turn.session.running.pop(turn.turn_id, None)
         self._ended[turn.turn_id] = turn
 
-    def _drop(self, turn: _MemoryTurn) -> None:
-        """Take ``turn`` out of the log (its events' bytes are the caller's to count)."""
+    def _drop(self, turn: _MemoryTurn) -> int:
+        """Take ``turn`` out of the log; return how many events it held."""
+        count = turn.drop_all()
         turn.gone = True
         self._turns.pop(turn.turn_id, None)
         self._ended.pop(turn.turn_id, None)
         session = turn.session
         session.running.pop(turn.turn_id, None)
-        if turn in session.turns:
-            session.turns.remove(turn)
+        turns = session.turns
+        if turns and turns[0] is turn:
+            turns.popleft()
+        elif turn in turns:
+            turns.remove(turn)
         self._forgotten[turn.turn_id] = session.session_id
         if len(self._forgotten) > _FORGOTTEN:
             self._forgotten.popitem(last=False)
         turn.wakeups.wake()
         self._maybe_forget(session)
+        return count
 
     def _expire(self) -> None:
         """Drop the turns that ended more than the window ago, and the claims as old whose
@@ -494,9 +569,6 @@ class MemoryReplayLog:
             if turn.ended_at > horizon:
                 break
             self._bytes -= turn.size
-            turn.first_seq += len(turn.events)
-            turn.events = []
-            turn.size = 0
             self._drop(turn)
             self._expired_turns += 1
         while self._claims:
@@ -517,12 +589,8 @@ class MemoryReplayLog:
         evicted = 0
         while self._bytes > target and self._ended:
             turn = next(iter(self._ended.values()))
-            evicted += len(turn.events)
             self._bytes -= turn.size
-            turn.first_seq += len(turn.events)
-            turn.events = []
-            turn.size = 0
-            self._drop(turn)
+            evicted += self._drop(turn)
         if self._bytes > target:
             for turn in list(self._turns.values()):
                 if self._bytes <= target:
@@ -530,10 +598,14 @@ class MemoryReplayLog:
                 excess = self._bytes - target
                 count = 0
                 freed = 0
-                for event in turn.events:
+                for item in turn.items:
                     if freed >= excess:
                         break
-                    freed += event_size(event)
+                    if type(item) is str:
+                        freed += len(item) + EVENT_OVERHEAD
+                    else:
+                        assert isinstance(item, Event)
+                        freed += event_size(item)
                     count += 1
                 self._bytes -= turn.drop_front(count)
                 evicted += count

@@ -175,3 +175,25 @@ def test_the_observability_benchmark_loads_both_servers(tmp_path: Path) -> None:
         assert result["cpu_us_per_chunk"] > 0
         assert result["chunks_per_s"] > 0
     assert "CPU per chunk of off" in (tmp_path / "observability.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_live_benchmark_measures_watchers_resumes_and_memory(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.live", "--quick", "--output", tmp_path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "live.json").read_text())
+    assert set(results["watchers"]) == {"0", "1", "10", "100"}
+    for watchers, rounds in results["watchers"].items():
+        (result,) = rounds
+        assert result["cpu_us_per_sent_chunk"] > 0
+        assert (result["watched_chunks"] > 0) == (watchers != "0")
+    assert results["resume_s"]
+    assert results["memory"]["bytes_per_event"] > 0
+    assert "Resume latency" in (tmp_path / "live.md").read_text()
