@@ -967,43 +967,51 @@ class Conversation:
         return None
 
     def _cancel(self, request: Request) -> None:
-        if request.request_id:
-            targets = [
-                (sid, turn)
-                for sid, lane in self._lanes.items()
-                for turn in (lane.current, *lane.pending)
-                if turn is not None and turn.request.request_id == request.request_id
-            ]
-        elif request.session_id:
-            lane = self._lanes.get(request.session_id)
-            targets = (
-                []
-                if lane is None
-                else [
-                    (request.session_id, turn)
-                    for turn in (lane.current, *lane.pending)
-                    if turn is not None
-                ]
-            )
-        else:
+        if not request.request_id and not request.session_id:
             self._error(
                 request,
                 InvalidArgument("request_id", "CANCEL needs the request_id or session_id to stop"),
             )
             return
-        if not targets:
-            what = request.request_id or f"session {request.session_id}"
-            self.outbox.put_nowait(
-                Event(
-                    EventKind.STATUS,
-                    session_id=request.session_id,
-                    request_id=request.request_id,
-                    status_message=f"nothing to cancel: no reply in flight or queued for {what}",
-                    status_kind=StatusKind.NOTHING_TO_CANCEL,
-                )
-            )
+        targets = self._cancel_targets(request)
+        if targets:
+            self._cancel_turns(targets)
             return
-        self._cancel_turns(targets)
+        # A reply this identity left running on a stream that went away (and resumed here,
+        # say) is stopped as if it were this stream's.
+        found = False
+        for other in list(self._core._detached):
+            if other.identity.name == self.identity.name:
+                theirs = other._cancel_targets(request)
+                if theirs:
+                    other._cancel_turns(theirs)
+                    found = True
+        if found:
+            return
+        what = request.request_id or f"session {request.session_id}"
+        self.outbox.put_nowait(
+            Event(
+                EventKind.STATUS,
+                session_id=request.session_id,
+                request_id=request.request_id,
+                status_message=f"nothing to cancel: no reply in flight or queued for {what}",
+                status_kind=StatusKind.NOTHING_TO_CANCEL,
+            )
+        )
+
+    def _cancel_targets(self, request: Request) -> list[tuple[str, _Turn]]:
+        """This stream's turns a CANCEL names: by ``request_id``, else all of ``session_id``."""
+        if request.request_id:
+            return [
+                (sid, turn)
+                for sid, lane in self._lanes.items()
+                for turn in (lane.current, *lane.pending)
+                if turn is not None and turn.request.request_id == request.request_id
+            ]
+        lane = self._lanes.get(request.session_id)
+        if lane is None:
+            return []
+        return [(request.session_id, t) for t in (lane.current, *lane.pending) if t is not None]
 
     def _cancel_turns(self, targets: Sequence[tuple[str, _Turn]]) -> None:
         for session_id, turn in targets:

@@ -48,7 +48,10 @@ async def server(fake: FakeLLM) -> AsyncIterator[ChatServer]:
             retry=RetryPolicy(attempts=1),
         )
     )
-    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
+    # A client going away stops the model (what --on-disconnect cancel does).
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", grace_period=1.0, on_disconnect="cancel"
+    )
     async with ChatServer(config, backend=backend) as running:
         yield running
 

@@ -300,6 +300,33 @@ async def test_on_disconnect_continue_runs_the_reply_to_its_end_and_cancel_stops
         assert core.stats.active_replies == 0
 
 
+async def test_a_reply_left_running_can_be_cancelled_from_the_stream_that_resumed_it(
+    stub: chatpb.ChatServiceStub, gated_core: ChatCore, gated: GatedBackend
+) -> None:
+    session_id = await new_session(stub)
+    lost = ChatStream(stub)
+    await lost.__aenter__()
+    lost.message(session_id, "hi", "r1")
+    gated.release("kept ")
+    start = await lost.recv()
+    await lost.recv()
+    await lost.close()
+
+    async def gone() -> bool:
+        return gated_core.stats.active_streams == 0
+
+    await eventually(gone, "the server to see the client go")
+    async with ChatStream(stub) as again:
+        again.send(resume(session_id, start.turn_id, 2, "back"))
+        again.send(chatpb.ChatRequest(type=R.CANCEL, session_id=session_id, request_id="r1"))
+        ended = await again.until_complete("back")
+    assert ended[-1].type == T.RESPONSE_COMPLETE
+    assert ended[-1].finish_reason == chatpb.FinishReason.CANCELLED
+    await asyncio.wait_for(gated.closed.wait(), TIMEOUT)
+    stored = await history(stub, session_id)
+    assert (stored[-1].content, stored[-1].status) == ("kept ", chatpb.MessageStatus.CANCELLED)
+
+
 async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
     # Over TCP, as tests/test_memory.py does for cancelled replies.
     backend = GatedBackend()

@@ -37,7 +37,10 @@ def records(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtu
 
 
 def config() -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=0.5)
+    # Clients that go away cancel their turns (--on-disconnect cancel): their records say so.
+    return ServerConfig(
+        host="127.0.0.1", port=0, store="memory://", grace_period=0.5, on_disconnect="cancel"
+    )
 
 
 def access(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:

@@ -76,6 +76,8 @@ async def test_streams_and_cancelled_replies_leave_nothing_behind(tmp_path: Path
         store=f"sqlite://{tmp_path / 'soak.db'}?synchronous=normal",
         grace_period=1.0,
         context=ContextSettings(context_window=100_000),
+        # Cut replies are cancelled (with continue, they would run to their end).
+        on_disconnect="cancel",
     )
     async with ChatServer(config, backend=EchoBackend(pace=0.002)) as server:
         await _round(server)

@@ -228,6 +228,13 @@ def server_stats_table(info: ServerStatsInfo, *, target: str) -> Table:
             ("chunks sent", str(info.total_chunks_sent)),
             ("open streams", str(info.active_streams)),
             ("replies in flight", str(info.active_replies)),
+            ("watching streams", str(info.active_watchers)),
+            (
+                "replay log",
+                f"{info.replay_turns} turns, {info.replay_bytes} bytes; "
+                f"{info.replay_evicted_events} events evicted, "
+                f"{info.replay_expired_turns} turns expired; {info.resumed_turns} resumed",
+            ),
         ]
     )
 
