@@ -79,6 +79,8 @@ FLUSH_INTERVAL = 0.01
 #: Connections to Redis at most: each follower and watcher holds one while it waits in
 #: XREAD BLOCK (``max_connections`` in the store URL overrides it).
 _CONNECTIONS = 4096
+#: Sessions whose last write's place is remembered before those written are forgotten.
+_SESSIONS_REMEMBERED = 1024
 #: Entries a session's tail keeps for this server's readers (then the older half goes).
 _TAIL_KEEP = 4096
 #: Entries read per XRANGE / XREAD call.
@@ -495,6 +497,7 @@ class RedisTurnLog:
         log = self._log
         log._pending.append((self.session_id, "a", self.turn_id, event, 0))
         log._queued += 1
+        log._last_queued[self.session_id] = log._queued
         if not log._wake.is_set():
             log._wake.set()
 
@@ -550,6 +553,9 @@ class RedisReplayLog:
         self._written = 0
         self._begun_unwritten = 0
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        #: The count of writes queued up to each session's last one.
+        self._last_queued: dict[str, int] = {}
         self._written_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -612,6 +618,7 @@ class RedisReplayLog:
     def _enqueue(self, op: _Op) -> None:
         self._pending.append(op)
         self._queued += 1
+        self._last_queued[op[0]] = self._queued
         if not self._wake.is_set():
             self._wake.set()
 
@@ -624,9 +631,12 @@ class RedisReplayLog:
             # (a pipeline costs this process far more than an event in it); after a quiet
             # spell the first event goes at once.
             pause = last + self._flush_interval - loop.time()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            if pause > 0 and not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._hurry.wait()  # a reader of this server waits for it
             last = loop.time()
+            self._hurry.clear()
             self._wake.clear()
             batch, self._pending = self._pending, []
             claims, self._pending_claims = self._pending_claims, []
@@ -707,6 +717,9 @@ class RedisReplayLog:
         self._expired_turns += expired
 
     def _wake_readers(self) -> None:
+        if len(self._last_queued) > _SESSIONS_REMEMBERED:
+            written = self._written
+            self._last_queued = {k: v for k, v in self._last_queued.items() if v > written}
         waiting = []
         for target, future in self._written_waiters:
             if self._written >= target:
@@ -716,12 +729,15 @@ class RedisReplayLog:
                 waiting.append((target, future))
         self._written_waiters = waiting
 
-    async def _sync(self) -> None:
-        """Wait until the writes this server queued so far are in Redis (or failed)."""
-        if self._written >= self._queued or self._flusher is None:
+    async def _sync(self, session_id: str | None = None) -> None:
+        """Wait until the writes this server queued so far (of ``session_id``, if given) are
+        in Redis (or failed); the flusher writes at once rather than after its interval."""
+        target = self._queued if session_id is None else self._last_queued.get(session_id, 0)
+        if self._written >= target or self._flusher is None:
             return
         future = asyncio.get_running_loop().create_future()
-        self._written_waiters.append((self._queued, future))
+        self._written_waiters.append((target, future))
+        self._hurry.set()
         await future
 
     # -- leases -----------------------------------------------------------------------------
@@ -907,7 +923,7 @@ class RedisReplayLog:
         any event, or at the gap), :class:`~chat.errors.Unavailable` when the server running
         the turn stopped (its lease ran out) before the turn's end.
         """
-        await self._sync()
+        await self._sync(session_id)
         record, tail = await self._turn_record(session_id, turn_id)
         if not record:
             raise TurnNotFound(turn_id)
@@ -954,7 +970,7 @@ class RedisReplayLog:
     async def watch(self, session_id: str) -> AsyncGenerator[Event, None]:
         """Every event of every turn of the session from now on (a running turn from its
         oldest event held), from any server; counted as a watcher while open."""
-        await self._sync()
+        await self._sync(session_id)
         self._start_listener()  # a watcher gets the other servers' session updates too
         _turn, start, inclusive = await self._running_now(session_id)
         member = f"{self._replica}:{secrets.token_hex(6)}"
@@ -1046,7 +1062,7 @@ class RedisReplayLog:
         return str(found.decode())
 
     async def running_turn(self, session_id: str) -> str | None:
-        await self._sync()
+        await self._sync(session_id)
         turn, _start, _inclusive = await self._running_now(session_id)
         return turn
 
