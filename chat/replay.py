@@ -176,6 +176,15 @@ class ReplayLog(Protocol):
         """Call ``callback(session_id)`` when another server interrupts a session."""
         ...
 
+    async def cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        """Pass a CANCEL this server found nothing for on to the other servers sharing this
+        log (a reply the identity left running there on a stream that went away)."""
+        ...
+
+    def on_cancel(self, callback: Callable[[str, str, str], None]) -> None:
+        """Call ``callback(identity, session_id, request_id)`` for another server's CANCEL."""
+        ...
+
     def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
         """Tell the other servers sharing this log of a session update (typing, a change, a
         turn done), for their streams following the session. Cheap: no I/O, no await."""
@@ -482,6 +491,12 @@ class MemoryReplayLog:
         return None  # no other servers share it
 
     def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        return None
+
+    async def cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        return None
+
+    def on_cancel(self, callback: Callable[[str, str, str], None]) -> None:
         return None
 
     def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:

@@ -280,3 +280,35 @@ async def test_a_watcher_gets_typing_and_session_updates_made_on_another_replica
     assert renamed is not None
     assert renamed.title == "renamed"
     assert {u.session_id for u in updates} == {session_id}
+
+
+async def test_a_reply_left_running_on_one_replica_is_cancelled_from_another(
+    prefix: str,
+) -> None:
+    with replicas(redis_store_url(prefix), "--pace", "0.005") as (one, two):
+        async with stub_for(one) as on_one, stub_for(two) as on_two:
+            session_id = await create_session(on_two)
+            lost = ChatStream(on_two)
+            async with lost:
+                lost.message(session_id, WORDS, "r1")
+                seen = await lost.until("r1", [Type.CHUNK])
+            # The client went away; the reply runs on (--on-disconnect continue). It comes
+            # back through the other replica, resumes, and stops the reply there.
+            async with ChatStream(on_one) as again:
+                resume(again, session_id, seen[-1].turn_id, seen[-1].seq, "back")
+                await again.until("back", [Type.CHUNK])
+                again.send(
+                    chatpb.ChatRequest(
+                        type=chatpb.ChatRequestType.CANCEL, session_id=session_id, request_id="r1"
+                    )
+                )
+                ended = await again.until_complete("back", timeout=3 * TIMEOUT)
+            messages = await history(on_one, session_id)
+    assert ended[-1].type == Type.RESPONSE_COMPLETE
+    assert ended[-1].finish_reason == chatpb.FinishReason.CANCELLED
+    assert not [e for e in again.received if e.status_kind == chatpb.StatusKind.NOTHING_TO_CANCEL]
+    assert [(m.request_id, m.status) for m in messages] == [
+        ("r1", chatpb.MessageStatus.COMPLETE),
+        ("r1", chatpb.MessageStatus.CANCELLED),
+    ]
+    assert 0 < len(messages[1].content) < len(f"Echo #1 (1 message in context): {WORDS}")

@@ -569,6 +569,7 @@ class RedisReplayLog:
         #: this one will tell them with its next write.
         self._interrupted: Callable[[str], None] | None = None
         self._updated: Callable[[Session, SessionUpdateKind, str], None] | None = None
+        self._cancelled: Callable[[str, str, str], None] | None = None
         self._channel = self._key("replay-fleet")
         self._listener: asyncio.Task[None] | None = None
         self._pending_messages: list[bytes] = []
@@ -1089,6 +1090,21 @@ class RedisReplayLog:
             retry=True,
         )
 
+    def on_cancel(self, callback: Callable[[str, str, str], None]) -> None:
+        """``callback(identity, session_id, request_id)`` for a CANCEL another server could
+        not serve itself (a reply left running here by a stream that went away)."""
+        self._cancelled = callback
+
+    async def cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        """Pass a CANCEL on to the other servers (what it names is not on this one)."""
+        message = self._message(b"c", json.dumps([identity, session_id, request_id]).encode())
+        channel = self._channel
+        await self._redis._call(
+            "replay cancel",
+            lambda: self._client.publish(channel, message),
+            retry=True,  # twice is harmless, as for an interrupt
+        )
+
     def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
         """Send a session update (typing, a change, a turn done) to the other servers' streams
         following the session, with this server's next write."""
@@ -1105,7 +1121,10 @@ class RedisReplayLog:
         return b"|".join((kind, self._replica.encode(), body))
 
     def _start_listener(self) -> None:
-        if self._listener is None and (self._interrupted or self._updated) is not None:
+        if (
+            self._listener is None
+            and (self._interrupted or self._updated or self._cancelled) is not None
+        ):
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
@@ -1135,6 +1154,9 @@ class RedisReplayLog:
         try:
             if kind == b"i" and self._interrupted is not None:
                 self._interrupted(body.decode())
+            elif kind == b"c" and self._cancelled is not None:
+                identity, session_id, request_id = json.loads(body)
+                self._cancelled(identity, session_id, request_id)
             elif kind == b"u" and self._updated is not None:
                 session_id, count, values, update, text = json.loads(body)
                 session = session_from_values(session_id, values, count)
