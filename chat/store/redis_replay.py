@@ -271,6 +271,7 @@ for i = 7, #ARGV, 5 do
       redis.call('ZADD', turns_key, seq, sid .. '|' .. turn)
       redis.call('SET', alive_key, '1', 'PX', lease)
       redis.call('ZADD', running_key, redis.call('INCR', KEYS[5]), turn)
+      redis.call('PEXPIRE', meta, 2 * window + 60000)
     end
     states[turn] = nil
   elseif op == 'a' then
@@ -290,6 +291,8 @@ for i = 7, #ARGV, 5 do
       local id = redis.call('XADD', stream, '*', 't', turn, 's', st.last, 'x', '1')
       if not st.first then redis.call('HSET', st.meta, 'first', id) end
       redis.call('HSET', st.meta, 'ended', '1')
+      -- a safety net, as for the stream: the scripts drop it after the window
+      redis.call('PEXPIRE', st.meta, 2 * window + 60000)
       redis.call('ZADD', turns_key, 'XX', seq, st.member)
       redis.call('DEL', st.alive_key)
       redis.call('ZREM', running_key, turn)
@@ -319,6 +322,7 @@ for i = 6, #ARGV, 2 do
   if redis.call('EXISTS', meta) == 1 and redis.call('HGET', meta, 'gone') ~= '1' then
     redis.call('SET', alive_key, '1', 'PX', lease)
     redis.call('ZADD', turns_key, 'XX', now, sid .. '|' .. turn)
+    redis.call('PEXPIRE', meta, 2 * window + 60000)
     if redis.call('EXISTS', stream) == 1 then redis.call('PEXPIRE', stream, 2 * window + 60000) end
   end
 end
@@ -369,6 +373,7 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('HSET', KEYS[2], 'last_seq', 0, 'trimmed', 0, 'bytes', 0)
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2000 + 60000)
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[5])
 end
@@ -562,6 +567,7 @@ class RedisReplayLog:
         #: Turns this server runs (their leases are renewed), and their claims.
         self._running: dict[tuple[str, str], RedisTurnLog] = {}
         self._claims: dict[tuple[str, str], str] = {}
+        self._idle_claims: set[tuple[str, str]] = set()
         #: Watchers of this server, by session: their members in the session's lease set.
         self._watching: dict[str, set[str]] = {}
         self._replica = secrets.token_hex(6)
@@ -757,7 +763,13 @@ class RedisReplayLog:
 
     async def _renew(self) -> None:
         running = [part for session_turn in self._running for part in session_turn]
-        claims = [self._claims[key] for key in self._running if key in self._claims]
+        # A claim whose turn has not begun here by the renewal after it was made (an error
+        # came first) is forgotten: it expires a window after it was made.
+        idle = {key for key in self._claims if key not in self._running}
+        for key in idle & self._idle_claims:
+            del self._claims[key]
+        self._idle_claims = idle - self._idle_claims
+        claims = [claim for key, claim in self._claims.items() if key in self._running]
         expiry = round(self._clock() * 1000) + self._lease_ms
         window = self._window_seconds
 
