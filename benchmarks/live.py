@@ -38,12 +38,13 @@ import tracemalloc
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from grpclib.client import Channel
 
 import chatpb
-from benchmarks._processes import cpu_seconds, percentile
+from benchmarks._processes import ROOT, Server, cpu_seconds, percentile, started
+from benchmarks.hardening import export_base, server_command
 from chat.cli.server import _tune_gc
 from chat.config import ServerConfig
 from chat.events import Event, EventKind, ReplyCounter
@@ -55,6 +56,8 @@ RESULTS = Path(__file__).parent / "results"
 #: 50 words: the echo reply is 56 chunks.
 TEXT = " ".join(f"word{i}" for i in range(50))
 WATCHERS = (0, 1, 10, 100)
+#: main before live sessions (issue 11) were merged into it.
+DEFAULT_BASE = "2ee9c9c"
 _PER_CONNECTION = 50
 
 
@@ -300,7 +303,14 @@ async def _stop(server: _Server) -> None:
         await process.wait()
 
 
-async def _round(server: _Server, watchers: int, s: Settings) -> dict[str, float]:
+class _Measured(Protocol):
+    @property
+    def port(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+
+async def _round(server: _Measured, watchers: int, s: Settings) -> dict[str, float]:
     spec = f"{server.port},{s.senders},{watchers},{s.seconds}"
     client = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -340,6 +350,50 @@ async def _round(server: _Server, watchers: int, s: Settings) -> dict[str, float
         "sent_chunks_per_s": counts["sent"] / s.seconds,
         "watched_chunks": counts["watched"],
     }
+
+
+@dataclass
+class _CliServer:
+    """A ``chat-server`` of some tree (ours, or the base's), started by ``_processes``."""
+
+    server: Server
+
+    @property
+    def port(self) -> int:
+        return int(self.server.target.rsplit(":", 1)[1])
+
+    def cpu_seconds(self) -> float:
+        return self.server.cpu_seconds()
+
+
+async def compare(s: Settings, base: str, output: Path) -> list[dict[str, float]]:
+    """Nobody watching: this tree's server against ``base``'s, loaded at the same time."""
+    trees = {"ours": ROOT, "base": export_base(base, output)}
+    rounds = []
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for name, tree in trees.items():
+            command, env = server_command(tree)
+            running = await stack.enter_async_context(
+                started(name, command, output / "logs", env=env, cwd=tree)
+            )
+            servers[name] = _CliServer(running)
+        warm = Settings(1, s.senders, 1.0, 0, 0)
+        await asyncio.gather(*(_round(server, 0, warm) for server in servers.values()))
+        for n in range(s.rounds):
+            ours, theirs = await asyncio.gather(
+                _round(servers["ours"], 0, s), _round(servers["base"], 0, s)
+            )
+            ratio = ours["cpu_us_per_sent_chunk"] / theirs["cpu_us_per_sent_chunk"]
+            rounds.append(
+                {
+                    "ours_cpu_us_per_chunk": ours["cpu_us_per_sent_chunk"],
+                    "base_cpu_us_per_chunk": theirs["cpu_us_per_sent_chunk"],
+                    "ratio": ratio,
+                }
+            )
+            print(f"round {n + 1}, nobody watching: ours/base {ratio:.3f}", file=sys.stderr)
+    return rounds
 
 
 async def run(s: Settings) -> dict[str, Any]:
@@ -398,6 +452,18 @@ def report(results: dict[str, Any], s: Settings) -> str:
         )
     latencies = results["resume_s"]
     memory = results["memory"]
+    if compared := results.get("compare"):
+        ratios = [r["ratio"] for r in compared]
+        lines += [
+            "",
+            f"Nobody watching, against {results['base']} (before live sessions), both "
+            f"servers loaded at the same time: ours "
+            f"{statistics.median(r['ours_cpu_us_per_chunk'] for r in compared):.1f} µs, base "
+            f"{statistics.median(r['base_cpu_us_per_chunk'] for r in compared):.1f} µs per "
+            f"chunk; ours/base {statistics.median(ratios):.3f} (rounds: "
+            + ", ".join(f"{r:.3f}" for r in ratios)
+            + ").",
+        ]
     lines += [
         "",
         f"A stream today (no watchers) costs {stream:.1f} µs of server CPU per chunk; a "
@@ -425,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="memory://",
         help="the server's --store (redis://...?prefix=NAME: the replay log in Redis too)",
     )
+    parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        help="git ref to compare a session nobody watches with (default: main before live "
+        "sessions); 'none' to skip",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -442,10 +514,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         events=10_000 if args.quick else 100_000,
         store=args.store,
     )
-    results = asyncio.run(run(settings))
-    text = report(results, settings)
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run(settings))
+    if args.base != "none":
+        results["base"] = args.base
+        results["compare"] = asyncio.run(compare(settings, args.base, output))
+    text = report(results, settings)
     (output / "live.md").write_text(text)
     (output / "live.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)

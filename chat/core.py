@@ -1660,7 +1660,8 @@ def shown(session: Session, identity: Identity) -> Session:
 
 
 def _new_turn_id() -> str:
-    return secrets.token_hex(8)
+    # 64 random bits in 11 characters: it goes out with every event of the turn.
+    return secrets.token_urlsafe(8)
 
 
 def _error_event(request: Request, error: ChatError, reply: ReplyCounter | None = None) -> Event:

@@ -251,7 +251,6 @@ class _MemoryTurn:
         "items",
         "request_id",
         "session",
-        "size",
         "turn_id",
         "wakeups",
     )
@@ -269,7 +268,6 @@ class _MemoryTurn:
         self.first_seq = 1
         #: Chunks among the dropped events (so that chunks are numbered when replayed).
         self.chunks_dropped = 0
-        self.size = 0
         #: Its place among the session's turns, once its first event is appended (-1 before).
         self.index = -1
         self.ended_at: float | None = None
@@ -278,6 +276,8 @@ class _MemoryTurn:
         self.wakeups = _Wakeups()
 
     def append(self, event: Event) -> None:
+        # Runs for every event a client is sent: the least work that keeps the bounds.
+        log = self._log
         if event.kind is _CHUNK:
             text = event.chunk_text
             self.items.append(text)
@@ -285,11 +285,9 @@ class _MemoryTurn:
         else:
             self.items.append(event)
             size = event_size(event)
-        self.size += size
-        log = self._log
-        log._bytes += size
         if self.index < 0:
             log._start_turn(self)
+        log._bytes += size
         if log._bytes > log._max_bytes:
             log._evict()
         if self.wakeups.waiters:
@@ -339,14 +337,7 @@ class _MemoryTurn:
             else:
                 assert isinstance(item, Event)
                 size += event_size(item)
-        self.size -= size
         return size
-
-    def drop_all(self) -> int:
-        """Drop every event; return how many."""
-        count = len(self.items)
-        self.drop_front(count)
-        return count
 
 
 @dataclass(slots=True, eq=False)
@@ -553,7 +544,8 @@ class MemoryReplayLog:
 
     def _drop(self, turn: _MemoryTurn) -> int:
         """Take ``turn`` out of the log; return how many events it held."""
-        count = turn.drop_all()
+        count = len(turn.items)
+        self._bytes -= turn.drop_front(count)
         turn.gone = True
         self._turns.pop(turn.turn_id, None)
         self._ended.pop(turn.turn_id, None)
@@ -583,7 +575,6 @@ class MemoryReplayLog:
             assert turn.ended_at is not None
             if turn.ended_at > horizon:
                 break
-            self._bytes -= turn.size
             self._drop(turn)
             self._expired_turns += 1
         while self._claims:
@@ -604,7 +595,6 @@ class MemoryReplayLog:
         evicted = 0
         while self._bytes > target and self._ended:
             turn = next(iter(self._ended.values()))
-            self._bytes -= turn.size
             evicted += self._drop(turn)
         if self._bytes > target:
             for turn in list(self._turns.values()):

@@ -196,4 +196,7 @@ def test_the_live_benchmark_measures_watchers_resumes_and_memory(tmp_path: Path)
         assert (result["watched_chunks"] > 0) == (watchers != "0")
     assert results["resume_s"]
     assert results["memory"]["bytes_per_event"] > 0
+    (compared,) = results["compare"]
+    assert compared["ours_cpu_us_per_chunk"] > 0
+    assert compared["base_cpu_us_per_chunk"] > 0
     assert "Resume latency" in (tmp_path / "live.md").read_text()

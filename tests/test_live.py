@@ -20,7 +20,7 @@ from chat.events import Request
 from chat.observe import NoObserver, TurnObservation
 from chat.replay import EVENT_OVERHEAD, MemoryReplayLog, ReplaySettings
 from chat.service import ChatService
-from chat.types import DisconnectPolicy
+from chat.types import DisconnectPolicy, MessageStatus, Role
 from tests.backends import GatedBackend, ScriptedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text
 
@@ -327,6 +327,36 @@ async def test_a_reply_left_running_can_be_cancelled_from_the_stream_that_resume
     assert (stored[-1].content, stored[-1].status) == ("kept ", chatpb.MessageStatus.CANCELLED)
 
 
+async def test_a_shutdown_ends_a_reply_left_running_at_the_end_of_its_grace_period() -> None:
+    backend = GatedBackend()
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=0.2)
+    server = ChatServer(config, backend=backend)
+    await server.start()
+    try:
+        async with Channel("127.0.0.1", server.port) as channel:
+            stub = chatpb.ChatServiceStub(channel)
+            session_id = await new_session(stub)
+            stream = ChatStream(stub)
+            await stream.__aenter__()
+            stream.message(session_id, "hi", "r1")
+            backend.release("so far")
+            await stream.recv()
+            await stream.recv()
+            await stream.close()
+
+            async def gone() -> bool:
+                return server.core.stats.active_streams == 0
+
+            await eventually(gone, "the server to see the client go")
+            assert server.core.stats.active_replies == 1
+            store = server.core.store
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT)
+    assert backend.closed.is_set()
+    (reply,) = [m for m in await store.messages(session_id) if m.role is Role.ASSISTANT]
+    assert (reply.content, reply.status) == ("so far", MessageStatus.INTERRUPTED)
+
+
 async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
     # Over TCP, as tests/test_memory.py does for cancelled replies.
     backend = GatedBackend()
@@ -358,6 +388,23 @@ async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
                         return core.stats.active_replies == 0
 
                     await eventually(idle, "the reply to end")
+                # A stream that watches and resumes, and goes away while watching.
+                async with ChatStream(stub) as other:
+                    other.send(
+                        chatpb.ChatRequest(type=R.WATCH, session_id=session_id, request_id="w")
+                    )
+                    await other.until("w", [T.STATUS])
+                    other.send(send_once(session_id, "again", "m-1"))
+                    other.send(send_once(session_id, "again2", "m-1"))
+                    backend.release("y")
+                    backend.finish()
+                    await other.until_complete("again")
+                    await other.until_complete("again2")
+
+                async def closed() -> bool:
+                    return core.stats.active_streams == 0 and core.stats.active_watchers == 0
+
+                await eventually(closed, "the watching stream to close")
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             left = sorted(
@@ -374,7 +421,7 @@ async def test_a_continued_reply_leaves_no_reference_cycles() -> None:
             gc.garbage.clear()
             gc.enable()
     assert left == []
-    assert len(await core.store.messages(session_id)) == 6
+    assert len(await core.store.messages(session_id)) == 8
 
 
 # -- WATCH ------------------------------------------------------------------------------------
