@@ -391,6 +391,13 @@ class _Closed(Exception):
     """The log was closed while a reader waited."""
 
 
+def _being_cancelled() -> bool:
+    # A function of its own: a frame that raises CancelledError must not hold its task (the
+    # task keeps the error, whose traceback keeps the frame: a cycle).
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     """A stream entry id (``MS-SEQ``) as something that sorts as Redis sorts ids."""
     ms, _, seq = entry_id.partition("-")
@@ -428,6 +435,7 @@ class _Tail:
         "entries",
         "error",
         "readers",
+        "stopped",
         "stream",
         "task",
         "trims",
@@ -441,6 +449,9 @@ class _Tail:
         self.entries: list[_Entry] = []
         self.trims = 0
         self.readers = 0
+        #: Its last reader left: the task ends after the read in flight (not cancelled: a
+        #: task cancelled inside redis-py leaves a reference cycle behind).
+        self.stopped = False
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
         self.waiters: list[asyncio.Future[None]] = []
@@ -800,8 +811,7 @@ class RedisReplayLog:
             return await operation()
 
         result = await self._redis._call("replay read", unless_closed, retry=True)
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if _being_cancelled():
             # Cancelled while Redis answered: seen to come back with the answer instead of
             # the CancelledError (a blocking XREAD, redis-py 8), which would leave a
             # cancelled reader reading.
@@ -878,7 +888,7 @@ class RedisReplayLog:
 
     def _join_tail(self, stream: str, last: str) -> _Tail:
         tail = self._tails.get(stream)
-        if tail is None or tail.task is None or tail.task.done():
+        if tail is None or tail.stopped or tail.task is None or tail.task.done():
             tail = self._tails[stream] = _Tail(stream, last)
             tail.task = asyncio.get_running_loop().create_task(self._read_tail(tail))
         tail.readers += 1
@@ -886,18 +896,22 @@ class RedisReplayLog:
 
     def _leave_tail(self, tail: _Tail) -> None:
         tail.readers -= 1
-        if not tail.readers and tail.task is not None:
-            tail.task.cancel()
+        if not tail.readers:
+            tail.stopped = True
             if self._tails.get(tail.stream) is tail:
                 del self._tails[tail.stream]
 
     async def _read_tail(self, tail: _Tail) -> None:
         client = self._client
+
+        async def read() -> Any:
+            if tail.stopped:
+                raise _Closed
+            return await client.xread({tail.stream: tail.cursor}, count=_PAGE, block=_BLOCK_MS)
+
         try:
-            while True:
-                found: Any = await self._read(
-                    lambda: client.xread({tail.stream: tail.cursor}, count=_PAGE, block=_BLOCK_MS)
-                )
+            while not tail.stopped:
+                found: Any = await self._read(read)
                 for _name, items in found or ():
                     tail.add([_Entry(entry_id, fields) for entry_id, fields in items])
                 # Also when nothing came: the readers check on their turns meanwhile.
@@ -905,11 +919,15 @@ class RedisReplayLog:
         except _Closed:
             pass
         except StoreUnavailable as error:
-            tail.error = error
+            # A copy without this frame's traceback (which keeps the tail: a cycle).
+            tail.error = StoreUnavailable(error.message, detail=error.detail)
         finally:
             if self._tails.get(tail.stream) is tail:
                 del self._tails[tail.stream]
             tail.wake()
+            # The task ends here; the tail must not keep it (its traceback keeps this frame,
+            # which keeps the tail: a cycle the collector would have to find).
+            tail.task = None
 
     async def _turn_record(self, session_id: str, turn_id: str) -> tuple[dict[str, str], str]:
         keys = [
