@@ -14,30 +14,37 @@ key                             type        holds
                                             ``ended``; ``gone`` once it was dropped whole (kept
                                             one window, so a RESUME is told OUT_OF_RANGE)
 ``p:replay-alive:SID:TID``      string      present while the turn's server runs it (a lease)
-``p:replay-running:SID``        string      the turn running on the session (a lease)
+``p:replay-running:SID``        sorted set  the session's turns begun and not ended, in the
+                                            order they began (``p:replay-order`` counts)
 ``p:replay-turns``              sorted set  ``SID|TID`` by last activity (ms): expiry, eviction
 ``p:replay-bytes``              string      the bytes every turn in the log holds
 ``p:replay-claim:SID:CMID``     string      the turn a ``client_message_id`` started
 ``p:replay-watchers:SID``       sorted set  the session's watchers, scored by lease expiry
+``p:replay-fleet``              channel     what servers tell each other: INTERRUPTs,
+                                            CANCELs passed on, session updates
 ==============================  ==========  ===================================================
 
 Writes are batched: :meth:`RedisTurnLog.append` only puts the event on a list (it is called
 for every event a turn sends), and one flusher task per server sends everything waiting in
-one pipeline, one script per session. While a pipeline is in flight the next batch builds up,
-so the batch grows with the load and an idle server adds no delay. A script adds an event only
-when its ``seq`` is past the turn's ``last_seq``, so a flush retried after a lost reply stores
-nothing twice.
+one pipeline, one script per session, at most every :data:`FLUSH_INTERVAL` (a reader of this
+server waiting for its own writes makes it write at once): the batch grows with the load, and
+after a quiet spell the first event goes at once. A script adds an event only when its
+``seq`` is past the turn's ``last_seq``, so a flush retried after a lost reply stores nothing
+twice.
 
 Readers (:meth:`RedisReplayLog.follow`, :meth:`RedisReplayLog.watch`) read the stream with
-``XRANGE`` from a turn's first entry, then ``XREAD BLOCK`` from the last entry they saw: the
-stream's order is the order of the appends, and a cursor on entry ids neither skips nor
-repeats an entry. A reader checks each turn's ``seq`` to be contiguous; a gap (events dropped
-to keep the log within its bytes) ends a follow with :class:`~chat.errors.TurnOutOfRange`.
+``XRANGE`` from a turn's first entry, then join the session's tail on this server: one task
+that reads new entries with ``XREAD BLOCK`` from the last one it has, decodes each once, and
+keeps the latest :data:`_TAIL_KEEP` for all of this server's readers (one behind that reads
+Redis again). The stream's order is the order of the appends, and a cursor on entry ids
+neither skips nor repeats an entry. A reader checks each turn's ``seq`` to be contiguous; a
+gap (events dropped to keep the log within its bytes) ends a follow with
+:class:`~chat.errors.TurnOutOfRange`.
 
 Bounds, kept by the same scripts: turns idle (ended, or their server dead) for longer than the
-window are dropped whole (``expired_turns``); above ``max_bytes`` (payload bytes plus a fixed
-overhead per event, summed over the fleet) ended turns are dropped oldest first, then the
-oldest events of a running turn (``evicted_events``). Time is this server's clock
+window are dropped whole (``expired_turns``); above ``max_bytes`` (each event counted by
+:func:`chat.replay.event_size`, summed over the fleet) ended turns are dropped oldest
+first, then the oldest events of a running turn (``evicted_events``). Time is this server's clock
 (``clock``), passed to the scripts; leases (a turn's server alive, watchers) are Redis TTLs
 and scores, renewed every third of the store's ``lock_lease``, so a server killed with
 SIGKILL leaves no running turn and no watchers behind after one lease.
