@@ -29,7 +29,7 @@ from google.protobuf import message_factory
 
 import chatpb
 from chat.errors import InvalidArgument
-from chat.events import Event, EventKind, Request
+from chat.events import Event, EventKind, ReplyCounter, Request
 from chat.stats import ServerStatsInfo
 from chat.types import Message, Session, SessionPatch, Usage, format_timestamp
 
@@ -38,6 +38,7 @@ __all__ = [
     "EVENT_RENAMES",
     "MESSAGE_RENAMES",
     "REQUEST_RENAMES",
+    "ChunkEncoder",
     "EncodedMessage",
     "decode_event",
     "domain_enum",
@@ -193,6 +194,55 @@ def decode_event(data: bytes) -> Event:
         usage = response.usage
         values["usage"] = Usage(usage.prompt_tokens, usage.completion_tokens)
     return Event(EventKind(response.type), **values)
+
+
+class ChunkEncoder:
+    """:func:`encode_event` for the events of one stream, cheaper for a reply's chunks.
+
+    The chunks of a reply share their type, session, request and turn: those are serialized
+    once per reply, and each chunk's own fields (timestamp, text, number, seq) after them.
+    Protobuf reads concatenated messages as one message with the fields of both, so a client
+    reads exactly what :func:`encode_event` writes (a test compares them for every event of
+    real turns). Any other event, and a chunk not tied to a reply (a replayed one), goes
+    through :func:`encode_event`.
+    """
+
+    __slots__ = ("_prefix", "_reply", "_request_id", "_session_id")
+
+    def __init__(self) -> None:
+        self._reply: ReplyCounter | None = None
+        self._session_id = self._request_id = ""
+        self._prefix = b""
+
+    def encode(self, event: Event, timestamp: str) -> bytes:
+        reply = event.reply
+        if event.kind is not EventKind.CHUNK or reply is None:
+            return encode_event(event, timestamp)
+        if (
+            reply is not self._reply
+            or event.session_id is not self._session_id
+            or event.request_id is not self._request_id
+        ):
+            self._reply, self._session_id, self._request_id = (
+                reply,
+                event.session_id,
+                event.request_id,
+            )
+            shared = _ChatResponse(type=EventKind.CHUNK)
+            if event.session_id:
+                shared.session_id = event.session_id
+            if event.request_id:
+                shared.request_id = event.request_id
+            if reply.turn_id:
+                shared.turn_id = reply.turn_id
+            self._prefix = bytes(shared.SerializeToString())
+        own = _ChatResponse()
+        own.timestamp = timestamp
+        own.chunk_text = event.chunk_text
+        own.chunk_number = event.chunk_number
+        own.seq = event.seq
+        body: bytes = own.SerializeToString()
+        return self._prefix + body
 
 
 # -- sessions, messages, stats ------------------------------------------------------------------

@@ -37,8 +37,8 @@ from chat._clock import WireClock
 from chat._compat import send_batch
 from chat._proto import (
     CHAT_SERVICE,
+    ChunkEncoder,
     EncodedMessage,
-    encode_event,
     message_class,
     patch_from_wire,
     request_from_wire,
@@ -291,6 +291,7 @@ class ChatService:
     async def _write(self, stream: Stream[Any, EncodedMessage], conversation: Conversation) -> None:
         outbox = conversation.outbox
         clock = self._clock
+        encode = ChunkEncoder().encode
         while (batch := await outbox.get()) is not None:
             written = 0
             try:
@@ -302,9 +303,7 @@ class ChatService:
                         await asyncio.sleep(0)
                     # One timestamp per slice: its events leave together.
                     timestamp = clock.now()
-                    payloads = [
-                        encode_event(e, timestamp) for e in batch[start : start + _WRITE_SLICE]
-                    ]
+                    payloads = [encode(e, timestamp) for e in batch[start : start + _WRITE_SLICE]]
                     # A slice in one HTTP/2 write; one by one where a listener must see each.
                     if not await send_batch(stream, payloads):
                         for payload in payloads:

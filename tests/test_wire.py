@@ -23,6 +23,7 @@ from chat._proto import (
     EVENT_RENAMES,
     MESSAGE_RENAMES,
     REQUEST_RENAMES,
+    ChunkEncoder,
     EncodedMessage,
     decode_event,
     encode_event,
@@ -33,11 +34,13 @@ from chat._proto import (
     session_to_wire,
     stats_to_wire,
 )
-from chat.core import ChatCore
+from chat.core import ChatCore, Limits
 from chat.errors import InvalidArgument
-from chat.events import Event, EventKind, Request
+from chat.events import Event, EventKind, Request, RequestKind
 from chat.stats import ServerStatsInfo
+from chat.store.memory import MemoryStore
 from chat.types import Message, Session, SessionPatch, Usage, format_timestamp
+from tests.backends import ScriptedBackend
 from tests.strategies import (
     INT32_MAX,
     derived,
@@ -226,3 +229,35 @@ def test_a_patch_sets_only_the_fields_the_request_sets() -> None:
     assert patch_from_wire(message_class("UpdateSessionRequest")(session_id="s")) == (
         SessionPatch()
     )
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_the_chunk_encoder_writes_what_encode_event_writes_for_every_event_of_real_turns(
+    coalesce: bool,
+) -> None:
+    # Real turns (the pump makes the chunks): a field a chunk carries that the encoder does
+    # not write makes this fail.
+    core = ChatCore(
+        MemoryStore(),
+        ScriptedBackend(["é🙂 ", "two ", "", "x" * 20_000, "end"], usage=Usage(3, 4)),
+        limits=Limits(coalesce_chunks=coalesce, max_chunk_chars=8192),
+    )
+    session = await core.create_session()
+    encoder = ChunkEncoder()
+    parse = message_class("ChatResponse").FromString
+    at = "2026-12-01T00:00:00Z"
+    seen = 0
+    async with core.open_conversation() as conversation:
+        for n in range(2):
+            await conversation.handle(
+                Request(RequestKind.MESSAGE, session.session_id, "hi", request_id=f"r{n}")
+            )
+        conversation.finish_input()
+        while (batch := await conversation.outbox.get()) is not None:
+            for event in batch:
+                fast = parse(encoder.encode(event, at))
+                plain = parse(encode_event(event, at))
+                assert fast == plain, event
+                seen += event.kind is EventKind.CHUNK
+    # Two turns of 6 chunks (the long delta is 3), fewer when merged.
+    assert seen >= 4
