@@ -312,3 +312,24 @@ async def test_a_reply_left_running_on_one_replica_is_cancelled_from_another(
         ("r1", chatpb.MessageStatus.CANCELLED),
     ]
     assert 0 < len(messages[1].content) < len(f"Echo #1 (1 message in context): {WORDS}")
+
+
+async def test_a_resume_of_a_turn_whose_replica_was_killed_ends_unavailable(prefix: str) -> None:
+    store = redis_store_url(prefix, lock_lease="1")
+    with replicas(store, "--pace", "0.005") as (one, two):
+        async with stub_for(one) as on_one, stub_for(two) as on_two:
+            session_id = await create_session(on_one)
+            async with ChatStream(on_two) as sender:
+                sender.message(session_id, WORDS, "r1")
+                seen = await sender.until("r1", [Type.CHUNK])
+                two.process.kill()
+                two.process.wait(TIMEOUT)
+            async with ChatStream(on_one) as again:
+                resume(again, session_id, seen[-1].turn_id, seen[-1].seq, "back")
+                # What the dead replica wrote and its client did not get, then the end.
+                rest = await again.until_complete("back", timeout=3 * TIMEOUT)
+            info = await on_one.get_session_info(chatpb.SessionInfoRequest(session_id=session_id))
+    assert rest[-1].type == Type.ERROR
+    assert rest[-1].error_code == Status.UNAVAILABLE.value
+    assert [e.seq for e in rest[:-1]] == list(range(seen[-1].seq + 1, seen[-1].seq + len(rest)))
+    assert not info.turn_running
