@@ -18,7 +18,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 
 import chatpb
-from tests.helpers import TIMEOUT, ChatStream, ServerProcess, running_server_process
+from tests.helpers import TIMEOUT, ChatStream, ServerProcess, eventually, running_server_process
 from tests.nginx import running_nginx, wait_serving
 from tests.stores import delete_prefix, redis_store_url, unique_prefix
 
@@ -322,6 +322,15 @@ async def test_a_resume_of_a_turn_whose_replica_was_killed_ends_unavailable(pref
             async with ChatStream(on_two) as sender:
                 sender.message(session_id, WORDS, "r1")
                 seen = await sender.until("r1", [Type.CHUNK])
+
+                async def written() -> bool:
+                    info = await on_one.get_session_info(
+                        chatpb.SessionInfoRequest(session_id=session_id)
+                    )
+                    return info.turn_running
+
+                # Killed before its first write, the turn would be unknown (NOT_FOUND).
+                await eventually(written, "the turn in the shared log")
                 two.process.kill()
                 two.process.wait(TIMEOUT)
             async with ChatStream(on_one) as again:
