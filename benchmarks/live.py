@@ -68,13 +68,16 @@ class Settings:
     seconds: float
     resumes: int
     events: int
+    #: The server's ``--store`` (memory by default; a ``redis://`` URL puts the replay log
+    #: in Redis too, whose own CPU is not counted).
+    store: str = "memory://"
 
 
 # -- the server (a process of its own) -------------------------------------------------------
 
 
-async def _serve() -> None:
-    config = ServerConfig(host="127.0.0.1", port=0, store="memory://", grace_period=1.0)
+async def _serve(store: str) -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, store=store, grace_period=1.0)
     loop = asyncio.get_running_loop()
     async with ChatServer(config) as server:
         print(json.dumps({"port": server.port}), flush=True)
@@ -82,10 +85,10 @@ async def _serve() -> None:
         await loop.run_in_executor(None, sys.stdin.read)
 
 
-def serve_main() -> None:
+def serve_main(store: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     _tune_gc()
-    asyncio.run(_serve())
+    asyncio.run(_serve(store))
 
 
 # -- the load client (a process of its own) --------------------------------------------------
@@ -271,12 +274,14 @@ class _Server:
         return cpu_seconds(self.process.pid)
 
 
-async def _start() -> _Server:
+async def _start(store: str) -> _Server:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "benchmarks.live",
         "--serve",
+        "--store",
+        store,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -392,7 +397,7 @@ async def compare(s: Settings, base: str, output: Path) -> list[dict[str, float]
 
 
 async def run(s: Settings) -> dict[str, Any]:
-    server = await _start()
+    server = await _start(s.store)
     rounds: dict[str, list[dict[str, float]]] = {str(w): [] for w in WATCHERS}
     try:
         await _round(server, 0, Settings(1, s.senders, 1.0, 0, 0))  # warm up, not counted
@@ -425,7 +430,13 @@ def report(results: dict[str, Any], s: Settings) -> str:
         "",
         f"`python -m benchmarks.live` — {s.rounds} rounds of {s.seconds:g} s, {s.senders} "
         "sending streams (a session each), each session with 0, 1, 10 or 100 watching "
-        "streams; medians of the rounds.",
+        "streams; medians of the rounds."
+        + (
+            ""
+            if s.store == "memory://"
+            else f" Store `{s.store.partition('?')[0]}` (the replay log in it; Redis's own CPU "
+            "not counted)."
+        ),
         "",
         "| watchers per session | CPU per sent chunk | CPU per delivered chunk | "
         "CPU per watcher per sent chunk | sent chunks/s |",
@@ -476,6 +487,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="directory for live.{md,json}")
     parser.add_argument(
+        "--store",
+        default="memory://",
+        help="the server's --store (redis://...?prefix=NAME: the replay log in Redis too)",
+    )
+    parser.add_argument(
         "--base",
         default=DEFAULT_BASE,
         help="git ref to compare a session nobody watches with (default: main before live "
@@ -485,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve_main()
+        serve_main(args.store)
         return
     if args.client:
         client_main(args.client)
@@ -496,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seconds=0.5 if args.quick else 3.0,
         resumes=20 if args.quick else 300,
         events=10_000 if args.quick else 100_000,
+        store=args.store,
     )
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)

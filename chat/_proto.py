@@ -43,6 +43,7 @@ __all__ = [
     "REQUEST_RENAMES",
     "ChunkEncoder",
     "EncodedMessage",
+    "decode_event",
     "domain_enum",
     "encode_event",
     "message_class",
@@ -195,6 +196,33 @@ NOT_ON_CHUNKS = (
     "status_kind",
     "error_field",
 )
+
+
+_EVENT_ATTRIBUTES = tuple(EVENT_RENAMES.get(n, n) for n in _EVENT_SCALARS)
+_EVENT_ENUMS = {
+    name: kind for name in _EVENT_ATTRIBUTES if (kind := domain_enum(Event, name)) is not None
+}
+
+
+def decode_event(data: bytes) -> Event:
+    """The :class:`Event` a serialized ``ChatResponse`` (from :func:`encode_event`) carries.
+
+    For events kept outside the process (the Redis replay log): the same fields by the same
+    names, so an event read back equals the one written (its ``timestamp`` aside, which is
+    the moment of writing). Enum values this server lacks raise ``ValueError``; a
+    ``session`` (only SESSION_UPDATE has one, and those are not kept) is not read back.
+    """
+    response = _ChatResponse.FromString(data)
+    values: dict[str, Any] = {}
+    for wire_name, name in zip(_EVENT_SCALARS, _EVENT_ATTRIBUTES, strict=True):
+        value = getattr(response, wire_name)
+        if value:
+            kind = _EVENT_ENUMS.get(name)
+            values[name] = value if kind is None else kind(value)
+    if response.HasField("usage"):
+        usage = response.usage
+        values["usage"] = Usage(usage.prompt_tokens, usage.completion_tokens)
+    return Event(EventKind(response.type), **values)
 
 
 class ChunkEncoder:

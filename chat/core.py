@@ -191,6 +191,11 @@ class ChatCore:
         #: The events of running and recent turns (RESUME, WATCH, resends); in this process
         #: unless one is given (the Redis one, where the Redis store is used).
         self.replay: ReplayLog = replay or MemoryReplayLog(on_evicted=self.observer.replay_evicted)
+        # A log shared with other servers (Redis) tells of their INTERRUPTs and session
+        # updates.
+        self.replay.on_interrupt(self._cancel_session_turns)
+        self.replay.on_update(self._remote_update)
+        self.replay.on_cancel(self._remote_cancel)
         #: What a turn of a session without its own setting does when its stream goes away.
         self.on_disconnect = on_disconnect
         self.retention = RetentionKeeper(store, retention or Retention(), self.stats)
@@ -594,6 +599,49 @@ class ChatCore:
         *,
         exclude: Conversation | None = None,
     ) -> None:
+        self._deliver(session, kind, message, exclude=exclude)
+        # Streams following the session on other servers (a fleet on Redis) get it too.
+        self.replay.publish_update(session, kind, message)
+
+    def _cancel_detached(self, identity: str, request: Request) -> bool:
+        """Cancel what ``request`` (a CANCEL) names among the replies ``identity`` left
+        running on streams that went away; whether there was any."""
+        found = False
+        for other in list(self._detached):
+            if other.identity.name == identity:
+                theirs = other._cancel_targets(request)
+                if theirs:
+                    other._cancel_turns(theirs)
+                    found = True
+        return found
+
+    def _runs_here(self, turn_id: str) -> bool:
+        """Whether a stream of this process (or one gone, its turn running on) runs it."""
+        return any(
+            lane.current is not None and lane.current.reply.turn_id == turn_id
+            for conversation in (*self._conversations, *self._detached)
+            for lane in conversation._lanes.values()
+        )
+
+    def _remote_cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        """Another server's CANCEL (through the replay log) that it found nothing for."""
+        request = Request(RequestKind.CANCEL, session_id=session_id, request_id=request_id)
+        self._cancel_detached(identity, request)
+
+    def _remote_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        """Another server's session update (through the replay log), for this one's streams."""
+        self._deliver(session, kind, message)
+        if kind is SessionUpdateKind.SESSION_DELETED:
+            self._subscribers.pop(session.session_id, None)
+
+    def _deliver(
+        self,
+        session: Session,
+        kind: SessionUpdateKind,
+        message: str,
+        *,
+        exclude: Conversation | None = None,
+    ) -> None:
         for conversation in self._subscribers.get(session.session_id, ()):
             if conversation is exclude:
                 continue
@@ -744,7 +792,7 @@ class Conversation:
                 return
             await self._start_turn(request)
         elif kind == RequestKind.CANCEL:
-            self._cancel(request)
+            await self._cancel(request)
         elif kind == RequestKind.TYPING_START or kind == RequestKind.TYPING_STOP:
             await self._typing(request)
         elif kind == RequestKind.RESUME:
@@ -896,6 +944,8 @@ class Conversation:
                     return
                 if policy is ConcurrencyPolicy.INTERRUPT:
                     core._cancel_session_turns(session_id)
+                    # The running turn may be another server's.
+                    await core.replay.interrupt(session_id)
         except ChatError as error:
             core.stats.total_requests += 1
             core.stats.failed_requests += 1
@@ -952,7 +1002,7 @@ class Conversation:
             return InvalidArgument("message", "must not be empty")
         return None
 
-    def _cancel(self, request: Request) -> None:
+    async def _cancel(self, request: Request) -> None:
         if not request.request_id and not request.session_id:
             self._error(
                 request,
@@ -965,14 +1015,18 @@ class Conversation:
             return
         # A reply this identity left running on a stream that went away (and resumed here,
         # say) is stopped as if it were this stream's.
-        found = False
-        for other in list(self._core._detached):
-            if other.identity.name == self.identity.name:
-                theirs = other._cancel_targets(request)
-                if theirs:
-                    other._cancel_turns(theirs)
-                    found = True
-        if found:
+        core = self._core
+        if core._cancel_detached(self.identity.name, request):
+            return
+        # ...or on another server sharing the replay log (the stream that went away was
+        # there): passed on; whether a turn of the session runs says if it can find one.
+        try:
+            await core.replay.cancel(self.identity.name, request.session_id, request.request_id)
+            running = request.session_id and await core.replay.running_turn(request.session_id)
+            if running and not core._runs_here(running):
+                return
+        except ChatError as error:
+            self._error(request, error)
             return
         what = request.request_id or f"session {request.session_id}"
         self.outbox.put_nowait(

@@ -44,6 +44,7 @@ from typing import Protocol
 
 from chat.errors import TurnNotFound, TurnOutOfRange
 from chat.events import Event, EventKind
+from chat.types import Session, SessionUpdateKind
 
 __all__ = [
     "EVENT_OVERHEAD",
@@ -163,6 +164,34 @@ class ReplayLog(Protocol):
 
     async def running_turn(self, session_id: str) -> str | None:
         """The oldest turn of the session begun and not ended, if any."""
+        ...
+
+    async def interrupt(self, session_id: str) -> None:
+        """Ask the other servers sharing this log to cancel their turns of the session
+        (``CONCURRENCY_POLICY_INTERRUPT``; the core cancels this server's own). A log in
+        the process has no other servers: nothing to do."""
+        ...
+
+    def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(session_id)`` when another server interrupts a session."""
+        ...
+
+    async def cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        """Pass a CANCEL this server found nothing for on to the other servers sharing this
+        log (a reply the identity left running there on a stream that went away)."""
+        ...
+
+    def on_cancel(self, callback: Callable[[str, str, str], None]) -> None:
+        """Call ``callback(identity, session_id, request_id)`` for another server's CANCEL."""
+        ...
+
+    def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        """Tell the other servers sharing this log of a session update (typing, a change, a
+        turn done), for their streams following the session. Cheap: no I/O, no await."""
+        ...
+
+    def on_update(self, callback: Callable[[Session, SessionUpdateKind, str], None]) -> None:
+        """Call ``callback(session, kind, message)`` for another server's session update."""
         ...
 
     def stats(self) -> ReplayStats: ...
@@ -447,6 +476,24 @@ class MemoryReplayLog:
         if claimed is not None:
             return claimed[0]
         self._claims[key] = (turn_id, self._clock())
+        return None
+
+    async def interrupt(self, session_id: str) -> None:
+        return None  # no other servers share it
+
+    def on_interrupt(self, callback: Callable[[str], None]) -> None:
+        return None
+
+    async def cancel(self, identity: str, session_id: str, request_id: str) -> None:
+        return None
+
+    def on_cancel(self, callback: Callable[[str, str, str], None]) -> None:
+        return None
+
+    def publish_update(self, session: Session, kind: SessionUpdateKind, message: str) -> None:
+        return None
+
+    def on_update(self, callback: Callable[[Session, SessionUpdateKind, str], None]) -> None:
         return None
 
     async def running_turn(self, session_id: str) -> str | None:

@@ -93,10 +93,16 @@ def open_replay_log(
 ) -> ReplayLog:
     """The replay log for ``config`` (RESUME, WATCH, resends), within ``config.replay``.
 
-    The seam for a shared one: with the Redis store, the log belongs in Redis too, so that
-    any replica can replay a turn another produced. For now every store gets the log in
-    this process.
+    With the Redis store it is in Redis too (same URL and prefix), so that any replica can
+    replay, watch or attach to a turn another one runs; with any other store, in this
+    process.
     """
+    if store.kind == "redis":
+        from chat.store.redis import RedisStore
+        from chat.store.redis_replay import RedisReplayLog
+
+        if isinstance(store, RedisStore):
+            return RedisReplayLog(store.url, config.replay, on_evicted=on_evicted)
     return MemoryReplayLog(config.replay, on_evicted=on_evicted)
 
 

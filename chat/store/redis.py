@@ -330,8 +330,15 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, decode_responses: bool = True, max_connections: int | None = None
+    ) -> None:
+        # For the replay log: a client that keeps bytes (its events are protobuf), with room
+        # for a connection per reader waiting in XREAD BLOCK.
         client_url, self.prefix, self.lock_lease, self._location = _parse_url(url)
+        #: The URL this store was opened with (the replay log shares it; secrets and all,
+        #: so never logged: :attr:`location` is what logs show).
+        self.url = url
         settings = dict(parse_qsl(urlsplit(client_url).query))
         defaults: dict[str, Any] = {}
         # Without a socket timeout a silent network partition hangs every call forever.
@@ -339,11 +346,13 @@ class RedisStore:
             defaults["socket_timeout"] = 10.0
         if "socket_connect_timeout" not in settings:
             defaults["socket_connect_timeout"] = 5.0
+        if max_connections is not None and "max_connections" not in settings:
+            defaults["max_connections"] = max_connections
         # redis-py retries every command by default, an append included, which could store
         # a turn twice; this store decides what to retry itself.
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             client_url,
-            decode_responses=True,
+            decode_responses=decode_responses,
             retry=Retry(NoBackoff(), 0),
             **defaults,
         )
