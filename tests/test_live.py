@@ -1,18 +1,23 @@
 """Live sessions (issue 11) over the wire (grpclib.testing.ChannelFor): turn ids and seq,
 RESUME, the on-disconnect policies, WATCH, resends with client_message_id, concurrency
-policies, and the replay log's bounds and statistics."""
+policies, and the replay log's bounds and statistics; each with the replay log in the process
+and in Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from grpclib.client import Channel
 from grpclib.testing import ChannelFor
 
+import chat.core
+import chat.server
 import chatpb
 from chat import ChatCore, ChatServer, EchoBackend, MemoryStore, ServerConfig
 from chat.errors import StatusCode
@@ -20,13 +25,53 @@ from chat.events import Request
 from chat.observe import NoObserver, TurnObservation
 from chat.replay import EVENT_OVERHEAD, MemoryReplayLog, ReplaySettings
 from chat.service import ChatService
+from chat.store.redis_replay import RedisReplayLog
 from chat.types import DisconnectPolicy, MessageStatus, Role
 from tests.backends import GatedBackend, ScriptedBackend
 from tests.helpers import TIMEOUT, ChatStream, eventually, reply_text
+from tests.stores import delete_prefix, redis_store_url, unique_prefix
 
 T = chatpb.ChatResponseType
 R = chatpb.ChatRequestType
 TERMINAL = (T.RESPONSE_COMPLETE, T.ERROR)
+
+
+@pytest.fixture(autouse=True, params=["memory", "redis"])
+async def replay_log(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[None]:
+    """Every test runs with the replay log in the process and again with it in Redis
+    (written in the background): every replay log the test makes (the core's default, or
+    one it makes itself) is then a Redis one, each on a prefix of its own (as a server's
+    log of its own, which is what a test with two cores means)."""
+    if request.param == "memory":
+        yield
+        return
+    prefixes: list[str] = []
+    logs: list[RedisReplayLog] = []
+
+    def make(
+        settings: ReplaySettings | None = None,
+        *,
+        on_evicted: Callable[[int], None] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> RedisReplayLog:
+        options: dict[str, Any] = {} if clock is None else {"clock": clock}
+        prefixes.append(unique_prefix())
+        url = redis_store_url(prefixes[-1])
+        log = RedisReplayLog(url, settings, on_evicted=on_evicted, **options)
+        logs.append(log)
+        return log
+
+    for module in (chat.core, chat.server, sys.modules[__name__]):
+        monkeypatch.setattr(module, "MemoryReplayLog", make)
+    try:
+        yield
+    finally:
+        for log in logs:
+            await log.aclose()
+        for prefix in prefixes:
+            await delete_prefix(prefix)
 
 
 def view(events: Sequence[chatpb.ChatResponse]) -> list[tuple[str, int, int, str]]:
