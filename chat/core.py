@@ -95,6 +95,10 @@ _PARTS_PER_BLOCK = 256
 #: event loop queues whole replies for every stream, and every other stream's PING or first
 #: chunk waits for all of them.
 _CHUNKS_PER_TURN_OF_THE_LOOP = 4
+#: Chunks this far apart (seconds) mean the model made the pump wait, so the loop has
+#: turned since: a model that streams at its own pace (a remote one, a paced echo) is never
+#: made to wait a turn more. A chunk the pump does not wait for takes microseconds.
+_WAITED = 0.0002
 #: The string fields of a Chat request held to ``Limits.max_id_chars``.
 _REQUEST_IDS = (
     "session_id",
@@ -1453,6 +1457,9 @@ class Conversation:
         request_id = turn.request.request_id
         parts = turn.parts
         delta: Delta
+        # Chunks queued since the loop last turned, as far as the pump can tell.
+        burst = 0
+        last = time.perf_counter()
         async with aclosing(self._core.backend.generate(generation)) as deltas:
             async for delta in deltas:
                 text = delta.text
@@ -1477,8 +1484,14 @@ class Conversation:
                     turn.chunks += 1
                     if len(parts) >= _PARTS_PER_BLOCK:
                         turn.compact()
-                    if not turn.chunks % _CHUNKS_PER_TURN_OF_THE_LOOP:
+                    now = time.perf_counter()
+                    if now - last > _WAITED:
+                        burst = 0
+                    last = now
+                    burst += 1
+                    if burst >= _CHUNKS_PER_TURN_OF_THE_LOOP:
                         await asyncio.sleep(0)
+                        burst = 0
                 if delta.finish_reason is not None:
                     turn.finish = delta.finish_reason
                 if delta.usage is not None:
