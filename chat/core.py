@@ -942,7 +942,7 @@ class Conversation:
                     core.stats.failed_requests += 1
                     turn = self._new_turn(request, turn_id)
                     rejected = _rejected()
-                    self._observe_refused(request, turn.received, rejected)
+                    self._observe_refused(request, turn.received, rejected, turn_id)
                     self._turn_error(turn, rejected)
                     self._turn_done(turn)
                     return
@@ -955,14 +955,16 @@ class Conversation:
             core.stats.failed_requests += 1
             # Counted as a turn that failed, as one refused in its lane is (metrics, the
             # access log): whether the client sent a client_message_id does not matter.
-            self._observe_refused(request, time.monotonic(), error)
+            self._observe_refused(request, time.monotonic(), error, turn_id)
             self._error(request, error)
             return
         self._submit_turn(request, turn_id)
 
-    def _observe_refused(self, request: Request, received: float, error: ChatError) -> None:
+    def _observe_refused(
+        self, request: Request, received: float, error: ChatError, turn_id: str
+    ) -> None:
         """Report a turn refused before it reached a lane: it failed with ``error``."""
-        observed = self._core.observer.turn(request, received=received)
+        observed = self._core.observer.turn(request, received=received, turn_id=turn_id)
         observed.finished(FinishReason.ERROR, None, chunks=0, error=error)
 
     def _new_turn(self, request: Request, turn_id: str) -> _Turn:
@@ -989,7 +991,9 @@ class Conversation:
         if lane is None:
             lane = self._lanes[request.session_id] = _Lane()
         turn = self._new_turn(request, turn_id or _new_turn_id())
-        turn.observed = core.observer.turn(request, received=turn.received)
+        turn.observed = core.observer.turn(
+            request, received=turn.received, turn_id=turn.reply.turn_id
+        )
         lane.pending.append(turn)
         if lane.worker is None:
             lane.worker = asyncio.create_task(self._serve_lane(request.session_id, lane))

@@ -82,9 +82,9 @@ class Observer(Protocol):
     (watchers, the replay log, rate limits); their default does nothing.
     """
 
-    def turn(self, request: Request, *, received: float) -> TurnObservation:
-        """``request`` (a MESSAGE or RETRY) was accepted; ``received`` is when
-        (``time.monotonic()``)."""
+    def turn(self, request: Request, *, received: float, turn_id: str = "") -> TurnObservation:
+        """``request`` (a MESSAGE or RETRY) was accepted as turn ``turn_id``; ``received``
+        is when (``time.monotonic()``)."""
         ...
 
     def watchers_changed(self, delta: int) -> None:
@@ -132,7 +132,7 @@ class NoObserver:
 
     __slots__ = ()
 
-    def turn(self, request: Request, *, received: float) -> TurnObservation:
+    def turn(self, request: Request, *, received: float, turn_id: str = "") -> TurnObservation:
         return NO_TURN
 
     def watchers_changed(self, delta: int) -> None:

@@ -220,8 +220,8 @@ class Telemetry:
 
     # -- the core's observer ---------------------------------------------------------------
 
-    def turn(self, request: Request, *, received: float) -> TurnObservation:
-        return _ObservedTurn(self, request, received)
+    def turn(self, request: Request, *, received: float, turn_id: str = "") -> TurnObservation:
+        return _ObservedTurn(self, request, received, turn_id)
 
     def watchers_changed(self, delta: int) -> None:
         if self.metrics is not None:
@@ -494,6 +494,7 @@ class Telemetry:
                 extra={
                     "session_id": turn.session_id,
                     "request_id": turn.request_id,
+                    "turn_id": turn.turn_id,
                     "identity": turn.identity,
                     logs.ACCESS: fields,
                 },
@@ -622,12 +623,16 @@ class _ObservedTurn:
         "request_id",
         "session_id",
         "traceparent",
+        "turn_id",
     )
 
-    def __init__(self, telemetry: Telemetry, request: Request, received: float) -> None:
+    def __init__(
+        self, telemetry: Telemetry, request: Request, received: float, turn_id: str
+    ) -> None:
         self._telemetry = telemetry
         self.session_id = request.session_id
         self.request_id = request.request_id
+        self.turn_id = turn_id
         # The stream's caller (the turn may end in another task, e.g. a CANCEL's).
         self.identity = logs.current().identity
         self.received = received
@@ -670,7 +675,9 @@ class _Running:
 
     def __init__(self, turn: _ObservedTurn) -> None:
         self._turn = turn
-        self._bound = logs.bound(session_id=turn.session_id, request_id=turn.request_id)
+        self._bound = logs.bound(
+            session_id=turn.session_id, request_id=turn.request_id, turn_id=turn.turn_id
+        )
 
     def __enter__(self) -> None:
         self._bound.__enter__()

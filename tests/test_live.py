@@ -552,7 +552,7 @@ class RecordingObserver(NoObserver):
         self.watchers = 0
         self.evicted = 0
 
-    def turn(self, request: Request, *, received: float) -> TurnObservation:
+    def turn(self, request: Request, *, received: float, turn_id: str = "") -> TurnObservation:
         return super().turn(request, received=received)
 
     def watchers_changed(self, delta: int) -> None:

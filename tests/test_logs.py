@@ -121,6 +121,8 @@ async def test_one_access_line_per_unary_call_and_per_turn(
     (turn,) = access(records, "turn")
     assert turn.levelno == logging.INFO
     assert (f(turn, "session_id"), f(turn, "request_id")) == (session.session_id, reply.request_id)
+    assert reply.turn_id
+    assert f(turn, "turn_id") == reply.turn_id
     fields = f(turn, "access")
     assert fields["outcome"] == "success"
     assert fields["finish_reason"] == "stop"
