@@ -53,6 +53,7 @@ __all__ = [
     "ReplaySettings",
     "ReplayStats",
     "TurnLog",
+    "Wakeups",
     "copy_event",
     "event_size",
 ]
@@ -204,8 +205,9 @@ class ReplayLog(Protocol):
 # -- in memory ------------------------------------------------------------------------------
 
 
-class _Wakeups:
-    """Futures of tasks waiting for something to happen."""
+class Wakeups:
+    """Futures of tasks waiting for something to happen (new events of a log): :meth:`wait`
+    until the next :meth:`wake`. Both replay logs use it."""
 
     __slots__ = ("waiters",)
 
@@ -273,7 +275,7 @@ class _MemoryTurn:
         self.ended_at: float | None = None
         #: Dropped from the log (expired, or evicted whole).
         self.gone = False
-        self.wakeups = _Wakeups()
+        self.wakeups = Wakeups()
 
     def append(self, event: Event) -> None:
         # Runs for every event a client is sent: the least work that keeps the bounds.
@@ -349,7 +351,7 @@ class _MemorySession:
     running: dict[str, _MemoryTurn] = field(default_factory=dict)
     next_index: int = 0
     watchers: int = 0
-    wakeups: _Wakeups = field(default_factory=_Wakeups)
+    wakeups: Wakeups = field(default_factory=Wakeups)
 
     def idle(self) -> bool:
         return not self.turns and not self.running and not self.watchers

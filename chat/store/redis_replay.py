@@ -69,7 +69,7 @@ from chat._proto import decode_event, encode_event
 from chat.backoff import backoff
 from chat.errors import StoreUnavailable, TurnNotFound, TurnOutOfRange, Unavailable
 from chat.events import Event
-from chat.replay import ReplaySettings, ReplayStats, event_size
+from chat.replay import ReplaySettings, ReplayStats, Wakeups, event_size
 from chat.store._codec import session_from_values, session_values
 from chat.store.redis import RedisStore
 from chat.types import Session, SessionUpdateKind
@@ -428,7 +428,7 @@ class _Entry:
         return self._event
 
 
-class _Tail:
+class _Tail(Wakeups):
     """The live end of one session's stream, read by one task for every reader of this
     server: a new entry is read from Redis and decoded once, however many follow or watch.
 
@@ -446,7 +446,6 @@ class _Tail:
         "stream",
         "task",
         "trims",
-        "waiters",
     )
 
     def __init__(self, stream: str, start: str) -> None:
@@ -461,7 +460,7 @@ class _Tail:
         self.stopped = False
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
-        self.waiters: list[asyncio.Future[None]] = []
+        super().__init__()
 
     def after(self, key: tuple[int, int]) -> int | None:
         """Where the entries after ``key`` start, or ``None`` if some may be missing."""
@@ -477,22 +476,6 @@ class _Tail:
             self.complete_after = self.entries[cut - 1].key
             del self.entries[:cut]
             self.trims += 1
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if not waiter.done():
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(waiter)
 
 
 def _entry_key(entry: _Entry) -> tuple[int, int]:
