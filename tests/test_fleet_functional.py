@@ -6,8 +6,7 @@ Also behind nginx as a gRPC load balancer (``grpc_pass``), as the README shows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ import redis.asyncio as aioredis
 from grpclib.client import Channel
 
 import chatpb
-from tests.helpers import TIMEOUT, ChatStream, ServerProcess, reply_text, running_server_process
+from tests.fleet import history, redis_prefix, replicas, stub_for
+from tests.helpers import TIMEOUT, ChatStream, reply_text
 from tests.nginx import running_nginx, wait_serving
-from tests.stores import REDIS_URL, delete_prefix, redis_store_url, unique_prefix
+from tests.stores import REDIS_URL, redis_store_url
 
 pytestmark = pytest.mark.slow
 
@@ -27,33 +27,8 @@ LONG_MESSAGE = " ".join(f"word{n}" for n in range(2000))
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    try:
+    async with redis_prefix() as name:
         yield name
-    finally:
-        await delete_prefix(name)
-
-
-@contextlib.contextmanager
-def replicas(store: str, *args: str, count: int = 2) -> Iterator[list[ServerProcess]]:
-    with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(running_server_process("--store", store, *args))
-            for _ in range(count)
-        ]
-
-
-@contextlib.asynccontextmanager
-async def stub_for(server: ServerProcess) -> AsyncIterator[chatpb.ChatServiceStub]:
-    async with Channel(server.host, server.port) as channel:
-        yield chatpb.ChatServiceStub(channel)
-
-
-async def history(stub: chatpb.ChatServiceStub, session_id: str) -> list[chatpb.ChatMessage]:
-    info = await stub.get_session_info(
-        chatpb.SessionInfoRequest(session_id=session_id, include_messages=True)
-    )
-    return list(info.messages)
 
 
 async def turn(stream: ChatStream, session_id: str, text: str, request_id: str) -> str:

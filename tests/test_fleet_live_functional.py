@@ -9,8 +9,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,10 @@ from grpclib.client import Channel
 from grpclib.const import Status
 
 import chatpb
-from tests.helpers import TIMEOUT, ChatStream, ServerProcess, eventually, running_server_process
+from tests.fleet import history, redis_prefix, replicas, stub_for
+from tests.helpers import TIMEOUT, ChatStream, eventually
 from tests.nginx import running_nginx, wait_serving
-from tests.stores import delete_prefix, redis_store_url, unique_prefix
+from tests.stores import redis_store_url
 
 pytestmark = pytest.mark.slow
 
@@ -32,26 +32,8 @@ WORDS = " ".join(f"word{n}" for n in range(600))
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    try:
+    async with redis_prefix() as name:
         yield name
-    finally:
-        await delete_prefix(name)
-
-
-@contextlib.contextmanager
-def replicas(store: str, *args: str, count: int = 2) -> Iterator[list[ServerProcess]]:
-    with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(running_server_process("--store", store, *args))
-            for _ in range(count)
-        ]
-
-
-@contextlib.asynccontextmanager
-async def stub_for(server: ServerProcess) -> AsyncIterator[chatpb.ChatServiceStub]:
-    async with Channel(server.host, server.port) as channel:
-        yield chatpb.ChatServiceStub(channel)
 
 
 def positions(events: Sequence[chatpb.ChatResponse]) -> list[tuple[str, int, int, str]]:
@@ -87,13 +69,6 @@ def resume(
             request_id=request_id,
         )
     )
-
-
-async def history(stub: chatpb.ChatServiceStub, session_id: str) -> list[chatpb.ChatMessage]:
-    info = await stub.get_session_info(
-        chatpb.SessionInfoRequest(session_id=session_id, include_messages=True)
-    )
-    return list(info.messages)
 
 
 async def test_a_watcher_on_one_replica_sees_a_turn_running_on_another_live(prefix: str) -> None:
