@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,12 @@ __all__ = [
     "Clients",
     "Server",
     "clients",
+    "close_and_wait",
     "cpu_seconds",
     "log_file",
     "peak_rss_mb",
     "percentile",
+    "serving_module",
     "started",
     "stop_process",
 ]
@@ -147,6 +150,31 @@ async def stop_process(
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+async def serving_module(module: str, *args: str) -> tuple[asyncio.subprocess.Process, Any]:
+    """Run ``python -m MODULE ARGS`` as a server that prints one JSON line once it is ready
+    (and stops when its stdin closes: :func:`close_and_wait`); the process and that line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 60)
+    if not line:
+        raise RuntimeError(f"{module} {' '.join(args)} did not start")
+    return process, json.loads(line)
+
+
+async def close_and_wait(process: asyncio.subprocess.Process, within: float = 15) -> None:
+    """Close the process's stdin (it stops), then wait; SIGKILL after ``within`` seconds."""
+    if process.stdin is not None:
+        process.stdin.close()
+    await stop_process(process, within, terminate=False)
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:

@@ -43,7 +43,15 @@ from typing import Any, Protocol, cast
 from grpclib.client import Channel
 
 import chatpb
-from benchmarks._processes import ROOT, Server, cpu_seconds, percentile, started
+from benchmarks._processes import (
+    ROOT,
+    Server,
+    close_and_wait,
+    cpu_seconds,
+    percentile,
+    serving_module,
+    started,
+)
 from benchmarks.hardening import export_base, server_command
 from chat.cli.server import _tune_gc
 from chat.config import ServerConfig
@@ -275,32 +283,12 @@ class _Server:
 
 
 async def _start(store: str) -> _Server:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.live",
-        "--serve",
-        "--store",
-        store,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 60)
-    if not line:
-        raise RuntimeError("the server did not start")
-    return _Server(process, json.loads(line)["port"])
+    process, ready = await serving_module("benchmarks.live", "--serve", "--store", store)
+    return _Server(process, ready["port"])
 
 
 async def _stop(server: _Server) -> None:
-    process = server.process
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        await asyncio.wait_for(process.wait(), 15)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+    await close_and_wait(server.process)
 
 
 class _Measured(Protocol):

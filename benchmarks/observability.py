@@ -40,7 +40,7 @@ from typing import cast
 from grpclib.client import Channel
 
 import chatpb
-from benchmarks._processes import cpu_seconds
+from benchmarks._processes import close_and_wait, cpu_seconds, serving_module
 from chat.cli.server import _prepare_telemetry, _tune_gc
 from chat.config import ServerConfig
 from chat.server import ChatServer
@@ -187,32 +187,12 @@ class _Server:
 
 
 async def _start(variant: str) -> _Server:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "benchmarks.observability",
-        "--serve",
-        variant,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 60)
-    if not line:
-        raise RuntimeError(f"the {variant} server did not start")
-    ready = json.loads(line)
+    process, ready = await serving_module("benchmarks.observability", "--serve", variant)
     return _Server(variant, process, ready["port"], ready["metrics"])
 
 
 async def _stop(server: _Server) -> None:
-    process = server.process
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        await asyncio.wait_for(process.wait(), 15)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+    await close_and_wait(server.process)
 
 
 async def _scrape(port: int) -> None:
